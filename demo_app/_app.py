@@ -1,0 +1,161 @@
+"""The demo app: a Starlette app whose state lives in its session."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Scope
+
+from session_store import (
+    HybridStore,
+    MemoryStore,
+    RedisStore,
+    SessionMiddleware,
+    SessionStore,
+    StoreUnavailable,
+    load_session,
+)
+
+from ._page import render_page
+
+__all__ = ["MAX_CART_ITEMS", "MAX_ITEM_LENGTH", "MAX_ITERATIONS", "AppSettings", "create_app"]
+
+StoreKind = Literal["memory", "redis", "hybrid"]
+
+MAX_ITERATIONS = 20_000_000  # about a second of one core in CPython
+MAX_CART_ITEMS = 100
+MAX_ITEM_LENGTH = 100  # characters
+# Only for the demo: every instance must share the key, and no one must rely on it.
+DEMO_SECRET = "demo-app-insecure-secret-change-me"
+
+_NO_SESSION_PATHS = frozenset({"/healthz", "/readyz", "/work", "/favicon.ico"})
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    instance_id: str
+    store: StoreKind = "memory"
+    redis_url: str | None = None
+    secret_keys: Sequence[str] = (DEMO_SECRET,)
+    cookie_name: str = "sid"
+    idle_timeout: float = 30 * 60  # seconds
+
+
+def _make_store(settings: AppSettings) -> SessionStore:
+    if settings.store == "memory":
+        return MemoryStore()
+    if settings.redis_url is None:
+        raise ValueError(f"--store {settings.store} needs --redis-url (or REDIS_URL)")
+    redis = RedisStore.from_url(settings.redis_url)
+    return redis if settings.store == "redis" else HybridStore(redis)
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def create_app(settings: AppSettings) -> Starlette:
+    """The demo app for one instance. The store is created here and closed on shutdown."""
+    store = _make_store(settings)
+    pid = os.getpid()
+
+    def identity() -> dict[str, Any]:
+        return {"instance": settings.instance_id, "pid": pid}
+
+    async def index(request: Request) -> Response:
+        session = dict(request.session.items())
+        return HTMLResponse(render_page(settings.instance_id, pid, settings.store, session))
+
+    async def get_session(request: Request) -> Response:
+        return JSONResponse({**identity(), "session": dict(request.session.items())})
+
+    async def counter(request: Request) -> Response:
+        count = request.session.get("count", 0) + 1
+        request.session["count"] = count
+        return JSONResponse({**identity(), "count": count})
+
+    async def cart(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, 'body must be JSON: {"item": "..."}')
+        item = body.get("item") if isinstance(body, dict) else None
+        if not isinstance(item, str) or not 0 < len(item) <= MAX_ITEM_LENGTH:
+            return _error(400, f"'item' must be a string of 1 to {MAX_ITEM_LENGTH} characters")
+        items: list[str] = request.session.setdefault("cart", [])
+        if len(items) >= MAX_CART_ITEMS:
+            return _error(413, f"the cart is full ({MAX_CART_ITEMS} items)")
+        items.append(item)
+        return JSONResponse({**identity(), "cart": items})
+
+    async def logout(request: Request) -> Response:
+        (await load_session(request)).destroy()
+        return JSONResponse({**identity(), "session": {}})
+
+    def work(request: Request) -> Response:
+        # A plain `def`: Starlette runs it in a thread, so /healthz still answers
+        # while it burns CPU (the GIL is handed over every few milliseconds).
+        raw = request.query_params.get("iterations", "1000000")
+        try:
+            iterations = int(raw)
+        except ValueError:
+            return _error(400, f"iterations must be an integer, not {raw[:32]!r}")
+        if not 0 <= iterations <= MAX_ITERATIONS:
+            return _error(400, f"iterations must be between 0 and {MAX_ITERATIONS}")
+        i = iterations
+        while i > 0:  # the classic Node cluster example's busy loop
+            i -= 1
+        return JSONResponse({**identity(), "iterations": iterations})
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            return PlainTextResponse(f"not ready: {exc}\n", status_code=503)
+        return PlainTextResponse("ready\n")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await store.aclose()
+
+    def autoload(scope: Scope) -> bool:
+        return scope["path"] not in _NO_SESSION_PATHS
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/session", get_session),
+            Route("/api/counter", counter, methods=["POST"]),
+            Route("/api/cart", cart, methods=["POST"]),
+            Route("/api/logout", logout, methods=["POST"]),
+            Route("/work", work),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ],
+        middleware=[
+            Middleware(
+                SessionMiddleware,
+                store=store,
+                secret_keys=settings.secret_keys,
+                cookie_name=settings.cookie_name,
+                idle_timeout=settings.idle_timeout,
+                autoload=autoload,
+            )
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,140 @@
+"""The session object the app sees as ``request.session``."""
+
+from __future__ import annotations
+
+from _collections_abc import dict_items, dict_keys, dict_values
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from ._exceptions import SessionNotLoaded
+
+__all__ = ["Session"]
+
+_MISSING: Any = object()
+
+
+class Session(dict[str, Any]):
+    """A dict of JSON values, plus the session's identity and fate.
+
+    It behaves as the dict of Starlette's own ``SessionMiddleware``. What to
+    write is found at the end of the request by comparing each value's JSON
+    text with the one loaded, so nested changes (``session["cart"].append(x)``)
+    are saved too, and only the keys that changed are written.
+
+    When the middleware does not load sessions up front (``autoload``), any use
+    before ``await load_session(request)`` raises `SessionNotLoaded`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.id: str | None = None  # None for a session not stored yet
+        self.loaded = True
+        self.accessed = False
+        self.created = 0.0  # seconds since the epoch; 0.0 for a new session
+        self.destroyed = False
+        self.regenerated = False
+        self.ttl: float | None = None  # as the store said at load time
+        self.baseline: dict[str, str] = {}  # key -> JSON text as loaded
+        self.loader: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def is_new(self) -> bool:
+        return self.id is None
+
+    def regenerate(self) -> None:
+        """Give the session a new id at the end of this request, keeping its data.
+
+        Call it when privileges change (at login) so that an id an attacker may
+        have planted before is worthless afterwards (session fixation).
+        """
+        self._access()
+        self.regenerated = True
+
+    def destroy(self) -> None:
+        """Empty the session, delete it from the store and clear the cookie."""
+        self._access()
+        super().clear()
+        self.destroyed = True
+
+    async def load(self) -> None:
+        """Load the session from the store if it is not loaded yet."""
+        if not self.loaded and self.loader is not None:
+            await self.loader()
+
+    def _access(self) -> None:
+        if not self.loaded:
+            raise SessionNotLoaded(
+                "the session is not loaded: call `await load_session(request)` first "
+                "(the middleware's autoload is off for this request)"
+            )
+        self.accessed = True
+
+    def __getitem__(self, key: str) -> Any:
+        self._access()
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._access()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._access()
+        super().__delitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._access()
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._access()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._access()
+        return super().__len__()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._access()
+        return super().get(key, default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._access()
+        return super().setdefault(key, default)
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        self._access()
+        if default is _MISSING:
+            return super().pop(key)
+        return super().pop(key, default)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._access()
+        return super().popitem()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._access()
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._access()
+        super().clear()
+
+    def keys(self) -> dict_keys[str, Any]:
+        self._access()
+        return super().keys()
+
+    def values(self) -> dict_values[str, Any]:
+        self._access()
+        return super().values()
+
+    def items(self) -> dict_items[str, Any]:
+        self._access()
+        return super().items()
+
+    def copy(self) -> dict[str, Any]:
+        self._access()
+        return dict(super().items())
+
+    def __repr__(self) -> str:
+        state = "not loaded" if not self.loaded else f"{dict.__len__(self)} keys"
+        return f"<Session id={(self.id or 'new')[:8]}... {state}>"
