@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import uvicorn
 
@@ -56,6 +58,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _stopped_already(signum: int, frame: FrameType | None) -> None:
+    pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -78,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         server_header=False,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it stopped for once it is done, with the handler
+    # that was there before it: make that one a no-op, so that a graceful stop
+    # exits 0 rather than die of the signal after the fact.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stopped_already)
     server.run()
     if not server.started:
         sys.exit(1)  # could not bind, or the lifespan failed: uvicorn has said why

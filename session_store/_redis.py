@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import redis.asyncio
 import redis.exceptions
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from ._exceptions import SessionStoreError, StoreUnavailable
 from ._store import Changes, SessionRecord

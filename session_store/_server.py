@@ -136,11 +136,12 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self._process is not None
-            if self._process.poll() is not None:
+            returncode = self._process.poll()
+            if returncode is not None:
                 output = self._process.stdout.read() if self._process.stdout else b""
                 self._cleanup()
                 raise RedisServerError(
-                    f"{self.binary} exited with {self._process.returncode} at start: "
+                    f"{self.binary} exited with {returncode} at start: "
                     f"{output.decode(errors='replace').strip()[-500:]}"
                 )
             if self._answers_ping():

@@ -1,0 +1,148 @@
+"""Redis killed and restarted under the middleware: clear 503s, no hang, no lost hybrid writes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from session_store import HybridStore, RedisServer, RedisStore, StoreUnavailable
+from tests.helpers import async_wait_for
+from tests.session_store.app import make_app
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(app: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
+        base_url="http://testserver",
+    )
+
+
+@pytest.fixture
+async def redis_store(own_redis: RedisServer) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(own_redis.url, timeout=0.5)
+    yield store
+    await store.aclose()
+
+
+async def test_redis_down_answers_503_quickly_then_recovers(
+    own_redis: RedisServer, redis_store: RedisStore
+) -> None:
+    async with client_for(make_app(redis_store, retry_after=7)) as client:
+        await client.post("/set", params={"a": "1"})
+        own_redis.kill()
+        started = time.monotonic()
+        response = await client.get("/read")
+        assert time.monotonic() - started < 2.0  # bounded by the store's timeout, no hang
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7"
+        assert "session store" in response.text
+        # A request that writes fails the same way, at the response's start.
+        write = await client.post("/set", params={"b": "2"})
+        assert write.status_code == 503
+
+        own_redis.start()  # same port, empty: the old session is gone, the app works
+        response = await client.get("/read")
+        assert response.status_code == 200
+        assert response.json() == {}
+        assert (await client.post("/set", params={"c": "3"})).status_code == 200
+        assert (await client.get("/read")).json() == {"c": "3"}
+
+
+async def test_redis_down_can_go_on_with_an_empty_session(
+    own_redis: RedisServer, redis_store: RedisStore
+) -> None:
+    async with client_for(make_app(redis_store, on_unavailable="empty")) as client:
+        await client.post("/set", params={"a": "1"})
+        own_redis.kill()
+        response = await client.get("/read")
+        assert response.status_code == 200
+        assert response.json() == {}
+        assert (await client.post("/set", params={"b": "2"})).status_code == 200
+
+
+async def test_store_raises_only_its_own_errors(
+    own_redis: RedisServer, redis_store: RedisStore
+) -> None:
+    own_redis.kill()
+    with pytest.raises(StoreUnavailable, match="redis"):
+        await redis_store.load("x")
+    with pytest.raises(StoreUnavailable):
+        await redis_store.ping()
+
+
+async def test_hybrid_serves_and_keeps_writes_through_a_redis_outage(
+    own_redis: RedisServer,
+) -> None:
+    store = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5), retry_interval=0.05)
+    async with client_for(make_app(store)) as client:
+        await client.post("/set", params={"a": "1"})
+        own_redis.kill()
+        assert (await client.get("/read")).json() == {"a": "1"}
+        assert (await client.post("/set", params={"b": "2"})).status_code == 200
+        assert (await client.post("/append", params={"item": "x"})).status_code == 200
+        assert store.pending == 1
+
+        own_redis.start()  # back, and empty (no persistence)
+
+        async def flushed() -> bool:
+            return store.pending == 0
+
+        await async_wait_for(flushed, within=10, what="the deferred writes to reach redis")
+        # Another instance, reading Redis only, sees everything written during the outage.
+        other = RedisStore.from_url(own_redis.url)
+        sid = client.cookies["session"].split(".")[0]
+        record = await other.load(sid)
+        await other.aclose()
+        assert record is not None
+        assert dict(record.fields) == {"a": '"1"', "b": '"2"', "items": '["x"]'}
+        assert (await client.get("/read")).json() == {"a": "1", "b": "2", "items": ["x"]}
+    await store.aclose()
+
+
+async def test_hybrid_restores_a_session_redis_lost(own_redis: RedisServer) -> None:
+    store = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5))
+    async with client_for(make_app(store)) as client:
+        await client.post("/set", params={"a": "1"})
+        own_redis.restart()  # empty again, with no outage seen by the store
+        assert (await client.get("/read")).json() == {"a": "1"}
+        other = RedisStore.from_url(own_redis.url)
+        record = await other.load(client.cookies["session"].split(".")[0])
+        await other.aclose()
+        assert record is not None
+        assert record.fields["a"] == '"1"'
+    await store.aclose()
+
+
+async def test_hybrid_never_serves_a_stale_copy(redis_server: RedisServer, prefix: str) -> None:
+    # Two instances: the client is served by A, fails over to B, then returns to A.
+    a = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    b = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    async with client_for(make_app(a)) as on_a, client_for(make_app(b)) as on_b:
+        await on_a.post("/set", params={"n": "1"})
+        on_b.cookies = on_a.cookies
+        assert (await on_b.post("/set", params={"n": "2"})).status_code == 200
+        assert (await on_a.get("/read")).json() == {"n": "2"}
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_hybrid_logout_elsewhere_is_not_undone_by_the_local_copy(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    a = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    b = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    async with client_for(make_app(a)) as on_a, client_for(make_app(b)) as on_b:
+        await on_a.post("/set", params={"user": "alice"})
+        cookie = on_a.cookies["session"]
+        on_b.cookies = on_a.cookies
+        assert (await on_b.post("/destroy")).status_code == 200
+        on_a.cookies.clear()
+        on_a.cookies.set("session", cookie, domain="testserver.local")
+        assert (await on_a.get("/read")).json() == {}
+    await a.aclose()
+    await b.aclose()
