@@ -82,12 +82,13 @@ class HybridStore:
         self._clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
+        self._pushing: set[str] = set()  # taken out of _pending, on their way to Redis
         self._flusher: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> int:
-        """How many sessions have writes that Redis has not seen yet."""
-        return len(self._pending)
+        """How many sessions have writes that Redis has not acknowledged yet."""
+        return len(self._pending.keys() | self._pushing)
 
     def _local(self, session_id: str) -> _Cached | None:
         cached = self._cache.get(session_id)
@@ -125,7 +126,7 @@ class HybridStore:
         if result is None:
             if cached is None:
                 return None
-            if session_id in self._pending:
+            if session_id in self._pending or session_id in self._pushing:
                 return cached.record  # the flusher is about to write it back
             return await self._restore(session_id, cached)
         pending = self._pending.get(session_id)
@@ -215,6 +216,7 @@ class HybridStore:
         for session_id in list(self._pending):
             # Taken out while it is pushed: writes deferred meanwhile start a new entry.
             pending = self._pending.pop(session_id)
+            self._pushing.add(session_id)
             try:
                 await self._push(session_id, pending)
             except StoreUnavailable:
@@ -225,6 +227,8 @@ class HybridStore:
                     )
                 self._pending[session_id] = pending
                 raise
+            finally:
+                self._pushing.discard(session_id)
             if session_id not in self._pending:
                 # Other instances may have written other keys meanwhile: the next
                 # read takes the merged session from Redis rather than trust ours.

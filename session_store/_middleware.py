@@ -25,9 +25,13 @@ logger = logging.getLogger("session_store")
 Autoload = bool | Callable[[Scope], bool]
 
 
+# One encoder for all: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _encode(key: str, value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"session[{key!r}] cannot be stored: only JSON values are ({exc})") from exc
 
@@ -235,6 +239,10 @@ class SessionMiddleware:
         if not session.loaded:
             return None  # never loaded, so never changed
         now = self.clock()
+        if not session.accessed and session.id is not None:
+            # Loaded but never looked at by the app: nothing can have changed.
+            await self._touch_if_due(session, now)
+            return None
         encoded = {key: _encode(key, value) for key, value in dict.items(session)}
         size = sum(len(key) + len(text) for key, text in encoded.items())
         if size > self.max_size:
@@ -266,9 +274,14 @@ class SessionMiddleware:
                 # Destroyed (or expired) while this request ran: the change is dropped
                 # rather than bring a logged-out session back.
                 return self._expired
-        elif session.ttl is None or self.idle_timeout - session.ttl >= self.touch_interval:
-            await self.store.touch(session.id, ttl)
+        else:
+            await self._touch_if_due(session, now)
         return None
+
+    async def _touch_if_due(self, session: Session, now: float) -> None:
+        assert session.id is not None
+        if session.ttl is None or self.idle_timeout - session.ttl >= self.touch_interval:
+            await self.store.touch(session.id, self._ttl(session.created, now))
 
     async def _create(self, encoded: dict[str, str], created: float, now: float) -> str:
         for _ in range(3):

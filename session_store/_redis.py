@@ -17,15 +17,15 @@ writes nothing, so a destroyed session never comes back.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Sequence
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio
 import redis.exceptions
-from redis.backoff import NoBackoff
 from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ._exceptions import SessionStoreError, StoreUnavailable
 from ._store import Changes, SessionRecord
@@ -44,21 +44,23 @@ if v == ARGV[1] then return {pttl} end
 return {pttl, redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS[1] the hash. ARGV: mode ("create" | "update"), ttl ms, created ms, n deleted,
-# n deleted field names, then field/value pairs to set. Returns the new version or false.
+# KEYS[1] the hash. ARGV[1] "MODE TTL_MS CREATED_MS N" (MODE create|update; one argument,
+# not four: redis-py's per-argument cost is most of a save's CPU), then N deleted field
+# names, then field/value pairs to set. Returns the new version, or false.
 _SAVE = """
+local mode, ttl, created, n = string.match(ARGV[1], '^(%a+) (%d+) (%d+) (%d+)$')
+n = tonumber(n)
 local exists = redis.call('EXISTS', KEYS[1]) == 1
-if ARGV[1] == 'create' then
+if mode == 'create' then
   if exists then return false end
-  redis.call('HSET', KEYS[1], 'm:c', ARGV[3])
+  redis.call('HSET', KEYS[1], 'm:c', created)
 elseif not exists or redis.call('HEXISTS', KEYS[1], 'm:x') == 1 then
   return false
 end
-local n = tonumber(ARGV[4])
-if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 5, 4 + n)) end
-if #ARGV > 4 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 5 + n, #ARGV)) end
+if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 2, 1 + n)) end
+if #ARGV > 1 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 2 + n, #ARGV)) end
 local v = redis.call('HINCRBY', KEYS[1], 'm:v', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
 return v
 """
 
@@ -70,6 +72,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
+_SCRIPTS = (_LOAD, _SAVE, _DESTROY)
 _DATA = "d:"
 
 
@@ -92,10 +95,12 @@ class RedisStore:
     """Sessions in Redis (or Valkey), shared by every instance.
 
     ``client`` is a `redis.asyncio.Redis` the caller created and will close;
-    `RedisStore.from_url` builds one with short timeouts and closes it itself.
-    Every operation is bounded by ``timeout`` seconds; a Redis that is down,
-    loading, read-only (a replica during failover) or too slow raises
-    `StoreUnavailable`, never a redis-py error and never a hang.
+    `RedisStore.from_url` builds one whose connect and read timeouts are
+    ``timeout`` seconds, and closes it itself (a client of your own should set
+    ``socket_timeout`` and ``socket_connect_timeout`` likewise: they are what
+    bounds each call). A Redis that is down, loading, read-only (a replica
+    during failover) or too slow raises `StoreUnavailable`, never a redis-py
+    error and never a hang.
     """
 
     def __init__(
@@ -110,9 +115,9 @@ class RedisStore:
         self.prefix = prefix
         self.timeout = timeout
         self._owns_client = owns_client
-        self._load = client.register_script(_LOAD)
-        self._save = client.register_script(_SAVE)
-        self._destroy = client.register_script(_DESTROY)
+        # redis-py leaves execute_command untyped; this is the one place we say what it is.
+        self._execute: Callable[..., Awaitable[Any]] = client.execute_command
+        self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "session:", timeout: float = 1.0) -> RedisStore:
@@ -127,14 +132,26 @@ class RedisStore:
         )
         return cls(client, prefix=prefix, timeout=timeout, owns_client=True)
 
+    async def _script(self, script: str, key: str, *args: str | int) -> Any:
+        # EVALSHA through execute_command: redis-py's Script objects and evalsha()
+        # add layers that cost ~20% of a session read's CPU (benchmarks/session_store.py).
+        sha = self._shas[script]
+        try:
+            return await self._execute("EVALSHA", sha, 1, key, *args)
+        except redis.exceptions.NoScriptError:
+            # First use on this server, or it restarted: load the script and go on.
+            await self._execute("SCRIPT LOAD", script)
+            return await self._execute("EVALSHA", sha, 1, key, *args)
+
     def key(self, session_id: str) -> str:
         return f"{self.prefix}{{{session_id}}}"
 
     async def _call(self, operation: Awaitable[T]) -> T:
-        # The one seam where redis-py's errors become ours.
+        # The one seam where redis-py's errors become ours. No asyncio.timeout here:
+        # the client's own socket timeouts bound every read and connect, and a
+        # second timer per command cost ~10% of the store's CPU (benchmarks/).
         try:
-            async with asyncio.timeout(self.timeout):
-                return await operation
+            return await operation
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis did not answer within {self.timeout} s") from exc
         except (
@@ -158,7 +175,7 @@ class RedisStore:
     ) -> SessionRecord | Unchanged | None:
         """Load the session, or say `Unchanged` if its version is still ``version``."""
         known = "" if version is None else str(version)
-        reply: Any = await self._call(self._load(keys=[self.key(session_id)], args=[known]))
+        reply = await self._call(self._script(_LOAD, self.key(session_id), known))
         if reply is None:
             return None
         pttl = int(reply[0])
@@ -182,24 +199,20 @@ class RedisStore:
     async def save(
         self, session_id: str, changes: Changes, *, created: float, ttl: float, create: bool
     ) -> int | None:
-        args: list[str | int] = [
-            "create" if create else "update",
-            _ms(ttl),
-            int(created * 1000),
-            len(changes.deleted),
-        ]
+        mode = "create" if create else "update"
+        args = [f"{mode} {_ms(ttl)} {int(created * 1000)} {len(changes.deleted)}"]
         args.extend(_DATA + name for name in changes.deleted)
         for name, value in changes.updated.items():
             args.append(_DATA + name)
             args.append(value)
-        reply: Any = await self._call(self._save(keys=[self.key(session_id)], args=args))
+        reply = await self._call(self._script(_SAVE, self.key(session_id), *args))
         return int(reply) if reply else None
 
     async def touch(self, session_id: str, ttl: float) -> None:
         await self._call(self.client.pexpire(self.key(session_id), _ms(ttl)))
 
     async def destroy(self, session_id: str, *, ttl: float) -> None:
-        await self._call(self._destroy(keys=[self.key(session_id)], args=[_ms(ttl)]))
+        await self._call(self._script(_DESTROY, self.key(session_id), _ms(ttl)))
 
     async def ping(self) -> None:
         await self._call(self.client.ping())

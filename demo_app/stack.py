@@ -1,0 +1,153 @@
+"""``python -m demo_app.stack``: Redis and N demo_app instances, on this machine, one command.
+
+The mode picks each instance's session store: ``sticky`` keeps sessions in
+instance memory, ``shared`` in Redis, ``hybrid`` in both. Redis is the one
+``REDIS_URL`` names, or one the stack starts itself. Ctrl-C (or SIGTERM) stops
+the instances, then Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import httpx
+
+from session_store import RedisServerError, running_redis
+
+__all__ = ["STORE_OF_MODE", "main"]
+
+STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
+READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64, not {value}")
+    return value
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m demo_app.stack", description=__doc__)
+    parser.add_argument("--mode", choices=sorted(STORE_OF_MODE), default="hybrid")
+    parser.add_argument("--instances", type=_positive, default=3, help="how many (3)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--base-port", type=int, default=9001, help="first instance's port")
+    args = parser.parse_args(argv)
+    ports = range(args.base_port, args.base_port + args.instances)
+    if ports[0] < 1024 or ports[-1] > 65535:
+        parser.error(f"--base-port: ports {ports[0]}-{ports[-1]} are out of 1024-65535")
+    busy = [port for port in ports if not _port_free(args.host, port)]
+    if busy:
+        parser.error(f"--base-port: port(s) {busy} already in use; pick another --base-port")
+    return args
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the main loop reads it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.event.set()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the instance exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)  # poll interval of a readiness wait
+    raise RuntimeError(f"{url}: not ready within {READY_TIMEOUT} s")
+
+
+def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
+    store = STORE_OF_MODE[args.mode]
+    processes: list[subprocess.Popen[bytes]] = []
+    urls: list[str] = []
+    try:
+        for index in range(args.instances):
+            port = args.base_port + index
+            command = [sys.executable, "-m", "demo_app", "--host", args.host, "--port", str(port)]
+            command += ["--instance-id", f"app{index + 1}", "--store", store]
+            command += ["--redis-url", redis_url, "--log-level", "warning"]
+            processes.append(subprocess.Popen(command, start_new_session=True))
+            urls.append(f"http://{args.host}:{port}")
+        for process, url in zip(processes, urls, strict=True):
+            _wait_ready(process, url)
+        print(f"\nmode {args.mode}: sessions in {store}; redis at {redis_url}")
+        for url in urls:
+            print(f"  instance  {url}/")
+        print("\ntry:  curl -c jar -b jar -X POST " + urls[0] + "/api/counter")
+        print("Ctrl-C stops everything.\n", flush=True)
+        while not stop.event.wait(0.5):
+            for process, url in zip(processes, urls, strict=True):
+                if process.poll() is not None:
+                    print(f"{url}: instance exited with {process.returncode}", file=sys.stderr)
+                    return 1
+        return 0
+    except RuntimeError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _stop_all(processes)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    stop = _Stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with running_redis() as redis_url:
+            if not os.environ.get("REDIS_URL"):
+                print(f"started redis at {redis_url}")
+            code = run(args, redis_url, stop)
+    except RedisServerError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        code = 1
+    print("stopped.")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
