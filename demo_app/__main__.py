@@ -1,4 +1,4 @@
-"""``python -m demo_app --port P --instance-id NAME --store memory|redis|hybrid``."""
+"""``python -m demo_app --port P --instance-id NAME --store memory|redis|hybrid [--chaos]``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument(
+        "--chaos",
+        action="store_true",
+        help="for tests of a supervisor: crash (exit 70) at a random moment 1 to 3 seconds "
+        "after starting to serve, like the classic Node cluster demo; never on by default",
+    )
     args = parser.parse_args(argv)
     if args.store != "memory" and not args.redis_url:
         parser.error(f"--store {args.store} needs --redis-url (or REDIS_URL in the environment)")
@@ -72,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         store=args.store,
         redis_url=args.redis_url,
         secret_keys=tuple(args.secret_keys or [DEMO_SECRET]),
+        chaos=args.chaos,
     )
     config = uvicorn.Config(
         create_app(settings),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,7 +30,17 @@ from session_store import (
 
 from ._page import render_page
 
-__all__ = ["MAX_CART_ITEMS", "MAX_ITEM_LENGTH", "MAX_ITERATIONS", "AppSettings", "create_app"]
+__all__ = [
+    "CHAOS_EXIT_CODE",
+    "CHAOS_WINDOW",
+    "MAX_CART_ITEMS",
+    "MAX_ITEM_LENGTH",
+    "MAX_ITERATIONS",
+    "AppSettings",
+    "create_app",
+]
+
+logger = logging.getLogger("demo_app")
 
 StoreKind = Literal["memory", "redis", "hybrid"]
 
@@ -36,6 +49,11 @@ MAX_CART_ITEMS = 100
 MAX_ITEM_LENGTH = 100  # characters
 # Only for the demo: every instance must share the key, and no one must rely on it.
 DEMO_SECRET = "demo-app-insecure-secret-change-me"
+
+# --chaos, the classic Node cluster demo: each worker dies at a random moment this many
+# seconds (from, to) after it starts serving, with this exit code.
+CHAOS_WINDOW = (1.0, 3.0)
+CHAOS_EXIT_CODE = 70  # EX_SOFTWARE: an internal error, as an uncaught exception would be
 
 _NO_SESSION_PATHS = frozenset({"/healthz", "/readyz", "/work", "/favicon.ico"})
 
@@ -48,6 +66,7 @@ class AppSettings:
     secret_keys: Sequence[str] = (DEMO_SECRET,)
     cookie_name: str = "sid"
     idle_timeout: float = 30 * 60  # seconds
+    chaos: bool = False  # crash at a random moment in CHAOS_WINDOW after starting (tests only)
 
 
 def _make_store(settings: AppSettings) -> SessionStore:
@@ -126,11 +145,21 @@ def create_app(settings: AppSettings) -> Starlette:
             return PlainTextResponse(f"not ready: {exc}\n", status_code=503)
         return PlainTextResponse("ready\n")
 
+    def crash() -> None:
+        # os._exit: no cleanup, no graceful close, in-flight requests cut, as a crash is.
+        logger.error("--chaos: crashing on purpose (exit %d)", CHAOS_EXIT_CODE)
+        os._exit(CHAOS_EXIT_CODE)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        timer = None
+        if settings.chaos:
+            timer = asyncio.get_running_loop().call_later(random.uniform(*CHAOS_WINDOW), crash)
         try:
             yield
         finally:
+            if timer is not None:
+                timer.cancel()
             await store.aclose()
 
     def autoload(scope: Scope) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,14 +36,18 @@ class Process:
         )
 
     def wait_ready(self, path: str = "/healthz", within: float = 15.0) -> None:
-        def ready() -> bool:
-            if self.popen.poll() is not None:
-                raise AssertionError(
-                    f"{self.args} exited with {self.popen.returncode}:\n{self.output()}"
-                )
-            return _answers(self.url + path)
+        self.wait_ready_url(self.url + path, within)
 
-        wait_for(ready, within, f"{self.url}{path} to answer")
+    def wait_ready_url(self, url: str, within: float = 15.0) -> None:
+        """Wait until ``url`` answers; fail at once, with its output, if the process exits."""
+        wait_for(lambda: self.alive() and _answers(url), within, f"{url} to answer")
+
+    def alive(self) -> bool:
+        if self.popen.poll() is not None:
+            raise AssertionError(
+                f"{self.args} exited with {self.popen.returncode}:\n{self.output()}"
+            )
+        return True
 
     def output(self) -> str:
         if self.popen.poll() is None or self.popen.stdout is None:
@@ -84,3 +89,36 @@ def demo_app(
         yield process
     finally:
         process.terminate()
+
+
+def balancer_args(port: int, backends: Sequence[str], *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+    for backend in backends:
+        args += ["--backend", backend]
+    return [*args, *extra]
+
+
+@contextlib.contextmanager
+def balancer(
+    backends: Sequence[str], *extra: str, admin: bool = True
+) -> Iterator[tuple[Process, str | None]]:
+    """A balancer process; yields it (its ``url`` is the proxy) and its admin URL."""
+    port = free_port()
+    admin_url = None
+    if admin:
+        admin_port = free_port()
+        extra = (*extra, "--admin", f"127.0.0.1:{admin_port}")
+        admin_url = f"http://127.0.0.1:{admin_port}"
+    process = Process(balancer_args(port, backends, *extra), f"http://127.0.0.1:{port}")
+    try:
+        if admin_url is not None:
+            process.wait_ready_url(admin_url + "/healthz")
+        wait_for(lambda: process.alive() and _accepts(port), 15, "the balancer to listen")
+        yield process, admin_url
+    finally:
+        process.terminate()
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

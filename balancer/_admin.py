@@ -1,0 +1,241 @@
+"""The admin API: a Starlette app over the pool and the metrics.
+
+    GET    /healthz                  200 {"status": "ok"} (no token needed: for probes)
+    GET    /backends                 every backend: state, in-flight, totals, errors
+    POST   /backends                 {"url": "http://host:port"} adds one: 201, 400, 409
+    POST   /backends/{id}/drain      200, 404 unknown, 409 already draining
+    POST   /backends/{id}/enable     200, 404 unknown, 409 not draining
+    DELETE /backends/{id}            200, 404 unknown
+    GET    /metrics                  Prometheus text format
+
+With a supervisor (`--spawn`):
+
+    GET    /workers                  the workers: state, pid, port, restarts, held ones
+    POST   /workers/scale            {"delta": 1 | -1}: 202, 400, 409 below one worker
+    POST   /workers/restart          a rolling restart, one worker at a time: 202
+
+With a token, every route but /healthz needs `Authorization: Bearer <token>` (401
+otherwise); configuration requires one when the admin address is not loopback. Every error
+is JSON: {"error": <sentence>, "reason": <code>}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._backend import Backend
+from ._exceptions import BackendExists, ConfigError, InvalidTransition, UnknownBackend
+from ._log import log_event
+from ._metrics import Metrics
+from ._pool import Pool
+
+__all__ = ["WorkerControl", "create_admin_app", "describe_backend"]
+
+# A request body larger than this is refused: the only body is {"url": ...}.
+_MAX_BODY = 4096
+
+
+class WorkerControl(Protocol):
+    """What the admin API needs of the supervisor (`balancer._supervisor.Supervisor`)."""
+
+    def describe(self) -> dict[str, object]:
+        """The workers, as JSON."""
+
+    def scale(self, delta: int) -> int:
+        """Change the desired count; returns it; raises InvalidTransition below one."""
+
+    def request_restart(self) -> None:
+        """Ask for a rolling restart."""
+
+
+def describe_backend(backend: Backend, now: float) -> dict[str, object]:
+    """The JSON shape of a backend in the admin API."""
+    ejected_until = backend.ejected_until
+    return {
+        "id": backend.id,
+        "url": backend.url,
+        "state": backend.state.value,
+        "in_flight": backend.in_flight,
+        "requests_total": backend.requests_total,
+        "failures_total": backend.failures_total,
+        "ejections_total": backend.ejections_total,
+        "healthy": backend.healthy,
+        "draining": backend.draining,
+        "down_reason": backend.down_reason,
+        "ejected_for": None if ejected_until is None else max(0.0, ejected_until - now),
+        "weight": backend.weight(now),
+    }
+
+
+def _error(status: int, reason: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "reason": reason}, status_code=status)
+
+
+class _BearerAuth:
+    """Pure ASGI (never BaseHTTPMiddleware: 140-215 us a request, DESIGN.md)."""
+
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+        self._open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._open_paths:
+            await self._app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        # compare_digest: no timing hint of how much of the token was right.
+        if hmac.compare_digest(given, self._expected):
+            await self._app(scope, receive, send)
+            return
+        response = _error(401, "unauthorized", "a valid bearer token is required")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="balancer"'
+        await response(scope, receive, send)
+
+
+def create_admin_app(
+    *,
+    pool: Pool,
+    metrics: Metrics,
+    token: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    workers: WorkerControl | None = None,
+) -> Starlette:
+    """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
+    `workers`, the supervisor, adds the /workers routes."""
+
+    def backends_body() -> dict[str, object]:
+        now = clock()
+        return {
+            "pool": repr(pool),
+            "backends": [describe_backend(b, now) for b in pool],
+        }
+
+    def lookup(request: Request) -> Backend:
+        return pool[request.path_params["backend_id"]]
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def list_backends(request: Request) -> Response:
+        return JSONResponse(backends_body())
+
+    async def add_backend(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > _MAX_BODY:
+            return _error(413, "body_too_large", f"the body is over {_MAX_BODY} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _error(400, "invalid_json", 'the body must be JSON: {"url": "http://..."}')
+        url = data.get("url") if isinstance(data, dict) else None
+        if not isinstance(url, str):
+            return _error(400, "missing_url", 'the body must be {"url": "http://host:port"}')
+        try:
+            backend = pool.add(url)
+        except ConfigError as exc:
+            return _error(400, "invalid_url", exc.message)
+        except BackendExists as exc:
+            return _error(409, "exists", str(exc))
+        log_event("backend_added", backend=backend.id, url=backend.url)
+        return JSONResponse(describe_backend(backend, clock()), status_code=201)
+
+    async def drain(request: Request) -> Response:
+        backend = pool.drain(request.path_params["backend_id"])
+        log_event("backend_drained", backend=backend.id, in_flight=backend.in_flight)
+        return JSONResponse(describe_backend(backend, clock()))
+
+    async def enable(request: Request) -> Response:
+        backend = pool.enable(request.path_params["backend_id"])
+        log_event("backend_enabled", backend=backend.id)
+        return JSONResponse(describe_backend(backend, clock()))
+
+    async def remove(request: Request) -> Response:
+        backend = lookup(request)
+        pool.remove(backend.id)
+        log_event("backend_removed", backend=backend.id, in_flight=backend.in_flight)
+        return JSONResponse(describe_backend(backend, clock()))
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def list_workers(request: Request) -> Response:
+        assert workers is not None
+        return JSONResponse(workers.describe())
+
+    async def scale_workers(request: Request) -> Response:
+        assert workers is not None
+        body = await request.body()
+        if len(body) > _MAX_BODY:
+            return _error(413, "body_too_large", f"the body is over {_MAX_BODY} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _error(400, "invalid_json", 'the body must be JSON: {"delta": 1}')
+        delta = data.get("delta") if isinstance(data, dict) else None
+        if delta not in (1, -1) or isinstance(delta, bool):
+            return _error(400, "invalid_delta", 'the body must be {"delta": 1} or {"delta": -1}')
+        desired = workers.scale(delta)  # InvalidTransition below one worker: 409
+        return JSONResponse({"desired": desired}, status_code=202)
+
+    async def restart_workers(request: Request) -> Response:
+        assert workers is not None
+        workers.request_restart()
+        log_event("rolling_restart_requested", source="admin")
+        return JSONResponse({"restart": "requested"}, status_code=202)
+
+    async def unknown_backend(request: Request, exc: Exception) -> Response:
+        return _error(404, "unknown_backend", str(exc))
+
+    async def invalid_transition(request: Request, exc: Exception) -> Response:
+        return _error(409, "invalid_transition", str(exc))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        response = _error(exc.status_code, reason, exc.detail)
+        response.headers.update(exc.headers or {})
+        return response
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/backends", list_backends, methods=["GET"]),
+        Route("/backends", add_backend, methods=["POST"]),
+        Route("/backends/{backend_id}/drain", drain, methods=["POST"]),
+        Route("/backends/{backend_id}/enable", enable, methods=["POST"]),
+        Route("/backends/{backend_id}", remove, methods=["DELETE"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    if workers is not None:
+        routes += [
+            Route("/workers", list_workers, methods=["GET"]),
+            Route("/workers/scale", scale_workers, methods=["POST"]),
+            Route("/workers/restart", restart_workers, methods=["POST"]),
+        ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            UnknownBackend: unknown_backend,
+            InvalidTransition: invalid_transition,
+            HTTPException: http_error,
+        },
+    )
+    if token is not None:
+        app.add_middleware(_BearerAuth, token=token, open_paths=frozenset({"/healthz"}))
+    return app

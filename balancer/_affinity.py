@@ -1,0 +1,164 @@
+"""Affinity: which stickiness mode, and the balancer's own signed affinity cookie.
+
+Hashing the application's session cookie is sticky only once that cookie exists; the
+request that creates the session has none (DESIGN.md, "Stickiness that is correct from the
+first request"). So the balancer pins each client with a cookie of its own that names the
+backend by id, signed with itsdangerous like HAProxy's `cookie SERVERID insert`. A value
+that is tampered with, malformed, or signed by a secret not in the list means "no pin",
+never an error.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets as _secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from itsdangerous import BadSignature, Signer
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "DEFAULT_AFFINITY_COOKIE",
+    "AffinityCookie",
+    "Sticky",
+    "StickyMode",
+    "cookie_value",
+    "generate_secret",
+]
+
+DEFAULT_AFFINITY_COOKIE = "lb_affinity"
+
+StickyMode = Literal["cookie", "ip", "none"]
+
+# RFC 6265 section 4.1.1: a cookie-name is an RFC 7230 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# The most affinity values kept verified; each backend has one per secret, so this is
+# plenty, and it bounds memory against clients sending a stream of distinct values.
+_VERIFIED_MAX = 4096
+# What may precede a cookie name in a Cookie header: "a=1; b=2", or "a=1;b=2".
+_BEFORE_NAME = b"; \t"
+
+
+def is_cookie_name(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    """The stickiness mode: `cookie:NAME` (NAME is the app's session cookie), `ip`, `none`."""
+
+    mode: StickyMode
+    cookie: str | None = None  # the application's session cookie, in mode "cookie" only
+
+    @classmethod
+    def parse(cls, text: str) -> Sticky:
+        """Parse `cookie:NAME`, `ip` or `none`; raises ConfigError(--sticky)."""
+        if text == "ip":
+            return cls("ip")
+        if text == "none":
+            return cls("none")
+        kind, sep, name = text.partition(":")
+        if kind == "cookie" and sep:
+            if not is_cookie_name(name):
+                raise ConfigError("--sticky", f"{name!r} is not a valid cookie name")
+            return cls("cookie", name)
+        raise ConfigError("--sticky", f"expected cookie:NAME, ip or none, got {text!r}")
+
+    def __str__(self) -> str:
+        return f"cookie:{self.cookie}" if self.mode == "cookie" else self.mode
+
+
+def generate_secret() -> str:
+    """A fresh random secret, for a process that was given none (pass it to its workers)."""
+    return _secrets.token_urlsafe(32)
+
+
+def cookie_value(header: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header, or None if missing or empty.
+
+    The data path joins several Cookie headers with `; ` (RFC 9113 section 8.2.3 does the
+    same for HTTP/2). The first occurrence wins, as browsers send the most specific path
+    first. Runs on every request: a `bytes.find`, not a split of the whole header.
+    """
+    if not header:
+        return None
+    needle = name + b"="
+    at = header.find(needle)
+    while at > 0 and header[at - 1] not in _BEFORE_NAME:
+        at = header.find(needle, at + 1)  # the name ended another one: "xsid=" for "sid="
+    if at < 0:
+        return None
+    start = at + len(needle)
+    end = header.find(b";", start)
+    value = (header[start:end] if end >= 0 else header[start:]).strip()
+    if len(value) > 1 and value[0] == 0x22 and value[-1] == 0x22:  # a "quoted" value
+        value = value[1:-1]
+    return value or None
+
+
+class AffinityCookie:
+    """Signs and verifies affinity values: a backend id, signed.
+
+    `secrets` are oldest first, newest last, as in itsdangerous: the newest signs, every one
+    verifies, so secrets rotate without unpinning clients. Every balancer replica must be
+    given the same secrets. The signature is deterministic, so a backend's value is the same
+    for every client and verified values are memoized (unsigning costs ~6 us, DESIGN.md).
+    """
+
+    def __init__(
+        self,
+        *,
+        secrets: Sequence[str | bytes],
+        name: str = DEFAULT_AFFINITY_COOKIE,
+        max_age: int | None = None,
+    ) -> None:
+        if not secrets:
+            raise ConfigError("--affinity-secret", "at least one secret is needed")
+        if not is_cookie_name(name):
+            raise ConfigError("--affinity-cookie", f"{name!r} is not a valid cookie name")
+        if max_age is not None and max_age < 1:
+            raise ConfigError("--affinity-max-age", f"must be at least 1 second, got {max_age}")
+        self.name = name
+        self.name_bytes = name.encode()
+        self._attributes = b"; Path=/; HttpOnly; SameSite=Lax"
+        if max_age is not None:
+            self._attributes += b"; Max-Age=%d" % max_age
+        keys = [s.encode() if isinstance(s, str) else s for s in secrets]
+        self._signer = Signer(keys, salt=b"balancer.affinity")
+        self._newest = Signer(keys[-1], salt=b"balancer.affinity")
+        # value -> (backend id, signed by the newest secret)
+        self._verified: dict[bytes, tuple[str, bool]] = {}
+
+    def sign(self, backend_id: str) -> bytes:
+        """The cookie value that pins a client to `backend_id`."""
+        return self._signer.sign(backend_id.encode())
+
+    def verify(self, value: bytes | None) -> tuple[str, bool] | None:
+        """`(backend id, signed by the newest secret)`, or None for anything not valid."""
+        if not value:
+            return None
+        hit = self._verified.get(value)
+        if hit is not None:
+            return hit
+        try:
+            backend_id = self._signer.unsign(value).decode("ascii")
+        except (BadSignature, UnicodeDecodeError):
+            return None
+        result = (backend_id, self._newest.verify_signature(*value.rsplit(b".", 1)))
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[value] = result
+        return result
+
+    def set_cookie(self, backend_id: str) -> bytes:
+        """A complete Set-Cookie header value pinning the client to `backend_id`.
+
+        Without `max_age` it lasts as long as the browser session (HAProxy's and Traefik's
+        default). An app session that outlives it is then placed by the hash of its cookie,
+        which may not be where it was created: give `max_age` the app session's lifetime to
+        avoid that. Lax, since following a link into the site must keep the pin.
+        """
+        return self.name_bytes + b"=" + self.sign(backend_id) + self._attributes

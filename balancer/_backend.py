@@ -1,0 +1,258 @@
+"""One backend and its state machine: UP, DRAINING, DOWN. Pure: no I/O, no clock.
+
+Two independent causes feed the state, as in HAProxy (administrative and operational state)
+and Envoy (health checks and outlier detection):
+
+- the operator drains and enables a backend (`drain`, `enable`);
+- health: active checks mark it down and up (`mark_down`, `mark_up`), and passive ejection
+  takes it out for `ejection_time` seconds after `eject_after` consecutive failed requests
+  (`request_finished(failed=True)`), until `release(now)` sees the time is over.
+
+`state` is derived from them: DOWN if unhealthy or ejected, else DRAINING if drained, else
+UP. Keeping the causes apart means a backend drained by the operator stays drained when it
+fails and recovers, and an ejection ending does not undo a failed active check.
+
+Times are seconds on one monotonic clock that the caller owns and passes in (`now`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ._exceptions import ConfigError, InvalidTransition
+
+__all__ = ["Backend", "BackendPolicy", "BackendState", "backend_id"]
+
+
+class BackendState(enum.Enum):
+    UP = "up"  # selectable
+    DRAINING = "draining"  # finishes in-flight requests, gets no new ones
+    DOWN = "down"  # failed active checks or passively ejected; gets nothing
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPolicy:
+    """How a backend reacts to failures and recoveries; shared by the pool's backends."""
+
+    eject_after: int = 5  # consecutive failed requests; 0 turns passive ejection off
+    ejection_time: float = 30.0  # seconds out after an ejection
+    slow_start: float = 0.0  # seconds of weight ramp after coming back UP; 0 = none
+    # Envoy's max_ejection_percent: passive ejection never takes out more than this share
+    # of the pool (but always allows one), so that a fault shared by every backend (their
+    # database is down) does not eject them all and turn every answer into a 503.
+    max_ejection_percent: float = 50.0
+    # Envoy's min_weight_percent: a returning backend takes at least this share at once,
+    # so that it gets some traffic to prove itself.
+    min_weight: float = 0.1
+
+
+def backend_id(url: str) -> str:
+    """The id every process derives from the same (normalized) URL: sha256 hex, 12 chars."""
+    return hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
+def _normalize(url: str) -> tuple[str, str, int]:
+    """`(url, host, port)` for an `http://host[:port][/]` URL; raises ConfigError(--backend)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError("--backend", f"{url!r} is not a valid URL ({exc})") from None
+    if parts.scheme != "http":
+        raise ConfigError("--backend", f"{url!r}: only http:// backends are supported")
+    host = parts.hostname
+    if not host:
+        raise ConfigError("--backend", f"{url!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("--backend", f"{url!r}: credentials in the URL are not supported")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError("--backend", f"{url!r}: a backend is an origin, without a path")
+    if port == 0:
+        raise ConfigError("--backend", f"{url!r}: port 0 is not a port")
+    port = 80 if port is None else port
+    try:
+        netloc = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        netloc = host
+    return f"http://{netloc}:{port}", host, port
+
+
+class Backend:
+    """A backend server and its state; the router reads it, the data path counts on it.
+
+    Raises ConfigError (setting `--backend`) for a URL that is not `http://host[:port]`.
+    Every transition method raises InvalidTransition when the state forbids it.
+    """
+
+    __slots__ = (
+        "_draining",
+        "_unhealthy",
+        "down_reason",
+        "ejected_until",
+        "ejections_total",
+        "failures_in_a_row",
+        "failures_total",
+        "host",
+        "id",
+        "in_flight",
+        "may_eject",
+        "on_change",
+        "policy",
+        "port",
+        "ramp_from",
+        "requests_total",
+        "state",
+        "url",
+    )
+
+    def __init__(self, url: str, *, policy: BackendPolicy | None = None) -> None:
+        self.url, self.host, self.port = _normalize(url)
+        self.id = backend_id(self.url)
+        self.policy = policy if policy is not None else BackendPolicy()
+        self.state = BackendState.UP
+        self.in_flight = 0
+        self.requests_total = 0
+        self.failures_total = 0
+        self.ejections_total = 0
+        self.failures_in_a_row = 0
+        self.down_reason: str | None = None
+        self.ejected_until: float | None = None
+        # When the slow-start ramp began (the backend came back UP), or None: full weight.
+        self.ramp_from: float | None = None
+        # Called with (backend, old_state) after every change of `state`; the pool sets it.
+        self.on_change: Callable[[Backend, BackendState], None] | None = None
+        # Asked before a passive ejection; the pool sets it to enforce max_ejection_percent.
+        self.may_eject: Callable[[], bool] | None = None
+        self._draining = False
+        self._unhealthy = False
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.id} {self.url} [{self.state.value}, in-flight: {self.in_flight}]>"
+
+    @property
+    def draining(self) -> bool:
+        """Drained by the operator (whatever its health)."""
+        return self._draining
+
+    @property
+    def healthy(self) -> bool:
+        """Passing active health checks (whatever the operator or ejection says)."""
+        return not self._unhealthy
+
+    # -- the data path ------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        """A request was sent to this backend."""
+        self.in_flight += 1
+        self.requests_total += 1
+
+    def request_finished(self, *, failed: bool, now: float) -> None:
+        """A request ended; `failed` for a connect error, a timeout or a broken upstream.
+
+        `eject_after` failures in a row eject the backend (DOWN) for `ejection_time`
+        seconds, as Envoy's outlier detection does with consecutive 5xx, unless `may_eject`
+        says no (too many ejected already): then the next failure asks again.
+        """
+        if self.in_flight == 0:
+            raise InvalidTransition(
+                f"request_finished on backend {self.id} with no request in flight"
+            )
+        self.in_flight -= 1
+        if not failed:
+            self.failures_in_a_row = 0
+            return
+        self.failures_total += 1
+        self.failures_in_a_row += 1
+        eject_after = self.policy.eject_after
+        if (
+            eject_after
+            and self.failures_in_a_row >= eject_after
+            and self.ejected_until is None
+            and (self.may_eject is None or self.may_eject())
+        ):
+            self.ejected_until = now + self.policy.ejection_time
+            self.ejections_total += 1
+            self.failures_in_a_row = 0
+            self._update(now)
+
+    # -- the operator ---------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop sending new requests; in-flight ones finish."""
+        if self._draining:
+            raise InvalidTransition(f"cannot drain backend {self.id}: it is already draining")
+        self._draining = True
+        self._update(None)
+
+    def enable(self) -> None:
+        """Undo `drain`."""
+        if not self._draining:
+            raise InvalidTransition(f"cannot enable backend {self.id}: it is not draining")
+        self._draining = False
+        self._update(None)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def mark_down(self, reason: str, now: float) -> None:
+        """Active checks failed (`fall` in a row); `reason` says how, for the logs."""
+        if self._unhealthy:
+            raise InvalidTransition(
+                f"cannot mark backend {self.id} down: it is already down ({self.down_reason})"
+            )
+        self._unhealthy = True
+        self.down_reason = reason
+        self._update(now)
+
+    def mark_up(self, now: float) -> None:
+        """Active checks passed again (`rise` in a row)."""
+        if not self._unhealthy:
+            raise InvalidTransition(f"cannot mark backend {self.id} up: it is not down")
+        self._unhealthy = False
+        self.down_reason = None
+        self._update(now)
+
+    def release(self, now: float) -> bool:
+        """End an ejection whose time is over; returns whether one ended."""
+        if self.ejected_until is None or now < self.ejected_until:
+            return False
+        self.ejected_until = None
+        self._update(now)
+        return True
+
+    # -- derived --------------------------------------------------------------------------
+
+    def weight(self, now: float) -> float:
+        """Share of a full backend's load to give it, in [min_weight, 1]: slow start."""
+        ramp_from = self.ramp_from
+        if ramp_from is None:
+            return 1.0
+        window = self.policy.slow_start
+        elapsed = now - ramp_from
+        if elapsed >= window:
+            self.ramp_from = None
+            return 1.0
+        return max(self.policy.min_weight, elapsed / window)
+
+    def _update(self, now: float | None) -> None:
+        old = self.state
+        if self._unhealthy or self.ejected_until is not None:
+            new = BackendState.DOWN
+        elif self._draining:
+            new = BackendState.DRAINING
+        else:
+            new = BackendState.UP
+        if new is old:
+            return
+        self.state = new
+        if old is BackendState.DOWN and now is not None and self.policy.slow_start > 0:
+            # Slow start only after being DOWN: a drained backend was never cold.
+            self.ramp_from = now
+        elif new is BackendState.DOWN:
+            self.ramp_from = None
+        if self.on_change is not None:
+            self.on_change(self, old)

@@ -1,0 +1,217 @@
+"""One balancer process: the proxy listener, the health checks and the admin app, on one pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import uvicorn
+
+from ._admin import create_admin_app
+from ._config import Settings
+from ._health import HealthChecker
+from ._log import log_event, log_state_change
+from ._metrics import Metrics
+from ._pool import Pool
+from ._proxy import ProxyOptions, ProxyServer
+from ._router import Router
+from ._supervisor import Supervisor, SupervisorOptions
+from ._workers import RestartPolicy
+
+__all__ = ["Balancer", "proxy_options", "supervisor_options"]
+
+logger = logging.getLogger("balancer")
+
+
+def proxy_options(settings: Settings) -> ProxyOptions:
+    """The data path's share of the settings."""
+    return ProxyOptions(
+        max_request_line=settings.max_request_line,
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.idle_timeout,
+        connect_timeout=settings.upstream_connect_timeout,
+        response_timeout=settings.upstream_response_timeout,
+        keepalive_per_backend=settings.upstream_keepalive,
+        retry_ratio=settings.retry_budget,
+        retry_floor=settings.retry_floor,
+        max_attempts=settings.max_attempts,
+        trusted_proxies=tuple(str(network) for network in settings.trusted_proxies),
+        shutdown_deadline=settings.shutdown_deadline,
+        queue_timeout=settings.queue_timeout,
+        access_log=settings.access_log,
+    )
+
+
+def supervisor_options(settings: Settings) -> SupervisorOptions | None:
+    """The supervisor's share of the settings; None without --spawn."""
+    if settings.spawn is None:
+        return None
+    return SupervisorOptions(
+        command=settings.worker_command(),
+        count=settings.spawn,
+        ready_path=settings.worker_ready_path,
+        ready_timeout=settings.worker_ready_timeout,
+        hang_timeout=settings.worker_hang_timeout,
+        drain_deadline=settings.drain_deadline,
+        stop_timeout=settings.worker_stop_timeout,
+        restart=RestartPolicy(
+            backoff=settings.restart_backoff,
+            backoff_max=settings.restart_backoff_max,
+            min_uptime=settings.min_uptime,
+            max_crashes=settings.max_crashes,
+        ),
+    )
+
+
+class _AdminServer(uvicorn.Server):
+    """uvicorn serving the admin app inside the balancer's loop. The balancer owns the
+    process's signals: uvicorn must neither take SIGTERM nor raise it again on exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Balancer:
+    """Everything one balancer process runs, built from `Settings`.
+
+    `serve()` starts the listener (and the admin app when ``settings.admin`` is
+    set), checks the backends until ``stop`` is set, then shuts down in order:
+    stop accepting and finish in-flight requests (the proxy's deadline), stop
+    the health checks, stop the admin app, close the health-check client.
+
+    With ``settings.spawn``, the listener opens first (a request that comes before a
+    worker is ready waits in the proxy's queue), then `supervisor` starts the workers;
+    they are stopped right after the proxy has finished its requests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        admin_port_offset: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.admin_port_offset = admin_port_offset
+        self.pool = Pool(
+            settings.backends, policy=settings.backend_policy(), on_change=log_state_change
+        )
+        self.metrics = Metrics(pool=self.pool)
+        self.router = Router(
+            self.pool,
+            sticky=settings.sticky,
+            affinity=settings.affinity() if settings.sticky.mode == "cookie" else None,
+            balance=settings.balance,
+            hash_balance_factor=settings.hash_balance_factor,
+            table_size=settings.hash_table_size,
+            clock=clock,
+        )
+        self.proxy = ProxyServer(self.router, self.metrics, proxy_options(settings), clock=clock)
+        options = supervisor_options(settings)
+        self.supervisor = None if options is None else Supervisor(self.pool, options, clock=clock)
+        self.admin: _AdminServer | None = None
+        self.ready = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        """The port the proxy listens on (useful with port 0)."""
+        return self.proxy.port
+
+    async def serve(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            checker = HealthChecker(
+                self.pool, client, self.settings.health_policy(), clock=self.clock
+            )
+            if self.supervisor is None:
+                await self._listen(reuse_port)
+                await self._start_admin()
+            else:
+                # Listening before the workers are ready is safe: a request that comes
+                # first waits in the queue (--queue-timeout) rather than be refused.
+                await self._start_admin()
+                await self._listen(reuse_port)
+                await self._start_workers(client, stop)
+            health = asyncio.create_task(checker.run(), name="health-checks")
+            self.ready.set()
+            try:
+                await stop.wait()
+            finally:
+                await self._shutdown(health)
+
+    async def _start_workers(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        """Spawn the workers; wait until they are ready (or the ready timeout, or `stop`)."""
+        supervisor = self.supervisor
+        assert supervisor is not None
+        await supervisor.start(client)
+        loop_task = supervisor.loop_task
+        assert loop_task is not None
+
+        def loop_ended(task: asyncio.Task[None]) -> None:
+            # The supervisor's loop only ends on shutdown; anything else is a bug, and a
+            # balancer whose workers nobody watches must not go on as if all were well.
+            if not task.cancelled() and task.exception() is not None and not stop.is_set():
+                logger.error("the supervisor failed", exc_info=task.exception())
+                stop.set()
+
+        loop_task.add_done_callback(loop_ended)
+        waits = [
+            asyncio.ensure_future(supervisor.started.wait()),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _listen(self, reuse_port: bool) -> None:
+        listen = self.settings.listen
+        await self.proxy.start(listen.host, listen.port, reuse_port=reuse_port)
+        log_event(
+            "listening",
+            address=f"{listen.host}:{self.proxy.port}",
+            backends=len(self.pool),
+            sticky=str(self.settings.sticky),
+        )
+
+    async def _start_admin(self) -> None:
+        address = self.settings.admin
+        if address is None:
+            return
+        app = create_admin_app(
+            pool=self.pool,
+            metrics=self.metrics,
+            token=self.settings.admin_token,
+            clock=self.clock,
+            workers=self.supervisor,
+        )
+        port = address.port + self.admin_port_offset if address.port else 0
+        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, port))
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.admin = _AdminServer(config)
+        self._admin_task = asyncio.create_task(self.admin.serve(sockets=[sock]), name="admin")
+        self.admin_port: int = sock.getsockname()[1]
+        log_event("admin listening", address=f"{address.host}:{self.admin_port}")
+
+    async def _shutdown(self, health: asyncio.Task[None]) -> None:
+        log_event("shutting down", in_flight=sum(b.in_flight for b in self.pool))
+        await self.proxy.shutdown()
+        if self.supervisor is not None:
+            await self.supervisor.shutdown()
+        health.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health
+        if self.admin is not None:
+            self.admin.should_exit = True
+            await self._admin_task
+        log_event("stopped")

@@ -1,0 +1,646 @@
+"""Settings: every option from the command line, the environment and a TOML file, validated once.
+
+Precedence: command line > environment > TOML file > default. Each option has one name per
+source, derived from its field:
+
+| field            | command line                  | environment                | TOML key         |
+|------------------|-------------------------------|----------------------------|------------------|
+| listen           | --listen HOST:PORT            | BALANCER_LISTEN            | listen           |
+| backends         | --backend URL (repeatable)    | BALANCER_BACKENDS (a,b,c)  | backends (list)  |
+| trusted_proxies  | --trusted-proxy CIDR (rep.)   | BALANCER_TRUSTED_PROXIES   | trusted_proxies  |
+| affinity_secrets | --affinity-secret S (rep.)    | BALANCER_AFFINITY_SECRETS  | affinity_secrets |
+| worker_cmd       | --worker-cmd TEMPLATE         | BALANCER_WORKER_CMD        | worker_cmd       |
+| any other x_y    | --x-y VALUE                   | BALANCER_X_Y               | x_y (or x-y)     |
+
+The file comes from `--config PATH` or `BALANCER_CONFIG`. Lists in the environment are
+comma-separated; booleans there are 1/0, true/false, yes/no, on/off. Every value, whatever its
+source, goes through the same parser, and every problem is a ConfigError naming the option
+as a flag (`--backend: ...`), with its source when that was not the command line.
+
+Secrets (`affinity_secrets`) are oldest first, newest last: the newest signs. Every balancer
+replica must be given the same ones; with none, `load_or_exit` generates one per process
+(set it before forking workers, so that they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import os
+import re
+import shlex
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, NoReturn, cast
+
+from ._affinity import (
+    DEFAULT_AFFINITY_COOKIE,
+    AffinityCookie,
+    Sticky,
+    generate_secret,
+    is_cookie_name,
+)
+from ._backend import Backend, BackendPolicy
+from ._exceptions import ConfigError
+from ._health import HealthPolicy
+from ._maglev import DEFAULT_TABLE_SIZE, is_prime
+from ._router import Balance
+
+__all__ = ["Address", "LogFormat", "Network", "Settings", "load_or_exit", "load_settings"]
+
+LogFormat = Literal["plain", "json"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ENV_PREFIX = "BALANCER_"
+# Starlette's SessionMiddleware names its cookie "session".
+_DEFAULT_STICKY = Sticky("cookie", "session")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and a port to bind to; port 0 picks a free one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every option of the balancer, validated. Build it with `load_settings`."""
+
+    listen: Address = Address("127.0.0.1", 8080)
+    backends: tuple[str, ...] = ()  # normalized http://host:port URLs
+    sticky: Sticky = _DEFAULT_STICKY
+    admin: Address | None = None  # the admin app is off without it
+    # Bearer token; required when admin is not loopback. Kept out of repr, hence logs.
+    admin_token: str | None = field(default=None, repr=False)
+    config: Path | None = None  # the TOML file the settings were read from
+    workers: int = 1  # processes sharing the listening port (SO_REUSEPORT)
+    log_format: LogFormat = "plain"
+    access_log: bool = False
+    trusted_proxies: tuple[Network, ...] = ()  # X-Forwarded-* are believed only from these
+    affinity_cookie: str = DEFAULT_AFFINITY_COOKIE
+    # Seconds the affinity cookie lives; 0 = the browser session. The default is
+    # session_store's absolute lifetime: a pin that died with the browser while the app's
+    # session cookie lived on would route the client by hash, away from its session.
+    affinity_max_age: int = 86400
+    affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # oldest first
+    balance: Balance = "round-robin"  # for --sticky none
+    hash_balance_factor: float = 0.25  # epsilon of bounded load; 0 turns it off
+    hash_table_size: int = DEFAULT_TABLE_SIZE  # Maglev table entries, a prime
+    health_path: str = "/healthz"
+    health_interval: float = 2.0  # seconds between active checks of a backend
+    health_timeout: float = 1.0  # seconds for one check
+    health_rise: int = 2  # consecutive passed checks to mark a DOWN backend UP
+    health_fall: int = 3  # consecutive failed checks to mark an UP backend DOWN
+    eject_after: int = 5  # consecutive failed requests to eject a backend; 0 = never
+    ejection_time: float = 30.0  # seconds an ejected backend stays out
+    max_ejection_percent: float = 50.0  # most of the pool passively ejected at once (>= 1)
+    slow_start: float = 0.0  # seconds of weight ramp after a backend comes back; 0 = none
+    max_request_line: int = 8192  # bytes; 414 beyond (nginx: 8k)
+    max_header_bytes: int = 32768  # bytes of all request headers; 431 beyond
+    header_timeout: float = 10.0  # seconds to receive the request head (HAProxy http-request)
+    idle_timeout: float = 75.0  # seconds a keep-alive client connection may sit idle (nginx)
+    upstream_connect_timeout: float = 3.0  # seconds
+    upstream_response_timeout: float = 60.0  # seconds to the response head (nginx: 60)
+    upstream_keepalive: int = 32  # idle upstream connections kept per backend (nginx: 32)
+    max_attempts: int = 3  # tries of one request, the first included, each on another backend
+    retry_budget: float = 0.2  # retries the budget earns per request (Finagle's RetryBudget)
+    retry_floor: float = 10.0  # retries per second the budget earns regardless of traffic
+    shutdown_deadline: float = 30.0  # seconds for in-flight requests on SIGTERM
+    # Seconds a request waits for a backend when none can take it (HAProxy's `timeout
+    # queue`): a worker restarting is then a delay, not a 503. 0 = answer 503 at once.
+    queue_timeout: float = 3.0
+    # The local cluster supervisor: with `spawn`, the balancer starts that many workers
+    # from `worker_cmd` (or `app` under uvicorn) and balances over them too.
+    spawn: int | None = None  # workers to start; None: no supervisor
+    worker_cmd: str | None = None  # command template with {port} and {index}
+    app: str | None = None  # MODULE:ATTR, an ASGI app run under uvicorn
+    worker_ready_path: str = "/readyz"  # a new worker joins the pool once this answers 2xx
+    worker_ready_timeout: float = 30.0  # seconds for a new worker to get ready, else killed
+    worker_hang_timeout: float = 10.0  # seconds of failed health checks before SIGKILL
+    worker_stop_timeout: float = 15.0  # seconds from SIGTERM to SIGKILL
+    drain_deadline: float = 30.0  # seconds a draining worker has to finish its requests
+    restart_backoff: float = 0.1  # seconds before restarting a crashed worker, doubling
+    restart_backoff_max: float = 10.0  # seconds: the doubling stops here
+    min_uptime: float = 5.0  # seconds ready; a worker dying sooner crashed early
+    max_crashes: int = 5  # early crashes in a row that hold a worker; 0 = never
+
+    def backend_policy(self) -> BackendPolicy:
+        return BackendPolicy(
+            eject_after=self.eject_after,
+            ejection_time=self.ejection_time,
+            max_ejection_percent=self.max_ejection_percent,
+            slow_start=self.slow_start,
+        )
+
+    def health_policy(self) -> HealthPolicy:
+        return HealthPolicy(
+            path=self.health_path,
+            interval=self.health_interval,
+            timeout=self.health_timeout,
+            rise=self.health_rise,
+            fall=self.health_fall,
+        )
+
+    def worker_command(self) -> tuple[str, ...]:
+        """The workers' argv template (parts hold {port} and {index}); () without one."""
+        if self.worker_cmd is not None:
+            return tuple(shlex.split(self.worker_cmd))
+        if self.app is not None:
+            python = sys.executable.replace("{", "{{").replace("}", "}}")
+            return (python, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", "{port}")
+        return ()
+
+    def affinity(self) -> AffinityCookie:
+        """The affinity cookie signer; needs `affinity_secrets` (see `load_or_exit`)."""
+        return AffinityCookie(
+            secrets=self.affinity_secrets,
+            name=self.affinity_cookie,
+            max_age=self.affinity_max_age or None,
+        )
+
+
+# -- parsers: one per kind of value; each takes a str (command line, environment) or a TOML
+# value, and raises _Invalid with what is wrong ------------------------------------------
+
+
+class _Invalid(Exception):
+    pass
+
+
+Parser = Callable[[object], object]
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {value!r}")
+    return value
+
+
+def _address(value: object) -> Address:
+    text = _text(value)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise _Invalid(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise _Invalid(f"{port_text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise _Invalid(f"port {port} is out of range 0-65535")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"{host!r} is not an IPv6 address (write [::1]:8080)") from None
+    elif not host or any(c.isspace() or c in "/[]" for c in host):
+        raise _Invalid(f"{host!r} is not a host")
+    return Address(host, port)
+
+
+def _integer(minimum: int) -> Parser:
+    def parse(value: object) -> int:
+        if isinstance(value, bool):
+            raise _Invalid(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            number = value
+        else:
+            try:
+                number = int(_text(value).strip())
+            except ValueError:
+                raise _Invalid(f"expected an integer, got {value!r}") from None
+        if number < minimum:
+            raise _Invalid(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _number(*, zero: bool) -> Parser:
+    """A finite number (seconds, a ratio), > 0 (or >= 0 with `zero`)."""
+
+    def parse(value: object) -> float:
+        if isinstance(value, bool):
+            raise _Invalid(f"expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            number = float(value)
+        else:
+            try:
+                number = float(_text(value).strip())
+            except ValueError:
+                raise _Invalid(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+            raise _Invalid(f"must be a number {'>= 0' if zero else '> 0'}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _fraction(value: object) -> float:
+    number = cast(float, _number(zero=True)(value))
+    if number > 1:
+        raise _Invalid(f"must be between 0 and 1, got {value!r}")
+    return number
+
+
+def _percent(value: object) -> float:
+    number = cast(float, _number(zero=True)(value))
+    if number > 100:
+        raise _Invalid(f"must be between 0 and 100, got {value!r}")
+    return number
+
+
+def _prime(value: object) -> int:
+    number = cast(int, _integer(2)(value))
+    if not is_prime(number):
+        raise _Invalid(f"must be a prime (Maglev needs one), got {number}")
+    return number
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _Invalid(f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: object) -> str:
+        text = _text(value)
+        if text not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _sticky(value: object) -> Sticky:
+    try:
+        return Sticky.parse(_text(value))
+    except ConfigError as exc:
+        raise _Invalid(exc.message) from None
+
+
+def _cookie_name(value: object) -> str:
+    text = _text(value)
+    if not is_cookie_name(text):
+        raise _Invalid(f"{text!r} is not a valid cookie name")
+    return text
+
+
+def _url_path(value: object) -> str:
+    text = _text(value)
+    if not text.startswith("/") or any(c.isspace() or ord(c) < 0x21 for c in text):
+        raise _Invalid(f"expected an absolute path such as /healthz, got {text!r}")
+    return text
+
+
+def _token(value: object) -> str:
+    text = _text(value)
+    if not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise _Invalid("must be non-empty printable text without spaces")
+    return text
+
+
+def _command_template(value: object) -> str:
+    text = _text(value)
+    try:
+        parts = shlex.split(text)
+    except ValueError as exc:
+        raise _Invalid(f"{text!r} is not a command line ({exc})") from None
+    if not parts:
+        raise _Invalid("the command is empty")
+    try:
+        filled = [part.format(port=1, index=0) for part in parts]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise _Invalid(f"{text!r}: only {{port}} and {{index}} may be filled in ({exc})") from None
+    if filled == parts or not any("{port}" in part for part in parts):
+        raise _Invalid(f"{text!r} must pass {{port}} to the worker")
+    return text
+
+
+# Python identifiers (dotted): uvicorn's "module.path:attribute".
+_APP_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _app_spec(value: object) -> str:
+    text = _text(value)
+    if not _APP_SPEC.fullmatch(text):
+        raise _Invalid(f"expected MODULE:ATTR such as demo_app.main:app, got {text!r}")
+    return text
+
+
+def _path(value: object) -> Path:
+    return Path(_text(value))
+
+
+def _each(item: Parser) -> Parser:
+    """A list: a TOML array, or a comma-separated string from the environment."""
+
+    def parse(value: object) -> tuple[object, ...]:
+        if isinstance(value, str):
+            items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, list):
+            items = list(value)
+        else:
+            raise _Invalid(f"expected a list, got {value!r}")
+        return tuple(item(i) for i in items)
+
+    return parse
+
+
+def _backend(value: object) -> str:
+    try:
+        return Backend(_text(value)).url
+    except ConfigError as exc:
+        raise _Invalid(exc.message) from None
+
+
+def _network(value: object) -> Network:
+    try:
+        return ipaddress.ip_network(_text(value).strip(), strict=False)
+    except ValueError:
+        raise _Invalid(f"{value!r} is not an IP network (CIDR such as 10.0.0.0/8)") from None
+
+
+def _secret(value: object) -> str:
+    text = _text(value)
+    # 16 characters of token_urlsafe carry 96 bits; shorter is guessable offline from a
+    # single signed cookie.
+    if len(text) < 16:
+        raise _Invalid("a secret must be at least 16 characters long")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    name: str  # the Settings field
+    parse: Parser
+    help: str
+    repeat: str | None = None  # the singular flag of a list option (--backend)
+    metavar: str | None = None
+    flag: str = field(init=False)
+    env: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        flag = "--" + (self.repeat or self.name).replace("_", "-")
+        object.__setattr__(self, "flag", flag)
+        object.__setattr__(self, "env", _ENV_PREFIX + self.name.upper())
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("listen", _address, "address of the proxy (default 127.0.0.1:8080)", None, "HOST:PORT"),
+    _Option(
+        "backends", _each(_backend), "a backend http://host:port (repeatable)", "backend", "URL"
+    ),
+    _Option("sticky", _sticky, "cookie:NAME (the app's session cookie), ip or none", None, "MODE"),
+    _Option("admin", _address, "address of the admin API (default: off)", None, "HOST:PORT"),
+    _Option("admin_token", _token, "bearer token for the admin API", None, "TOKEN"),
+    _Option("config", _path, "a TOML file of settings", None, "PATH"),
+    _Option("workers", _integer(1), "processes sharing the port", None, "N"),
+    _Option("log_format", _choice("plain", "json"), "plain or json", None, "FORMAT"),
+    _Option("access_log", _boolean, "log every request"),
+    _Option(
+        "trusted_proxies",
+        _each(_network),
+        "a network whose X-Forwarded-* are believed (repeatable)",
+        "trusted_proxy",
+        "CIDR",
+    ),
+    _Option(
+        "affinity_cookie", _cookie_name, "name of the balancer's affinity cookie", None, "NAME"
+    ),
+    _Option("affinity_max_age", _integer(0), "affinity cookie Max-Age; 0 = session", None, "S"),
+    _Option(
+        "affinity_secrets",
+        _each(_secret),
+        "affinity signing secret, oldest first (repeatable)",
+        "affinity_secret",
+        "SECRET",
+    ),
+    _Option("balance", _choice("round-robin", "least-inflight"), "policy of --sticky none"),
+    _Option(
+        "hash_balance_factor", _number(zero=True), "bounded-load epsilon; 0 = off", None, "EPS"
+    ),
+    _Option("hash_table_size", _prime, "Maglev table size, a prime", None, "N"),
+    _Option("health_path", _url_path, "path of the active health check", None, "PATH"),
+    _Option("health_interval", _number(zero=False), "seconds between checks", None, "S"),
+    _Option("health_timeout", _number(zero=False), "seconds for one check", None, "S"),
+    _Option("health_rise", _integer(1), "passed checks to mark a backend up", None, "N"),
+    _Option("health_fall", _integer(1), "failed checks to mark a backend down", None, "N"),
+    _Option("eject_after", _integer(0), "failed requests in a row to eject; 0 = off", None, "N"),
+    _Option("ejection_time", _number(zero=False), "seconds an ejected backend is out", None, "S"),
+    _Option("max_ejection_percent", _percent, "most of the pool ejected at once", None, "PERCENT"),
+    _Option("slow_start", _number(zero=True), "seconds of weight ramp; 0 = off", None, "S"),
+    _Option("max_request_line", _integer(64), "bytes in the request line", None, "BYTES"),
+    _Option("max_header_bytes", _integer(256), "bytes in the request headers", None, "BYTES"),
+    _Option("header_timeout", _number(zero=False), "seconds to read request headers", None, "S"),
+    _Option("idle_timeout", _number(zero=False), "seconds a keep-alive client idles", None, "S"),
+    _Option("upstream_connect_timeout", _number(zero=False), "seconds to connect", None, "S"),
+    _Option("upstream_response_timeout", _number(zero=False), "seconds to response", None, "S"),
+    _Option("upstream_keepalive", _integer(0), "idle connections per backend", None, "N"),
+    _Option("max_attempts", _integer(1), "tries of a request, the first included", None, "N"),
+    _Option("retry_budget", _fraction, "retries earned per request, 0-1", None, "RATIO"),
+    _Option("retry_floor", _number(zero=True), "retries earned per second", None, "N"),
+    _Option("shutdown_deadline", _number(zero=True), "seconds to finish on SIGTERM", None, "S"),
+    _Option("queue_timeout", _number(zero=True), "seconds to wait for a backend", None, "S"),
+    _Option("spawn", _integer(1), "start and supervise N workers (default: off)", None, "N"),
+    _Option(
+        "worker_cmd", _command_template, "a worker's command, with {port} {index}", None, "TEMPLATE"
+    ),
+    _Option("app", _app_spec, "shorthand: run this ASGI app under uvicorn", None, "MODULE:ATTR"),
+    _Option("worker_ready_path", _url_path, "a worker is ready once this is 2xx", None, "PATH"),
+    _Option("worker_ready_timeout", _number(zero=False), "seconds to get ready", None, "S"),
+    _Option("worker_hang_timeout", _number(zero=False), "seconds unhealthy, then kill", None, "S"),
+    _Option("worker_stop_timeout", _number(zero=False), "seconds SIGTERM to SIGKILL", None, "S"),
+    _Option("drain_deadline", _number(zero=True), "seconds a drained worker finishes", None, "S"),
+    _Option("restart_backoff", _number(zero=True), "seconds before a restart", None, "S"),
+    _Option("restart_backoff_max", _number(zero=True), "most seconds before a restart", None, "S"),
+    _Option("min_uptime", _number(zero=True), "seconds up to not count as a crash loop", None, "S"),
+    _Option("max_crashes", _integer(0), "early crashes in a row to hold; 0 = never", None, "N"),
+)
+_BY_FIELD = {option.name: option for option in _OPTIONS}
+assert set(_BY_FIELD) == {f.name for f in fields(Settings)}, "an option per setting"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # "argument --workers: expected one argument": name the flag like our own errors.
+        prefix = "argument "
+        if message.startswith(prefix) and ": " in message:
+            flag, _, rest = message[len(prefix) :].partition(": ")
+            raise ConfigError(flag.split("/")[0], rest)
+        raise ConfigError("command line", message)
+
+
+def _argument_parser() -> _Parser:
+    epilog = "Every option is also BALANCER_<NAME> in the environment and <name> in the TOML file."
+    parser = _Parser(
+        prog="balancer", description="A sticky-session HTTP load balancer.", epilog=epilog
+    )
+    for option in _OPTIONS:
+        help_text = f"{option.help} [{option.env}]"
+        if option.parse is _boolean:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action="append" if option.repeat else "store",
+                default=argparse.SUPPRESS,
+                metavar=option.metavar,
+                help=help_text,
+            )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the command line, the environment and the TOML file, validated.
+
+    `argv` excludes the program name (default `sys.argv[1:]`); `environ` defaults to
+    `os.environ`. Raises ConfigError naming the first bad setting; never generates secrets.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    cli = vars(_argument_parser().parse_args(list(argv)))
+    # Each raw value with where it came from; later sources override earlier ones.
+    raw: dict[str, tuple[object, str]] = {}
+    config = cli.get("config")
+    env_config = environ.get(_BY_FIELD["config"].env)
+    if config is None and env_config:
+        config = env_config
+    if config is not None:
+        path = Path(config)
+        raw.update(_read_toml(path))
+        raw["config"] = (str(path), "")
+    for option in _OPTIONS:
+        if option.env in environ and option.name != "config":
+            raw[option.name] = (environ[option.env], option.env)
+    for name, value in cli.items():
+        raw[name] = (value, "")
+    return _validate(raw)
+
+
+def _read_toml(path: Path) -> dict[str, tuple[object, str]]:
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    raw: dict[str, tuple[object, str]] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _BY_FIELD or name == "config":
+            known = ", ".join(sorted(o.name for o in _OPTIONS if o.name != "config"))
+            raise ConfigError("--config", f"unknown setting {key!r} in {path} (known: {known})")
+        raw[name] = (value, f"{path}: {key}")
+    return raw
+
+
+def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
+    """The one validation step: parse every value, then check them against each other."""
+    values: dict[str, Any] = {}
+    for name, (value, source) in raw.items():
+        option = _BY_FIELD[name]
+        try:
+            values[name] = option.parse(value)
+        except _Invalid as exc:
+            where = f" (from {source})" if source else ""
+            raise ConfigError(option.flag, f"{exc}{where}") from None
+    settings = Settings(**values)
+    _validate_spawn(settings)
+    if not settings.backends and settings.spawn is None:
+        raise ConfigError("--backend", "at least one backend is needed")
+    if len(set(settings.backends)) != len(settings.backends):
+        raise ConfigError("--backend", "a backend is listed twice")
+    admin = settings.admin
+    if admin is not None:
+        if admin == settings.listen and admin.port != 0:
+            raise ConfigError("--admin", f"{admin} is also the --listen address")
+        if not admin.is_loopback and settings.admin_token is None:
+            raise ConfigError(
+                "--admin-token", f"required when --admin binds {admin}, which is not loopback"
+            )
+    if settings.health_timeout > settings.health_interval:
+        raise ConfigError(
+            "--health-timeout",
+            f"{settings.health_timeout} s is longer than --health-interval "
+            f"({settings.health_interval} s)",
+        )
+    if settings.sticky.cookie == settings.affinity_cookie:
+        raise ConfigError(
+            "--affinity-cookie", f"{settings.affinity_cookie!r} is the app's session cookie too"
+        )
+    return settings
+
+
+def _validate_spawn(settings: Settings) -> None:
+    """The supervisor's options against each other (see `_validate`)."""
+    if settings.spawn is None:
+        for name, flag in (("worker_cmd", "--worker-cmd"), ("app", "--app")):
+            if getattr(settings, name) is not None:
+                raise ConfigError(flag, "needs --spawn N (the number of workers to start)")
+        return
+    if settings.worker_cmd is None and settings.app is None:
+        raise ConfigError("--spawn", "needs --worker-cmd TEMPLATE or --app MODULE:ATTR")
+    if settings.worker_cmd is not None and settings.app is not None:
+        raise ConfigError("--app", "give --worker-cmd or --app, not both")
+    if settings.workers > 1:
+        # The supervisor's pool lives in one process: N balancers would each spawn workers.
+        raise ConfigError("--spawn", "runs in one balancer process: not with --workers N")
+    if settings.restart_backoff_max < settings.restart_backoff:
+        raise ConfigError(
+            "--restart-backoff-max",
+            f"{settings.restart_backoff_max} s is less than --restart-backoff "
+            f"({settings.restart_backoff} s)",
+        )
+
+
+def load_or_exit(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """`load_settings` for `__main__`: a ConfigError prints one line and exits 2.
+
+    With no affinity secret configured, generates one, so a parent process that forks its
+    workers after this hands them all the same secret.
+    """
+    try:
+        settings = load_settings(argv, environ)
+    except ConfigError as exc:
+        print(f"balancer: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not settings.affinity_secrets:
+        settings = replace(settings, affinity_secrets=(generate_secret(),))
+    return settings

@@ -1,0 +1,98 @@
+"""The exceptions of `balancer`, one hierarchy:
+
+    BalancerError
+    ├── ConfigError .............. a setting is invalid; names it (`.setting`), exits 2
+    ├── NoBackendAvailable ....... nothing is selectable: the edge answers 503
+    ├── InvalidTransition ........ a backend was asked for a state change its state forbids
+    ├── UnknownBackend ........... no backend in the pool has that id (admin: 404)
+    ├── BackendExists ............ a backend with that URL is already in the pool (admin: 409)
+    └── UpstreamError ............ a backend failed a request (the data path; `.backend_id`)
+        ├── UpstreamConnectError . could not connect or send: retryable on another backend (502)
+        ├── UpstreamTimeout ...... no connection or no response in time (504)
+        └── UpstreamProtocolError  closed early or sent an invalid response (502)
+
+Foreign errors (httpx in the health checks, tomllib and argparse in the configuration) are
+translated into these once, where they are caught; nothing above that sees them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendExists",
+    "BalancerError",
+    "ConfigError",
+    "InvalidTransition",
+    "NoBackendAvailable",
+    "UnknownBackend",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+]
+
+
+class BalancerError(Exception):
+    """Base of every exception this package raises."""
+
+
+class ConfigError(BalancerError, ValueError):
+    """A setting has an invalid value.
+
+    `setting` is the option as a user spells it on the command line (`--backend`), so the
+    same message serves a flag, an environment variable and a TOML key; `str(exc)` is
+    `"--backend: <what is wrong>"`.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message
+
+
+class NoBackendAvailable(BalancerError):
+    """No backend can take this request (none is UP, or every UP one was excluded)."""
+
+
+class InvalidTransition(BalancerError, RuntimeError):
+    """A backend state change was attempted that its current state does not allow."""
+
+
+class UnknownBackend(BalancerError, LookupError):
+    """No backend in the pool has the given id."""
+
+    def __init__(self, backend_id: str) -> None:
+        super().__init__(f"no backend with id {backend_id!r}")
+        self.backend_id = backend_id
+
+    def __str__(self) -> str:
+        # LookupError's str() would quote the message a second time.
+        return str(self.args[0])
+
+
+class BackendExists(BalancerError, ValueError):
+    """A backend with the same URL (hence the same id) is already in the pool."""
+
+    def __init__(self, url: str, backend_id: str) -> None:
+        super().__init__(f"backend {url} is already in the pool (id {backend_id})")
+        self.url = url
+        self.backend_id = backend_id
+
+
+class UpstreamError(BalancerError):
+    """A backend failed a request; `backend_id` names it, the message says how."""
+
+    def __init__(self, backend_id: str, message: str) -> None:
+        super().__init__(message)
+        self.backend_id = backend_id
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection to the backend (refused, unreachable, reset): nothing was sent."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The backend did not accept a connection, or did not answer, in time."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The backend closed the connection before a complete response, or sent invalid HTTP."""

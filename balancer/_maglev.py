@@ -1,0 +1,82 @@
+"""Maglev consistent hashing (Eisenbud et al., NSDI 2016), deterministic across processes.
+
+DESIGN.md measured, for 10 backends: max/mean load 1.011 at 0.07 us a lookup, against 1.16
+for a 160-vnode ring and 3-14 us a lookup for rendezvous hashing. Every process that builds a
+table from the same names and size gets the same table: the names are sorted first, and the
+permutations come from sha256, never from Python's per-process salted `hash()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Sequence
+
+__all__ = ["DEFAULT_TABLE_SIZE", "build_table", "is_prime", "key_hash"]
+
+# A prime well above 100 x the number of backends, as the paper advises (section 3.4):
+# a bigger table makes the shares more even and costs only memory.
+DEFAULT_TABLE_SIZE = 65537
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    d = 3
+    while d * d <= n:
+        if n % d == 0:
+            return False
+        d += 2
+    return True
+
+
+def key_hash(key: bytes) -> int:
+    """A stable 32-bit hash of a routing key (session cookie, client IP, backend id).
+
+    CRC-32 is C-fast (~0.1 us) and the same in every process; a client can only steer
+    its own requests with a crafted key, so a keyed hash would buy nothing here.
+    """
+    return zlib.crc32(key)
+
+
+def build_table(names: Sequence[str], size: int = DEFAULT_TABLE_SIZE) -> list[int]:
+    """The Maglev lookup table: `size` entries, each an index into `names`.
+
+    `names` must be distinct and already in a canonical order (the router sorts the ids),
+    since the table depends on the order. `size` must be a prime (so that every skip is
+    coprime with it and each permutation visits every slot). Raises ValueError otherwise.
+    Cost: about M ln(M) steps for M = size; ~0.1 s for 65537 in CPython.
+    """
+    if not is_prime(size):
+        raise ValueError(f"Maglev table size must be a prime, got {size}")
+    if len(set(names)) != len(names):
+        raise ValueError("Maglev names must be distinct")
+    n = len(names)
+    if n == 0:
+        return []
+    positions: list[int] = []
+    skips: list[int] = []
+    for name in names:
+        digest = hashlib.sha256(name.encode()).digest()
+        positions.append(int.from_bytes(digest[:8], "big") % size)
+        skips.append(int.from_bytes(digest[8:16], "big") % (size - 1) + 1)
+    entry = [-1] * size
+    filled = 0
+    # Each backend in turn takes the next free slot of its own permutation
+    # (position, position + skip, position + 2 skip, ... mod size): the paper's Populate.
+    while True:
+        for i in range(n):
+            c = positions[i]
+            skip = skips[i]
+            while entry[c] >= 0:
+                c += skip
+                if c >= size:
+                    c -= size
+            entry[c] = i
+            c += skip
+            positions[i] = c - size if c >= size else c
+            filled += 1
+            if filled == size:
+                return entry

@@ -1,0 +1,120 @@
+"""The backend pool: the set of backends, changed at runtime, with a generation counter.
+
+The generation changes whenever the set of UP backends changes (a backend added, removed,
+or moving in or out of UP), so the router rebuilds its lookup table lazily, only then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from ._backend import Backend, BackendPolicy, BackendState
+from ._exceptions import BackendExists, UnknownBackend
+
+__all__ = ["Pool", "StateListener"]
+
+# Told of every state change: (backend, old state); backend.state is the new one.
+StateListener = Callable[[Backend, BackendState], None]
+
+
+class Pool:
+    """The backends, by id, in the order they were added. Pure: no I/O, no clock."""
+
+    def __init__(
+        self,
+        urls: Iterable[str] = (),
+        *,
+        policy: BackendPolicy | None = None,
+        on_change: StateListener | None = None,
+    ) -> None:
+        self.policy = policy if policy is not None else BackendPolicy()
+        self.generation = 0
+        self._on_change = on_change
+        self._backends: dict[str, Backend] = {}
+        self._selectable: tuple[Backend, ...] = ()
+        self._selectable_generation = -1
+        for url in urls:
+            self.add(url)
+
+    def __repr__(self) -> str:
+        counts = dict.fromkeys(BackendState, 0)
+        for backend in self._backends.values():
+            counts[backend.state] += 1
+        inner = ", ".join(f"{state.value}: {count}" for state, count in counts.items())
+        return f"<Pool [{inner}]>"
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(list(self._backends.values()))
+
+    def __contains__(self, backend_id: object) -> bool:
+        return backend_id in self._backends
+
+    def __getitem__(self, backend_id: str) -> Backend:
+        """The backend with this id; raises UnknownBackend."""
+        try:
+            return self._backends[backend_id]
+        except KeyError:
+            raise UnknownBackend(backend_id) from None
+
+    def get(self, backend_id: str) -> Backend | None:
+        return self._backends.get(backend_id)
+
+    def add(self, url: str) -> Backend:
+        """Add a backend, UP; raises ConfigError for a bad URL, BackendExists for a known one."""
+        backend = Backend(url, policy=self.policy)
+        if backend.id in self._backends:
+            raise BackendExists(backend.url, backend.id)
+        backend.on_change = self._changed
+        backend.may_eject = self._may_eject
+        self._backends[backend.id] = backend
+        self.generation += 1
+        return backend
+
+    def remove(self, backend_id: str) -> Backend:
+        """Take a backend out; its in-flight requests finish on the object the caller holds."""
+        backend = self[backend_id]
+        del self._backends[backend_id]
+        backend.on_change = None
+        backend.may_eject = None
+        self.generation += 1
+        return backend
+
+    def find(self, url: str) -> Backend | None:
+        """The backend for a URL (normalized as Backend does), or None."""
+        return self._backends.get(Backend(url).id)
+
+    def drain(self, backend_id: str) -> Backend:
+        backend = self[backend_id]
+        backend.drain()
+        return backend
+
+    def enable(self, backend_id: str) -> Backend:
+        backend = self[backend_id]
+        backend.enable()
+        return backend
+
+    def release(self, now: float) -> list[Backend]:
+        """End the passive ejections that are over; the backends that came back."""
+        return [b for b in list(self._backends.values()) if b.release(now)]
+
+    def selectable(self) -> tuple[Backend, ...]:
+        """The UP backends, ordered by id (the same order in every process)."""
+        if self._selectable_generation != self.generation:
+            up = (b for b in self._backends.values() if b.state is BackendState.UP)
+            self._selectable = tuple(sorted(up, key=lambda b: b.id))
+            self._selectable_generation = self.generation
+        return self._selectable
+
+    def _may_eject(self) -> bool:
+        ejected = sum(1 for b in self._backends.values() if b.ejected_until is not None)
+        limit = int(len(self._backends) * self.policy.max_ejection_percent / 100)
+        return ejected < max(1, limit)
+
+    def _changed(self, backend: Backend, old: BackendState) -> None:
+        if (old is BackendState.UP) != (backend.state is BackendState.UP):
+            self.generation += 1
+        if self._on_change is not None:
+            self._on_change(backend, old)

@@ -1,0 +1,1307 @@
+"""The client-facing half of the data path: `ProxyServer` accepts connections, and one
+`_ClientConnection` (an asyncio.Protocol driven by httptools callbacks, as uvicorn's
+`httptools_impl`) per connection relays each request to the backend the router decides.
+
+Per connection, requests are handled one at a time: pipelined ones are parsed into a queue
+while reading is paused. Bodies are streamed both ways as they arrive (re-framed when
+chunked), never collected: a side that produces is paused while the other side's transport
+buffer is above its high-water mark. Timeouts are deadlines checked by one loop timer per
+server, so a request allocates no timer and no Task (only opening a backend connection runs
+a Task). HTTP status codes are chosen here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, Protocol, cast
+
+import httptools
+
+from ._backend import Backend, BackendState
+from ._exceptions import ConfigError, NoBackendAvailable, UpstreamError, UpstreamTimeout
+from ._http import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    TrustedProxies,
+    chunk,
+    connection_tokens,
+    error_response,
+    forwarded_for,
+    new_request_id,
+)
+from ._router import Decision
+from ._upstream import UpstreamConnection, UpstreamPool
+
+__all__ = ["ProxyOptions", "ProxyServer"]
+
+logger = logging.getLogger("balancer")
+access_logger = logging.getLogger("balancer.access")
+
+
+class RequestRouter(Protocol):
+    """The routing decision the data path needs (`balancer.Router`)."""
+
+    def decide(
+        self, *, client_ip: str, cookie_header: bytes | None, exclude: frozenset[str] = ...
+    ) -> Decision: ...
+
+
+class ProxyMetrics(Protocol):
+    """The counters the data path reports to (`balancer._metrics.Metrics`)."""
+
+    def request_done(self, backend_id: str, status: int, seconds: float) -> None: ...
+    def retried(self, backend_id: str) -> None: ...
+    def failover(self) -> None: ...
+    def repinned(self) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    """Limits and timeouts of the data path. Raises ConfigError, naming the command-line
+    option of `balancer._config`, for a value out of range."""
+
+    max_request_line: int = 8192  # bytes of the request target (414 above)
+    max_header_bytes: int = 32768  # bytes of all header fields together (431 above)
+    header_timeout: float = 10.0  # seconds from a request's first byte to its head's end (408)
+    idle_timeout: float = 75.0  # seconds a keep-alive client connection may wait for a request
+    connect_timeout: float = 3.0  # seconds to open a connection to a backend
+    response_timeout: float = 60.0  # seconds a backend may stay silent with a request (504)
+    keepalive_per_backend: int = 32  # idle keep-alive connections kept per backend
+    retry_ratio: float = 0.2  # retries the budget earns per request
+    retry_floor: float = 10.0  # retries per second the budget earns regardless of traffic
+    max_attempts: int = 3  # attempts per request, the first included
+    trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) allowed to send X-Forwarded-*
+    shutdown_deadline: float = 30.0  # seconds in-flight requests get to finish at shutdown
+    access_log: bool = False  # one INFO line per request on the logger "balancer.access"
+    # Seconds a request waits when no backend can take it, re-routed every _QUEUE_TICK
+    # (HAProxy's `timeout queue`); 0 = 503 at once.
+    queue_timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, flag in (
+            ("max_request_line", "--max-request-line"),
+            ("max_header_bytes", "--max-header-bytes"),
+            ("max_attempts", "--max-attempts"),
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(flag, "must be at least 1")
+        for name, flag in (
+            ("header_timeout", "--header-timeout"),
+            ("idle_timeout", "--idle-timeout"),
+            ("connect_timeout", "--upstream-connect-timeout"),
+            ("response_timeout", "--upstream-response-timeout"),
+        ):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(flag, "must be a number of seconds > 0")
+        for name, flag in (
+            ("shutdown_deadline", "--shutdown-deadline"),
+            ("queue_timeout", "--queue-timeout"),
+        ):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(flag, "must be a number of seconds >= 0")
+        if self.keepalive_per_backend < 0:
+            raise ConfigError("--upstream-keepalive", "must be >= 0")
+        if self.retry_ratio < 0:
+            raise ConfigError("--retry-budget", "must be >= 0")
+        if self.retry_floor < 0:
+            raise ConfigError("--retry-floor", "must be >= 0")
+        TrustedProxies(self.trusted_proxies)  # raises ConfigError("--trusted-proxy", ...)
+
+
+class _RetryBudget:
+    """Finagle's retry budget: each request earns `ratio` of a retry and each second earns
+    `floor` retries; a retry spends one. A dead cluster so sees at most `ratio` extra load
+    plus the floor, not a multiple of its load."""
+
+    __slots__ = ("_balance", "_cap", "_clock", "_counted", "_floor", "_last", "_ratio", "requests")
+
+    def __init__(self, ratio: float, floor: float, clock: Callable[[], float]) -> None:
+        self._ratio = ratio
+        self._floor = floor
+        self._clock = clock
+        # A burst of failures can spend at most ten seconds of the floor (100 by default).
+        self._cap = max(1.0, 10 * floor)
+        self._balance = floor
+        self._last = clock()
+        # Requests made: the data path only counts (`budget.requests += 1`); the deposit
+        # for them is made when a retry asks, which is rare.
+        self.requests = 0
+        self._counted = 0
+
+    def withdraw(self) -> bool:
+        """Spend one retry if the budget has it."""
+        now = self._clock()
+        earned = (self.requests - self._counted) * self._ratio + (now - self._last) * self._floor
+        self._balance = min(self._cap, self._balance + earned)
+        self._counted = self.requests
+        self._last = now
+        if self._balance >= 1:
+            self._balance -= 1
+            return True
+        return False
+
+
+class _Rejected(Exception):
+    """Raised in a parser callback: answer `status`, count `reason`, close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+# Why reading from a client is paused; reading resumes when no reason is left.
+_PAUSE_UPSTREAM: Final = 1  # the backend connection's write buffer is full
+_PAUSE_BUFFER: Final = 2  # the body held while no backend connection is ready is full
+_PAUSE_PIPELINE: Final = 4  # a pipelined request waits for the one before it
+_PAUSE_STOPPED: Final = 8  # the connection is being closed: nothing more is read
+
+# What the connection's deadline is for.
+_DEADLINE_NONE: Final = 0
+_DEADLINE_HEADER: Final = 1  # the request's headers must be complete (408)
+_DEADLINE_IDLE: Final = 2  # a keep-alive connection waits for its next request
+_DEADLINE_LINGER: Final = 3  # closing: the client gets time to read our answer
+
+_LINGER: Final = 2.0  # seconds: how long a closing connection reads and discards
+_UP: Final = BackendState.UP
+_QUEUE_TICK: Final = 0.05  # seconds between routing attempts of queued requests
+_HELD_LIMIT: Final = 65536  # bytes of request body held before a backend takes it; replay limit
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_METHOD_TOKEN: Final = re.compile(rb"[A-Z][A-Z-]{0,23} ")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_ERRORS: Final = {
+    (status, keep_alive): error_response(status, keep_alive=keep_alive)
+    for status in (400, 408, 414, 417, 431, 501, 502, 503, 504, 505)
+    for keep_alive in (True, False)
+}
+
+# Request headers the data path reads; any other is forwarded as is.
+_H_FORWARD: Final = 0  # end-to-end, not read: forwarded as is
+_H_HOST: Final = 1
+_H_COOKIE: Final = 2
+_H_CONTENT_LENGTH: Final = 3
+_H_TRANSFER_ENCODING: Final = 4
+_H_CONNECTION: Final = 5
+_H_UPGRADE: Final = 6
+_H_EXPECT: Final = 7
+_H_XFF: Final = 8
+_H_XFP: Final = 9
+_H_XFH: Final = 10
+_H_FORWARDED: Final = 11
+_H_REQUEST_ID: Final = 12
+_H_DROP: Final = 13  # the other hop-by-hop headers
+_HEADERS: Final = {
+    b"host": _H_HOST,
+    b"cookie": _H_COOKIE,
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TRANSFER_ENCODING,
+    b"connection": _H_CONNECTION,
+    b"upgrade": _H_UPGRADE,
+    b"expect": _H_EXPECT,
+    b"x-forwarded-for": _H_XFF,
+    b"x-forwarded-proto": _H_XFP,
+    b"x-forwarded-host": _H_XFH,
+    b"forwarded": _H_FORWARDED,
+    b"x-request-id": _H_REQUEST_ID,
+    b"keep-alive": _H_DROP,
+    b"te": _H_DROP,
+    b"trailer": _H_DROP,
+}
+# Kinds by a name's exact bytes, filled as names are seen: clients send the same few names,
+# so a field costs one dict lookup instead of lower() and a prefix test.
+_HEADER_KINDS: dict[bytes, int] = {}
+_CACHED_NAMES: Final = 1024
+
+
+def _header_kind(name: bytes) -> int:
+    lname = name.lower()
+    kind = _HEADERS.get(lname)
+    if kind is None:
+        kind = _H_DROP if lname.startswith(b"proxy-") else _H_FORWARD
+    if len(_HEADER_KINDS) < _CACHED_NAMES:
+        _HEADER_KINDS[name] = kind
+    return kind
+
+
+class _Request:
+    """One request on a client connection, from its first byte to its answer.
+
+    Defaults are class attributes, so that a request costs only the fields it changes
+    (no __slots__ on purpose: a plain GET sets about a dozen of these forty)."""
+
+    # The head to forward, as pieces; [0] and [2] become the method and the target.
+    head: list[bytes]
+    wire = b""  # the joined head, once complete
+    method = b""
+    header_size = 0
+    headers_done = False
+    complete = False  # the whole request (body included) was read
+    http10 = False
+    keep_alive = True
+    upgrade = False
+    upgrade_value: bytes | None = None
+    expect_continue = False
+    continue_sent = False
+    host: bytes | None = None
+    cookie: bytes | None = None
+    xff: bytes | None = None
+    xfp: bytes | None = None
+    xfh: bytes | None = None
+    forwarded: bytes | None = None
+    request_id: bytes | None = None
+    options: list[bytes] | None = None  # headers named by Connection
+    transfer_encoding: bytes | None = None
+    body_kind = BODY_NONE
+    # Body bytes as framed on the wire: held until a backend connection is ready, and
+    # kept for a replay while they total at most _HELD_LIMIT; None once that is passed.
+    body: list[bytes] | None
+    body_size = 0
+    client_ip = ""
+    started = 0.0  # clock time of the first byte
+    decision: Decision | None = None
+    backend: Backend | None = None  # the backend of the attempt in progress
+    last_backend = ""
+    last_error: UpstreamError | None = None
+    excluded: frozenset[str] = frozenset()
+    attempts = 0
+    stale_retried = False
+    sent = False  # the head was written to a backend connection
+    status = 0
+    response_started = False
+    answered = False  # the response was written in full
+
+    def __init__(self, started: float) -> None:
+        self.head = [b"", b" ", b"", b" HTTP/1.1\r\n"]
+        self.body = []
+        self.started = started
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One client connection; see the module docstring. The ResponseHandler of
+    `_upstream` for the backend connection of its current request."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self._server = server
+        self._options = server.options
+        self._router = server.router
+        self._metrics = server.metrics
+        self._clock = server.clock
+        self._budget = server.budget
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._peer = "unknown"
+        self._trusted = False
+        self._local_host = b"localhost"
+        self._fwd_static = b""  # X-Forwarded-For and -Proto for an untrusted peer
+        self._for_node = b""  # `for=...;proto=http` of Forwarded
+        self._block_host: bytes | None = None  # the Host that `_block` was built for
+        self._block = b""  # the forwarding header lines for an untrusted peer
+        self._parsing: _Request | None = None
+        self._active: _Request | None = None
+        self._pending: deque[_Request] = deque()
+        self._upstream: UpstreamConnection | None = None
+        self._paused = 0
+        self._write_paused = False
+        self._write_paused_at = 0.0  # clock time the client stopped reading, if it did
+        self._deadline = math.inf
+        self._deadline_kind = _DEADLINE_NONE
+        self._closing = False  # close after the current response
+        self._stopped = False  # answered for good: nothing more is parsed
+        self._piped = False  # upgraded: raw bytes both ways
+        self._held: list[bytes] | None = None  # client bytes after an upgrade request's head
+        self._chunked_out = False
+        self._head_out: bytes | None = None  # a response head held for the body's first piece
+        self._head_bytes = 0
+        self._begun = 0  # messages begun during the current feed
+        self._reject_after: tuple[int, str] | None = None
+        self._starting = False  # `_next` is starting a queued request
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer = str(peer[0])
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple) and len(local) >= 2:
+            host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
+            self._local_host = f"{host}:{local[1]}".encode("ascii")
+        self._trusted = self._peer in self._server.trusted
+        peer_b = self._peer.encode("ascii", "replace")
+        self._fwd_static = b"X-Forwarded-For: " + peer_b + b"\r\nX-Forwarded-Proto: http\r\n"
+        self._for_node = b"for=" + forwarded_for(self._peer) + b";proto=http"
+        self._server.connection_made(self)
+        self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connection_lost(self)
+        self._deadline = math.inf
+        conn = self._upstream
+        self._upstream = None
+        if conn is not None:
+            if self._piped:
+                conn.close()  # a pipe: the backend still gets what we already sent it
+            else:
+                conn.abandon()  # mid-exchange: the connection cannot be reused
+        req = self._active
+        self._active = None
+        if req is not None and req.backend is not None:
+            # The client left mid-exchange (HTTP 499 in nginx's terms): not the backend's fault.
+            now = self._clock()
+            self._end_attempt(req, now, failed=False)
+            req.status = req.status or 499
+            self._record(req, now)
+
+    def eof_received(self) -> bool | None:
+        if self._piped and self._upstream is not None:
+            return None  # the pipe ends when either side closes
+        if self._active is not None and self._active.complete and not self._piped:
+            # A client may half-close after its request (`Connection: close` and shutdown):
+            # keep the connection to send the response; it is closed after that.
+            self._closing = True
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend sends: stop reading the backend.
+        self._write_paused = True
+        self._write_paused_at = self._clock()
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._piped:
+            assert self._upstream is not None
+            self._upstream.write(data)
+            return
+        if self._stopped:
+            return  # lingering before close: discard
+        held = self._held
+        if held is not None:
+            # After an upgrade request: the new protocol's bytes wait for the 101.
+            held.append(data)
+            self._pause(_PAUSE_BUFFER)
+            return
+        req = self._parsing
+        if req is not None and not req.headers_done:
+            # httptools buffers a header name or value until it ends: bound that memory.
+            self._head_bytes += len(data)
+            limit = self._options.max_request_line + self._options.max_header_bytes
+            if self._head_bytes > limit + 262144:
+                self._reject(431, "headers_too_large")
+                return
+        self._begun = 0 if req is None else 2  # 1 after the feed: began at its start
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            rejected = exc.__context__
+            if not isinstance(rejected, _Rejected):
+                raise
+            self._reject(rejected.status, rejected.reason)
+        except httptools.HttpParserError as exc:
+            # Only a message that began at the chunk's start can be matched against it.
+            self._reject(*_classify(exc, data if self._begun == 1 else b""))
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        now = self._clock()
+        req = _Request(now)
+        self._parsing = req
+        self._begun += 1
+        self._head_bytes = 0
+        if self._active is not None:
+            # Pipelining: parse what was read, but read no more until this one's turn.
+            self._pause(_PAUSE_PIPELINE)
+        self._deadline_kind = _DEADLINE_HEADER
+        self._deadline = now + self._options.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        req.head[2] += url
+        if len(req.head[2]) > self._options.max_request_line:
+            raise _Rejected(414, "uri_too_long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        if req.headers_done:
+            return  # a trailer field: dropped (Trailer is hop-by-hop; bodies are re-framed)
+        req.header_size += len(name) + len(value) + 4
+        if req.header_size > self._options.max_header_bytes:
+            raise _Rejected(431, "headers_too_large")
+        kind = _HEADER_KINDS.get(name)
+        if kind is None:
+            kind = _header_kind(name)
+        if kind == _H_FORWARD:
+            req.head += (name, b": ", value, b"\r\n")
+        elif kind == _H_COOKIE:
+            req.cookie = value if req.cookie is None else req.cookie + b"; " + value
+            req.head += (name, b": ", value, b"\r\n")
+        elif kind == _H_HOST:
+            if req.host is not None:
+                raise _Rejected(400, "bad_request")  # RFC 9112 section 3.2
+            req.host = value
+            req.head += (name, b": ", value, b"\r\n")
+        elif kind == _H_CONTENT_LENGTH:
+            # llhttp rejects a second, a list and Content-Length with Transfer-Encoding.
+            req.body_kind = BODY_LENGTH
+            req.head += (name, b": ", value, b"\r\n")
+        elif kind == _H_TRANSFER_ENCODING:
+            req.transfer_encoding = value
+        elif kind == _H_CONNECTION:
+            for option in connection_tokens(value):
+                if option not in (b"close", b"keep-alive", b"upgrade"):
+                    req.options = [*(req.options or ()), option]
+        elif kind == _H_UPGRADE:
+            req.upgrade_value = value
+        elif kind == _H_EXPECT:
+            if value.strip().lower() != b"100-continue":
+                raise _Rejected(417, "expectation")
+            req.expect_continue = True
+        elif kind == _H_XFF:
+            req.xff = value if req.xff is None else req.xff + b", " + value
+        elif kind == _H_XFP:
+            req.xfp = value
+        elif kind == _H_XFH:
+            req.xfh = value
+        elif kind == _H_FORWARDED:
+            req.forwarded = value if req.forwarded is None else req.forwarded + b", " + value
+        elif kind == _H_REQUEST_ID:
+            req.request_id = value
+            req.head += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        req.headers_done = True
+        parser = self._parser
+        version = parser.get_http_version()
+        if version == "1.0":
+            req.http10 = True
+        elif version != "1.1":
+            raise _Rejected(505, "version")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise _Rejected(501, "method")  # a tunnel, not a request to route
+        req.method = method
+        if req.options:
+            self._drop_named(req, req.options)
+        head = req.head
+        head[0] = method
+        if req.transfer_encoding is not None:
+            # Only chunked is relayed: another coding could not be re-framed (RFC 9112 6.1).
+            if req.transfer_encoding.strip().lower() != b"chunked":
+                raise _Rejected(501, "transfer_encoding")
+            req.body_kind = BODY_CHUNKED
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        if req.host is None:
+            if not req.http10:
+                raise _Rejected(400, "bad_request")  # RFC 9112 section 3.2
+            head += (b"Host: ", self._local_host, b"\r\n")
+        req.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            # After an upgrade request the parser stops: one request per such connection.
+            req.upgrade = True
+            req.keep_alive = False
+            head += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade_value or b"", b"\r\n")
+        self._add_forwarding(req)
+        head.append(b"\r\n")
+        req.wire = b"".join(head)
+        self._deadline = math.inf
+        if self._active is None:
+            self._begin(req, req.started)
+        else:
+            self._pending.append(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        if req.answered:
+            return  # the response is out already: the rest of the body is discarded
+        data: tuple[bytes, ...] = chunk(body) if req.body_kind == BODY_CHUNKED else (body,)
+        self._send_body(req, data, len(body))
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        self._parsing = None
+        req.complete = True
+        if req.body_kind == BODY_CHUNKED and not req.answered:
+            self._send_body(req, (_LAST_CHUNK,), 0)
+        if req.answered and req is self._active:
+            self._next(req, self._clock())
+
+    # -- the exchange ---------------------------------------------------------------------
+
+    def _begin(self, req: _Request, now: float) -> None:
+        """Start relaying `req`; `now` is the clock's time, or about."""
+        self._active = req
+        self._budget.requests += 1
+        if self._paused and not self._pending and self._parsing in (None, req):
+            self._resume(_PAUSE_PIPELINE)
+        self._route(req, now)
+
+    def _route(self, req: _Request, now: float) -> None:
+        try:
+            decision = self._router.decide(
+                client_ip=req.client_ip, cookie_header=req.cookie, exclude=req.excluded
+            )
+        except NoBackendAvailable:
+            if now - req.started < self._options.queue_timeout and not self._server.shutting_down:
+                # None can take it now; one may in a moment (a worker restarting, a
+                # backend coming back): wait in the queue rather than fail.
+                self._server.park(self, req)
+                return
+            error = req.last_error
+            if error is not None:
+                self._edge_error(req, _status_for(error), error.backend_id, str(error))
+            else:
+                self._edge_error(req, 503, "", "no backend available")
+            return
+        if decision.repinned and req.attempts == 0:
+            self._metrics.repinned()
+        if req.last_error is not None:
+            logger.info(
+                "retrying %s on backend %s after: %s",
+                req.method.decode("latin-1"),
+                decision.backend.id,
+                req.last_error,
+            )
+        req.decision = decision
+        if req.expect_continue and not req.complete and not req.continue_sent:
+            # We answer Expect ourselves (it is not forwarded) once a backend is chosen.
+            req.continue_sent = True
+            if not req.http10:
+                self._write(_CONTINUE)
+        self._attempt(req, decision.backend, now, fresh=False)
+
+    def unpark(self, req: _Request, now: float) -> None:
+        """Route a queued request again, unless it or its client is gone meanwhile."""
+        transport = self.transport
+        if self._active is req and not req.answered and transport and not transport.is_closing():
+            self._route(req, now)
+
+    def _attempt(self, req: _Request, backend: Backend, now: float, *, fresh: bool) -> None:
+        req.backend = backend
+        req.last_backend = backend.id
+        req.attempts += 1
+        backend.request_started()
+        pool = self._server.pool(backend)
+        conn = None if fresh else pool.acquire()
+        if conn is not None:
+            self._send(req, conn, now)
+        else:
+            pool.connect(partial(self._connected, req))
+
+    def _connected(
+        self, req: _Request, conn: UpstreamConnection | None, error: UpstreamError | None
+    ) -> None:
+        if self._active is not req or req.backend is None:
+            # The client left, or the request was answered, while connecting.
+            if conn is not None:
+                conn.release()
+            return
+        if error is not None or conn is None:
+            assert error is not None
+            self._attempt_failed(req, error, sent=False, stale=False, response_started=False)
+            return
+        self._send(req, conn, self._clock())
+
+    def _send(self, req: _Request, conn: UpstreamConnection, now: float) -> None:
+        self._upstream = conn
+        conn.start(self, now, head_request=req.method == b"HEAD")
+        if self._write_paused:
+            conn.pause_reading()
+        transport = conn.transport
+        assert transport is not None
+        body = req.body
+        if body:
+            transport.writelines([req.wire, *body])
+        else:
+            transport.write(req.wire)
+        req.sent = True
+        if req.body_size > _HELD_LIMIT:
+            req.body = None  # too big to replay: this attempt is the only one
+        if self._paused:
+            self._resume(_PAUSE_BUFFER)
+
+    def _send_body(self, req: _Request, data: tuple[bytes, ...], size: int) -> None:
+        conn = self._upstream
+        if req is self._active and conn is not None and req.sent:
+            if len(data) == 1:
+                conn.write(data[0])
+            else:
+                conn.writelines(data)
+            # The backend's silence is timed from the last byte either way: a long upload
+            # must not make a 504.
+            conn.last_activity = self._clock()
+            body = req.body
+            if body is not None:
+                req.body_size += size
+                if req.body_size > _HELD_LIMIT:
+                    req.body = None
+                else:
+                    body.extend(data)
+            return
+        # No backend connection yet (connecting, or a pipelined request): hold the bytes.
+        body = req.body
+        assert body is not None
+        body.extend(data)
+        req.body_size += size
+        if req.body_size > _HELD_LIMIT:
+            self._pause(_PAUSE_BUFFER)
+
+    def _end_attempt(self, req: _Request, now: float, *, failed: bool) -> None:
+        backend = req.backend
+        if backend is not None:
+            req.backend = None
+            backend.request_finished(failed=failed, now=now)
+
+    def _record(self, req: _Request, now: float) -> None:
+        self._metrics.request_done(req.last_backend, req.status, now - req.started)
+        if self._options.access_log:
+            access_logger.info(
+                '%s "%s %s HTTP/%s" %d %s %.1fms',
+                req.client_ip or self._peer,
+                req.method.decode("latin-1"),
+                req.head[2].decode("latin-1"),
+                "1.0" if req.http10 else "1.1",
+                req.status,
+                req.last_backend or "-",
+                (now - req.started) * 1000,
+            )
+
+    def _attempt_failed(
+        self,
+        req: _Request,
+        error: UpstreamError,
+        *,
+        sent: bool,
+        stale: bool,
+        response_started: bool,
+    ) -> None:
+        backend = req.backend
+        assert backend is not None
+        self._upstream = None
+        now = self._clock()
+        replayable = req.body is not None
+        idempotent = req.method in _IDEMPOTENT
+        # The keep-alive race: the backend closed an idle connection as we reused it. Not
+        # a failure of the backend's; retried once, on a fresh connection to it.
+        race = stale and not req.stale_retried and replayable and idempotent
+        self._end_attempt(req, now, failed=not race)
+        req.last_error = error
+        transport = self.transport
+        if response_started or transport is None or transport.is_closing():
+            # Too late for another answer: cutting the connection is the only honest signal.
+            logger.warning("backend %s failed mid-response: %s", backend.id, error)
+            req.status = req.status or 502
+            self._record(req, now)
+            self._close()
+            return
+        if race:
+            req.stale_retried = True
+            self._metrics.retried(backend.id)
+            self._attempt(req, backend, now, fresh=True)
+            return
+        may_retry = (
+            replayable
+            and req.attempts < self._options.max_attempts
+            and (not sent or (idempotent and not isinstance(error, UpstreamTimeout)))
+        )
+        if may_retry and self._server.budget.withdraw():
+            req.excluded = req.excluded | {backend.id}
+            req.sent = False
+            self._metrics.retried(backend.id)
+            self._metrics.failover()
+            self._route(req, now)
+            return
+        self._edge_error(req, _status_for(error), backend.id, str(error))
+
+    def _edge_error(self, req: _Request, status: int, backend_id: str, message: str) -> None:
+        """Answer a request the balancer could not get answered, with a plain-text body."""
+        logger.warning(
+            "%d for %s %s: backend %s: %s",
+            status,
+            req.method.decode("latin-1"),
+            req.head[2][:200].decode("latin-1"),
+            backend_id or "-",
+            message,
+        )
+        req.status = status
+        req.last_backend = backend_id
+        if req.expect_continue and not req.continue_sent:
+            req.keep_alive = False  # the client may be holding its body back: do not wait
+        keep_alive = req.keep_alive and not self._closing and not self._server.shutting_down
+        req.keep_alive = keep_alive
+        self._write(_ERRORS[status, keep_alive])
+        now = self._clock()
+        self._record(req, now)
+        self._answered(req, now)
+
+    def _answered(self, req: _Request, now: float) -> None:
+        req.answered = True
+        if req.complete:
+            self._next(req, now)
+            return
+        if not req.keep_alive:
+            self._linger()
+            return
+        # The rest of the body is still coming: read and discard it, then go on.
+        self._resume(_PAUSE_UPSTREAM | _PAUSE_BUFFER)
+        self._deadline_kind = _DEADLINE_IDLE
+        self._deadline = now + self._options.idle_timeout
+
+    def _next(self, req: _Request, now: float) -> None:
+        """The request and its response are both complete: go on to the next one."""
+        self._active = None
+        if self._starting:
+            return  # called back from `_begin` below, which answered at once: the loop goes on
+        while True:
+            if not req.keep_alive or self._closing:
+                self._close()
+                return
+            if not self._pending:
+                break
+            # A loop, not a recursion: queued requests answered at once (say, 503 without
+            # backends) must not grow the stack with the length of a pipeline.
+            req = self._pending.popleft()
+            self._starting = True
+            try:
+                self._begin(req, now)
+            finally:
+                self._starting = False
+            if self._active is not None:
+                return  # in flight: its end calls `_next` again
+        if self._reject_after is not None:
+            status, _ = self._reject_after
+            self._write(_ERRORS[status, False])
+            self._linger()
+            return
+        if self._paused:
+            self._resume(_PAUSE_PIPELINE)
+        if self._parsing is None:
+            self._deadline_kind = _DEADLINE_IDLE
+            self._deadline = now + self._options.idle_timeout
+
+    def _upgrade_requested(self, leftover: bytes) -> None:
+        # The request was routed in on_headers_complete; hold what follows its head.
+        self._held = [leftover] if leftover else []
+
+    # -- ResponseHandler (called by the backend connection) -------------------------------
+
+    def upstream_interim(self, status: int, head: bytes) -> None:
+        req = self._active
+        if req is None or req.http10 or (status == 100 and req.continue_sent):
+            return  # HTTP/1.0 has no 1xx; a second 100 Continue would confuse the client
+        self._write(head + b"\r\n")
+
+    def upstream_head(self, status: int, head: bytes, body: int) -> None:
+        req = self._active
+        assert req is not None
+        assert req.decision is not None
+        req.status = status
+        req.response_started = True
+        keep_alive = req.keep_alive and not self._closing and not self._server.shutting_down
+        set_cookie = req.decision.set_cookie
+        if (
+            keep_alive
+            and set_cookie is None
+            and body in (BODY_LENGTH, BODY_NONE)
+            and not req.http10
+            and status != 101
+        ):
+            # The common case: nothing to add but the blank line.
+            self._chunked_out = False
+            self._head_out = head + b"\r\n"
+            return
+        parts = [head]
+        if body in (BODY_CHUNKED, BODY_UNTIL_CLOSE):
+            if req.http10:
+                keep_alive = False  # no chunked in HTTP/1.0: the close ends the body
+                self._chunked_out = False
+            else:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self._chunked_out = True
+        else:
+            self._chunked_out = False
+        if set_cookie is not None:
+            parts += (b"Set-Cookie: ", set_cookie, b"\r\n")
+        if status != 101:
+            if not keep_alive:
+                parts.append(b"Connection: close\r\n")
+            elif req.http10:
+                parts.append(b"Connection: keep-alive\r\n")
+        req.keep_alive = keep_alive
+        parts.append(b"\r\n")
+        # Held back to go out with the body's first piece: one write (one system call)
+        # for a short response instead of two; upstream_flush writes it otherwise.
+        self._head_out = b"".join(parts)
+
+    def upstream_flush(self) -> None:
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            self._write(head)
+
+    def upstream_body(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            if self._chunked_out:
+                transport.writelines((head, b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                transport.writelines((head, data))
+        elif self._chunked_out:
+            transport.writelines(chunk(data))
+        else:
+            transport.write(data)
+
+    def upstream_complete(self, conn: UpstreamConnection) -> None:
+        req = self._active
+        assert req is not None
+        self._upstream = None
+        head = self._head_out
+        if head is not None:
+            self._head_out = None
+            self._write(head + _LAST_CHUNK if self._chunked_out else head)
+        elif self._chunked_out:
+            self._write(_LAST_CHUNK)
+        self._chunked_out = False
+        backend = req.backend
+        if req.complete and (backend is None or backend.state is _UP):
+            conn.release()
+        else:
+            # The backend answered early (the request's rest was never sent), or it is
+            # draining or down: a kept connection would only hold its drain back.
+            conn.close()
+        now = self._clock()
+        if backend is not None:
+            req.backend = None
+            backend.request_finished(failed=False, now=now)
+        self._record(req, now)
+        if req.complete:
+            req.answered = True
+            self._next(req, now)
+        else:
+            self._answered(req, now)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        req = self._active
+        assert req is not None
+        self.upstream_flush()
+        now = self._clock()
+        self._end_attempt(req, now, failed=False)
+        self._record(req, now)
+        self._piped = True
+        self._upstream = conn
+        if leftover:
+            self._write(leftover)
+        held = self._held or []
+        self._held = None
+        if held:
+            conn.writelines(held)
+        self._resume(_PAUSE_BUFFER | _PAUSE_PIPELINE)
+
+    def upstream_data(self, data: bytes) -> None:
+        self._write(data)
+
+    def upstream_closed(self) -> None:
+        self._upstream = None
+        self._close()
+
+    def upstream_failed(self, error: UpstreamError, *, response_started: bool, stale: bool) -> None:
+        req = self._active
+        assert req is not None
+        self._attempt_failed(req, error, sent=True, stale=stale, response_started=response_started)
+
+    def upstream_pause_writing(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def upstream_resume_writing(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    # -- the server's timer and shutdown --------------------------------------------------
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's timer: enforce this connection's timeouts."""
+        conn = self._upstream
+        req = self._active
+        timeout = self._options.response_timeout
+        if conn is not None and req is not None and conn.timed_out(now, timeout):
+            if req.complete:
+                conn.abandon()
+                error = UpstreamTimeout(req.last_backend, f"no response within {timeout}s")
+                self._attempt_failed(
+                    req, error, sent=True, stale=False, response_started=req.response_started
+                )
+            else:
+                # The backend waits for a body the client stopped sending: the client's
+                # fault, not the backend's (which must not be ejected for it).
+                self._reject(408, "body_timeout")
+        if self._write_paused and now - self._write_paused_at > timeout:
+            # A client that stopped reading its response holds a backend connection too.
+            self.abort()
+            return
+        if now < self._deadline:
+            return
+        kind = self._deadline_kind
+        self._deadline = math.inf
+        self._deadline_kind = _DEADLINE_NONE
+        if kind == _DEADLINE_HEADER:
+            self._reject(408, "header_timeout")
+        else:
+            self._close()
+
+    def shutdown(self) -> None:
+        """Finish the current request, if any, then close; close now if idle."""
+        self._closing = True
+        if self._active is None and self._parsing is None and not self._pending:
+            self._close()
+
+    def abort(self) -> None:
+        if self._upstream is not None:
+            self._upstream.abandon()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _add_forwarding(self, req: _Request) -> None:
+        """X-Forwarded-*, Forwarded and X-Request-Id; the client IP the router hashes."""
+        head = req.head
+        host = req.host
+        if self._trusted:
+            req.client_ip = self._server.trusted.client_ip(self._peer, req.xff)
+            head.append(self._forwarding_block(req, host))
+        else:
+            req.client_ip = self._peer
+            # The same for every request with this Host on this connection: built once.
+            if host != self._block_host or not self._block:
+                self._block_host = host
+                self._block = self._forwarding_block(req, host)
+            head.append(self._block)
+        if req.request_id is None:
+            head += (b"X-Request-Id: ", new_request_id(), b"\r\n")
+
+    def _forwarding_block(self, req: _Request, host: bytes | None) -> bytes:
+        """The forwarding header lines: appended to what a trusted peer sent, else fresh."""
+        if self._trusted:
+            peer = self._peer.encode("ascii")
+            lines = [
+                b"X-Forwarded-For: ",
+                req.xff + b", " + peer if req.xff else peer,
+                b"\r\nX-Forwarded-Proto: ",
+                req.xfp or b"http",
+                b"\r\n",
+            ]
+            xfh = req.xfh or host
+            prior = req.forwarded + b", " if req.forwarded else b""
+        else:
+            lines = [self._fwd_static]
+            xfh = host
+            prior = b""
+        if xfh:
+            lines += (b"X-Forwarded-Host: ", xfh, b"\r\n")
+        lines += (b"Forwarded: ", prior, self._for_node)
+        if host and b'"' not in host and b"\\" not in host:
+            lines += (b';host="', host, b'"')
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    @staticmethod
+    def _drop_named(req: _Request, options: list[bytes]) -> None:
+        """Remove the headers that `Connection` names (RFC 9110 section 7.6.1). Runs before
+        anything but whole `name: value` fields (four pieces each) is in the head."""
+        head = req.head
+        kept = head[:4]
+        for i in range(4, len(head), 4):
+            if head[i].lower() not in options:
+                kept += head[i : i + 4]
+        req.head = kept
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Answer bad input with `status` (after any request before it), count it, close."""
+        self._metrics.rejected(reason)
+        self._deadline = math.inf
+        req = self._parsing
+        self._parsing = None
+        self._stopped = True
+        active = self._active
+        if active is not None and active is not req:
+            # Earlier requests on this connection are answered first.
+            self._reject_after = (status, reason)
+            if req is not None and req in self._pending:
+                self._pending.remove(req)
+            return
+        if active is not None:
+            # The request being relayed went bad mid-body (say, an invalid chunk size).
+            self._active = None
+            conn = self._upstream
+            self._upstream = None
+            if conn is not None:
+                conn.abandon()
+            now = self._clock()
+            self._end_attempt(active, now, failed=False)
+            if not active.response_started:
+                active.status = status
+            self._record(active, now)
+            if active.response_started:
+                self._close()
+                return
+        self._write(_ERRORS[status, False])
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the client had a chance to read our answer: half-close now, and
+        discard what it still sends for a moment (closing a socket with unread input
+        makes the kernel send a reset, which can destroy the answer in flight)."""
+        self._stopped = True
+        self._closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._resume(0xFF)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._set_deadline(_DEADLINE_LINGER, _LINGER)
+        else:
+            transport.close()
+
+    def _close(self) -> None:
+        self._stopped = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(data)
+
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self._deadline_kind = kind
+        self._deadline = self._clock() + seconds
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reasons: int) -> None:
+        if self._paused and not self._paused & ~reasons:
+            self._paused = 0
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        else:
+            self._paused &= ~reasons
+
+
+def _status_for(error: UpstreamError) -> int:
+    return 504 if isinstance(error, UpstreamTimeout) else 502
+
+
+def _classify(exc: httptools.HttpParserError, data: bytes) -> tuple[int, str]:
+    """The status and the rejection reason for a request httptools refused."""
+    message = str(exc)
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        if _METHOD_TOKEN.match(data):
+            return 501, "method"  # a well-formed method we do not know
+        return 400, "bad_request"
+    if "chunk" in message:
+        return 400, "bad_chunk"
+    if "Content-Length" in message or "Transfer-Encoding" in message:
+        return 400, "smuggling"
+    if "version" in message or "PRI" in message:
+        return 505, "version"
+    return 400, "bad_request"
+
+
+class ProxyServer:
+    """The balancer's HTTP/1.1 listener: routes each request with `router`, reports to
+    `metrics`, applies `options`. `clock` (seconds, monotonic) is injectable for tests."""
+
+    def __init__(
+        self,
+        router: RequestRouter,
+        metrics: ProxyMetrics,
+        options: ProxyOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.options = options if options is not None else ProxyOptions()
+        self.clock = clock
+        self.trusted = TrustedProxies(self.options.trusted_proxies)
+        self.budget = _RetryBudget(self.options.retry_ratio, self.options.retry_floor, clock)
+        self.shutting_down = False
+        self._pools: dict[str, UpstreamPool] = {}
+        self._connections: set[_ClientConnection] = set()
+        self._parked: list[tuple[_ClientConnection, _Request]] = []  # waiting for a backend
+        self._server: asyncio.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+        opts = self.options
+        shortest = min(opts.header_timeout, opts.idle_timeout, opts.response_timeout)
+        self._tick = min(0.5, max(0.005, shortest / 4))  # seconds between deadline checks
+
+    def __repr__(self) -> str:
+        return (
+            f"<ProxyServer [connections: {len(self._connections)}, backends: {len(self._pools)}]>"
+        )
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        if self._server is None:
+            return ()
+        return tuple(self._server.sockets)
+
+    @property
+    def port(self) -> int:
+        """The port of the first listening socket; raises RuntimeError before `start`."""
+        if not self.sockets:
+            raise RuntimeError("the proxy server is not started")
+        port: int = self.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    @property
+    def pools(self) -> Mapping[str, UpstreamPool]:
+        """The upstream pools by backend id (read-only view, for tests and the admin app)."""
+        return self._pools
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """Listen on `host:port` (or on `sock`, already bound); returns once listening."""
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(self._protocol, sock=sock, backlog=2048)
+        else:
+            self._server = await loop.create_server(
+                self._protocol, host, port, reuse_port=reuse_port, backlog=2048
+            )
+        self._timer = loop.call_later(self._tick, self._check_deadlines)
+
+    async def shutdown(self) -> None:
+        """Stop accepting; let in-flight requests finish within `shutdown_deadline`
+        seconds (idle keep-alive connections are closed at once), then close the rest
+        and the backend connections."""
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._connections):
+            client.shutdown()
+        if self._connections:
+            self._all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(self.options.shutdown_deadline):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                logger.warning(
+                    "shutdown: closing %d connections still busy after %.1fs",
+                    len(self._connections),
+                    self.options.shutdown_deadline,
+                )
+            for client in list(self._connections):
+                client.abort()
+        for pool in self._pools.values():
+            pool.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def pool(self, backend: Backend) -> UpstreamPool:
+        """The keep-alive pool of `backend`, created on first use."""
+        pool = self._pools.get(backend.id)
+        if pool is None:
+            pool = UpstreamPool(
+                backend.id,
+                backend.host,
+                backend.port,
+                max_idle=self.options.keepalive_per_backend,
+                connect_timeout=self.options.connect_timeout,
+                clock=self.clock,
+            )
+            self._pools[backend.id] = pool
+        return pool
+
+    def connection_made(self, client: _ClientConnection) -> None:
+        self._connections.add(client)
+        self.metrics.connection_opened()
+        if self.shutting_down:
+            client.shutdown()
+
+    def connection_lost(self, client: _ClientConnection) -> None:
+        if client in self._connections:
+            self._connections.remove(client)
+            self.metrics.connection_closed()
+        if not self._connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def _protocol(self) -> _ClientConnection:
+        return _ClientConnection(self)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a backend (see `ProxyOptions.queue_timeout`)."""
+        return len(self._parked)
+
+    def park(self, client: _ClientConnection, req: _Request) -> None:
+        """Queue `req` until a backend can take it or its queue timeout passes."""
+        self._parked.append((client, req))
+        if self._timer is not None and self._tick > _QUEUE_TICK:
+            self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(_QUEUE_TICK, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        now = self.clock()
+        if self._parked:
+            parked, self._parked = self._parked, []
+            for client, req in parked:
+                client.unpark(req, now)
+        for client in list(self._connections):
+            client.check_deadline(now)
+        loop = asyncio.get_running_loop()
+        tick = min(self._tick, _QUEUE_TICK) if self._parked else self._tick
+        self._timer = loop.call_later(tick, self._check_deadlines)

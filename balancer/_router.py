@@ -1,0 +1,276 @@
+"""The router: which backend takes a request, and whether to (re)pin its client. Pure.
+
+"Decide, then do": `Router.decide` reads in-memory state only (the pool, the request's
+client IP and Cookie header) and returns a Decision; the data path does the I/O. It is
+called once per request, and again with `exclude={failed.id}` for a retry.
+
+Stickiness, mode `cookie:NAME`:
+
+1. A valid affinity cookie naming a backend that is UP (and not excluded): that backend.
+   Bounded load never moves a pinned client: in `sticky` mode that would lose its session.
+2. A valid pin to a backend that is DOWN, DRAINING or excluded: failover to the backend the
+   Maglev table over the UP set gives for the client's key (the session cookie's value if
+   present, else the pinned id), the same on every replica; repinned, new cookie.
+3. No valid pin (none, tampered, malformed, unknown id), with a session cookie: Maglev of
+   its value, so replicas agree even for a client that lost its affinity cookie.
+4. Neither cookie (the request that may create the session): a random table slot, moving
+   forward past backends over their bounded-load capacity; then pin.
+
+Mode `ip`: Maglev of the client IP, no cookies. Mode `none`: round robin or least in-flight.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from ._affinity import AffinityCookie, Sticky, cookie_value
+from ._backend import Backend, BackendState
+from ._exceptions import ConfigError, NoBackendAvailable
+from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
+from ._pool import Pool
+
+__all__ = ["Balance", "Decision", "Router"]
+
+Balance = Literal["round-robin", "least-inflight"]
+
+_UP = BackendState.UP
+# Tables kept for recent UP sets, so a flapping backend does not cost a rebuild each time.
+_TABLES_KEPT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    backend: Backend
+    set_cookie: bytes | None  # a complete Set-Cookie header VALUE to append, or None
+    repinned: bool  # the client had a pin to a backend that could not serve it and was moved
+
+
+class Router:
+    """Chooses a backend per request; see the module docstring for the rules.
+
+    `affinity` is required in mode `cookie`. `hash_balance_factor` is epsilon of
+    "consistent hashing with bounded loads" (HAProxy's hash-balance-factor / 100): an
+    unpinned client is not placed on a backend whose in-flight count would exceed
+    ceil((1 + epsilon) x mean); 0 turns it off. `rng` and `clock` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        sticky: Sticky,
+        affinity: AffinityCookie | None = None,
+        balance: Balance = "round-robin",
+        hash_balance_factor: float = 0.25,
+        table_size: int = DEFAULT_TABLE_SIZE,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if sticky.mode == "cookie" and affinity is None:
+            raise ConfigError("--sticky", "cookie stickiness needs an affinity cookie signer")
+        if hash_balance_factor < 0 or not math.isfinite(hash_balance_factor):
+            raise ConfigError("--hash-balance-factor", "must be a finite number >= 0")
+        if not is_prime(table_size):
+            raise ConfigError("--hash-table-size", f"must be a prime, got {table_size}")
+        self._pool = pool
+        self._sticky = sticky
+        self._affinity = affinity
+        self._balance = balance
+        self._epsilon = hash_balance_factor
+        self._size = table_size
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._session_name = (sticky.cookie or "").encode()
+        self._affinity_name = affinity.name_bytes if affinity is not None else b""
+        self._generation = -1
+        self._up: tuple[Backend, ...] = ()
+        self._table: list[Backend] = []
+        self._tables: dict[tuple[str, ...], list[int]] = {}
+        self._rr_current: dict[str, float] = {}
+        self._rr_next = 0
+        # Per backend id: the decision "stay, no cookie", and its Set-Cookie value.
+        self._stay: dict[str, Decision] = {}
+        self._set_cookie: dict[str, bytes] = {}
+
+    @property
+    def sticky(self) -> Sticky:
+        return self._sticky
+
+    def decide(
+        self,
+        *,
+        client_ip: str,
+        cookie_header: bytes | None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Decision:
+        """The backend for this request; raises NoBackendAvailable when none can take it."""
+        if self._pool.generation != self._generation:
+            self._rebuild()
+        mode = self._sticky.mode
+        if mode == "cookie":
+            return self._by_cookie(cookie_header, exclude)
+        if mode == "ip":
+            backend = self._hashed(key_hash(client_ip.encode()), exclude)
+            return self._stay_decision(backend)
+        return self._stay_decision(self._balanced(exclude))
+
+    # -- cookie stickiness ------------------------------------------------------------------
+
+    def _by_cookie(self, cookie_header: bytes | None, exclude: frozenset[str]) -> Decision:
+        affinity = self._affinity
+        assert affinity is not None  # checked in __init__
+        pin = affinity.verify(cookie_value(cookie_header, self._affinity_name))
+        pinned = self._pool.get(pin[0]) if pin is not None else None
+        if pin is not None and pinned is not None:
+            if pinned.state is _UP and pinned.id not in exclude:
+                if not pin[1]:
+                    # Signed by an older secret: re-sign with the newest, same backend.
+                    return Decision(pinned, self._cookie_for(pinned), False)
+                return self._stay_decision(pinned)
+            # The session cookie is looked for only now: a pinned client rarely needs it.
+            session = cookie_value(cookie_header, self._session_name)
+            key = session if session is not None else pinned.id.encode()
+            backend = self._hashed(key_hash(key), exclude)
+            return Decision(backend, self._cookie_for(backend), True)
+        session = cookie_value(cookie_header, self._session_name)
+        if session is not None:
+            backend = self._hashed(key_hash(session), exclude)
+        else:
+            backend = self._placed(exclude)
+        return Decision(backend, self._cookie_for(backend), False)
+
+    # -- selection ----------------------------------------------------------------------------
+
+    def _hashed(self, h: int, exclude: frozenset[str]) -> Backend:
+        """The table's backend for hash `h`, moving forward past excluded ones."""
+        table = self._table
+        if not table:
+            raise NoBackendAvailable("no backend is up")
+        size = self._size
+        slot = h % size
+        backend = table[slot]
+        if not exclude or backend.id not in exclude:
+            return backend
+        if all(b.id in exclude for b in self._up):
+            raise NoBackendAvailable("every backend that is up was excluded")
+        while backend.id in exclude:
+            slot = slot + 1 if slot + 1 < size else 0
+            backend = table[slot]
+        return backend
+
+    def _placed(self, exclude: frozenset[str]) -> Backend:
+        """A new client: a random slot, then forward past backends at their bounded load."""
+        table = self._table
+        if not table:
+            raise NoBackendAvailable("no backend is up")
+        up = [b for b in self._up if b.id not in exclude] if exclude else self._up
+        if not up:
+            raise NoBackendAvailable("every backend that is up was excluded")
+        size = self._size
+        slot = self._rng.getrandbits(32) % size
+        epsilon = self._epsilon
+        if epsilon == 0:
+            return self._hashed(slot, exclude)
+        caps = self._capacities(up, epsilon)
+        # Some backend is under its capacity (the capacities sum to more than the load),
+        # and each one has ~size/n slots spread over the table: the walk is short.
+        while True:
+            backend = table[slot]
+            cap = caps.get(backend.id)
+            if cap is not None and backend.in_flight < cap:
+                return backend
+            slot = slot + 1 if slot + 1 < size else 0
+
+    def _capacities(
+        self, up: tuple[Backend, ...] | list[Backend], epsilon: float
+    ) -> dict[str, int]:
+        """Per backend id, the in-flight count it may hold before a new request is placed.
+
+        Mirrokni, Thorup and Zadimoghaddam: c = ceil((1 + epsilon) x (load + 1) / n), the
+        `+ 1` counting the request being placed, so at least one backend is below its
+        capacity. Slow start shares it by weight instead of equally.
+        """
+        load = sum(b.in_flight for b in up) + 1
+        if any(b.ramp_from is not None for b in up):
+            now = self._clock()
+            weights = [b.weight(now) for b in up]
+            total = sum(weights)
+            return {
+                b.id: math.ceil((1 + epsilon) * load * w / total)
+                for b, w in zip(up, weights, strict=True)
+            }
+        cap = math.ceil((1 + epsilon) * load / len(up))
+        return {b.id: cap for b in up}
+
+    def _balanced(self, exclude: frozenset[str]) -> Backend:
+        up = [b for b in self._up if b.id not in exclude] if exclude else self._up
+        if not up:
+            raise NoBackendAvailable("no backend is up" if not self._up else "all excluded")
+        ramping = any(b.ramp_from is not None for b in up)
+        if self._balance == "least-inflight":
+            if not ramping:
+                return min(up, key=_in_flight)
+            now = self._clock()
+            return min(up, key=lambda b: (b.in_flight + 1) / b.weight(now))
+        if not ramping:
+            self._rr_next = (self._rr_next + 1) % len(up)
+            return up[self._rr_next]
+        return self._weighted_round_robin(up)
+
+    def _weighted_round_robin(self, up: tuple[Backend, ...] | list[Backend]) -> Backend:
+        """nginx's smooth weighted round robin, used while a backend ramps up (slow start)."""
+        now = self._clock()
+        current = self._rr_current
+        total = 0.0
+        best: Backend | None = None
+        for backend in up:
+            weight = backend.weight(now)
+            total += weight
+            value = current.get(backend.id, 0.0) + weight
+            current[backend.id] = value
+            if best is None or value > current[best.id]:
+                best = backend
+        assert best is not None  # up is not empty
+        current[best.id] -= total
+        return best
+
+    # -- caches -------------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        up = self._pool.selectable()  # sorted by id: the same table in every process
+        ids = tuple(b.id for b in up)
+        indexes = self._tables.pop(ids, None)
+        if indexes is None:
+            indexes = build_table(ids, self._size)
+        if len(self._tables) >= _TABLES_KEPT:
+            del self._tables[next(iter(self._tables))]
+        self._tables[ids] = indexes
+        self._table = [up[i] for i in indexes]
+        self._up = up
+        self._rr_current = {}
+        live = {b.id for b in self._pool}
+        self._stay = {k: v for k, v in self._stay.items() if k in live}
+        self._set_cookie = {k: v for k, v in self._set_cookie.items() if k in live}
+        self._generation = self._pool.generation
+
+    def _stay_decision(self, backend: Backend) -> Decision:
+        decision = self._stay.get(backend.id)
+        if decision is None or decision.backend is not backend:
+            decision = self._stay[backend.id] = Decision(backend, None, False)
+        return decision
+
+    def _cookie_for(self, backend: Backend) -> bytes:
+        value = self._set_cookie.get(backend.id)
+        if value is None:
+            assert self._affinity is not None
+            value = self._set_cookie[backend.id] = self._affinity.set_cookie(backend.id)
+        return value
+
+
+def _in_flight(backend: Backend) -> int:
+    return backend.in_flight

@@ -1,0 +1,571 @@
+"""The local cluster supervisor, the I/O shell: spawn workers, watch them, restart, roll, scale.
+
+    python -m balancer --spawn 3 --worker-cmd 'python -m demo_app --port {port} ...'
+
+Every decision is made by the pure objects of `_workers.py`; this module does the I/O they
+ask for. It runs in the balancer's event loop, on the balancer's pool, so draining is exact:
+a worker leaves the rotation before it is told to stop, and the supervisor sees its
+in-flight count reach zero.
+
+Signal handlers and the admin app only enqueue a command (`enqueue`, `scale`) and wake the
+loop; one loop does everything else, in the order `_turn` reads. A worker's exit and its
+first 200 on the ready path are noticed by one small task per process, which also only
+records what happened and wakes the loop.
+
+Workers run in their own session (a Ctrl-C in the terminal reaches the supervisor only, which
+stops them in order) and, on Linux, with PR_SET_PDEATHSIG: if the supervisor dies, even by
+SIGKILL, the kernel sends each worker SIGTERM, so none outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ._backend import backend_id
+from ._exceptions import InvalidTransition
+from ._log import log_event
+from ._pool import Pool
+from ._workers import Exit, RestartPolicy, Rollout, Worker, WorkerState
+
+__all__ = ["Command", "Supervisor", "SupervisorOptions", "worker_argv"]
+
+logger = logging.getLogger("balancer")
+
+_TICK = 0.05  # seconds between turns when nothing wakes the loop (drains poll in-flight counts)
+_PROBE_INTERVAL = 0.05  # seconds between ready-path probes of a starting worker
+_PROBE_TIMEOUT = 1.0  # seconds for one probe
+_KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed process to be reaped at shutdown
+_NOT_SPAWNED = 127  # the returncode recorded for a command that could not be executed
+
+_STARTING, _READY, _DRAINING = WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING
+_STOPPING, _EXITED, _HELD = WorkerState.STOPPING, WorkerState.EXITED, WorkerState.HELD
+
+
+class Command(enum.Enum):
+    RESTART = "restart"  # a rolling restart of every worker (SIGHUP, SIGUSR2, the admin API)
+    SCALE_UP = "scale-up"  # one more worker (SIGTTIN)
+    SCALE_DOWN = "scale-down"  # one fewer: the newest drains and stops (SIGTTOU)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorOptions:
+    """What to run and the supervisor's timeouts (all in seconds)."""
+
+    command: tuple[str, ...]  # argv template: each part formatted with {port} and {index}
+    count: int  # workers to start with
+    ready_path: str = "/readyz"  # a starting worker joins the pool once this answers 2xx
+    ready_timeout: float = 30.0  # a worker not ready by then is killed (a crash)
+    hang_timeout: float = 10.0  # a ready worker failing its health checks this long is killed
+    drain_deadline: float = 30.0  # a draining worker is stopped by then, in flight or not
+    stop_timeout: float = 15.0  # after SIGTERM, then SIGKILL
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    host: str = "127.0.0.1"  # where the workers listen
+
+
+def worker_argv(command: Sequence[str], *, port: int, index: int) -> list[str]:
+    """The command template filled in; each part is formatted alone, so no quoting is needed."""
+    return [part.format(port=port, index=index) for part in command]
+
+
+def _free_port(host: str) -> int:
+    # The port may be taken between this and the worker's bind: the worker then exits, and
+    # its restart gets another port.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+if sys.platform == "linux":
+    # Resolved here, in the parent: the child between fork and exec should do as little as
+    # possible (no dlopen), since another thread may have held a lock at the fork.
+    _prctl: Callable[[int, int], int] | None = ctypes.CDLL(None, use_errno=True).prctl
+else:  # pragma: no cover
+    _prctl = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG, 1).
+
+    The "parent" is the thread that forked, so workers are spawned from the loop's thread.
+    If the parent is gone already, the prctl came too late: exit rather than be an orphan.
+    """
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class Supervisor:
+    """Keeps `options.count` workers (changed by `scale`) running and in `pool`.
+
+    `start(client)` spawns the workers and runs the loop (`client` probes ready paths);
+    `started` is set once every worker is ready, or after `ready_timeout` seconds anyway.
+    `shutdown()` stops everything in phases: the loop, SIGTERM to every worker (waiting up
+    to `stop_timeout`), SIGKILL to the rest. Commands come through `enqueue` (signal
+    handlers) and `scale` / `enqueue` (the admin API).
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        options: SupervisorOptions,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.options = options
+        self.desired = options.count
+        self.started = asyncio.Event()
+        self.rollout: Rollout | None = None
+        self._clock = clock
+        self._workers: dict[int, Worker] = {}
+        self._next_key = 0
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._probes: dict[int, asyncio.Task[None]] = {}
+        self._exits: deque[tuple[int, int]] = deque()  # (key, returncode), from the watchers
+        self._ready: deque[int] = deque()  # keys whose ready path answered, from the probes
+        self._commands: deque[Command] = deque()
+        self._restart_requested = False
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._began = 0.0
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for worker in self._workers.values():
+            counts[worker.state.value] = counts.get(worker.state.value, 0) + 1
+        inner = ", ".join(f"{state}: {n}" for state, n in sorted(counts.items()))
+        return f"<Supervisor desired={self.desired} [{inner}]>"
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Every worker known, by index then age."""
+        return sorted(self._workers.values(), key=lambda w: (w.index, w.key))
+
+    # -- commands: callable from signal handlers and the admin app (same thread) -----------
+
+    def enqueue(self, command: Command) -> None:
+        """Record a command for the loop's next turn; does nothing else (signal-safe)."""
+        self._commands.append(command)
+        self._wake.set()
+
+    def request_restart(self) -> None:
+        """Ask for a rolling restart (the admin API); as `enqueue(Command.RESTART)`."""
+        self.enqueue(Command.RESTART)
+
+    def scale(self, delta: int) -> int:
+        """Change the desired count by `delta`; returns it. The loop converges to it (after
+        a rolling restart in progress). Raises InvalidTransition below one worker."""
+        if self.desired + delta < 1:
+            raise InvalidTransition(
+                f"cannot scale to {self.desired + delta} workers: at least 1 must run"
+            )
+        self.desired += delta
+        log_event("workers_scaled", desired=self.desired, delta=delta)
+        self._wake.set()
+        return self.desired
+
+    def describe(self) -> dict[str, object]:
+        """The JSON shape of the workers in the admin API."""
+        now = self._clock()
+        rollout = self.rollout
+        return {
+            "desired": self.desired,
+            "rolling_restart": None
+            if rollout is None
+            else {"phase": rollout.phase.value, "replaced": rollout.replaced},
+            "workers": [worker.describe(now) for worker in self.workers],
+        }
+
+    # -- life -------------------------------------------------------------------------------
+
+    async def start(self, client: httpx.AsyncClient) -> None:
+        """Spawn the workers and run the loop as a task; returns at once."""
+        self._client = client
+        self._began = self._clock()
+        for _ in range(self.desired):
+            await self._spawn_new(self._free_index(), self._began)
+        self._loop_task = asyncio.create_task(self._run(), name="supervisor")
+
+    @property
+    def loop_task(self) -> asyncio.Task[None] | None:
+        """The loop's task (for its owner to notice if it ever fails)."""
+        return self._loop_task
+
+    async def shutdown(self) -> None:
+        """Stop supervising, then stop every worker: SIGTERM, `stop_timeout`, SIGKILL."""
+        self._closing = True
+        self._wake.set()
+        if self._loop_task is not None:
+            # asyncio.wait, not await: a loop that died of a bug (its owner logged it) must
+            # not keep the workers from being stopped.
+            await asyncio.wait([self._loop_task])
+        for probe in list(self._probes.values()):
+            probe.cancel()
+        log_event("workers_stopping", workers=len(self._processes))
+        # Phase 1: SIGTERM, and wait for graceful exits.
+        for key in list(self._processes):
+            self._signal(key, signal.SIGTERM)
+        await self._wait_exits(self.options.stop_timeout)
+        # Phase 2: SIGKILL whatever ignored it.
+        if self._processes:
+            log_event("workers_killed", level=logging.WARNING, pids=self._pids())
+            for key in list(self._processes):
+                self._signal(key, signal.SIGKILL)
+            await self._wait_exits(_KILL_WAIT)
+        for worker in self._workers.values():
+            self._leave_pool(worker)
+        log_event("workers_stopped")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_TICK):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            await self._turn(self._clock())
+
+    async def _turn(self, now: float) -> None:
+        """One turn of the loop: the table of contents of the supervisor."""
+        self._reap(now)  # exited processes: out of the pool; restart, hold or forget
+        self._admit(now)  # ready ones join the pool; ones never ready are killed
+        self._kill_hung(now)  # failing health checks too long: SIGKILL (then restarted)
+        self._take_commands()  # what signals and the admin API asked for
+        await self._advance_rollout(now)  # the rolling restart, one worker at a time
+        await self._converge(now)  # scale up or down to the desired count
+        self._stop_drained(now)  # drained (or out of time): SIGTERM
+        self._escalate(now)  # ignored SIGTERM for too long: SIGKILL
+        await self._restart_due(now)  # crashed and backoff over: a new process
+        self._check_started(now)
+
+    def _reap(self, now: float) -> None:
+        while self._exits:
+            key, returncode = self._exits.popleft()
+            worker = self._workers[key]
+            self._cancel_probe(key)
+            self._leave_pool(worker)
+            rollout = self.rollout
+            if rollout is not None and rollout.replacing == key:
+                worker.retire()  # its replacement is on the way: do not start a second one
+            was = worker.state
+            outcome = worker.exited(returncode, now, self.options.restart)
+            fields: dict[str, Any] = {"index": worker.index, "pid": worker.pid}
+            fields |= {"code": returncode, "was": was.value, "outcome": outcome.value}
+            if outcome is Exit.RETIRED:
+                del self._workers[key]
+                log_event("worker_exited", **fields)
+            elif outcome is Exit.HELD:
+                # Reported, not retried: a worker that cannot stay up needs a person.
+                log_event(
+                    "worker_held",
+                    level=logging.ERROR,
+                    crashes=worker.crashes,
+                    hint="fix the worker, then SIGHUP or POST /workers/restart",
+                    **fields,
+                )
+            else:
+                assert worker.restart_at is not None
+                log_event(
+                    "worker_crashed",
+                    level=logging.WARNING,
+                    restart_in=round(worker.restart_at - now, 3),
+                    crashes=worker.crashes,
+                    **fields,
+                )
+
+    def _admit(self, now: float) -> None:
+        while self._ready:
+            worker = self._workers.get(self._ready.popleft())
+            if worker is None or worker.state is not _STARTING:
+                continue  # it exited or was stopped after answering
+            worker.ready(now)
+            self._probes.pop(worker.key, None)
+            url = self._url(worker)
+            if backend_id(url) not in self.pool:
+                self.pool.add(url)
+            log_event("worker_ready", index=worker.index, pid=worker.pid, url=url)
+        for worker in self._live(_STARTING):
+            if worker.ready_overdue(now, self.options.ready_timeout):
+                log_event(
+                    "worker_not_ready",
+                    level=logging.WARNING,
+                    index=worker.index,
+                    pid=worker.pid,
+                    timeout=self.options.ready_timeout,
+                )
+                self._cancel_probe(worker.key)
+                worker.stop(now, retire=False, kill=True)
+                self._signal(worker.key, signal.SIGKILL)
+
+    def _kill_hung(self, now: float) -> None:
+        for worker in self._live(_READY):
+            backend = self.pool.get(backend_id(self._url(worker)))
+            healthy = backend is None or backend.healthy
+            if worker.hung(healthy=healthy, now=now, timeout=self.options.hang_timeout):
+                log_event(
+                    "worker_hung",
+                    level=logging.WARNING,
+                    index=worker.index,
+                    pid=worker.pid,
+                    reason=None if backend is None else backend.down_reason,
+                )
+                self._leave_pool(worker)
+                worker.stop(now, retire=False, kill=True)
+                self._signal(worker.key, signal.SIGKILL)
+
+    def _take_commands(self) -> None:
+        while self._commands:
+            command = self._commands.popleft()
+            if command is Command.RESTART:
+                self._restart_requested = True
+                continue
+            try:
+                self.scale(1 if command is Command.SCALE_UP else -1)
+            except InvalidTransition as exc:
+                log_event("scale_refused", level=logging.WARNING, reason=str(exc))
+
+    async def _advance_rollout(self, now: float) -> None:
+        if self.rollout is None:
+            if not self._restart_requested:
+                return
+            self._restart_requested = False
+            await self._start_rollout(now)
+        rollout = self.rollout
+        assert rollout is not None
+        while True:
+            step = rollout.step({key: w.state for key, w in self._workers.items()})
+            old = None if step.old is None else self._workers.get(step.old)
+            if step.action == "spawn":
+                assert old is not None
+                new = await self._spawn_new(old.index, now)
+                rollout.spawned(new.key)
+                log_event("worker_replacing", index=old.index, old_pid=old.pid, new_pid=new.pid)
+                return
+            if step.action == "retire":
+                if old is not None:
+                    self._retire(old, now)
+                continue
+            if step.action == "wait":
+                return
+            if step.action == "abort":
+                replacement = None if rollout.new is None else self._workers.get(rollout.new)
+                if replacement is not None:
+                    self._retire(replacement, now)  # held, never served: not an extra worker
+                log_event(
+                    "rolling_restart_aborted",
+                    level=logging.ERROR,
+                    index=None if old is None else old.index,
+                    replaced=rollout.replaced,
+                    reason="the replacement never became ready; the old worker still serves",
+                )
+            else:
+                log_event("rolling_restart_done", replaced=rollout.replaced)
+            self.rollout = None
+            return
+
+    async def _start_rollout(self, now: float) -> None:
+        serving = [w for w in self.workers if not w.retiring]
+        targets = [w.key for w in serving if w.state in (_STARTING, _READY)]
+        log_event("rolling_restart_started", workers=len(targets))
+        self.rollout = Rollout(targets)
+        for worker in serving:
+            if worker.state is _HELD:
+                await self._restart(worker, now)  # a restart is how an operator retries it
+
+    async def _converge(self, now: float) -> None:
+        if self.rollout is not None:
+            return  # one change at a time: scaling waits for the rolling restart
+        serving = [w for w in self.workers if not w.retiring]
+        for _ in range(self.desired - len(serving)):
+            worker = await self._spawn_new(self._free_index(), now)
+            log_event("worker_added", index=worker.index, pid=worker.pid)
+        if len(serving) > self.desired:
+            # Those not serving go first (held, crashed, starting), then the newest: the
+            # highest indices, so `{index}` stays 0..N-1.
+            ranked = sorted(serving, key=lambda w: (w.state is not _READY, w.index, w.key))
+            for worker in ranked[self.desired :]:
+                log_event("worker_removing", index=worker.index, pid=worker.pid)
+                self._retire(worker, now)
+
+    def _stop_drained(self, now: float) -> None:
+        for worker in self._live(_DRAINING):
+            backend = self.pool.get(backend_id(self._url(worker)))
+            in_flight = 0 if backend is None else backend.in_flight
+            if worker.drained(in_flight=in_flight, now=now, deadline=self.options.drain_deadline):
+                if in_flight:
+                    log_event(
+                        "drain_deadline",
+                        level=logging.WARNING,
+                        index=worker.index,
+                        in_flight=in_flight,
+                    )
+                self._leave_pool(worker)
+                worker.stop(now, retire=True)
+                self._signal(worker.key, signal.SIGTERM)
+
+    def _escalate(self, now: float) -> None:
+        for worker in self._live(_STOPPING):
+            if worker.stop_overdue(now, self.options.stop_timeout):
+                log_event("worker_killed", level=logging.WARNING, index=worker.index)
+                worker.escalate()
+                self._signal(worker.key, signal.SIGKILL)
+
+    async def _restart_due(self, now: float) -> None:
+        for worker in self.workers:
+            if worker.restart_due(now):
+                await self._restart(worker, now)
+
+    def _check_started(self, now: float) -> None:
+        if self.started.is_set():
+            return
+        # Started: every worker serves or is held (no use waiting for those), or it is late.
+        settled = all(w.state in (_READY, _HELD) for w in self._workers.values() if not w.retiring)
+        if settled or now - self._began >= self.options.ready_timeout:
+            self.started.set()
+
+    # -- doing --------------------------------------------------------------------------------
+
+    def _retire(self, worker: Worker, now: float) -> None:
+        """Take a worker out on purpose: drain it if it serves, stop it if it starts."""
+        state = worker.state
+        if state is _READY:
+            backend = self.pool.get(backend_id(self._url(worker)))
+            if backend is not None and not backend.draining:
+                backend.drain()
+            worker.drain(now)
+            log_event("worker_draining", index=worker.index, pid=worker.pid)
+        elif state is _STARTING:
+            self._cancel_probe(worker.key)
+            worker.stop(now, retire=True)
+            self._signal(worker.key, signal.SIGTERM)
+        elif state in (_EXITED, _HELD):
+            worker.retire()
+            del self._workers[worker.key]
+        # DRAINING and STOPPING are on their way out already.
+
+    async def _restart(self, worker: Worker, now: float) -> None:
+        worker.restarted(_free_port(self.options.host), now)
+        await self._spawn(worker)
+        log_event("worker_restarted", index=worker.index, pid=worker.pid, restarts=worker.restarts)
+
+    async def _spawn_new(self, index: int, now: float) -> Worker:
+        worker = Worker(self._next_key, index, _free_port(self.options.host), now=now)
+        self._next_key += 1
+        self._workers[worker.key] = worker
+        await self._spawn(worker)
+        return worker
+
+    async def _spawn(self, worker: Worker) -> None:
+        argv = worker_argv(self.options.command, port=worker.port, index=worker.index)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C reaches the supervisor only.
+                start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            )
+        except OSError as exc:
+            log_event("worker_spawn_failed", level=logging.ERROR, index=worker.index, error=exc)
+            self._exits.append((worker.key, _NOT_SPAWNED))
+            self._wake.set()
+            return
+        worker.pid = process.pid
+        self._processes[worker.key] = process
+        self._watchers[worker.key] = asyncio.create_task(
+            self._watch(worker.key, process), name=f"watch-worker-{worker.index}"
+        )
+        self._probes[worker.key] = asyncio.create_task(
+            self._probe(worker.key, self._url(worker) + self.options.ready_path),
+            name=f"probe-worker-{worker.index}",
+        )
+
+    async def _watch(self, key: int, process: asyncio.subprocess.Process) -> None:
+        """Wait for the process to exit; record it for the loop (and the shutdown)."""
+        returncode = await process.wait()
+        self._processes.pop(key, None)
+        self._watchers.pop(key, None)
+        self._exits.append((key, returncode))
+        self._wake.set()
+
+    async def _probe(self, key: int, url: str) -> None:
+        """GET the ready path until it answers 2xx; record it for the loop."""
+        client = self._client
+        assert client is not None
+        while True:
+            try:
+                response = await client.get(url, timeout=_PROBE_TIMEOUT)
+            except httpx.HTTPError:
+                pass  # not listening yet, or too slow: the ready timeout decides
+            else:
+                if 200 <= response.status_code < 300:
+                    self._ready.append(key)
+                    self._wake.set()
+                    return
+            await asyncio.sleep(_PROBE_INTERVAL)  # the probe's poll interval
+
+    def _cancel_probe(self, key: int) -> None:
+        probe = self._probes.pop(key, None)
+        if probe is not None:
+            probe.cancel()
+
+    def _signal(self, key: int, signum: int) -> None:
+        process = self._processes.get(key)
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+    def _leave_pool(self, worker: Worker) -> None:
+        """Out of the pool at once, so the router stops choosing it (in-flight ones finish)."""
+        url_id = backend_id(self._url(worker))
+        if url_id in self.pool:
+            self.pool.remove(url_id)
+
+    async def _wait_exits(self, within: float) -> None:
+        watchers = list(self._watchers.values())
+        if watchers:
+            await asyncio.wait(watchers, timeout=within)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _url(self, worker: Worker) -> str:
+        host = self.options.host
+        return f"http://[{host}]:{worker.port}" if ":" in host else f"http://{host}:{worker.port}"
+
+    def _live(self, state: WorkerState) -> list[Worker]:
+        return [w for w in self.workers if w.state is state]
+
+    def _free_index(self) -> int:
+        used = {w.index for w in self._workers.values() if not w.retiring}
+        index = 0
+        while index in used:
+            index += 1
+        return index
+
+    def _pids(self) -> list[int]:
+        return sorted(p.pid for p in self._processes.values())

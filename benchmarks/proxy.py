@@ -1,0 +1,391 @@
+"""Benchmark the balancer's data path against nginx and HAProxy, in one run.
+
+    .venv/bin/python benchmarks/proxy.py [--duration 10] [--connections 64]
+
+Backends: one nginx worker serving a short body on two ports. Each proxy runs on one core
+(pinned with taskset when there is one to spare) with sticky routing by the `sid` cookie
+and keep-alive to the backends; wrk (64 connections, a varied `Cookie: sid=...` per
+request) loads it for a fixed time. Printed: requests/s, p50 and p99 latency, and each
+ratio to nginx. Targets (DESIGN.md): throughput >= 0.67x nginx, p99 <= 1.5x nginx.
+Everything listens on 127.0.0.1; processes and temporary files are cleaned up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+_WRK_LUA = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/", {["Cookie"] = "sid=s" .. (n % 1000)})
+end
+"""
+
+# The balancer in a process of its own: argv = port, "core" or "stand-in", backend URLs.
+# "core": the real Router (cookie:sid, signed affinity cookie) and Metrics of `balancer`;
+# "stand-in": a router that hashes the sid cookie with crc32 and no-op metrics, to show
+# what the data path alone costs.
+_BALANCER = """
+import asyncio, sys, zlib
+import uvloop
+from balancer import AffinityCookie, Backend, Decision, Pool, Router, Sticky
+from balancer._metrics import Metrics
+from balancer._proxy import ProxyOptions, ProxyServer
+
+class StandInRouter:
+    def __init__(self, urls):
+        self.decisions = [Decision(Backend(url), None, False) for url in urls]
+    def decide(self, *, client_ip, cookie_header, exclude=frozenset()):
+        return self.decisions[zlib.crc32(cookie_header or b"") % len(self.decisions)]
+
+class NoMetrics:
+    def __getattr__(self, name):
+        return lambda *args: None
+
+async def main() -> None:
+    urls = sys.argv[3:]
+    if sys.argv[2] == "core":
+        pool = Pool(urls)
+        router = Router(pool, sticky=Sticky("cookie", "sid"),
+                        affinity=AffinityCookie(secrets=["bench"]))
+        server = ProxyServer(router, Metrics(pool), ProxyOptions(keepalive_per_backend=64))
+    else:
+        server = ProxyServer(StandInRouter(urls), NoMetrics(),
+                             ProxyOptions(keepalive_per_backend=64))
+    await server.start("127.0.0.1", int(sys.argv[1]))
+    await asyncio.Event().wait()
+
+uvloop.run(main())
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: str
+    requests: int = 0  # answered in the run
+    cpu_us: float = float("nan")  # the proxy's CPU time per request (user + system)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {within}s")
+
+
+class Cluster:
+    """The processes of one run; all are stopped on exit."""
+
+    def __init__(self, tmp: Path, cpus: list[int]) -> None:
+        self.tmp = tmp
+        self.cpus = cpus
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def pinned(self, args: list[str], cpu: int | None) -> list[str]:
+        if cpu is None or shutil.which("taskset") is None:
+            return args
+        return ["taskset", "-c", str(cpu), *args]
+
+    def start(self, args: list[str], port: int, cpu: int | None) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            self.pinned(args, cpu),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        wait_listening(port, process)
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            self.stop(process)
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.tmp / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+
+def nginx_common(tmp: Path) -> str:
+    return f"""
+        daemon off;
+        worker_processes 1;
+        pid {tmp}/nginx-%s.pid;
+        error_log {tmp}/nginx-%s-error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {tmp}/body-%s;
+            proxy_temp_path {tmp}/proxy-%s;
+            fastcgi_temp_path {tmp}/fastcgi-%s;
+            uwsgi_temp_path {tmp}/uwsgi-%s;
+            scgi_temp_path {tmp}/scgi-%s;
+            keepalive_requests 1000000;
+    """
+
+
+def backend_config(tmp: Path, ports: list[int]) -> str:
+    servers = "".join(
+        f"""
+            server {{
+                listen 127.0.0.1:{port} reuseport backlog=4096;
+                location / {{ default_type text/plain; return 200 "hello from {port}\\n"; }}
+            }}
+        """
+        for port in ports
+    )
+    return nginx_common(tmp).replace("%s", "backend") + servers + "}\n"
+
+
+def nginx_proxy_config(tmp: Path, port: int, backends: list[int]) -> str:
+    upstreams = "".join(f"server 127.0.0.1:{p};" for p in backends)
+    return (
+        nginx_common(tmp).replace("%s", "proxy")
+        + f"""
+            upstream app {{ hash $cookie_sid consistent; {upstreams} keepalive 64; }}
+            server {{
+                listen 127.0.0.1:{port} backlog=4096;
+                location / {{
+                    proxy_pass http://app;
+                    proxy_http_version 1.1;
+                    proxy_set_header Connection "";
+                    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+                }}
+            }}
+        }}
+        """
+    )
+
+
+def haproxy_config(port: int, backends: list[int]) -> str:
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
+    return f"""global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+frontend in
+    bind 127.0.0.1:{port}
+    default_backend app
+backend app
+    balance hash req.cook(sid)
+    hash-type consistent
+{servers}
+"""
+
+
+def run_wrk(
+    port: int, duration: float, connections: int, lua: Path, *, cpu: int | None, name: str
+) -> Result:
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    args = [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(lua),
+        f"http://127.0.0.1:{port}/",
+    ]  # fmt: skip
+    if cpu is not None and shutil.which("taskset"):
+        args = ["taskset", "-c", str(cpu), *args]
+    out = subprocess.run(
+        args, capture_output=True, text=True, timeout=duration + 30, check=True
+    ).stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk printed no Requests/sec:\n{out}")
+    rps = float(found.group(1))
+    errors = ""
+    if match := re.search(r"Socket errors:.*|Non-2xx or 3xx responses: \d+", out):
+        errors = match.group(0)
+    total = re.search(r"(\d+) requests in", out)
+    return Result(
+        name,
+        rps,
+        _percentile(out, "50"),
+        _percentile(out, "99"),
+        errors,
+        requests=int(total.group(1)) if total else 0,
+    )
+
+
+def _percentile(out: str, which: str) -> float:
+    match = re.search(rf"^\s+{which}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    if match is None:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def cpu_plan() -> tuple[int | None, int | None]:
+    """(the proxy's core, the core of wrk and the backends), or None where not pinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[Cluster]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    c = Cluster(tmp, sorted(os.sched_getaffinity(0)))
+    try:
+        yield c
+    finally:
+        c.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cpu_seconds(process: subprocess.Popen[bytes] | None) -> float:
+    """User plus system CPU seconds of `process` and its children so far (0 for None)."""
+    if process is None:
+        return 0.0
+    try:
+        root = psutil.Process(process.pid)
+        total = 0.0
+        for proc in (root, *root.children(recursive=True)):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:
+        return float("nan")
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per proxy")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every target this many times, keep the best"
+    )
+    args = parser.parse_args()
+    for tool in ("nginx", "haproxy", "wrk"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 2
+    proxy_cpu, load_cpu = cpu_plan()
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    best: dict[str, Result] = {}
+    with cluster() as c:
+        lua = c.write("cookies.lua", _WRK_LUA)
+        backends = [free_port(), free_port()]
+        conf = c.write("backend.conf", backend_config(c.tmp, backends))
+        c.start([nginx, "-c", str(conf), "-p", str(c.tmp), "-e", "stderr"], backends[0], load_cpu)
+        wait_listening(backends[1], c.processes[-1])
+        urls = [f"http://127.0.0.1:{p}" for p in backends]
+        script = c.write("balancer_main.py", _BALANCER)
+
+        def measure(name: str, port: int, proxy: subprocess.Popen[bytes] | None) -> None:
+            run_wrk(port, args.warmup, args.connections, lua, cpu=load_cpu, name=name)
+            before = cpu_seconds(proxy)
+            result = run_wrk(port, args.duration, args.connections, lua, cpu=load_cpu, name=name)
+            if proxy is not None and result.requests:
+                # The run's CPU time over its requests: robust to a busy machine.
+                result.cpu_us = (cpu_seconds(proxy) - before) / result.requests * 1e6
+            print(f"  {name}: {result.rps:,.0f} req/s", file=sys.stderr, flush=True)
+            if name not in best or result.rps > best[name].rps:
+                best[name] = result
+
+        for _ in range(args.rounds):
+            measure("direct (backend)", backends[0], None)
+
+            port = free_port()
+            conf = c.write("proxy.conf", nginx_proxy_config(c.tmp, port, backends))
+            nginx_args = [nginx, "-c", str(conf), "-p", str(c.tmp), "-e", "stderr"]
+            p = c.start(nginx_args, port, proxy_cpu)
+            measure("nginx 1 worker", port, p)
+            c.stop(p)
+
+            port = free_port()
+            conf = c.write("haproxy.cfg", haproxy_config(port, backends))
+            p = c.start([haproxy, "-f", str(conf)], port, proxy_cpu)
+            measure("haproxy 1 thread", port, p)
+            c.stop(p)
+
+            for variant, name in (
+                ("stand-in", "balancer, stand-in"),
+                ("core", "balancer 1 worker"),
+            ):
+                port = free_port()
+                command = [sys.executable, str(script), str(port), variant, *urls]
+                p = c.start(command, port, proxy_cpu)
+                measure(name, port, p)
+                c.stop(p)
+
+    results = list(best.values())
+    base = best["nginx 1 worker"]
+    print()
+    print(f"wrk -t1 -c{args.connections}, {args.duration:g}s each, best of {args.rounds}; "
+          f"proxy core {proxy_cpu}, wrk and backends core {load_cpu}")  # fmt: skip
+    print(
+        "balancer 1 worker: the core's Router (cookie:sid) and Metrics; balancer, "
+        "stand-in: a crc32 cookie router and no metrics (the data path alone)"
+    )
+    print(
+        f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'p99 x':>7}"
+        f" {'CPU us/req':>11}"
+    )
+    for r in results:
+        cpu = f"{r.cpu_us:>11.1f}" if r.cpu_us == r.cpu_us else f"{'-':>11}"
+        print(
+            f"{r.name:<20} {r.rps:>10,.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+            f"{r.rps / base.rps:>8.2f} {r.p99_ms / base.p99_ms:>7.2f} {cpu}"
+            + (f"  ({r.errors})" if r.errors else "")
+        )
+    ours = best["balancer 1 worker"]
+    ok = ours.rps >= 0.67 * base.rps and ours.p99_ms <= 1.5 * base.p99_ms
+    print(f"targets (>= 0.67x nginx req/s, p99 <= 1.5x nginx): {'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

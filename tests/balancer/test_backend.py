@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pytest
+
+from balancer import Backend, BackendPolicy, BackendState, ConfigError, InvalidTransition
+
+URL = "http://127.0.0.1:9001"
+UP, DRAINING, DOWN = BackendState.UP, BackendState.DRAINING, BackendState.DOWN
+
+
+def test_id_is_stable_and_repr_shows_state() -> None:
+    backend = Backend(URL)
+    assert backend.id == hashlib.sha256(URL.encode()).hexdigest()[:12]
+    assert backend.id == Backend(URL + "/").id
+    assert repr(backend) == f"<Backend {backend.id} {URL} [up, in-flight: 0]>"
+
+
+@pytest.mark.parametrize(
+    ("url", "normalized", "host", "port"),
+    [
+        ("http://127.0.0.1:9001", "http://127.0.0.1:9001", "127.0.0.1", 9001),
+        ("http://127.0.0.1:9001/", "http://127.0.0.1:9001", "127.0.0.1", 9001),
+        ("http://localhost", "http://localhost:80", "localhost", 80),
+        ("http://[::1]:8000", "http://[::1]:8000", "::1", 8000),
+    ],
+)
+def test_urls_are_normalized(url: str, normalized: str, host: str, port: int) -> None:
+    backend = Backend(url)
+    assert (backend.url, backend.host, backend.port) == (normalized, host, port)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://127.0.0.1:9001", "only http://"),
+        ("127.0.0.1:9001", "only http://"),
+        ("http://", "no host"),
+        ("http://127.0.0.1:99999", "not a valid URL"),
+        ("http://127.0.0.1:0", "port 0"),
+        ("http://127.0.0.1:9001/app", "without a path"),
+        ("http://127.0.0.1:9001/?q=1", "without a path"),
+        ("http://user:pw@127.0.0.1:9001", "credentials"),
+    ],
+)
+def test_bad_urls_raise_config_error_naming_backend(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Backend(url)
+    assert info.value.setting == "--backend"
+    assert str(info.value).startswith("--backend: ")
+    assert why in str(info.value)
+
+
+# Each row: the transitions applied in order, then the expected state.
+Step = Callable[[Backend], None]
+TRANSITIONS: list[tuple[str, list[Step], BackendState]] = [
+    ("new", [], UP),
+    ("drain", [lambda b: b.drain()], DRAINING),
+    ("drain, enable", [lambda b: b.drain(), lambda b: b.enable()], UP),
+    ("down", [lambda b: b.mark_down("timeout", 0.0)], DOWN),
+    ("down, up", [lambda b: b.mark_down("timeout", 0.0), lambda b: b.mark_up(1.0)], UP),
+    ("drain, down", [lambda b: b.drain(), lambda b: b.mark_down("x", 0.0)], DOWN),
+    (
+        "drain, down, up: stays drained",
+        [lambda b: b.drain(), lambda b: b.mark_down("x", 0.0), lambda b: b.mark_up(1.0)],
+        DRAINING,
+    ),
+    (
+        "down, drain, enable: still down",
+        [lambda b: b.mark_down("x", 0.0), lambda b: b.drain(), lambda b: b.enable()],
+        DOWN,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "expected"), TRANSITIONS, ids=[t[0] for t in TRANSITIONS]
+)
+def test_transitions(name: str, steps: list[Step], expected: BackendState) -> None:
+    backend = Backend(URL)
+    for step in steps:
+        step(backend)
+    assert backend.state is expected
+
+
+INVALID: list[tuple[str, list[Step], Step, str]] = [
+    ("enable an UP backend", [], lambda b: b.enable(), "cannot enable backend {id}: it is not"),
+    (
+        "drain twice",
+        [lambda b: b.drain()],
+        lambda b: b.drain(),
+        "cannot drain backend {id}: it is already draining",
+    ),
+    ("up when up", [], lambda b: b.mark_up(0.0), "cannot mark backend {id} up: it is not down"),
+    (
+        "down twice",
+        [lambda b: b.mark_down("refused", 0.0)],
+        lambda b: b.mark_down("timeout", 1.0),
+        "cannot mark backend {id} down: it is already down (refused)",
+    ),
+    (
+        "finish with none in flight",
+        [],
+        lambda b: b.request_finished(failed=False, now=0.0),
+        "request_finished on backend {id} with no request in flight",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "setup", "step", "message"), INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_transitions_raise_a_sentence(
+    name: str, setup: list[Step], step: Step, message: str
+) -> None:
+    backend = Backend(URL)
+    for s in setup:
+        s(backend)
+    before = backend.state
+    with pytest.raises(InvalidTransition) as info:
+        step(backend)
+    assert str(info.value).startswith(message.format(id=backend.id))
+    assert backend.state is before
+
+
+def test_passive_ejection_after_consecutive_failures_then_release() -> None:
+    backend = Backend(URL, policy=BackendPolicy(eject_after=3, ejection_time=30.0))
+    # Two failures, a success (resets the run), then three failures in a row.
+    for failed in (True, True, False, True, True):
+        backend.request_started()
+        backend.request_finished(failed=failed, now=100.0)
+        assert backend.state is UP
+    backend.request_started()
+    backend.request_finished(failed=True, now=100.0)
+    assert backend.state is DOWN
+    assert backend.ejected_until == 130.0
+    assert (backend.requests_total, backend.failures_total, backend.ejections_total) == (6, 5, 1)
+    assert backend.release(129.9) is False
+    assert backend.state is DOWN
+    assert backend.release(130.0) is True
+    assert backend.state is UP
+    assert backend.release(200.0) is False
+
+
+def test_release_after_ejection_keeps_a_failed_active_check() -> None:
+    backend = Backend(URL, policy=BackendPolicy(eject_after=1, ejection_time=5.0))
+    backend.request_started()
+    backend.request_finished(failed=True, now=0.0)
+    backend.mark_down("status 500", 1.0)
+    assert backend.release(5.0) is True
+    assert backend.state is DOWN
+    assert backend.down_reason == "status 500"
+
+
+def test_ejection_off_when_eject_after_is_zero() -> None:
+    backend = Backend(URL, policy=BackendPolicy(eject_after=0))
+    for _ in range(100):
+        backend.request_started()
+        backend.request_finished(failed=True, now=0.0)
+    assert backend.state is UP
+    assert backend.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "weight"),
+    [(0.0, 0.1), (1.0, 0.1), (5.0, 0.5), (9.0, 0.9), (10.0, 1.0), (50.0, 1.0)],
+)
+def test_slow_start_ramps_weight_after_down(elapsed: float, weight: float) -> None:
+    backend = Backend(URL, policy=BackendPolicy(slow_start=10.0))
+    assert backend.weight(0.0) == 1.0
+    backend.mark_down("refused", 0.0)
+    backend.mark_up(100.0)
+    assert backend.weight(100.0 + elapsed) == pytest.approx(weight)
+
+
+def test_no_slow_start_after_drain() -> None:
+    backend = Backend(URL, policy=BackendPolicy(slow_start=10.0))
+    backend.drain()
+    backend.enable()
+    assert backend.weight(0.0) == 1.0
+
+
+def test_on_change_sees_old_and_new_state() -> None:
+    seen: list[tuple[BackendState, BackendState]] = []
+    backend = Backend(URL)
+    backend.on_change = lambda b, old: seen.append((old, b.state))
+    backend.drain()
+    backend.mark_down("x", 0.0)
+    backend.mark_up(1.0)
+    backend.enable()
+    assert seen == [(UP, DRAINING), (DRAINING, DOWN), (DOWN, DRAINING), (DRAINING, UP)]

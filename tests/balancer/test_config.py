@@ -1,0 +1,394 @@
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+import pytest
+
+from balancer import ConfigError, Sticky
+from balancer._config import Address, Settings, load_or_exit, load_settings
+
+B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+MIN = ["--backend", B1]
+SECRET = "0123456789abcdef-secret"
+CMD = "python -m demo_app --port {port} --instance-id 'w {index}'"
+
+
+def test_defaults() -> None:
+    settings = load_settings(MIN, {})
+    assert settings == Settings(backends=(B1,))
+    assert settings.listen == Address("127.0.0.1", 8080)
+    assert settings.sticky == Sticky("cookie", "session")
+    assert settings.affinity_secrets == ()
+
+
+# Every option once, as each source spells it: (argv, environ, toml line, field, value).
+SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
+    (["--listen", "0.0.0.0:80"], {"BALANCER_LISTEN": "0.0.0.0:80"}, 'listen = "0.0.0.0:80"',
+     "listen", Address("0.0.0.0", 80)),
+    (["--listen", "[::1]:0"], {"BALANCER_LISTEN": "[::1]:0"}, 'listen = "[::1]:0"',
+     "listen", Address("::1", 0)),
+    (["--backend", B1, "--backend", B2 + "/"], {"BALANCER_BACKENDS": f"{B1}, {B2}/"},
+     f'backends = ["{B1}", "{B2}/"]', "backends", (B1, B2)),
+    (["--sticky", "ip"], {"BALANCER_STICKY": "ip"}, 'sticky = "ip"', "sticky", Sticky("ip")),
+    (["--admin", "127.0.0.1:8081"], {"BALANCER_ADMIN": "127.0.0.1:8081"},
+     'admin = "127.0.0.1:8081"', "admin", Address("127.0.0.1", 8081)),
+    (["--admin-token", "t0k"], {"BALANCER_ADMIN_TOKEN": "t0k"}, 'admin_token = "t0k"',
+     "admin_token", "t0k"),
+    (["--workers", "4"], {"BALANCER_WORKERS": "4"}, "workers = 4", "workers", 4),
+    (["--log-format", "json"], {"BALANCER_LOG_FORMAT": "json"}, 'log-format = "json"',
+     "log_format", "json"),
+    (["--access-log"], {"BALANCER_ACCESS_LOG": "yes"}, "access_log = true", "access_log", True),
+    (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"],
+     {"BALANCER_TRUSTED_PROXIES": "10.0.0.0/8,::1"}, 'trusted_proxies = ["10.0.0.0/8", "::1"]',
+     "trusted_proxies", (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))),
+    (["--affinity-cookie", "pin"], {"BALANCER_AFFINITY_COOKIE": "pin"},
+     'affinity_cookie = "pin"', "affinity_cookie", "pin"),
+    (["--affinity-max-age", "3600"], {"BALANCER_AFFINITY_MAX_AGE": "3600"},
+     "affinity_max_age = 3600", "affinity_max_age", 3600),
+    (["--affinity-secret", SECRET], {"BALANCER_AFFINITY_SECRETS": SECRET},
+     f'affinity_secrets = ["{SECRET}"]', "affinity_secrets", (SECRET,)),
+    (["--balance", "least-inflight"], {"BALANCER_BALANCE": "least-inflight"},
+     'balance = "least-inflight"', "balance", "least-inflight"),
+    (["--hash-balance-factor", "0.5"], {"BALANCER_HASH_BALANCE_FACTOR": "0.5"},
+     "hash_balance_factor = 0.5", "hash_balance_factor", 0.5),
+    (["--hash-table-size", "251"], {"BALANCER_HASH_TABLE_SIZE": "251"},
+     "hash_table_size = 251", "hash_table_size", 251),
+    (["--health-path", "/ready"], {"BALANCER_HEALTH_PATH": "/ready"},
+     'health_path = "/ready"', "health_path", "/ready"),
+    (["--health-interval", "5"], {"BALANCER_HEALTH_INTERVAL": "5"}, "health_interval = 5",
+     "health_interval", 5.0),
+    (["--health-timeout", "0.5"], {"BALANCER_HEALTH_TIMEOUT": "0.5"}, "health_timeout = 0.5",
+     "health_timeout", 0.5),
+    (["--health-rise", "1"], {"BALANCER_HEALTH_RISE": "1"}, "health_rise = 1", "health_rise", 1),
+    (["--health-fall", "9"], {"BALANCER_HEALTH_FALL": "9"}, "health_fall = 9", "health_fall", 9),
+    (["--eject-after", "0"], {"BALANCER_EJECT_AFTER": "0"}, "eject_after = 0", "eject_after", 0),
+    (["--ejection-time", "1.5"], {"BALANCER_EJECTION_TIME": "1.5"}, "ejection_time = 1.5",
+     "ejection_time", 1.5),
+    (["--max-ejection-percent", "10"], {"BALANCER_MAX_EJECTION_PERCENT": "10"},
+     "max_ejection_percent = 10", "max_ejection_percent", 10.0),
+    (["--slow-start", "20"], {"BALANCER_SLOW_START": "20"}, "slow_start = 20", "slow_start", 20.0),
+    (["--max-request-line", "4096"], {"BALANCER_MAX_REQUEST_LINE": "4096"},
+     "max_request_line = 4096", "max_request_line", 4096),
+    (["--max-header-bytes", "1024"], {"BALANCER_MAX_HEADER_BYTES": "1024"},
+     "max_header_bytes = 1024", "max_header_bytes", 1024),
+    (["--header-timeout", "3"], {"BALANCER_HEADER_TIMEOUT": "3"}, "header_timeout = 3",
+     "header_timeout", 3.0),
+    (["--idle-timeout", "7"], {"BALANCER_IDLE_TIMEOUT": "7"}, "idle_timeout = 7",
+     "idle_timeout", 7.0),
+    (["--upstream-connect-timeout", "2"], {"BALANCER_UPSTREAM_CONNECT_TIMEOUT": "2"},
+     "upstream_connect_timeout = 2", "upstream_connect_timeout", 2.0),
+    (["--upstream-response-timeout", "9"], {"BALANCER_UPSTREAM_RESPONSE_TIMEOUT": "9"},
+     "upstream_response_timeout = 9", "upstream_response_timeout", 9.0),
+    (["--upstream-keepalive", "0"], {"BALANCER_UPSTREAM_KEEPALIVE": "0"},
+     "upstream_keepalive = 0", "upstream_keepalive", 0),
+    (["--max-attempts", "1"], {"BALANCER_MAX_ATTEMPTS": "1"}, "max_attempts = 1",
+     "max_attempts", 1),
+    (["--retry-floor", "0"], {"BALANCER_RETRY_FLOOR": "0"}, "retry_floor = 0", "retry_floor", 0.0),
+    (["--retry-budget", "0.1"], {"BALANCER_RETRY_BUDGET": "0.1"}, "retry_budget = 0.1",
+     "retry_budget", 0.1),
+    (["--shutdown-deadline", "0"], {"BALANCER_SHUTDOWN_DEADLINE": "0"},
+     "shutdown_deadline = 0", "shutdown_deadline", 0.0),
+    (["--queue-timeout", "0.5"], {"BALANCER_QUEUE_TIMEOUT": "0.5"},
+     "queue_timeout = 0.5", "queue_timeout", 0.5),
+    (["--spawn", "3", "--app", "demo_app.main:app"],
+     {"BALANCER_SPAWN": "3", "BALANCER_APP": "demo_app.main:app"},
+     'spawn = 3\napp = "demo_app.main:app"', "spawn", 3),
+    (["--spawn", "1", "--worker-cmd", CMD], {"BALANCER_SPAWN": "1", "BALANCER_WORKER_CMD": CMD},
+     f'spawn = 1\nworker_cmd = "{CMD}"', "worker_cmd", CMD),
+    (["--spawn", "2", "--app", "m:a"], {"BALANCER_SPAWN": "2", "BALANCER_APP": "m:a"},
+     'spawn = 2\napp = "m:a"', "app", "m:a"),
+    (["--worker-ready-path", "/ready"], {"BALANCER_WORKER_READY_PATH": "/ready"},
+     'worker_ready_path = "/ready"', "worker_ready_path", "/ready"),
+    (["--worker-ready-timeout", "5"], {"BALANCER_WORKER_READY_TIMEOUT": "5"},
+     "worker_ready_timeout = 5", "worker_ready_timeout", 5.0),
+    (["--worker-hang-timeout", "3"], {"BALANCER_WORKER_HANG_TIMEOUT": "3"},
+     "worker_hang_timeout = 3", "worker_hang_timeout", 3.0),
+    (["--worker-stop-timeout", "2"], {"BALANCER_WORKER_STOP_TIMEOUT": "2"},
+     "worker_stop_timeout = 2", "worker_stop_timeout", 2.0),
+    (["--drain-deadline", "0"], {"BALANCER_DRAIN_DEADLINE": "0"}, "drain_deadline = 0",
+     "drain_deadline", 0.0),
+    (["--restart-backoff", "0"], {"BALANCER_RESTART_BACKOFF": "0"}, "restart_backoff = 0",
+     "restart_backoff", 0.0),
+    (["--restart-backoff-max", "60"], {"BALANCER_RESTART_BACKOFF_MAX": "60"},
+     "restart_backoff_max = 60", "restart_backoff_max", 60.0),
+    (["--min-uptime", "0.5"], {"BALANCER_MIN_UPTIME": "0.5"}, "min_uptime = 0.5",
+     "min_uptime", 0.5),
+    (["--max-crashes", "0"], {"BALANCER_MAX_CRASHES": "0"}, "max_crashes = 0", "max_crashes", 0),
+]  # fmt: skip
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "balancer.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("argv", "environ", "toml", "name", "value"), SOURCES)
+def test_every_option_from_every_source(
+    tmp_path: Path, *, argv: list[str], environ: dict[str, str], toml: str, name: str, value: object
+) -> None:
+    base = [] if name == "backends" else MIN
+    assert getattr(load_settings(base + argv, {}), name) == value
+    env_base = {} if name == "backends" else {"BALANCER_BACKENDS": B1}
+    assert getattr(load_settings([], env_base | environ), name) == value
+    path = _toml(tmp_path, toml)
+    settings = load_settings(["--config", str(path), *base], {})
+    assert getattr(settings, name) == value
+    assert settings.config == path
+
+
+def test_every_setting_has_a_row() -> None:
+    fields = set(Settings.__dataclass_fields__) - {"config"}
+    assert {row[3] for row in SOURCES} == fields
+
+
+def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
+    path = _toml(tmp_path, f'workers = 2\nidle_timeout = 5\nhealth_fall = 7\nbackends = ["{B1}"]')
+    env = {"BALANCER_CONFIG": str(path), "BALANCER_WORKERS": "3", "BALANCER_IDLE_TIMEOUT": "6"}
+    settings = load_settings(["--workers", "4"], env)
+    assert settings.workers == 4  # command line
+    assert settings.idle_timeout == 6.0  # environment
+    assert settings.health_fall == 7  # file, found through BALANCER_CONFIG
+    assert settings.health_rise == 2  # default
+    assert settings.backends == (B1,)
+
+
+def test_cli_config_beats_env_config(tmp_path: Path) -> None:
+    good = _toml(tmp_path, f'backends = ["{B1}"]')
+    settings = load_settings(["--config", str(good)], {"BALANCER_CONFIG": "/nonexistent.toml"})
+    assert settings.backends == (B1,)
+
+
+# Bad values, one per kind of setting: (argv, the setting named, words in the message).
+BAD: list[tuple[list[str], str, str]] = [
+    (["--listen", "8080"], "--listen", "expected HOST:PORT"),
+    (["--listen", "h:http"], "--listen", "not a port number"),
+    (["--listen", "h:70000"], "--listen", "out of range"),
+    (["--listen", "fe80::zz:80"], "--listen", "not an IPv6 address"),
+    (["--listen", "a b:80"], "--listen", "not a host"),
+    (["--backend", "https://127.0.0.1:1"], "--backend", "only http://"),
+    (["--backend", "http://127.0.0.1:1/x"], "--backend", "without a path"),
+    (["--backend", B2, "--backend", B2 + "/"], "--backend", "listed twice"),
+    (["--sticky", "cookie:"], "--sticky", "not a valid cookie name"),
+    (["--sticky", "hash"], "--sticky", "expected cookie:NAME, ip or none"),
+    (["--admin", "nohost"], "--admin", "expected HOST:PORT"),
+    (["--admin", "127.0.0.1:8080"], "--admin", "also the --listen address"),
+    (["--admin", "0.0.0.0:8081"], "--admin-token", "not loopback"),
+    (["--admin-token", "a b"], "--admin-token", "without spaces"),
+    (["--workers", "0"], "--workers", "at least 1"),
+    (["--workers", "two"], "--workers", "expected an integer"),
+    (["--workers"], "--workers", "expected one argument"),
+    (["--log-format", "xml"], "--log-format", "expected one of plain, json"),
+    (["--trusted-proxy", "10.0.0.0/33"], "--trusted-proxy", "not an IP network"),
+    (["--affinity-cookie", "a;b"], "--affinity-cookie", "not a valid cookie name"),
+    (["--affinity-cookie", "session"], "--affinity-cookie", "session cookie too"),
+    (["--affinity-max-age", "-1"], "--affinity-max-age", "at least 0"),
+    (["--affinity-secret", "short"], "--affinity-secret", "at least 16 characters"),
+    (["--balance", "random"], "--balance", "expected one of"),
+    (["--hash-balance-factor", "-1"], "--hash-balance-factor", ">= 0"),
+    (["--hash-balance-factor", "nan"], "--hash-balance-factor", ">= 0"),
+    (["--hash-table-size", "65536"], "--hash-table-size", "must be a prime"),
+    (["--health-path", "healthz"], "--health-path", "absolute path"),
+    (["--health-interval", "0"], "--health-interval", "> 0"),
+    (["--health-interval", "inf"], "--health-interval", "> 0"),
+    (["--health-timeout", "5"], "--health-timeout", "longer than --health-interval"),
+    (["--health-rise", "0"], "--health-rise", "at least 1"),
+    (["--health-fall", "1.5"], "--health-fall", "expected an integer"),
+    (["--eject-after", "-1"], "--eject-after", "at least 0"),
+    (["--ejection-time", "0"], "--ejection-time", "> 0"),
+    (["--max-ejection-percent", "101"], "--max-ejection-percent", "between 0 and 100"),
+    (["--slow-start", "soon"], "--slow-start", "expected a number"),
+    (["--max-request-line", "10"], "--max-request-line", "at least 64"),
+    (["--max-header-bytes", "100"], "--max-header-bytes", "at least 256"),
+    (["--header-timeout", "-2"], "--header-timeout", "> 0"),
+    (["--idle-timeout", ""], "--idle-timeout", "expected a number"),
+    (["--upstream-connect-timeout", "0"], "--upstream-connect-timeout", "> 0"),
+    (["--upstream-response-timeout", "x"], "--upstream-response-timeout", "expected a number"),
+    (["--upstream-keepalive", "-1"], "--upstream-keepalive", "at least 0"),
+    (["--max-attempts", "0"], "--max-attempts", "at least 1"),
+    (["--retry-floor", "-1"], "--retry-floor", ">= 0"),
+    (["--retry-budget", "2"], "--retry-budget", "between 0 and 1"),
+    (["--shutdown-deadline", "-1"], "--shutdown-deadline", ">= 0"),
+    (["--queue-timeout", "-1"], "--queue-timeout", ">= 0"),
+    (["--queue-timeout", "nan"], "--queue-timeout", ""),
+    (["--bogus"], "command line", "unrecognized arguments: --bogus"),
+    (["--spawn", "0", "--app", "m:a"], "--spawn", "at least 1"),
+    (["--spawn", "2"], "--spawn", "needs --worker-cmd TEMPLATE or --app MODULE:ATTR"),
+    (["--worker-cmd", CMD], "--worker-cmd", "needs --spawn N"),
+    (["--app", "m:a"], "--app", "needs --spawn N"),
+    (["--spawn", "2", "--app", "m:a", "--worker-cmd", CMD], "--app", "not both"),
+    (["--spawn", "2", "--app", "m:a", "--workers", "2"], "--spawn", "not with --workers"),
+    (["--spawn", "1", "--worker-cmd", "serve --port 80"], "--worker-cmd", "must pass {port}"),
+    (["--spawn", "1", "--worker-cmd", "serve {port} {name}"], "--worker-cmd", "only {port}"),
+    (["--spawn", "1", "--worker-cmd", "serve {port"], "--worker-cmd", "only {port}"),
+    (["--spawn", "1", "--worker-cmd", "serve '{port}"], "--worker-cmd", "not a command line"),
+    (["--spawn", "1", "--worker-cmd", "  "], "--worker-cmd", "the command is empty"),
+    (["--spawn", "1", "--app", "demo_app"], "--app", "expected MODULE:ATTR"),
+    (["--spawn", "1", "--app", "a b:c"], "--app", "expected MODULE:ATTR"),
+    (["--worker-ready-path", "readyz"], "--worker-ready-path", "absolute path"),
+    (["--worker-ready-timeout", "0"], "--worker-ready-timeout", "> 0"),
+    (["--worker-hang-timeout", "-1"], "--worker-hang-timeout", "> 0"),
+    (["--worker-stop-timeout", "x"], "--worker-stop-timeout", "expected a number"),
+    (["--drain-deadline", "-1"], "--drain-deadline", ">= 0"),
+    (["--restart-backoff", "-0.1"], "--restart-backoff", ">= 0"),
+    (["--spawn", "1", "--app", "m:a", "--restart-backoff", "20"], "--restart-backoff-max", "less"),
+    (["--min-uptime", "nan"], "--min-uptime", ">= 0"),
+    (["--max-crashes", "-1"], "--max-crashes", "at least 0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "setting", "words"), BAD)
+def test_bad_values_name_the_setting(argv: list[str], setting: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(MIN + argv, {})
+    assert info.value.setting == setting
+    assert str(info.value).startswith(f"{setting}: ")
+    assert words in str(info.value)
+
+
+def test_no_backend_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"^--backend: at least one backend"):
+        load_settings([], {})
+
+
+def test_spawn_makes_backends_optional_and_keeps_given_ones() -> None:
+    alone = load_settings(["--spawn", "2", "--worker-cmd", CMD], {})
+    assert (alone.spawn, alone.backends) == (2, ())
+    both = load_settings([*MIN, "--spawn", "1", "--app", "m:a"], {})
+    assert both.backends == (B1,)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        ([], ()),
+        (["--spawn", "2", "--worker-cmd", CMD],
+         ("python", "-m", "demo_app", "--port", "{port}", "--instance-id", "w {index}")),
+        (["--spawn", "2", "--app", "pkg.mod:app"],
+         (sys.executable, "-m", "uvicorn", "pkg.mod:app", "--host", "127.0.0.1", "--port",
+          "{port}")),
+    ],
+)  # fmt: skip
+def test_worker_command(argv: list[str], command: tuple[str, ...]) -> None:
+    assert load_settings([*MIN, *argv], {}).worker_command() == command
+
+
+# Bad values from the environment and the file say where they came from.
+@pytest.mark.parametrize(
+    ("environ", "toml", "setting", "words"),
+    [
+        ({"BALANCER_WORKERS": "many"}, "", "--workers", "(from BALANCER_WORKERS)"),
+        ({"BALANCER_ACCESS_LOG": "maybe"}, "", "--access-log", "expected true or false"),
+        ({}, 'workers = "four"', "--workers", "(from {path}: workers)"),
+        ({}, "workers = true", "--workers", "expected an integer"),
+        ({}, "health_interval = false", "--health-interval", "expected a number"),
+        ({}, "access_log = 1", "--access-log", "expected a string"),
+        ({}, 'backends = "http://a:1"', "--backends", ""),
+        ({}, "backends = 7", "--backend", "expected a list"),
+        ({}, "listen = 8080", "--listen", "expected a string"),
+        ({}, "colour = 1", "--config", "unknown setting 'colour'"),
+        ({}, "workers = [", "--config", "is not valid TOML"),
+    ],
+)
+def test_bad_values_from_env_and_file(
+    tmp_path: Path, environ: dict[str, str], toml: str, setting: str, words: str
+) -> None:
+    path = _toml(tmp_path, toml)
+    if setting == "--backends":  # a string where a list is expected: one backend
+        assert load_settings(["--config", str(path)], environ).backends == ("http://a:1",)
+        return
+    base = [] if toml.startswith("backends") else MIN  # the command line would win
+    with pytest.raises(ConfigError) as info:
+        load_settings(["--config", str(path), *base], environ)
+    assert info.value.setting == setting
+    assert words.format(path=path) in str(info.value)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match=r"^--config: cannot read /nonexistent/b\.toml"):
+        load_settings(["--config", "/nonexistent/b.toml", *MIN], {})
+
+
+def test_non_loopback_admin_with_token_is_fine() -> None:
+    settings = load_settings([*MIN, "--admin", "0.0.0.0:8081", "--admin-token", "t"], {})
+    assert settings.admin == Address("0.0.0.0", 8081)
+    assert not settings.admin.is_loopback
+    assert "'t'" not in repr(settings)  # the token stays out of logs
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("example.com", False)],
+)  # fmt: skip
+def test_loopback(host: str, loopback: bool) -> None:
+    assert Address(host, 1).is_loopback is loopback
+
+
+def test_address_str() -> None:
+    assert str(Address("::1", 80)) == "[::1]:80"
+    assert str(Address("127.0.0.1", 80)) == "127.0.0.1:80"
+
+
+def test_load_or_exit_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_or_exit(["--backend", "ftp://x"], {})
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "balancer: error: --backend: 'ftp://x': only http:// backends are supported\n"
+
+
+def test_load_or_exit_generates_a_secret_only_when_none() -> None:
+    generated = load_or_exit(MIN, {})
+    assert len(generated.affinity_secrets) == 1
+    assert len(generated.affinity_secrets[0]) >= 32
+    assert generated.affinity().sign("x")
+    given = load_or_exit([*MIN, "--affinity-secret", SECRET], {})
+    assert given.affinity_secrets == (SECRET,)
+
+
+def test_help_names_environment_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--help"], {})
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--backend URL" in out
+    assert "[BALANCER_BACKENDS]" in out
+    assert "--no-access-log" in out
+
+
+def test_backend_policy_from_settings() -> None:
+    settings = load_settings([*MIN, "--eject-after", "2", "--slow-start", "9"], {})
+    policy = settings.backend_policy()
+    assert (policy.eject_after, policy.ejection_time, policy.slow_start) == (2, 30.0, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "suffix"),
+    [
+        ([], b"Max-Age=86400"),
+        (["--affinity-max-age", "60"], b"Max-Age=60"),
+        (["--affinity-max-age", "0"], b"Lax"),
+    ],
+)
+def test_affinity_from_settings(argv: list[str], suffix: bytes) -> None:
+    settings = load_settings(
+        [*MIN, "--affinity-secret", SECRET, "--affinity-cookie", "pin", *argv], {}
+    )
+    value = settings.affinity().set_cookie("abc")
+    assert value.startswith(b"pin=abc.")
+    assert value.endswith(suffix)
+
+
+def test_health_policy_from_settings() -> None:
+    settings = load_settings([*MIN, "--health-path", "/up", "--health-fall", "5"], {})
+    policy = settings.health_policy()
+    assert (policy.path, policy.interval, policy.timeout, policy.rise, policy.fall) == (
+        "/up",
+        2.0,
+        1.0,
+        2,
+        5,
+    )

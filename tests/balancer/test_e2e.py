@@ -1,0 +1,186 @@
+"""The whole stack as real processes: demo_app instances behind the balancer.
+
+Stickiness from the request that creates the session, two balancers agreeing,
+failover in sticky and hybrid modes, drain from the admin API, /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from session_store import RedisServer
+from tests.helpers import wait_for
+from tests.processes import Process, balancer, demo_app
+
+SECRET = "e2e-affinity-secret-0123456789"
+
+
+@contextlib.contextmanager
+def instances(count: int, store: str, redis_url: str | None) -> Iterator[list[Process]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(demo_app(f"app{i}", store, redis_url)) for i in range(count)]
+
+
+def counter(client: httpx.Client, url: str) -> dict[str, object]:
+    response = client.post(url + "/api/counter")
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def test_sticky_from_the_creating_request(redis_server: RedisServer) -> None:
+    with (
+        instances(3, "memory", None) as apps,
+        balancer([a.url for a in apps], "--sticky", "cookie:sid") as (lb, _),
+    ):
+        for _ in range(5):  # five clients, each a fresh session
+            with httpx.Client() as client:
+                answers = [counter(client, lb.url) for _ in range(8)]
+            assert [a["count"] for a in answers] == list(range(1, 9))
+            assert len({a["instance"] for a in answers}) == 1
+
+
+def test_two_balancers_agree_on_every_session(redis_server: RedisServer) -> None:
+    with (
+        instances(3, "memory", None) as apps,
+        balancer([a.url for a in apps], "--sticky", "cookie:sid", "--affinity-secret", SECRET) as (
+            one,
+            _,
+        ),
+        balancer([a.url for a in apps], "--sticky", "cookie:sid", "--affinity-secret", SECRET) as (
+            two,
+            _,
+        ),
+    ):
+        for _ in range(5):
+            with httpx.Client() as client:
+                answers = [counter(client, (one, two)[i % 2].url) for i in range(8)]
+            assert [a["count"] for a in answers] == list(range(1, 9))
+            assert len({a["instance"] for a in answers}) == 1
+
+
+def test_ip_stickiness(redis_server: RedisServer) -> None:
+    with (
+        instances(3, "memory", None) as apps,
+        balancer([a.url for a in apps], "--sticky", "ip") as (lb, _),
+        httpx.Client() as client,
+    ):
+        answers = [counter(client, lb.url) for _ in range(6)]
+        assert [a["count"] for a in answers] == list(range(1, 7))
+
+
+@pytest.mark.parametrize(("store", "kept"), [("memory", False), ("hybrid", True)])
+def test_failover_when_the_pinned_instance_dies(
+    redis_server: RedisServer, store: str, kept: bool
+) -> None:
+    with (
+        instances(3, store, redis_server.url) as apps,
+        balancer(
+            [a.url for a in apps],
+            "--sticky",
+            "cookie:sid",
+            "--health-interval",
+            "0.2",
+            "--health-timeout",
+            "0.2",
+        ) as (
+            lb,
+            _,
+        ),
+        httpx.Client() as client,
+    ):
+        first = [counter(client, lb.url) for _ in range(3)]
+        pinned = first[-1]["instance"]
+        victim = next(a for a in apps if a.args[a.args.index("--instance-id") + 1] == pinned)
+        victim.popen.kill()
+        victim.popen.wait()
+        after = counter(client, lb.url)  # retried on the next instance: never an error
+        assert after["instance"] != pinned
+        assert after["count"] == (4 if kept else 1)
+        again = counter(client, lb.url)  # the pin moved with it
+        assert again["instance"] == after["instance"]
+        assert again["count"] == after["count"] + 1
+
+
+def test_drain_from_the_admin_api_moves_pinned_clients(redis_server: RedisServer) -> None:
+    with (
+        instances(2, "hybrid", redis_server.url) as apps,
+        balancer([a.url for a in apps], "--sticky", "cookie:sid") as (lb, admin),
+        httpx.Client() as client,
+    ):
+        assert admin is not None
+        pinned = counter(client, lb.url)["instance"]
+        backends = httpx.get(admin + "/backends").json()["backends"]
+        url = next(a.url for a in apps if a.args[a.args.index("--instance-id") + 1] == pinned)
+        backend_id = next(b["id"] for b in backends if b["url"] == url)
+        response = httpx.post(f"{admin}/backends/{backend_id}/drain")
+        assert response.status_code == 200, response.text
+        moved = counter(client, lb.url)
+        assert moved["instance"] != pinned
+        assert moved["count"] == 2
+        state = {b["id"]: b["state"] for b in httpx.get(admin + "/backends").json()["backends"]}
+        assert state[backend_id] == "draining"
+
+
+def test_metrics_count_requests_by_backend(redis_server: RedisServer) -> None:
+    with (
+        instances(2, "memory", None) as apps,
+        balancer([a.url for a in apps], "--sticky", "cookie:sid") as (lb, admin),
+        httpx.Client() as client,
+    ):
+        assert admin is not None
+        for _ in range(4):
+            counter(client, lb.url)
+
+        def counted() -> bool:
+            text = httpx.get(admin + "/metrics").text
+            return any(
+                line.startswith("balancer_requests_total") and line.endswith(" 4.0")
+                for line in text.splitlines()
+            )
+
+        wait_for(counted, 5, "4 requests in /metrics")
+
+
+def test_no_backend_is_503(redis_server: RedisServer) -> None:
+    with (
+        instances(1, "memory", None) as apps,
+        balancer(
+            [a.url for a in apps],
+            "--sticky",
+            "cookie:sid",
+            "--health-interval",
+            "0.2",
+            "--health-timeout",
+            "0.2",
+        ) as (
+            lb,
+            _,
+        ),
+    ):
+        apps[0].popen.kill()
+        apps[0].popen.wait()
+
+        def unavailable() -> bool:
+            return httpx.get(lb.url + "/api/session").status_code == 503
+
+        wait_for(unavailable, 10, "503 once the only backend is gone")
+
+
+def test_bad_flag_exits_2_naming_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "balancer", "--backend", "ftp://x", "--listen", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--backend" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from balancer._maglev import build_table, is_prime, key_hash
+
+NAMES = [f"backend-{i:02d}" for i in range(10)]
+
+
+@pytest.mark.parametrize(
+    ("n", "prime"), [(0, False), (1, False), (2, True), (9, False), (251, True), (65537, True)]
+)
+def test_is_prime(n: int, prime: bool) -> None:
+    assert is_prime(n) is prime
+
+
+def test_table_is_deterministic_and_even() -> None:
+    table = build_table(NAMES, 65537)
+    assert table == build_table(list(NAMES), 65537)
+    shares = Counter(table)
+    assert set(shares) == set(range(10))
+    assert max(shares.values()) / (65537 / 10) < 1.01
+
+
+def test_removing_a_name_moves_little() -> None:
+    table = build_table(NAMES, 65537)
+    smaller = build_table(NAMES[:-1], 65537)
+    moved = sum(1 for a, b in zip(table, smaller, strict=True) if a != b) / 65537
+    # Ideal: only the removed backend's tenth moves.
+    assert 0.1 <= moved < 0.11
+
+
+@pytest.mark.parametrize(
+    ("names", "size", "error"),
+    [(["a"], 100, "must be a prime"), (["a", "a"], 7, "distinct")],
+)
+def test_bad_input(names: list[str], size: int, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        build_table(names, size)
+
+
+def test_empty_and_single() -> None:
+    assert build_table([], 7) == []
+    assert build_table(["only"], 7) == [0] * 7
+
+
+def test_key_hash_is_stable() -> None:
+    # A constant: the same in every process and on every machine (CRC-32).
+    assert key_hash(b"session-1") == 0x23C0BE2E
+    assert key_hash(b"a") == 0xE8B7BE43
