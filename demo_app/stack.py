@@ -1,9 +1,11 @@
-"""``python -m demo_app.stack``: Redis and N demo_app instances, on this machine, one command.
+"""``python -m demo_app.stack``: Redis, N demo_app instances and the balancer, one command.
 
-The mode picks each instance's session store: ``sticky`` keeps sessions in
-instance memory, ``shared`` in Redis, ``hybrid`` in both. Redis is the one
-``REDIS_URL`` names, or one the stack starts itself. Ctrl-C (or SIGTERM) stops
-the instances, then Redis.
+The mode picks each instance's session store and the balancer's stickiness:
+``sticky`` keeps sessions in instance memory behind a cookie-pinning balancer,
+``shared`` keeps them in Redis behind a balancer with no affinity, ``hybrid``
+keeps them in both, pinned. Redis is the one ``REDIS_URL`` names, or one the
+stack starts itself. Ctrl-C (or SIGTERM) stops the balancer, the instances,
+then Redis.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import httpx
 
 from session_store import RedisServerError, running_redis
 
-__all__ = ["STORE_OF_MODE", "main"]
+__all__ = ["STICKY_OF_MODE", "STORE_OF_MODE", "main"]
 
 STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
+STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
 
 
@@ -54,6 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--instances", type=_positive, default=3, help="how many (3)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--base-port", type=int, default=9001, help="first instance's port")
+    parser.add_argument("--port", type=int, default=8080, help="the balancer's port (8080)")
+    parser.add_argument("--admin-port", type=int, default=8081, help="its admin API (8081)")
     args = parser.parse_args(argv)
     ports = range(args.base_port, args.base_port + args.instances)
     if ports[0] < 1024 or ports[-1] > 65535:
@@ -61,6 +66,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     busy = [port for port in ports if not _port_free(args.host, port)]
     if busy:
         parser.error(f"--base-port: port(s) {busy} already in use; pick another --base-port")
+    for flag, port in (("--port", args.port), ("--admin-port", args.admin_port)):
+        if port in ports or not 1024 <= port <= 65535 or not _port_free(args.host, port):
+            parser.error(f"{flag}: port {port} is not free (or is an instance's)")
     return args
 
 
@@ -74,13 +82,13 @@ class _Stop:
         self.event.set()
 
 
-def _wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
+def _wait_ready(process: subprocess.Popen[bytes], url: str, path: str = "/readyz") -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url}: the instance exited with {process.returncode}")
+            raise RuntimeError(f"{url}: exited with {process.returncode}")
         try:
-            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+            if httpx.get(url + path, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -114,15 +122,30 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
             urls.append(f"http://{args.host}:{port}")
         for process, url in zip(processes, urls, strict=True):
             _wait_ready(process, url)
-        print(f"\nmode {args.mode}: sessions in {store}; redis at {redis_url}")
+        balancer_url = f"http://{args.host}:{args.port}"
+        admin_url = f"http://{args.host}:{args.admin_port}"
+        command = [sys.executable, "-m", "balancer", "--listen", f"{args.host}:{args.port}"]
+        command += ["--sticky", STICKY_OF_MODE[args.mode], "--health-path", "/readyz"]
+        command += ["--admin", f"{args.host}:{args.admin_port}"]
         for url in urls:
-            print(f"  instance  {url}/")
-        print("\ntry:  curl -c jar -b jar -X POST " + urls[0] + "/api/counter")
+            command += ["--backend", url]
+        # The balancer is stopped first (it is first in the list): no request meets a
+        # stopped instance.
+        processes.insert(0, subprocess.Popen(command, start_new_session=True))
+        urls.insert(0, balancer_url)
+        _wait_ready(processes[0], admin_url, path="/healthz")
+        print(f"\nmode {args.mode}: sessions in {store}; redis at {redis_url}")
+        print(f"  app (balancer)  {balancer_url}/")
+        print(f"  admin API       {admin_url}/backends")
+        print(f"  metrics         {admin_url}/metrics")
+        for url in urls[1:]:
+            print(f"  instance        {url}/")
+        print(f"\ntry:  curl -c jar -b jar -X POST {balancer_url}/api/counter")
         print("Ctrl-C stops everything.\n", flush=True)
         while not stop.event.wait(0.5):
             for process, url in zip(processes, urls, strict=True):
                 if process.poll() is not None:
-                    print(f"{url}: instance exited with {process.returncode}", file=sys.stderr)
+                    print(f"{url}: exited with {process.returncode}", file=sys.stderr)
                     return 1
         return 0
     except RuntimeError as exc:

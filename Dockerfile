@@ -1,0 +1,30 @@
+# One image for every service of the stack: the demo app (`python -m demo_app`) and the
+# balancer (`python -m balancer`); compose.yaml and deploy/k8s/ pick the command.
+# No secret is baked in: cookie keys and the admin token come from the environment at run time.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Metadata first: the dependency layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml README.md ./
+COPY balancer ./balancer
+COPY session_store ./session_store
+COPY demo_app ./demo_app
+
+# A plain (non-editable) install of the project and its runtime dependencies only: no dev
+# tools, no Redis binary (compose and Kubernetes run the official redis image).
+RUN pip install . \
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app
+
+# A numeric user, so Kubernetes' runAsNonRoot can verify it without resolving names.
+USER 10001
+
+EXPOSE 8000 8080 8081
+
+# The default: one demo app instance with sessions in memory; compose.yaml overrides it.
+CMD ["python", "-m", "demo_app", "--host", "0.0.0.0", "--port", "8000", "--instance-id", "app"]

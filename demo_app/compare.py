@@ -1,0 +1,541 @@
+"""``python -m demo_app.compare``: the same workload against the stack in each mode, with a kill.
+
+For each mode: Redis (``REDIS_URL``, else one started here), N demo_app instances with the
+mode's store and the balancer with the mode's stickiness, all real processes on free ports
+of 127.0.0.1. ``--users`` simulated users (each its own cookie jar, see `demo_app._workload`)
+send ``--requests`` requests each, in rounds: in every round each user sends one request,
+at most ``--concurrency`` at a time. Halfway through round ``requests // 3``, while requests
+are in flight, the ``--kill`` instances that the most users were last served by get SIGKILL;
+after round ``2 * requests // 3`` they are started again on the same ports. Then the stack
+stops. Every count is bounded, every request has a timeout, and ``--deadline`` bounds a mode.
+
+What is measured, per mode:
+
+- ``requests``, ``failed_requests``: sent, and failed (a transport error or a status other
+  than 200, after the balancer's own retries).
+- ``sessions``, ``sessions_lost``: users, and users whose session a reply showed lost or
+  corrupted at least once (a counter that went back, a cart that lost an item).
+  ``sessions_on_killed``: users last served by a killed instance when it was killed;
+  ``sessions_lost_elsewhere``: lost sessions of the other users.
+- ``repins``: the balancer's ``balancer_repins_total`` from its /metrics (pinned clients
+  moved to another instance; 0 without pins, in ``shared``). ``instance_changes``: how often
+  a user's reply came from another instance than its previous one.
+- Redis, from ``INFO commandstats`` after the stack is ready and after the last round
+  (Redis counts the commands a Lua script runs in these stats, like any other):
+  ``redis_commands`` every command executed, script-internal ones included, but not our own
+  INFO; ``redis_round_trips`` the session store's calls (EVALSHA: one per load, save or
+  destroy); ``redis_version_checks`` the load script's runs (its one HGET of the version);
+  ``redis_reads`` full session loads: HGETALL, which only the load script issues, and only
+  when the caller holds no current copy. So a hybrid instance serving its pinned clients
+  from memory checks the version in Redis on every request (a round trip, like ``shared``)
+  but reads the session there only after a failover. The /readyz health checks add PINGs.
+- ``p50_ms``, ``p99_ms``: latency of the successful requests, as the client saw it.
+- ``sessions_per_instance``: where each session was created; ``requests_per_instance``.
+
+Output: a table in the terminal (with a progress bar while it runs), ``--json`` for
+machines, ``--plot`` a PNG chart. Exits 2 on bad arguments (naming the flag), 1 if a stack
+could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from session_store import RedisServerError, running_redis
+
+from ._workload import Step, User
+from .stack import STORE_OF_MODE
+
+__all__ = ["MODES", "STICKY_OF_MODE", "main", "parse_args", "run_comparison", "run_mode"]
+
+MODES = ("sticky", "shared", "hybrid")
+# The balancer's stickiness for each mode (DESIGN.md: the table of modes).
+STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
+READY_TIMEOUT = 30.0  # seconds for an instance or the balancer to come up
+HEALTH_INTERVAL = "0.5"  # seconds between the balancer's checks: a restart is seen quickly
+
+Report = dict[str, Any]
+Advance = Callable[[int], None]
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start (its log's tail is in the message)."""
+
+
+# -- the stack: N instances and a balancer, as child processes -------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class _Child:
+    """One process of the stack, its output in a log file."""
+
+    def __init__(self, args: list[str], url: str, log: Path) -> None:
+        self.args, self.url, self.log = args, url, log
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait_until(self, ready: Callable[[], bool], what: str) -> None:
+        """Poll ``ready`` until it holds; raise `StackError` on exit or after READY_TIMEOUT."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready():
+            assert self.popen is not None
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-1500:]
+                raise StackError(f"{what} did not come up ({self.args[2]}):\n{tail}")
+            time.sleep(0.05)  # poll interval of a readiness wait
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait()
+
+    def terminate(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+
+    def stop(self) -> None:
+        """SIGTERM (unless sent already), then SIGKILL if it is still there after 15 s."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.terminate()
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class Stack:
+    """N demo_app instances (``app1``...) and the balancer in front, for one mode.
+
+    `start` returns once every instance answers /readyz and the balancer forwards; `kill`
+    SIGKILLs an instance; `restart` starts it again on the same port and returns once the
+    balancer sees it up; `stop` ends everything. Raises `StackError` when a process does
+    not come up within READY_TIMEOUT seconds.
+    """
+
+    def __init__(self, mode: str, instances: int, redis_url: str, logs: Path) -> None:
+        self.mode = mode
+        self.apps: dict[str, _Child] = {}
+        for index in range(1, instances + 1):
+            name, port = f"app{index}", _free_port()
+            args = [sys.executable, "-m", "demo_app", "--port", str(port), "--instance-id", name]
+            args += ["--store", STORE_OF_MODE[mode], "--redis-url", redis_url]
+            args += ["--log-level", "warning"]
+            self.apps[name] = _Child(args, f"http://127.0.0.1:{port}", logs / f"{name}.log")
+        port, admin_port = _free_port(), _free_port()
+        args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+        args += ["--admin", f"127.0.0.1:{admin_port}", "--sticky", STICKY_OF_MODE[mode]]
+        for app in self.apps.values():
+            args += ["--backend", app.url]
+        args += ["--health-path", "/readyz", "--health-interval", HEALTH_INTERVAL]
+        args += ["--health-timeout", HEALTH_INTERVAL]
+        # A killed instance is passively ejected (30 s by default): let the restarted one
+        # back in as soon as its health checks pass, within the run.
+        args += ["--ejection-time", "1"]
+        self.balancer = _Child(args, f"http://127.0.0.1:{port}", logs / "balancer.log")
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+
+    @property
+    def url(self) -> str:
+        return self.balancer.url
+
+    def start(self) -> None:
+        # All at once (startup is mostly imports): the balancer's own health checks
+        # decide when it sees every instance up.
+        for app in self.apps.values():
+            app.start()
+        self.balancer.start()
+        for name, app in self.apps.items():
+            app.wait_until(functools.partial(_answers, app.url + "/readyz"), name)
+        self.balancer.wait_until(lambda: self._states() == {"up"}, "the balancer")
+        self.balancer.wait_until(lambda: _answers(self.url + "/healthz"), "the balancer")
+
+    def _states(self, url: str | None = None) -> set[str]:
+        try:
+            backends = httpx.get(self.admin_url + "/backends", timeout=1.0).json()["backends"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return set()
+        return {b["state"] for b in backends if url is None or b["url"] == url}
+
+    def kill(self, name: str) -> None:
+        self.apps[name].kill()
+
+    def restart(self, name: str) -> None:
+        app = self.apps[name]
+        app.start()
+        app.wait_until(functools.partial(_answers, app.url + "/readyz"), name)
+        self.balancer.wait_until(lambda: self._states(app.url) == {"up"}, f"{name} in the pool")
+
+    def repins(self) -> int | None:
+        """``balancer_repins_total`` from the balancer's /metrics, or None if it has none."""
+        try:
+            text = httpx.get(self.admin_url + "/metrics", timeout=2.0).text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("balancer_repins_total "):
+                return int(float(line.split()[1]))
+        return None
+
+    def stop(self) -> None:
+        self.balancer.stop()  # first: no request reaches an instance that is stopping
+        for app in self.apps.values():
+            app.terminate()  # all at once: each waits for its own graceful shutdown
+        for app in self.apps.values():
+            app.stop()
+
+
+# -- Redis counters --------------------------------------------------------------------------
+
+
+def _commandstats(client: redis.Redis) -> Counter[str]:
+    stats: dict[str, dict[str, Any]] = client.info("commandstats")
+    return Counter(
+        {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+    )
+
+
+def _redis_counts(before: Counter[str], after: Counter[str]) -> dict[str, int]:
+    """The Redis measures of the module docstring, from two INFO commandstats snapshots."""
+    delta = after - before
+    del delta["info"]  # our own measuring
+    return {
+        "redis_commands": sum(delta.values()),
+        "redis_round_trips": delta["evalsha"] + delta["eval"],
+        "redis_version_checks": delta["hget"],
+        "redis_reads": delta["hgetall"],
+    }
+
+
+# -- one mode --------------------------------------------------------------------------------
+
+
+def _percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _busiest(users: Sequence[User], count: int) -> list[str]:
+    """The ``count`` instances that the most users were last served by."""
+    served = Counter(user.last_instance for user in users if user.last_instance is not None)
+    return [name for name, _ in served.most_common(count)]
+
+
+def run_mode(
+    mode: str,
+    *,
+    users: int,
+    requests: int,
+    kill: int,
+    instances: int = 3,
+    concurrency: int = 16,
+    deadline: float = 300.0,
+    advance: Advance = lambda n: None,
+) -> Report:
+    """Run the workload against a fresh stack in ``mode``; the report of the module docstring.
+
+    ``advance(n)`` is called as requests complete (for a progress bar). Raises `StackError`
+    if the stack does not start, `RedisServerError` if no Redis can be started.
+    """
+    with ExitStack() as stack_exit:
+        redis_url = stack_exit.enter_context(running_redis())
+        logs = Path(stack_exit.enter_context(tempfile.TemporaryDirectory(prefix="compare-")))
+        stack = Stack(mode, instances, redis_url, logs)
+        stack_exit.callback(stack.stop)
+        stack.start()
+        client = stack_exit.enter_context(redis.Redis.from_url(redis_url))
+        before = _commandstats(client)
+        # One TLS context for every client: building one costs ~0.1 s, and none is used.
+        tls = ssl.create_default_context()
+        people = [User(index, stack.url, tls=tls) for index in range(users)]
+        for user in people:
+            stack_exit.callback(user.close)
+        steps: list[Step] = []
+        killed: list[str] = []
+        on_killed: set[int] = set()
+        kill_round = requests // 3 if kill else -1
+        restart_round = 2 * requests // 3 if kill else -1
+        stop_at = time.monotonic() + deadline
+        completed_rounds = 0
+        with ThreadPoolExecutor(max_workers=min(concurrency, users)) as pool:
+            for n in range(requests):
+                if time.monotonic() > stop_at:
+                    break
+                futures = [pool.submit(user.step, n) for user in people]
+                for done, future in enumerate(as_completed(futures), start=1):
+                    steps.append(future.result())
+                    advance(1)
+                    if n == kill_round and not killed and done >= len(futures) // 2:
+                        # Mid-round: the other half of this round is in flight or queued.
+                        killed = _busiest(people, kill)
+                        on_killed = {u.index for u in people if u.last_instance in killed}
+                        for name in killed:
+                            stack.kill(name)
+                completed_rounds += 1
+                if n == restart_round:
+                    for name in killed:
+                        stack.restart(name)
+        after = _commandstats(client)
+        repins = stack.repins()
+        latencies = sorted(step.latency * 1000 for step in steps if step.ok)
+        lost = {user.index for user in people if user.lost}
+        return {
+            "requests": len(steps),
+            "failed_requests": sum(not step.ok for step in steps),
+            "sessions": users,
+            "sessions_lost": len(lost),
+            "sessions_on_killed": len(on_killed),
+            "sessions_lost_elsewhere": len(lost - on_killed),
+            "killed": killed,
+            "repins": repins if repins is not None else sum(u.instance_changes for u in people),
+            "repins_source": "balancer /metrics" if repins is not None else "instance changes",
+            "instance_changes": sum(user.instance_changes for user in people),
+            **_redis_counts(before, after),
+            "p50_ms": round(_percentile(latencies, 0.50), 2),
+            "p99_ms": round(_percentile(latencies, 0.99), 2),
+            "sessions_per_instance": dict(
+                sorted(Counter(u.first_instance or "none" for u in people).items())
+            ),
+            "requests_per_instance": dict(
+                sorted(Counter(s.instance for s in steps if s.instance).items())
+            ),
+            "completed": completed_rounds == requests,
+        }
+
+
+# -- the whole comparison, its table and its chart ---------------------------------------------
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int], Advance]]:
+    """A rich progress bar; yields ``track(mode, total) -> advance``."""
+    from rich.console import Console  # noqa: PLC0415 - the compare extra, only when run
+    from rich.progress import Progress  # noqa: PLC0415
+
+    if not enabled:
+        yield lambda mode, total: lambda n: None
+        return
+    # On stderr: stdout keeps only the table.
+    with Progress(console=Console(stderr=True), transient=False) as progress:
+
+        def track(mode: str, total: int) -> Advance:
+            task = progress.add_task(f"{mode:<7}", total=total)
+            return lambda n: progress.advance(task, n)
+
+        yield track
+
+
+def run_comparison(args: argparse.Namespace, *, show_progress: bool = True) -> Report:
+    """Every mode of ``args.modes`` in turn; ``{"modes": {mode: report}, "settings": ...}``."""
+    reports: dict[str, Report] = {}
+    with _progress(show_progress) as track:
+        for mode in args.modes:
+            reports[mode] = run_mode(
+                mode,
+                users=args.users,
+                requests=args.requests,
+                kill=args.kill,
+                instances=args.instances,
+                concurrency=args.concurrency,
+                deadline=args.deadline,
+                advance=track(mode, args.users * args.requests),
+            )
+    settings = {
+        key: getattr(args, key) for key in ("users", "requests", "kill", "instances", "concurrency")
+    }
+    return {"modes": reports, "settings": settings}
+
+
+_ROWS = (
+    ("requests", "requests"),
+    ("failed_requests", "failed requests"),
+    ("sessions", "sessions"),
+    ("sessions_lost", "sessions lost or corrupted"),
+    ("sessions_on_killed", "sessions on the killed instance"),
+    ("repins", "re-pins"),
+    ("redis_commands", "redis commands"),
+    ("redis_round_trips", "redis round trips (EVALSHA)"),
+    ("redis_version_checks", "redis version checks"),
+    ("redis_reads", "redis reads (full loads)"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("sessions_per_instance", "sessions per instance"),
+)
+
+
+def print_table(result: Report) -> None:
+    from rich.console import Console  # noqa: PLC0415 - the compare extra, only when run
+    from rich.table import Table  # noqa: PLC0415
+
+    modes: dict[str, Report] = result["modes"]
+    table = Table(title="sticky vs shared vs hybrid")
+    table.add_column("")
+    for mode in modes:
+        table.add_column(mode, justify="right")
+    for key, label in _ROWS:
+        cells = []
+        for report in modes.values():
+            value = report[key]
+            if isinstance(value, dict):
+                value = " ".join(f"{name}:{n}" for name, n in value.items())
+            cells.append(str(value))
+        table.add_row(label, *cells)
+    Console().print(table)
+
+
+def plot(result: Report, path: Path) -> None:
+    """A PNG of the comparison: losses and failures, Redis traffic, latency."""
+    import matplotlib  # noqa: PLC0415 - the compare extra, only when --plot is given
+
+    matplotlib.use("Agg")  # no display: render straight to a file
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    modes: dict[str, Report] = result["modes"]
+    names = list(modes)
+    panels = (
+        ("sessions and requests", ("sessions_lost", "failed_requests", "repins")),
+        ("redis", ("redis_round_trips", "redis_version_checks", "redis_reads")),
+        ("latency (ms)", ("p50_ms", "p99_ms")),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
+    for axis, (title, keys) in zip(axes, panels, strict=True):
+        width = 0.8 / len(keys)
+        for offset, key in enumerate(keys):
+            positions = [i + offset * width for i in range(len(names))]
+            axis.bar(positions, [modes[m][key] for m in names], width, label=key)
+        axis.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(names))], names)
+        axis.set_title(title)
+        axis.legend(fontsize="small")
+    settings = result["settings"]
+    figure.suptitle(
+        f"{settings['users']} users x {settings['requests']} requests, "
+        f"{settings['kill']} instance(s) killed of {settings['instances']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, not {value}")
+        return value
+
+    return parse
+
+
+def _modes(text: str) -> list[str]:
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(MODES)}, got {text!r}"
+        )
+    if len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"a mode is listed twice: {text!r}")
+    return modes
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 3600 seconds, not {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m demo_app.compare",
+        description="Run one workload against the stack in each mode, kill an instance, "
+        "and count what was lost.",
+    )
+    parser.add_argument("--modes", type=_modes, default=list(MODES), help="(all three)")
+    parser.add_argument("--users", type=_bounded(1, 5000), default=200, help="(200)")
+    # Half the requests add to the cart, which the app caps at 100 items.
+    parser.add_argument("--requests", type=_bounded(3, 200), default=20, help="per user (20)")
+    parser.add_argument("--kill", type=_bounded(0, 63), default=1, help="instances to kill (1)")
+    parser.add_argument("--instances", type=_bounded(1, 64), default=3, help="(3)")
+    parser.add_argument(
+        "--concurrency", type=_bounded(1, 256), default=16, help="requests in flight (16)"
+    )
+    parser.add_argument("--deadline", type=_seconds, default=300.0, help="per mode (300 s)")
+    parser.add_argument("--json", type=Path, help="write the report there")
+    parser.add_argument("--plot", type=Path, help="draw a PNG chart there")
+    args = parser.parse_args(argv)
+    if args.kill >= args.instances:
+        parser.error(f"--kill: {args.kill} of {args.instances} instances would leave none")
+    for flag in ("json", "plot"):
+        path: Path | None = getattr(args, flag)
+        if path is not None and not path.parent.is_dir():
+            parser.error(f"--{flag}: directory {path.parent} does not exist")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        result = run_comparison(args, show_progress=sys.stderr.isatty())
+    except (StackError, RedisServerError) as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print_table(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot is not None:
+        plot(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()
