@@ -35,6 +35,17 @@ async def async_wait_for(
         await asyncio.sleep(0.01)
 
 
+async def async_wait_until(
+    condition: Callable[[], bool], within: float = 10.0, what: str = ""
+) -> None:
+    """`async_wait_for` for a plain (synchronous) condition."""
+
+    async def check() -> bool:
+        return condition()
+
+    await async_wait_for(check, within, what)
+
+
 class FakeClock:
     """A clock that moves only when told to."""
 

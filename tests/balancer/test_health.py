@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from balancer import Backend, BackendPolicy, BackendState, Pool
 from balancer._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker, apply_result
+from tests.helpers import async_wait_until
 
 # -- the pure part ---------------------------------------------------------------------------
 
@@ -81,16 +82,6 @@ def make_app(behaviour: Behaviour) -> Starlette:
     return Starlette(routes=[Route("/healthz", healthz)])
 
 
-async def wait_for(condition: Callable[[], bool], deadline: float = 5.0) -> None:
-    """Wait until `condition()` holds, or fail after `deadline` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[str, Behaviour]]:
     behaviour = Behaviour()
@@ -105,7 +96,7 @@ async def server() -> AsyncIterator[tuple[str, Behaviour]]:
     )
     srv = uvicorn.Server(config)
     task = asyncio.create_task(srv.serve())
-    await wait_for(lambda: srv.started or task.done())
+    await async_wait_until(lambda: srv.started or task.done())
     assert srv.started, "the test server did not start"
     port = srv.servers[0].sockets[0].getsockname()[1]
     try:
@@ -204,10 +195,10 @@ async def test_run_loops_and_releases_ejections(
     checker = HealthChecker(pool, client, HealthPolicy(interval=0.01), clock=lambda: now[0])
     task = asyncio.create_task(checker.run())
     try:
-        await wait_for(lambda: bool(checker._trackers))  # a round has been applied
+        await async_wait_until(lambda: bool(checker._trackers))  # a round has been applied
         assert state() is BackendState.DOWN  # ejected until 105, checks pass meanwhile
         now[0] = 105.0
-        await wait_for(lambda: state() is BackendState.UP)
+        await async_wait_until(lambda: state() is BackendState.UP)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

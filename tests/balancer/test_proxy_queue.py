@@ -11,15 +11,11 @@ import pytest
 from balancer import Pool, Router, Sticky
 from balancer._proxy import ProxyOptions, ProxyServer
 from tests.balancer.backends import Client, HttpBackend, RecordingMetrics
-from tests.helpers import async_wait_for
+from tests.helpers import async_wait_until
 
 pytestmark = pytest.mark.anyio
 
 GET = b"GET /hello HTTP/1.1\r\nHost: example.test\r\n\r\n"
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def started(pool: Pool, queue_timeout: float) -> ProxyServer:
@@ -38,7 +34,7 @@ async def test_a_queued_request_goes_out_when_a_backend_comes_up() -> None:
         try:
             client = await Client.open(server.port)
             answer = asyncio.ensure_future(client.request(GET))
-            await async_wait_for(lambda: _true(server.queued > 0), 5, "the request to queue")
+            await async_wait_until(lambda: server.queued > 0, 5, "the request to queue")
             assert backend.connections == 0
             only.mark_up(time.monotonic())
             response = await asyncio.wait_for(answer, 5)
