@@ -136,7 +136,12 @@ def finish(users: list[User]) -> None:
 
 
 # --min-uptime 0.5: a chaos worker serves at least 1 s, which is no crash loop; never hold.
-CHAOS = ("--sticky", "cookie:sid", "--min-uptime", "0.5", "--max-crashes", "0")
+# A queue long enough for the worst moment of a loaded 2-core machine: all three workers
+# down at once, each taking a second or more to start again.
+CHAOS = (
+    "--sticky", "cookie:sid", "--min-uptime", "0.5", "--max-crashes", "0",
+    "--queue-timeout", "10",
+)  # fmt: skip
 _SLACK = 0.1  # seconds: a crash is logged when reaped, a moment after requests saw it
 
 
