@@ -234,6 +234,13 @@ def _integer(minimum: int) -> Parser:
     return parse
 
 
+def _worker_count(value: object) -> object:
+    """N >= 1, or "auto": one per CPU, as Node's cluster examples and gunicorn advise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _integer(1)(value)
+
+
 def _number(*, zero: bool) -> Parser:
     """A finite number (seconds, a ratio), > 0 (or >= 0 with `zero`)."""
 
@@ -466,7 +473,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("retry_floor", _number(zero=True), "retries earned per second", None, "N"),
     _Option("shutdown_deadline", _number(zero=True), "seconds to finish on SIGTERM", None, "S"),
     _Option("queue_timeout", _number(zero=True), "seconds to wait for a backend", None, "S"),
-    _Option("spawn", _integer(1), "start and supervise N workers (default: off)", None, "N"),
+    _Option(
+        "spawn", _worker_count, "start and supervise N workers, or auto: one per CPU", None, "N"
+    ),
     _Option(
         "worker_cmd", _command_template, "a worker's command, with {port} {index}", None, "TEMPLATE"
     ),

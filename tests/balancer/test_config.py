@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -215,6 +216,7 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--queue-timeout", "nan"], "--queue-timeout", ""),
     (["--bogus"], "command line", "unrecognized arguments: --bogus"),
     (["--spawn", "0", "--app", "m:a"], "--spawn", "at least 1"),
+    (["--spawn", "many", "--app", "m:a"], "--spawn", "expected an integer"),
     (["--spawn", "2"], "--spawn", "needs --worker-cmd TEMPLATE or --app MODULE:ATTR"),
     (["--worker-cmd", CMD], "--worker-cmd", "needs --spawn N"),
     (["--app", "m:a"], "--app", "needs --spawn N"),
@@ -392,3 +394,10 @@ def test_health_policy_from_settings() -> None:
         2,
         5,
     )
+
+
+def test_spawn_auto_is_one_worker_per_cpu() -> None:
+    settings = load_settings([*MIN, "--spawn", "auto", "--app", "m:a"], {})
+    assert settings.spawn == (os.cpu_count() or 1)
+    from_env = load_settings(MIN, {"BALANCER_SPAWN": "AUTO", "BALANCER_APP": "m:a"})
+    assert from_env.spawn == settings.spawn
