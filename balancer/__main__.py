@@ -21,6 +21,7 @@ from types import FrameType
 from ._balancer import Balancer
 from ._config import Settings, load_or_exit
 from ._log import configure_logging, log_event
+from ._proxy import tune_gc
 from ._supervisor import Command
 
 __all__ = ["main"]
@@ -43,6 +44,7 @@ def _run_loop(settings: Settings, *, reuse_port: bool, admin_port_offset: int) -
                 (signal.SIGTTOU, Command.SCALE_DOWN),
             ):
                 loop.add_signal_handler(signum, supervisor.enqueue, command)
+        tune_gc()  # start-up is done: everything is imported and configured
         await balancer.serve(stop, reuse_port=reuse_port)
 
     try:

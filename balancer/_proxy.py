@@ -13,6 +13,7 @@ a Task). HTTP status codes are chosen here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import re
@@ -43,10 +44,27 @@ from ._http import (
 from ._router import Decision
 from ._upstream import UpstreamConnection, UpstreamPool
 
-__all__ = ["ProxyOptions", "ProxyServer"]
+__all__ = ["ProxyOptions", "ProxyServer", "tune_gc"]
 
 logger = logging.getLogger("balancer")
 access_logger = logging.getLogger("balancer.access")
+
+
+# Young objects a gen-0 collection waits for (CPython's default: 700). A request allocates
+# a few dozen container objects, nearly all freed by reference counting, so the default
+# runs a collection every ~20 requests for nothing.
+_GC_GEN0 = 20_000
+
+
+def tune_gc() -> None:
+    """Call once, after start-up: move what start-up allocated (modules, the admin app)
+    out of the collector's sight, and collect the young generation less often. Cheap
+    insurance: +7% requests/s in one earlier measurement; ~1 us of ~90 us CPU a request,
+    within the noise, in the benchmark on a busy 2-core machine."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(_GC_GEN0, gen1, gen2)
 
 
 class RequestRouter(Protocol):
@@ -729,6 +747,9 @@ class _ClientConnection(asyncio.Protocol):
             return
         if race:
             req.stale_retried = True
+            # Not one of --max-attempts: the backend never saw the request, and spending
+            # an attempt here left a GET one try short when workers were crashing.
+            req.attempts -= 1
             self._metrics.retried(backend.id)
             self._attempt(req, backend, now, fresh=True)
             return
@@ -880,6 +901,10 @@ class _ClientConnection(asyncio.Protocol):
             self._head_out = None
             if self._chunked_out:
                 transport.writelines((head, b"%x\r\n" % len(data), data, b"\r\n"))
+            elif len(data) <= 16384:
+                # A short body joined to its head: one buffer costs uvloop ~0.35 us less
+                # CPU than a writelines of two (measured on a socket pair).
+                transport.write(head + data)
             else:
                 transport.writelines((head, data))
         elif self._chunked_out:

@@ -95,6 +95,33 @@ _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:", re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
 
 
+# Final heads already relayed: head bytes -> (framing, relayed head); see
+# `on_headers_complete`. Bounded in entries and key length (~0.5 MiB at worst).
+_HEADS: dict[bytes, tuple[int, bytes]] = {}
+_HEADS_MAX = 256
+_HEAD_KEY_MAX = 1024
+
+
+def _relayed_head(status: int, core: bytes, body: int | None) -> tuple[int, bytes]:
+    """The body framing of a final response head (`body` if given, else read from its
+    fields) and the head as relayed: without hop-by-hop fields, in HTTP/1.1, ending in
+    CRLF. `core` is the status line and the fields, without the blank line."""
+    if body is None:
+        if _TRANSFER_ENCODING.search(core) is not None:
+            body = BODY_CHUNKED  # llhttp accepted it: chunked is the final coding
+        elif _CONTENT_LENGTH.search(core) is not None:
+            body = BODY_LENGTH
+        else:
+            body = BODY_UNTIL_CLOSE
+    if status == 101:
+        core = _HOP_BY_HOP_BUT_UPGRADE.sub(b"", core)
+    else:
+        core = _HOP_BY_HOP_FIELD.sub(b"", core)
+    if not core.startswith(b"HTTP/1.1 "):
+        core = b"HTTP/1.1 " + core[9:]  # we speak HTTP/1.1 to the client
+    return body, core + b"\r\n"
+
+
 class _StopParsing(Exception):
     """Raised from a parser callback to stop after a HEAD response's head (httptools
     cannot be told that a response has no body; llhttp would wait for Content-Length
@@ -316,23 +343,25 @@ class UpstreamConnection(asyncio.Protocol):
         if not parser.should_keep_alive():
             self._keep_alive = False
         if self._head_request or status in (204, 304, 101):
-            body = BODY_NONE
-        elif _TRANSFER_ENCODING.search(core) is not None:
-            body = BODY_CHUNKED  # llhttp accepted it: chunked is the final coding
-        elif _CONTENT_LENGTH.search(core) is not None:
-            body = BODY_LENGTH
+            body, head = _relayed_head(status, core, BODY_NONE)
         else:
-            body = BODY_UNTIL_CLOSE
-            self._keep_alive = False
-        if status == 101:
-            core = _HOP_BY_HOP_BUT_UPGRADE.sub(b"", core)
-        else:
-            core = _HOP_BY_HOP_FIELD.sub(b"", core)
-        if not core.startswith(b"HTTP/1.1 "):
-            core = b"HTTP/1.1 " + core[9:]  # we speak HTTP/1.1 to the client
+            # The framing and the relayed head are a function of the head's bytes, and a
+            # backend sends the same head again and again (the Date changes once a
+            # second): a dict lookup instead of two regex searches and a substitution
+            # (~3.5 us a response).
+            cached = _HEADS.get(core)
+            if cached is None:
+                cached = _relayed_head(status, core, None)
+                if len(core) <= _HEAD_KEY_MAX:
+                    if len(_HEADS) >= _HEADS_MAX:
+                        _HEADS.clear()
+                    _HEADS[core] = cached
+            body, head = cached
+            if body == BODY_UNTIL_CLOSE:
+                self._keep_alive = False
         self._status = status
         self._body = body
-        handler.upstream_head(status, core + b"\r\n", body)
+        handler.upstream_head(status, head, body)
         if self._head_request and self.handler is handler:
             self._stopped = True
             raise _StopParsing

@@ -47,7 +47,7 @@ import asyncio, sys, zlib
 import uvloop
 from balancer import AffinityCookie, Backend, Decision, Pool, Router, Sticky
 from balancer._metrics import Metrics
-from balancer._proxy import ProxyOptions, ProxyServer
+from balancer._proxy import ProxyOptions, ProxyServer, tune_gc
 
 class StandInRouter:
     def __init__(self, urls):
@@ -70,6 +70,7 @@ async def main() -> None:
         server = ProxyServer(StandInRouter(urls), NoMetrics(),
                              ProxyOptions(keepalive_per_backend=64))
     await server.start("127.0.0.1", int(sys.argv[1]))
+    tune_gc()  # as `python -m balancer` does
     await asyncio.Event().wait()
 
 uvloop.run(main())

@@ -1,14 +1,20 @@
-"""The data path's pure parts: options, the retry budget, trusted proxies, header helpers."""
+"""The data path's pure parts: options, the retry budget, trusted proxies, header helpers,
+and how a backend connection relays a response head (its head cache included)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 
 from balancer import ConfigError
 from balancer._http import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_UNTIL_CLOSE,
     TrustedProxies,
     chunk,
     connection_tokens,
@@ -17,6 +23,7 @@ from balancer._http import (
     new_request_id,
 )
 from balancer._proxy import ProxyOptions, _RetryBudget
+from balancer._upstream import _HEADS, ResponseHandler, UpstreamConnection, UpstreamPool
 from tests.helpers import FakeClock
 
 
@@ -73,3 +80,106 @@ def test_header_helpers() -> None:
     response = error_response(503, keep_alive=False)
     assert response.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert response.endswith(b"Connection: close\r\n\r\n503 Service Unavailable\n")
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+class _Heads:
+    """A ResponseHandler that records the heads a connection relays."""
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[int, bytes, int]] = []
+        self.completed = 0
+
+    def upstream_head(self, status: int, head: bytes, body: int) -> None:
+        self.heads.append((status, head, body))
+
+    def upstream_body(self, data: bytes) -> None:
+        pass
+
+    def upstream_flush(self) -> None:
+        pass
+
+    def upstream_complete(self, conn: UpstreamConnection) -> None:
+        self.completed += 1
+
+
+def _exchange(response: bytes) -> tuple[tuple[int, bytes, int], bool]:
+    """Feed `response` to a fresh connection: (the relayed head, reusable afterwards)."""
+    pool = UpstreamPool("b", "127.0.0.1", 1, max_idle=1, connect_timeout=1.0, clock=lambda: 0.0)
+    conn = UpstreamConnection(pool)
+    conn.connection_made(cast(asyncio.BaseTransport, _FakeTransport()))
+    handler = _Heads()
+    conn.start(cast(ResponseHandler, handler), 0.0, head_request=False)
+    conn.data_received(response)
+    assert len(handler.heads) == 1
+    return handler.heads[0], handler.completed == 1 and conn.reusable
+
+
+@pytest.mark.parametrize(
+    ("response", "relayed", "framing", "reusable"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+            b"Keep-Alive: timeout=5\r\nProxy-Foo: 1\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\n",
+            BODY_LENGTH,
+            True,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nTE: x\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+            BODY_CHUNKED,
+            True,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+            BODY_LENGTH,
+            False,
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\n",
+            BODY_UNTIL_CLOSE,
+            False,
+        ),
+    ],
+    ids=["length", "chunked", "close", "until-close"],
+)
+def test_relayed_head_is_the_same_from_the_head_cache(
+    response: bytes, relayed: bytes, framing: int, reusable: bool
+) -> None:
+    _HEADS.clear()
+    first = _exchange(response)
+    assert len(_HEADS) == 1  # the second exchange takes the cached head
+    second = _exchange(response)
+    assert first == second == ((200, relayed, framing), reusable)
+
+
+def test_head_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("balancer._upstream._HEADS_MAX", 4)
+    _HEADS.clear()
+    for i in range(20):
+        response = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n\r\n" % i
+        (_, head, _), _ = _exchange(response)
+        assert head == b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n" % i
+        assert len(_HEADS) <= 4
+    long_head = b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"
+    _exchange(long_head)
+    assert long_head[:-4] not in _HEADS

@@ -362,6 +362,60 @@ def test_table_is_rebuilt_only_when_the_up_set_changes(monkeypatch: pytest.Monke
     assert len(builds) == 2
 
 
+def test_cached_decision_never_vouches_for_a_tampered_pin() -> None:
+    pool, router = make()
+    target = list(pool)[3]
+    value = AffinityCookie(secrets=SECRETS).sign(target.id)
+    valid = b"lb_affinity=" + value + b"; sid=k"
+    for _ in range(3):  # the valid header's decision is cached now
+        assert decide(router, valid) == Decision(target, None, False)
+    for tampered in (
+        b"lb_affinity=" + value[:-2] + (b"AA" if value[-2:] != b"AA" else b"BB") + b"; sid=k",
+        b"lb_affinity=" + value + b"x; sid=k",
+        b"lb_affinity=" + value[:-1] + b"; sid=k",
+    ):
+        for _ in range(2):
+            decision = decide(router, tampered)
+            assert decision.set_cookie is not None  # no pin: a fresh one is issued
+            assert decision.backend.id == expected_hashed(pool, b"k")
+    assert decide(router, valid) == Decision(target, None, False)
+
+
+def test_cached_decision_follows_backend_state() -> None:
+    pool, router = make()
+    pinned = list(pool)[2]
+    header = pin(pinned.id) + b"; sid=s"
+    assert decide(router, header).backend is pinned
+    pinned.mark_down("refused", 0.0)
+    moved = decide(router, header)
+    assert moved.backend is not pinned
+    assert moved.repinned is True
+    assert moved.backend.id == expected_hashed(pool, b"s")
+    pinned.mark_up(1.0)
+    assert decide(router, header) == Decision(pinned, None, False)
+    pool.remove(pinned.id)
+    assert decide(router, header).backend is not pinned
+
+
+def test_new_clients_are_placed_at_random_even_with_a_cookie_header() -> None:
+    _, router = make()
+    # Neither cookie: placement is random each time, never replayed from the cache.
+    placed = {decide(router, b"other=1").backend.id for _ in range(100)}
+    assert len(placed) > 1
+
+
+def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("balancer._router._DECIDED_MAX", 16)
+    pool, router = make()
+    for i in range(100):
+        key = b"s%d" % i
+        assert decide(router, b"sid=" + key).backend.id == expected_hashed(pool, key)
+        assert len(router._decided) <= 16
+    long_header = b"sid=" + b"x" * 600
+    decide(router, long_header)
+    assert long_header not in router._decided
+
+
 def test_key_hash_drives_cookie_placement() -> None:
     _, router = make()
     decision = decide(router, b"sid=abc")
