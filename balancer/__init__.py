@@ -5,13 +5,17 @@ from __future__ import annotations
 from ._admin import create_admin_app
 from ._affinity import DEFAULT_AFFINITY_COOKIE, AffinityCookie, Sticky, StickyMode, generate_secret
 from ._backend import Backend, BackendPolicy, BackendState
+from ._client import BalancedSyncTransport, BalancedTransport, StaticInstances
 from ._config import Address, LogFormat, Settings, load_or_exit, load_settings
+from ._discovery import Discovery
 from ._exceptions import (
     BackendExists,
     BalancerError,
     ConfigError,
     InvalidTransition,
     NoBackendAvailable,
+    RegistryError,
+    RegistryUnavailable,
     UnknownBackend,
     UpstreamConnectError,
     UpstreamError,
@@ -23,12 +27,21 @@ from ._log import configure_logging, log_event, log_state_change
 from ._maglev import DEFAULT_TABLE_SIZE
 from ._metrics import Metrics
 from ._pool import Pool, StateListener
+from ._registry import (
+    DEFAULT_REGISTRY_TTL,
+    Instance,
+    Registry,
+    RegistryTarget,
+    Snapshot,
+    parse_registry_url,
+)
 from ._router import Balance, Decision, Router
 from ._supervisor import Supervisor, SupervisorOptions
 from ._workers import RestartPolicy, Worker, WorkerState
 
 __all__ = [
     "DEFAULT_AFFINITY_COOKIE",
+    "DEFAULT_REGISTRY_TTL",
     "DEFAULT_TABLE_SIZE",
     "Address",
     "AffinityCookie",
@@ -37,22 +50,32 @@ __all__ = [
     "BackendPolicy",
     "BackendState",
     "Balance",
+    "BalancedSyncTransport",
+    "BalancedTransport",
     "BalancerError",
     "CheckResult",
     "ConfigError",
     "Decision",
+    "Discovery",
     "HealthChecker",
     "HealthPolicy",
     "HealthTracker",
+    "Instance",
     "InvalidTransition",
     "LogFormat",
     "Metrics",
     "NoBackendAvailable",
     "Pool",
+    "Registry",
+    "RegistryError",
+    "RegistryTarget",
+    "RegistryUnavailable",
     "RestartPolicy",
     "Router",
     "Settings",
+    "Snapshot",
     "StateListener",
+    "StaticInstances",
     "Sticky",
     "StickyMode",
     "Supervisor",
@@ -71,4 +94,5 @@ __all__ = [
     "load_settings",
     "log_event",
     "log_state_change",
+    "parse_registry_url",
 ]

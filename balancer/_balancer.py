@@ -14,11 +14,13 @@ import uvicorn
 
 from ._admin import create_admin_app
 from ._config import Settings
+from ._discovery import Discovery
 from ._health import HealthChecker
 from ._log import log_event, log_state_change
 from ._metrics import Metrics
 from ._pool import Pool
 from ._proxy import ProxyOptions, ProxyServer
+from ._registry import Registry
 from ._router import Router
 from ._supervisor import Supervisor, SupervisorOptions
 from ._workers import RestartPolicy
@@ -89,6 +91,11 @@ class Balancer:
     With ``settings.spawn``, the listener opens first (a request that comes before a
     worker is ready waits in the proxy's queue), then `supervisor` starts the workers;
     they are stopped right after the proxy has finished its requests.
+
+    With ``settings.discover``, the registry watcher makes one read before the listener
+    opens (bounded by the registry's timeout: an unreachable Redis only means starting
+    with the configured backends), then follows the registry; it stops after the proxy has
+    finished its requests, and its Redis client is closed last.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class Balancer:
         options = supervisor_options(settings)
         self.supervisor = None if options is None else Supervisor(self.pool, options, clock=clock)
         self.admin: _AdminServer | None = None
+        self.discovery: Discovery | None = None  # with --discover, once serve() started
         self.ready = asyncio.Event()
 
     @property
@@ -126,10 +134,12 @@ class Balancer:
         return self.proxy.port
 
     async def serve(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
-        async with httpx.AsyncClient(trust_env=False) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
             checker = HealthChecker(
                 self.pool, client, self.settings.health_policy(), clock=self.clock
             )
+            discovery = await self._start_discovery(stack)
             if self.supervisor is None:
                 await self._listen(reuse_port)
                 await self._start_admin()
@@ -144,7 +154,21 @@ class Balancer:
             try:
                 await stop.wait()
             finally:
-                await self._shutdown(health)
+                await self._shutdown(health, discovery)
+
+    async def _start_discovery(self, stack: contextlib.AsyncExitStack) -> asyncio.Task[None] | None:
+        """With --discover: the registry (closed by `stack`), one first read, the watcher."""
+        target = self.settings.discover
+        if target is None:
+            return None
+        registry = Registry.from_target(target)
+        stack.push_async_callback(registry.aclose)
+        self.discovery = Discovery(
+            self.pool, registry, interval=self.settings.discover_interval, clock=self.clock
+        )
+        await self.discovery.refresh()
+        log_event("discovering", registry=str(target), backends=len(self.pool))
+        return asyncio.create_task(self.discovery.run(), name="discovery")
 
     async def _start_workers(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         """Spawn the workers; wait until they are ready (or the ready timeout, or `stop`)."""
@@ -203,14 +227,18 @@ class Balancer:
         self.admin_port: int = sock.getsockname()[1]
         log_event("admin listening", address=f"{address.host}:{self.admin_port}")
 
-    async def _shutdown(self, health: asyncio.Task[None]) -> None:
+    async def _shutdown(
+        self, health: asyncio.Task[None], discovery: asyncio.Task[None] | None = None
+    ) -> None:
         log_event("shutting down", in_flight=sum(b.in_flight for b in self.pool))
         await self.proxy.shutdown()
         if self.supervisor is not None:
             await self.supervisor.shutdown()
-        health.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await health
+        for task in (health, discovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.admin is not None:
             self.admin.should_exit = True
             await self._admin_task

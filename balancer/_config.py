@@ -45,9 +45,10 @@ from ._affinity import (
     is_cookie_name,
 )
 from ._backend import Backend, BackendPolicy
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, RegistryError
 from ._health import HealthPolicy
 from ._maglev import DEFAULT_TABLE_SIZE, is_prime
+from ._registry import RegistryTarget, parse_registry_url
 from ._router import Balance
 
 __all__ = ["Address", "LogFormat", "Network", "Settings", "load_or_exit", "load_settings"]
@@ -140,6 +141,10 @@ class Settings:
     restart_backoff_max: float = 10.0  # seconds: the doubling stops here
     min_uptime: float = 5.0  # seconds ready; a worker dying sooner crashed early
     max_crashes: int = 5  # early crashes in a row that hold a worker; 0 = never
+    # The service registry (docs/registry.md): backends are also the live instances of
+    # this service, added and removed as they register and leave or die.
+    discover: RegistryTarget | None = None  # redis://HOST:PORT[/DB]/SERVICE
+    discover_interval: float = 0.5  # seconds between full reads of the registry
 
     def backend_policy(self) -> BackendPolicy:
         return BackendPolicy(
@@ -385,6 +390,13 @@ def _backend(value: object) -> str:
         raise _Invalid(exc.message) from None
 
 
+def _registry_target(value: object) -> RegistryTarget:
+    try:
+        return parse_registry_url(_text(value).strip())
+    except RegistryError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def _network(value: object) -> Network:
     try:
         return ipaddress.ip_network(_text(value).strip(), strict=False)
@@ -489,6 +501,14 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("restart_backoff_max", _number(zero=True), "most seconds before a restart", None, "S"),
     _Option("min_uptime", _number(zero=True), "seconds up to not count as a crash loop", None, "S"),
     _Option("max_crashes", _integer(0), "early crashes in a row to hold; 0 = never", None, "N"),
+    _Option(
+        "discover",
+        _registry_target,
+        "add the live instances of a service from the registry",
+        None,
+        "redis://HOST:PORT/DB/SERVICE",
+    ),
+    _Option("discover_interval", _number(zero=False), "seconds between registry reads", None, "S"),
 )
 _BY_FIELD = {option.name: option for option in _OPTIONS}
 assert set(_BY_FIELD) == {f.name for f in fields(Settings)}, "an option per setting"
@@ -590,8 +610,8 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
             raise ConfigError(option.flag, f"{exc}{where}") from None
     settings = Settings(**values)
     _validate_spawn(settings)
-    if not settings.backends and settings.spawn is None:
-        raise ConfigError("--backend", "at least one backend is needed")
+    if not settings.backends and settings.spawn is None and settings.discover is None:
+        raise ConfigError("--backend", "at least one backend is needed (or --discover URL)")
     if len(set(settings.backends)) != len(settings.backends):
         raise ConfigError("--backend", "a backend is listed twice")
     admin = settings.admin

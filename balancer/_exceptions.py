@@ -6,12 +6,15 @@
     ├── InvalidTransition ........ a backend was asked for a state change its state forbids
     ├── UnknownBackend ........... no backend in the pool has that id (admin: 404)
     ├── BackendExists ............ a backend with that URL is already in the pool (admin: 409)
+    ├── RegistryError ............ the service registry refused an operation or holds bad data
+    │   └── RegistryUnavailable .. Redis is down, too slow or read-only: try again later
     └── UpstreamError ............ a backend failed a request (the data path; `.backend_id`)
         ├── UpstreamConnectError . could not connect or send: retryable on another backend (502)
         ├── UpstreamTimeout ...... no connection or no response in time (504)
         └── UpstreamProtocolError  closed early or sent an invalid response (502)
 
-Foreign errors (httpx in the health checks, tomllib and argparse in the configuration) are
+Foreign errors (httpx in the health checks and the client transport, redis-py in the registry,
+tomllib and argparse in the configuration) are
 translated into these once, where they are caught; nothing above that sees them.
 """
 
@@ -23,6 +26,8 @@ __all__ = [
     "ConfigError",
     "InvalidTransition",
     "NoBackendAvailable",
+    "RegistryError",
+    "RegistryUnavailable",
     "UnknownBackend",
     "UpstreamConnectError",
     "UpstreamError",
@@ -76,6 +81,14 @@ class BackendExists(BalancerError, ValueError):
         super().__init__(f"backend {url} is already in the pool (id {backend_id})")
         self.url = url
         self.backend_id = backend_id
+
+
+class RegistryError(BalancerError):
+    """The service registry refused an operation, or an argument or a record is invalid."""
+
+
+class RegistryUnavailable(RegistryError):
+    """Redis, behind the registry, did not answer in time or is not accepting writes."""
 
 
 class UpstreamError(BalancerError):

@@ -12,6 +12,8 @@ from types import FrameType
 
 import uvicorn
 
+from balancer import Instance, RegistryError
+
 from ._app import DEMO_SECRET, AppSettings, create_app
 
 logger = logging.getLogger("demo_app")
@@ -45,6 +47,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="cookie signing key, repeatable, newest first (default: $SESSION_SECRET_KEYS, "
         "comma-separated; else an insecure demo key)",
     )
+    parser.add_argument(
+        "--registry",
+        metavar="URL",
+        help="announce this instance in the service registry at this Redis URL "
+        "(redis://HOST:PORT/DB; docs/registry.md)",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="URL",
+        help="with --registry: where callers reach this instance (default http://HOST:PORT)",
+    )
+    parser.add_argument("--service", default="demo", help="with --registry: the service (demo)")
+    parser.add_argument(
+        "--registry-ttl",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="with --registry: seconds without a heartbeat before the instance counts as dead",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
@@ -61,7 +82,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.secret_keys = [key for key in from_env.split(",") if key]
     if any(len(key) < 16 for key in args.secret_keys):
         parser.error("--secret-key: every key must be at least 16 characters long")
+    _check_registry(parser, args)
     return args
+
+
+def _check_registry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 naming the flag for a registry option that cannot work."""
+    if args.registry is None:
+        if args.advertise is not None:
+            parser.error("--advertise: needs --registry URL")
+        return
+    if not args.registry.startswith(("redis://", "rediss://", "unix://")):
+        parser.error(f"--registry: expected redis://HOST:PORT/DB, got {args.registry!r}")
+    if args.advertise is None:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        args.advertise = f"http://{host}:{args.port}"
+    try:
+        Instance(
+            service=args.service,
+            id=args.instance_id,
+            address=args.advertise,
+            ttl=args.registry_ttl,
+        )
+    except RegistryError as exc:
+        flag = "--registry-ttl" if "ttl" in str(exc) else "--advertise"
+        if str(exc).startswith("service"):
+            flag = "--service"
+        elif str(exc).startswith("instance id"):
+            flag = "--instance-id"
+        parser.error(f"{flag}: {exc}")
 
 
 def _stopped_already(signum: int, frame: FrameType | None) -> None:
@@ -79,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         redis_url=args.redis_url,
         secret_keys=tuple(args.secret_keys or [DEMO_SECRET]),
         chaos=args.chaos,
+        registry_url=args.registry,
+        service=args.service,
+        advertise=args.advertise,
+        registry_ttl=args.registry_ttl,
     )
     config = uvicorn.Config(
         create_app(settings),

@@ -29,6 +29,7 @@ from session_store import (
 )
 
 from ._page import render_page
+from ._registration import Registration
 
 __all__ = [
     "CHAOS_EXIT_CODE",
@@ -67,6 +68,12 @@ class AppSettings:
     cookie_name: str = "sid"
     idle_timeout: float = 30 * 60  # seconds
     chaos: bool = False  # crash at a random moment in CHAOS_WINDOW after starting (tests only)
+    # The service registry (docs/registry.md): announce this instance at `advertise` while
+    # it serves. Off without `registry_url`.
+    registry_url: str | None = None
+    service: str = "demo"
+    advertise: str | None = None  # http://host:port where callers reach this instance
+    registry_ttl: float = 3.0  # seconds without a heartbeat before it counts as dead
 
 
 def _make_store(settings: AppSettings) -> SessionStore:
@@ -86,6 +93,16 @@ def create_app(settings: AppSettings) -> Starlette:
     """The demo app for one instance. The store is created here and closed on shutdown."""
     store = _make_store(settings)
     pid = os.getpid()
+    registration = None
+    if settings.registry_url is not None and settings.advertise is not None:
+        registration = Registration(
+            settings.registry_url,
+            service=settings.service,
+            advertise=settings.advertise,
+            instance_id=settings.instance_id,
+            metadata={"pid": str(pid), "store": settings.store},
+            ttl=settings.registry_ttl,
+        )
 
     def identity() -> dict[str, Any]:
         return {"instance": settings.instance_id, "pid": pid}
@@ -156,7 +173,11 @@ def create_app(settings: AppSettings) -> Starlette:
         if settings.chaos:
             timer = asyncio.get_running_loop().call_later(random.uniform(*CHAOS_WINDOW), crash)
         try:
-            yield
+            if registration is None:
+                yield
+            else:
+                async with registration.lifespan():
+                    yield
         finally:
             if timer is not None:
                 timer.cancel()

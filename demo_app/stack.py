@@ -6,6 +6,11 @@ The mode picks each instance's session store and the balancer's stickiness:
 keeps them in both, pinned. Redis is the one ``REDIS_URL`` names, or one the
 stack starts itself. Ctrl-C (or SIGTERM) stops the balancer, the instances,
 then Redis.
+
+With ``--discover`` the instances announce themselves in the service registry (in the
+same Redis) and the balancer finds them there (``--discover``) rather than from a list:
+start one more instance by hand (the command is printed) and it gets traffic within a
+second; stop one and it leaves the pool.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -30,6 +36,7 @@ __all__ = ["STICKY_OF_MODE", "STORE_OF_MODE", "main"]
 STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
 STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
+SERVICE = "demo"  # the service name in the registry, with --discover
 
 
 def _positive(text: str) -> int:
@@ -59,6 +66,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-port", type=int, default=9001, help="first instance's port")
     parser.add_argument("--port", type=int, default=8080, help="the balancer's port (8080)")
     parser.add_argument("--admin-port", type=int, default=8081, help="its admin API (8081)")
+    parser.add_argument(
+        "--discover",
+        action="store_true",
+        help="the instances register in the service registry and the balancer discovers "
+        "them: start or stop instances by hand while it runs",
+    )
     args = parser.parse_args(argv)
     ports = range(args.base_port, args.base_port + args.instances)
     if ports[0] < 1024 or ports[-1] > 65535:
@@ -108,6 +121,22 @@ def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+def discover_url(redis_url: str, service: str = SERVICE) -> str:
+    """`redis://HOST:PORT/DB/SERVICE` for the balancer's --discover, from a Redis URL."""
+    parts = urlsplit(redis_url)
+    db = parts.path.strip("/") or "0"
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}/{service}", parts.query, ""))
+
+
+def instance_command(args: argparse.Namespace, redis_url: str, port: int, name: str) -> list[str]:
+    command = [sys.executable, "-m", "demo_app", "--host", args.host, "--port", str(port)]
+    command += ["--instance-id", name, "--store", STORE_OF_MODE[args.mode]]
+    command += ["--redis-url", redis_url, "--log-level", "warning"]
+    if args.discover:
+        command += ["--registry", redis_url, "--service", SERVICE]
+    return command
+
+
 def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
     store = STORE_OF_MODE[args.mode]
     processes: list[subprocess.Popen[bytes]] = []
@@ -115,9 +144,7 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
     try:
         for index in range(args.instances):
             port = args.base_port + index
-            command = [sys.executable, "-m", "demo_app", "--host", args.host, "--port", str(port)]
-            command += ["--instance-id", f"app{index + 1}", "--store", store]
-            command += ["--redis-url", redis_url, "--log-level", "warning"]
+            command = instance_command(args, redis_url, port, f"app{index + 1}")
             processes.append(subprocess.Popen(command, start_new_session=True))
             urls.append(f"http://{args.host}:{port}")
         for process, url in zip(processes, urls, strict=True):
@@ -127,8 +154,11 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
         command = [sys.executable, "-m", "balancer", "--listen", f"{args.host}:{args.port}"]
         command += ["--sticky", STICKY_OF_MODE[args.mode], "--health-path", "/readyz"]
         command += ["--admin", f"{args.host}:{args.admin_port}"]
-        for url in urls:
-            command += ["--backend", url]
+        if args.discover:
+            command += ["--discover", discover_url(redis_url), "--slow-start", "2"]
+        else:
+            for url in urls:
+                command += ["--backend", url]
         # The balancer is stopped first (it is first in the list): no request meets a
         # stopped instance.
         processes.insert(0, subprocess.Popen(command, start_new_session=True))
@@ -140,6 +170,14 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
         print(f"  metrics         {admin_url}/metrics")
         for url in urls[1:]:
             print(f"  instance        {url}/")
+        if args.discover:
+            port = args.base_port + args.instances
+            more = instance_command(args, redis_url, port, f"app{args.instances + 1}")
+            more[0] = ".venv/bin/python" if more[0] == sys.executable else more[0]
+            print(f"  registry        {discover_url(redis_url)}")
+            print("\none more instance, by hand (it gets traffic within a second; Ctrl-C it and")
+            print("it leaves the pool):")
+            print("  " + " ".join(more))
         print(f"\ntry:  curl -c jar -b jar -X POST {balancer_url}/api/counter")
         print("Ctrl-C stops everything.\n", flush=True)
         while not stop.event.wait(0.5):

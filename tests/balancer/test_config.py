@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from balancer import ConfigError, Sticky
+from balancer import ConfigError, RegistryTarget, Sticky
 from balancer._config import Address, Settings, load_or_exit, load_settings
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 MIN = ["--backend", B1]
 SECRET = "0123456789abcdef-secret"
 CMD = "python -m demo_app --port {port} --instance-id 'w {index}'"
+DISCOVER = "redis://127.0.0.1:6379/2/demo"
 
 
 def test_defaults() -> None:
@@ -117,6 +118,10 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
     (["--min-uptime", "0.5"], {"BALANCER_MIN_UPTIME": "0.5"}, "min_uptime = 0.5",
      "min_uptime", 0.5),
     (["--max-crashes", "0"], {"BALANCER_MAX_CRASHES": "0"}, "max_crashes = 0", "max_crashes", 0),
+    (["--discover", DISCOVER], {"BALANCER_DISCOVER": DISCOVER}, f'discover = "{DISCOVER}"',
+     "discover", RegistryTarget("redis://127.0.0.1:6379/2", "demo")),
+    (["--discover-interval", "0.25"], {"BALANCER_DISCOVER_INTERVAL": "0.25"},
+     "discover_interval = 0.25", "discover_interval", 0.25),
 ]  # fmt: skip
 
 
@@ -238,6 +243,12 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--spawn", "1", "--app", "m:a", "--restart-backoff", "20"], "--restart-backoff-max", "less"),
     (["--min-uptime", "nan"], "--min-uptime", ">= 0"),
     (["--max-crashes", "-1"], "--max-crashes", "at least 0"),
+    (["--discover", "http://127.0.0.1:6379/demo"], "--discover", "expected redis://"),
+    (["--discover", "redis://127.0.0.1:6379/0"], "--discover", "names no service"),
+    (["--discover", "redis://127.0.0.1:6379"], "--discover", "names no service"),
+    (["--discover", "redis://127.0.0.1:6379/a/b"], "--discover", "/DB/SERVICE"),
+    (["--discover", "redis://127.0.0.1:99999/demo"], "--discover", "not a valid URL"),
+    (["--discover-interval", "0"], "--discover-interval", "> 0"),
 ]
 
 
@@ -260,6 +271,14 @@ def test_spawn_makes_backends_optional_and_keeps_given_ones() -> None:
     assert (alone.spawn, alone.backends) == (2, ())
     both = load_settings([*MIN, "--spawn", "1", "--app", "m:a"], {})
     assert both.backends == (B1,)
+
+
+def test_discover_makes_backends_optional_and_hides_the_password() -> None:
+    settings = load_settings(["--discover", "redis://:hunter2@10.0.0.1/demo"], {})
+    assert settings.backends == ()
+    assert settings.discover == RegistryTarget("redis://:hunter2@10.0.0.1/0", "demo")
+    assert str(settings.discover) == "redis://10.0.0.1/0/demo"
+    assert "hunter2" not in repr(settings)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,155 @@
+"""The balancer's registry watcher: `--discover redis://HOST:PORT[/DB]/SERVICE`.
+
+It keeps the pool's discovered backends equal to the live instances of one service
+(protocol: `balancer/_registry.py`). Two inputs, one rule:
+
+- a full read of the registry every `interval` seconds: the source of truth, so a lost
+  notice, a dead instance whose TTL ran out, and a Redis restart all heal by themselves;
+- the pub/sub notices, on their own task: each one only makes the next read happen now, so
+  a new instance gets traffic within milliseconds and a deregistered one leaves at once.
+
+Discovered backends are ordinary pool members: the health checks see them, slow start ramps
+a new one (`--slow-start`), and Maglev moves only the keys the change must move. Backends
+given with `--backend` (or spawned) are never removed by discovery, even if they register.
+When Redis is unreachable the pool keeps its last known set; the watcher logs once, retries
+each interval, and logs again when it recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from ._exceptions import BackendExists, ConfigError, RegistryError, RegistryUnavailable
+from ._log import log_event
+from ._pool import Pool
+from ._registry import Changes, Instance, Membership, Registry
+
+__all__ = ["DEFAULT_DISCOVER_INTERVAL", "Discovery"]
+
+DEFAULT_DISCOVER_INTERVAL = 0.5  # seconds between full reads
+
+
+class Discovery:
+    """Watch one service in `registry` and mirror its live instances into `pool`.
+
+    Run `run()` as a task for the life of the balancer and cancel it to stop; `refresh()`
+    does one read and applies it (tests, and the first read at startup). The registry is
+    the caller's: created in its lifespan and closed by it, after this task ends.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        registry: Registry,
+        *,
+        interval: float = DEFAULT_DISCOVER_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.interval = interval
+        self._clock = clock
+        self.membership = Membership()
+        self._mine: dict[str, str] = {}  # instance id -> backend id, of backends we added
+        self._wake = asyncio.Event()
+        self._gone: set[str] = set()  # ids that announced "down" since the last read
+        self._unreachable = False
+        self.synced = asyncio.Event()  # set after the first successful read
+
+    def __repr__(self) -> str:
+        return f"<Discovery {self.registry.service!r} [instances: {len(self._mine)}]>"
+
+    async def run(self) -> None:
+        """Read every `interval` seconds, or at once after a notice; cancel to stop."""
+        listener = asyncio.create_task(self._listen(), name="discovery-notices")
+        try:
+            while True:
+                await self.refresh()
+                # The interval is the schedule of the reads; a notice cuts it short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                self._wake.clear()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def refresh(self) -> Changes:
+        """One full read, applied to the pool; on an unreachable Redis, changes nothing."""
+        gone, self._gone = self._gone, set()
+        try:
+            snapshot = await self.registry.read()
+        except RegistryUnavailable as exc:
+            self._gone |= gone
+            self.membership.unreachable()
+            if not self._unreachable:
+                self._unreachable = True
+                log_event(
+                    "registry_unreachable",
+                    level=logging.WARNING,
+                    service=self.registry.service,
+                    error=str(exc),
+                    keeping=len(self._mine),
+                )
+            return Changes()
+        except RegistryError as exc:
+            log_event("registry_error", level=logging.ERROR, error=str(exc))
+            return Changes()
+        if self._unreachable:
+            self._unreachable = False
+            log_event("registry_recovered", service=self.registry.service)
+        changes = self.membership.update(snapshot, self._clock(), gone)
+        self._apply(changes)
+        self.synced.set()
+        return changes
+
+    def _apply(self, changes: Changes) -> None:
+        for instance in changes.removed:
+            backend_id = self._mine.pop(instance.id, None)
+            if backend_id is not None and backend_id in self.pool:
+                self.pool.remove(backend_id)
+                log_event("backend_undiscovered", instance=instance.id, url=instance.address)
+        for instance in changes.added:
+            self._add(instance)
+
+    def _add(self, instance: Instance) -> None:
+        try:
+            if self.pool.find(instance.address) is not None:
+                return  # configured (or spawned) already: not ours to add, nor to remove
+            backend = self.pool.add(instance.address)
+        except (ConfigError, BackendExists) as exc:
+            log_event(
+                "registry_bad_address",
+                level=logging.WARNING,
+                instance=instance.id,
+                error=str(exc),
+            )
+            return
+        self._mine[instance.id] = backend.id
+        if self.pool.policy.slow_start > 0:
+            # A new instance starts cold (empty caches, a JIT-less warm-up of its imports):
+            # ramp its share as for a backend that comes back UP.
+            backend.ramp_from = self._clock()
+        log_event("backend_discovered", instance=instance.id, url=backend.url, id=backend.id)
+
+    async def _listen(self) -> None:
+        """Wake the reader on every notice; resubscribe after a failure, forever."""
+        while True:
+            try:
+                async with self.registry.notices() as next_notice:
+                    # Subscribed: a notice sent while we were not is covered by this read.
+                    self._wake.set()
+                    while True:
+                        notice = await next_notice(self.interval)
+                        if notice is None:
+                            continue
+                        if notice.event == "down":
+                            self._gone.add(notice.id)
+                        self._wake.set()
+            except RegistryError:
+                # The reads log the outage; here only wait and subscribe again.
+                await asyncio.sleep(self.interval)
