@@ -82,6 +82,20 @@ def _error(status: int, reason: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "reason": reason}, status_code=status)
 
 
+async def _json_object(request: Request, example: str) -> dict[str, object] | JSONResponse:
+    """The request's body as a JSON object, or the 413/400 answer that says what is wrong.
+    A body that is JSON but not an object comes back as an empty dict: the caller's check
+    of the field it needs then names the expected shape (``example``)."""
+    body = await request.body()
+    if len(body) > _MAX_BODY:
+        return _error(413, "body_too_large", f"the body is over {_MAX_BODY} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return _error(400, "invalid_json", f"the body must be JSON: {example}")
+    return data if isinstance(data, dict) else {}
+
+
 class _BearerAuth:
     """Pure ASGI (never BaseHTTPMiddleware: 140-215 us a request, DESIGN.md)."""
 
@@ -136,14 +150,10 @@ def create_admin_app(
         return JSONResponse(backends_body())
 
     async def add_backend(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > _MAX_BODY:
-            return _error(413, "body_too_large", f"the body is over {_MAX_BODY} bytes")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return _error(400, "invalid_json", 'the body must be JSON: {"url": "http://..."}')
-        url = data.get("url") if isinstance(data, dict) else None
+        data = await _json_object(request, '{"url": "http://..."}')
+        if isinstance(data, JSONResponse):
+            return data
+        url = data.get("url")
         if not isinstance(url, str):
             return _error(400, "missing_url", 'the body must be {"url": "http://host:port"}')
         try:
@@ -181,14 +191,10 @@ def create_admin_app(
 
     async def scale_workers(request: Request) -> Response:
         assert workers is not None
-        body = await request.body()
-        if len(body) > _MAX_BODY:
-            return _error(413, "body_too_large", f"the body is over {_MAX_BODY} bytes")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return _error(400, "invalid_json", 'the body must be JSON: {"delta": 1}')
-        delta = data.get("delta") if isinstance(data, dict) else None
+        data = await _json_object(request, '{"delta": 1}')
+        if isinstance(data, JSONResponse):
+            return data
+        delta = data.get("delta")
         if delta not in (1, -1) or isinstance(delta, bool):
             return _error(400, "invalid_delta", 'the body must be {"delta": 1} or {"delta": -1}')
         desired = workers.scale(delta)  # InvalidTransition below one worker: 409

@@ -19,6 +19,15 @@ from tests.helpers import wait_for
 from tests.processes import Process, balancer, demo_app
 
 SECRET = "e2e-affinity-secret-0123456789"
+# Cookie stickiness, and health checks quick enough to see a killed instance within a second.
+STICKY_FAST_HEALTH = (
+    "--sticky",
+    "cookie:sid",
+    "--health-interval",
+    "0.2",
+    "--health-timeout",
+    "0.2",
+)
 
 
 @contextlib.contextmanager
@@ -81,18 +90,7 @@ def test_failover_when_the_pinned_instance_dies(
 ) -> None:
     with (
         instances(3, store, redis_server.url) as apps,
-        balancer(
-            [a.url for a in apps],
-            "--sticky",
-            "cookie:sid",
-            "--health-interval",
-            "0.2",
-            "--health-timeout",
-            "0.2",
-        ) as (
-            lb,
-            _,
-        ),
+        balancer([a.url for a in apps], *STICKY_FAST_HEALTH) as (lb, _),
         httpx.Client() as client,
     ):
         first = [counter(client, lb.url) for _ in range(3)]
@@ -151,18 +149,7 @@ def test_metrics_count_requests_by_backend(redis_server: RedisServer) -> None:
 def test_no_backend_is_503(redis_server: RedisServer) -> None:
     with (
         instances(1, "memory", None) as apps,
-        balancer(
-            [a.url for a in apps],
-            "--sticky",
-            "cookie:sid",
-            "--health-interval",
-            "0.2",
-            "--health-timeout",
-            "0.2",
-        ) as (
-            lb,
-            _,
-        ),
+        balancer([a.url for a in apps], *STICKY_FAST_HEALTH) as (lb, _),
     ):
         apps[0].popen.kill()
         apps[0].popen.wait()
