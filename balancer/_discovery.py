@@ -1,5 +1,8 @@
 """The balancer's registry watcher: `--discover redis://HOST:PORT[/DB]/SERVICE`.
 
+Any Redis URL form works, with the service at the end of its path (Sentinel, Cluster, TLS:
+`parse_registry_url`); the registry's client comes from `session_store.redis_client`.
+
 It keeps the pool's discovered backends equal to the live instances of one service
 (protocol: `balancer/_registry.py`). Two inputs, one rule:
 

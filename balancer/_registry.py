@@ -11,7 +11,11 @@ skewed clocks agree):
                               replica), which tells a watcher to wait before removing anyone
     registry:{S}:changes      pub/sub channel: {"event": "up" | "down", "id": I}
 
-The braces make every key of a service one Redis Cluster slot. The record:
+The braces make every key of a service one Redis Cluster slot (its hash tag is the service
+name), so each script below runs whole on the one node that owns that slot, reads included:
+on a cluster a read is as atomic and as correct as on one server. The price is that one
+service's registry lives on one shard; a registry is small (one record per instance) and is
+read a few times a second, so that costs nothing worth sharding. The record:
 
     {"service": S, "id": I, "address": "http://host:port", "version": "1.2",
      "metadata": {"zone": "a"}, "ttl": 3.0}
@@ -35,6 +39,7 @@ become `RegistryUnavailable` or `RegistryError`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -42,12 +47,11 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import redis.asyncio
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+
+from session_store import RedisClient, RedisURLError, parse_redis_url, redact_url, redis_client
 
 from ._exceptions import RegistryError, RegistryUnavailable
 
@@ -117,6 +121,11 @@ for i = 1, #entries, 2 do
 end
 return {now, redis.call('GET', KEYS[2]), out}
 """
+
+
+_SHAS = {
+    script: hashlib.sha1(script.encode()).hexdigest() for script in (_HEARTBEAT, _DEREGISTER, _READ)
+}
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -290,44 +299,66 @@ class Notice:
 class RegistryTarget:
     """Where a service is registered: a Redis URL and the service name.
 
-    `parse_registry_url` reads the one-URL form `redis://HOST:PORT[/DB]/SERVICE`.
+    `parse_registry_url` reads the one-URL form `redis://HOST:PORT[/DB]/SERVICE` (or any other
+    topology's URL with `/SERVICE` at the end of its path).
     """
 
     redis_url: str
     service: str
 
     def __str__(self) -> str:
-        parts = urlsplit(self.redis_url)
-        netloc = parts.netloc.rpartition("@")[2]  # never print a password
-        path = parts.path.rstrip("/")
-        return urlunsplit((parts.scheme, netloc, f"{path}/{self.service}", "", ""))
+        base = redact_url(self.redis_url).partition("?")[0].rstrip("/")  # never a password
+        return f"{base}/{self.service}"
 
     __repr__ = __str__
 
 
-def parse_registry_url(url: str) -> RegistryTarget:
-    """`redis[s]://[user:password@]HOST[:PORT][/DB]/SERVICE[?query]` into a RegistryTarget.
+# The registry URL of each scheme: a Redis URL of that scheme with /SERVICE at the end.
+_FORMS = {
+    "redis": "redis://HOST:PORT[/DB]/SERVICE",
+    "rediss": "rediss://HOST:PORT[/DB]/SERVICE",
+    "redis+sentinel": "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB]/SERVICE",
+    "rediss+sentinel": "rediss+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB]/SERVICE",
+    "redis+cluster": "redis+cluster://HOST:PORT[,HOST:PORT...]/SERVICE",
+    "rediss+cluster": "rediss+cluster://HOST:PORT[,HOST:PORT...]/SERVICE",
+}
 
-    The last path segment is the service; a number before it is the database (default 0).
-    Raises RegistryError saying what is wrong.
+
+def parse_registry_url(url: str) -> RegistryTarget:
+    """A Redis URL with the service as its last path segment into a RegistryTarget.
+
+    `redis[s]://[user:password@]HOST[:PORT][/DB]/SERVICE[?query]`: a number before the
+    service is the database (default 0). The Sentinel and Cluster forms of
+    `session_store.redis_client` work the same way: `redis+sentinel://H:P,H:P/MASTER[/DB]/S`,
+    `redis+cluster://H:P,H:P/S`. Raises RegistryError saying what is wrong, never showing
+    the password.
     """
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise RegistryError(f"{url!r} is not a valid URL ({exc})") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise RegistryError(f"{url!r}: expected redis://HOST:PORT/DB/SERVICE")
-    if not parts.hostname:
-        raise RegistryError(f"{url!r} has no host")
-    segments = [s for s in parts.path.split("/") if s]
-    if not segments or (len(segments) == 1 and segments[0].isdigit()):
-        raise RegistryError(f"{url!r} names no service (redis://HOST:PORT/DB/SERVICE)")
-    if len(segments) > 2 or (len(segments) == 2 and not segments[0].isdigit()):
-        raise RegistryError(f"{url!r}: expected the path /DB/SERVICE or /SERVICE")
+    scheme, sep, rest = url.partition("://")
+    form = _FORMS.get(scheme.lower()) if sep else None
+    if form is None:
+        raise RegistryError(
+            f"{redact_url(url)!r}: expected redis://HOST:PORT/DB/SERVICE "
+            "(or rediss://, redis+sentinel://, redis+cluster://: docs/registry.md)"
+        )
+    rest = rest.partition("#")[0]
+    rest, question, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    segments = [s for s in path.split("/") if s] if slash else []
+    plain = scheme.lower() in ("redis", "rediss")
+    if not segments or (plain and len(segments) == 1 and segments[0].isdigit()):
+        raise RegistryError(f"{redact_url(url)!r} names no service ({form})")
     service = _check_name("service", segments[-1])
-    db = segments[0] if len(segments) == 2 else "0"
-    redis_url = urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+    base = segments[:-1]
+    if plain:
+        if len(base) > 1 or (base and not base[0].isdigit()):
+            raise RegistryError(f"{redact_url(url)!r}: expected the path /DB/SERVICE or /SERVICE")
+        base = base or ["0"]
+    store_path = "/" + "/".join(base) if base else ""
+    redis_url = f"{scheme}://{netloc}{store_path}{question}{query}"
+    try:
+        parse_redis_url(redis_url)
+    except RedisURLError as exc:
+        raise RegistryError(f"not a valid URL: {exc} (expected {form})") from None
     return RegistryTarget(redis_url, service)
 
 
@@ -341,15 +372,16 @@ def _decode(value: bytes | str) -> str:
 class Registry:
     """One service's registry in Redis: register, heartbeat, deregister, read, watch.
 
-    `client` is a `redis.asyncio.Redis` the caller created (with socket timeouts: they bound
-    every call) and closes, unless `owns_client`; `Registry.from_url` builds one. Every method
-    raises RegistryUnavailable when Redis is down, too slow or read-only, RegistryError when
-    it refuses otherwise; never a redis-py error.
+    `client` is a `redis.asyncio.Redis` or `redis.asyncio.RedisCluster` the caller created
+    (with socket timeouts: they bound every call) and closes, unless `owns_client`;
+    `Registry.from_url` builds one with `session_store.redis_client`, for any topology. Every
+    method raises RegistryUnavailable when Redis is down, too slow, read-only or failing over,
+    RegistryError when it refuses otherwise; never a redis-py error.
     """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: RedisClient,
         service: str,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -366,26 +398,19 @@ class Registry:
         self.epoch_key = base + "epoch"
         self.channel = base + "changes"
         self._epoch_token = secrets.token_hex(8)
-        # redis-py leaves these untyped; this is the one place we say what they are.
-        self._heartbeat: Callable[..., Awaitable[Any]] = client.register_script(_HEARTBEAT)
-        self._deregister: Callable[..., Awaitable[Any]] = client.register_script(_DEREGISTER)
-        self._read: Callable[..., Awaitable[Any]] = client.register_script(_READ)
+        # redis-py leaves execute_command untyped; this is the one place we say what it is.
+        self._execute: Callable[..., Awaitable[Any]] = client.execute_command
 
     @classmethod
     def from_url(
         cls, url: str, service: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 1.0
     ) -> Registry:
-        """A registry with its own client for the Redis at `url` (redis:// or rediss://)."""
+        """A registry with its own client for the Redis at `url`: any URL that
+        `session_store.redis_client` reads (one server, Sentinel, Cluster; TLS, ACL)."""
         try:
-            client = redis.asyncio.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # One immediate retry heals a pooled connection that a Redis restart closed.
-                retry=Retry(NoBackoff(), 1),
-            )
-        except ValueError as exc:
-            raise RegistryError(f"{url!r} is not a Redis URL: {exc}") from None
+            client = redis_client(url, timeout=timeout)
+        except RedisURLError as exc:
+            raise RegistryError(f"not a Redis URL: {exc}") from None
         return cls(client, service, prefix=prefix, timeout=timeout, owns_client=True)
 
     @classmethod
@@ -394,6 +419,18 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"<Registry service={self.service!r}>"
+
+    async def _script(self, script: str, keys: Sequence[str], *args: str | int) -> Any:
+        # Every key of a script shares the service's slot: on a cluster, the script is
+        # routed by its first key to the one node that owns them all.
+        sha = _SHAS[script]
+        try:
+            return await self._execute("EVALSHA", sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            # A new or restarted server, or a promoted replica (the script cache is not
+            # replicated): EVAL runs it and caches it on that node only, where SCRIPT LOAD
+            # would go to every primary of a cluster.
+            return await self._execute("EVAL", script, len(keys), *keys, *args)
 
     async def _call(self, operation: Awaitable[T]) -> T:
         # The one seam where redis-py's errors become ours.
@@ -406,10 +443,14 @@ class Registry:
             redis.exceptions.TimeoutError,
             redis.exceptions.ReadOnlyError,
             redis.exceptions.BusyLoadingError,
+            # A cluster slot without a primary yet: a failover under way.
+            redis.exceptions.ClusterDownError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.SlotNotCoveredError,
             OSError,
         ) as exc:
             raise RegistryUnavailable(f"redis is unavailable: {exc}") from exc
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise RegistryError(f"redis refused the operation: {exc}") from exc
 
     async def register(self, instance: Instance) -> bool:
@@ -418,18 +459,24 @@ class Registry:
             raise RegistryError(f"{instance.id} is of service {instance.service!r}")
         keys = [self.heartbeats_key, self.instance_prefix + instance.id, self.epoch_key]
         ttl_ms = max(1, int(instance.ttl * 1000))
-        args = [instance.id, instance.to_json(), ttl_ms, self._epoch_token, self.channel]
-        return bool(await self._call(self._heartbeat(keys=keys, args=args)))
+        args: list[str | int] = [
+            instance.id,
+            instance.to_json(),
+            ttl_ms,
+            self._epoch_token,
+            self.channel,
+        ]
+        return bool(await self._call(self._script(_HEARTBEAT, keys, *args)))
 
     async def deregister(self, instance_id: str) -> bool:
         """Remove an instance at once and say so; True if it was registered."""
         keys = [self.heartbeats_key, self.instance_prefix + instance_id]
-        return bool(await self._call(self._deregister(keys=keys, args=[instance_id, self.channel])))
+        return bool(await self._call(self._script(_DEREGISTER, keys, instance_id, self.channel)))
 
     async def read(self) -> Snapshot:
         """The live instances now: one atomic read of the heartbeats and the records."""
         keys = [self.heartbeats_key, self.epoch_key]
-        reply = await self._call(self._read(keys=keys, args=[self.instance_prefix]))
+        reply = await self._call(self._script(_READ, keys, self.instance_prefix))
         now = int(reply[0]) / 1000
         epoch = None if reply[1] is None else _decode(reply[1])
         flat: Sequence[bytes | str] = reply[2]
@@ -444,6 +491,9 @@ class Registry:
         """Subscribe to the change notices; yields `next(wait)`: a Notice, or None after
         `wait` seconds without one. Raises RegistryUnavailable when the subscription
         breaks: subscribe again, and read in full, since notices were lost meanwhile."""
+        # A command first: a cluster client learns its slot map on its first command, and
+        # its pub/sub needs that map to pick the node to subscribe on.
+        await self._call(self.client.ping())
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await self._call(pubsub.subscribe(self.channel))

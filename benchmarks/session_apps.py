@@ -46,7 +46,9 @@ def create() -> Starlette:
     if kind == "ours":
         from session_store import RedisStore, SessionMiddleware
 
-        store = RedisStore.from_url(redis_url)
+        # BENCH_MIN_REPLICAS_ACK: WAIT for that many replicas after each save (redis_topology.py).
+        acks = int(os.environ.get("BENCH_MIN_REPLICAS_ACK", "0"))
+        store = RedisStore.from_url(redis_url, min_replicas_ack=acks)
         closers.append(store)
         middleware.append(Middleware(SessionMiddleware, store=store, secret_keys=[SECRET]))
     elif kind == "starsessions":

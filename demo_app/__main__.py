@@ -13,8 +13,9 @@ from types import FrameType
 import uvicorn
 
 from balancer import Instance, RegistryError
+from session_store import RedisURLError, parse_redis_url
 
-from ._app import DEMO_SECRET, AppSettings, create_app
+from ._app import DEMO_SECRET, STORE_TIMEOUT, AppSettings, create_app
 
 logger = logging.getLogger("demo_app")
 
@@ -38,7 +39,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL"),
-        help="Redis for --store redis|hybrid (default: $REDIS_URL)",
+        help="Redis for --store redis|hybrid (default: $REDIS_URL): redis://, rediss://, "
+        "redis+sentinel://HOST:PORT,.../MASTER, redis+cluster://HOST:PORT,... "
+        "(docs/session_store.md)",
+    )
+    parser.add_argument(
+        "--min-replicas-ack",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --store redis|hybrid: answer a session write only once N replicas have it "
+        "(Redis WAIT), else 503; 0 is off (docs/session_store.md)",
+    )
+    parser.add_argument(
+        "--ack-timeout-ms",
+        type=int,
+        default=500,
+        metavar="MS",
+        help="with --min-replicas-ack: how long a write waits for the replicas (500)",
     )
     parser.add_argument(
         "--secret-key",
@@ -51,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--registry",
         metavar="URL",
         help="announce this instance in the service registry at this Redis URL "
-        "(redis://HOST:PORT/DB; docs/registry.md)",
+        "(redis://HOST:PORT/DB, or any form --redis-url takes; docs/registry.md)",
     )
     parser.add_argument(
         "--advertise",
@@ -77,13 +95,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.store != "memory" and not args.redis_url:
         parser.error(f"--store {args.store} needs --redis-url (or REDIS_URL in the environment)")
+    if args.store != "memory":
+        try:
+            parse_redis_url(args.redis_url)
+        except RedisURLError as exc:
+            parser.error(f"--redis-url: {exc}")
     if not args.secret_keys:
         from_env = os.environ.get("SESSION_SECRET_KEYS", "")
         args.secret_keys = [key for key in from_env.split(",") if key]
     if any(len(key) < 16 for key in args.secret_keys):
         parser.error("--secret-key: every key must be at least 16 characters long")
+    _check_acks(parser, args)
     _check_registry(parser, args)
     return args
+
+
+def _check_acks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 naming the flag for acknowledgement options that cannot work."""
+    if args.min_replicas_ack < 0:
+        parser.error(f"--min-replicas-ack: must be 0 (off) or more, not {args.min_replicas_ack}")
+    if args.min_replicas_ack and args.store == "memory":
+        parser.error("--min-replicas-ack: needs --store redis or hybrid (memory has no replicas)")
+    if args.min_replicas_ack and not 0 < args.ack_timeout_ms < STORE_TIMEOUT * 1000:
+        parser.error(
+            f"--ack-timeout-ms: must be 1 to {int(STORE_TIMEOUT * 1000) - 1} (below the "
+            f"store's {STORE_TIMEOUT} s timeout), not {args.ack_timeout_ms}"
+        )
 
 
 def _check_registry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -92,8 +129,10 @@ def _check_registry(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if args.advertise is not None:
             parser.error("--advertise: needs --registry URL")
         return
-    if not args.registry.startswith(("redis://", "rediss://", "unix://")):
-        parser.error(f"--registry: expected redis://HOST:PORT/DB, got {args.registry!r}")
+    try:
+        parse_redis_url(args.registry)
+    except RedisURLError as exc:
+        parser.error(f"--registry: {exc}")
     if args.advertise is None:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         args.advertise = f"http://{host}:{args.port}"
@@ -132,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         service=args.service,
         advertise=args.advertise,
         registry_ttl=args.registry_ttl,
+        min_replicas_ack=args.min_replicas_ack,
+        ack_timeout_ms=args.ack_timeout_ms,
     )
     config = uvicorn.Config(
         create_app(settings),

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_CART_ITEMS",
     "MAX_ITEM_LENGTH",
     "MAX_ITERATIONS",
+    "STORE_TIMEOUT",
     "AppSettings",
     "create_app",
 ]
@@ -48,6 +49,7 @@ StoreKind = Literal["memory", "redis", "hybrid"]
 MAX_ITERATIONS = 20_000_000  # about a second of one core in CPython
 MAX_CART_ITEMS = 100
 MAX_ITEM_LENGTH = 100  # characters
+STORE_TIMEOUT = 1.0  # seconds: bounds each Redis call of the session store
 # Only for the demo: every instance must share the key, and no one must rely on it.
 DEMO_SECRET = "demo-app-insecure-secret-change-me"
 
@@ -74,6 +76,10 @@ class AppSettings:
     service: str = "demo"
     advertise: str | None = None  # http://host:port where callers reach this instance
     registry_ttl: float = 3.0  # seconds without a heartbeat before it counts as dead
+    # Acknowledged writes (docs/session_store.md): a session write answers only once this
+    # many replicas have it, else 503. 0: off (Redis's asynchronous replication as is).
+    min_replicas_ack: int = 0
+    ack_timeout_ms: int = 500  # milliseconds a write waits for those replicas
 
 
 def _make_store(settings: AppSettings) -> SessionStore:
@@ -81,7 +87,12 @@ def _make_store(settings: AppSettings) -> SessionStore:
         return MemoryStore()
     if settings.redis_url is None:
         raise ValueError(f"--store {settings.store} needs --redis-url (or REDIS_URL)")
-    redis = RedisStore.from_url(settings.redis_url)
+    redis = RedisStore.from_url(
+        settings.redis_url,
+        timeout=STORE_TIMEOUT,
+        min_replicas_ack=settings.min_replicas_ack,
+        ack_timeout_ms=settings.ack_timeout_ms,
+    )
     return redis if settings.store == "redis" else HybridStore(redis)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import httpx
 
 from balancer import BalancedTransport, Registry, RegistryError
+from session_store import RedisURLError, parse_redis_url
 
 __all__ = ["main"]
 
@@ -34,7 +35,12 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo_app.caller", description=__doc__)
-    parser.add_argument("--registry", required=True, metavar="URL", help="redis://HOST:PORT/DB")
+    parser.add_argument(
+        "--registry",
+        required=True,
+        metavar="URL",
+        help="redis://HOST:PORT/DB, or redis+sentinel://, redis+cluster:// (docs/registry.md)",
+    )
     parser.add_argument("--service", default="demo", help="the service to call (demo)")
     parser.add_argument("--requests", type=_positive, default=10, metavar="N", help="(10)")
     parser.add_argument(
@@ -43,8 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--key", help="with --balance hash: the session key (cookie sid)")
     parser.add_argument("--path", default="/api/session", help="what to GET (/api/session)")
     args = parser.parse_args(argv)
-    if not args.registry.startswith(("redis://", "rediss://")):
-        parser.error(f"--registry: expected redis://HOST:PORT/DB, got {args.registry!r}")
+    try:
+        parse_redis_url(args.registry)
+    except RedisURLError as exc:
+        parser.error(f"--registry: {exc}")
     if args.key is not None and args.balance != "hash":
         parser.error("--key: needs --balance hash")
     return args

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from ._connection import RedisClient, RedisURL, parse_redis_url, redact_url, redis_client
 from ._exceptions import (
     RedisServerError,
+    RedisURLError,
     SessionError,
     SessionNotLoaded,
     SessionStoreError,
     SessionTooLarge,
     StoreUnavailable,
+    WriteNotAcknowledged,
 )
 from ._hybrid import HybridStore
 from ._memory import MemoryStore
@@ -23,9 +26,12 @@ __all__ = [
     "Changes",
     "HybridStore",
     "MemoryStore",
+    "RedisClient",
     "RedisServer",
     "RedisServerError",
     "RedisStore",
+    "RedisURL",
+    "RedisURLError",
     "Session",
     "SessionError",
     "SessionIdSigner",
@@ -36,8 +42,12 @@ __all__ = [
     "SessionStoreError",
     "SessionTooLarge",
     "StoreUnavailable",
+    "WriteNotAcknowledged",
     "find_server_binary",
     "load_session",
     "new_session_id",
+    "parse_redis_url",
+    "redact_url",
+    "redis_client",
     "running_redis",
 ]

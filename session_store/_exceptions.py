@@ -3,8 +3,10 @@
     SessionError
     ├── SessionStoreError ........ the store could not do what was asked
     │   └── StoreUnavailable ..... unreachable, timed out, refused: try again later (503)
+    │       └── WriteNotAcknowledged  fewer replicas than required confirmed a write (503)
     ├── SessionTooLarge .......... the serialized session is over the configured limit
     ├── SessionNotLoaded ......... the session was touched before `await load_session()`
+    ├── RedisURLError ............ a Redis URL that no client can be built from (a ValueError)
     └── RedisServerError ......... no redis-server could be found or started
 
 Errors of redis-py are translated into these once, in the Redis store; nothing
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 __all__ = [
     "RedisServerError",
+    "RedisURLError",
     "SessionError",
     "SessionNotLoaded",
     "SessionStoreError",
     "SessionTooLarge",
     "StoreUnavailable",
+    "WriteNotAcknowledged",
 ]
 
 
@@ -33,6 +37,24 @@ class SessionStoreError(SessionError):
 
 class StoreUnavailable(SessionStoreError):
     """The store is unreachable or too slow; the operation may succeed later."""
+
+
+class WriteNotAcknowledged(StoreUnavailable):
+    """Fewer replicas than ``min_replicas_ack`` confirmed a write within ``ack_timeout_ms``.
+
+    The write reached the primary and may survive, or may be lost if the primary dies
+    before a replica has it: the caller must not report it as done. Like any
+    `StoreUnavailable`, the middleware answers it with 503 and ``Retry-After``.
+    """
+
+    def __init__(self, acknowledged: int, required: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{acknowledged} of {required} required replicas acknowledged the write "
+            f"within {timeout_ms} ms (min_replicas_ack); it is not safe from a failover"
+        )
+        self.acknowledged = acknowledged
+        self.required = required
+        self.timeout_ms = timeout_ms
 
 
 class SessionTooLarge(SessionError, ValueError):
@@ -52,3 +74,7 @@ class SessionNotLoaded(SessionError, RuntimeError):
 
 class RedisServerError(SessionError, RuntimeError):
     """No Redis server binary could be found, or the server would not start."""
+
+
+class RedisURLError(SessionError, ValueError):
+    """A Redis URL that is not one of the forms `redis_client` reads; says what is wrong."""

@@ -66,6 +66,14 @@ class HybridStore:
     restart without persistence) but this process holds a live copy, the copy is
     written back, unless the session was destroyed (a tombstone says so).
     Destroying a session needs Redis: a logout is never only local.
+
+    What a successful save promises: without ``min_replicas_ack`` on the
+    `RedisStore`, that the write is in Redis, or, while Redis is unavailable, in
+    this process's memory and on its way to Redis (lost if this process dies
+    first). With ``min_replicas_ack=N``, that it is on the primary and N replicas:
+    nothing is deferred then, since memory is not a replica, and a write Redis
+    cannot take or replicate in time raises `StoreUnavailable` (503) like a
+    `RedisStore` would. Reads are still served from memory while Redis is away.
     """
 
     def __init__(
@@ -163,6 +171,11 @@ class HybridStore:
                 session_id, changes, created=created, ttl=ttl, create=create
             )
         except StoreUnavailable:
+            if self.redis.min_replicas_ack:
+                # Memory is no replica: nothing is deferred. The write may be on the primary
+                # or nowhere; the local copy stays, and the next read that reaches Redis
+                # compares versions, as after any failover.
+                raise
             if cached is None and not create:
                 raise
             return self._defer(session_id, changes, cached, created=created, ttl=ttl)

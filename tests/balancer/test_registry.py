@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -19,6 +20,7 @@ from balancer import (
 from balancer._registry import Membership, live_instances
 from session_store import RedisServer
 from tests.helpers import async_wait_for
+from tests.redis_topology import TLSServer
 
 pytestmark = pytest.mark.anyio
 
@@ -127,6 +129,14 @@ def test_after_an_outage_removals_wait_but_a_goodbye_does_not() -> None:
         ("redis://h/3/api.v2", RegistryTarget("redis://h/3", "api.v2")),
         ("rediss://u:p@h:1/0/s?ssl_cert_reqs=none",
          RegistryTarget("rediss://u:p@h:1/0?ssl_cert_reqs=none", "s")),
+        ("redis+sentinel://s1:26379,s2:26380/mymaster/demo",
+         RegistryTarget("redis+sentinel://s1:26379,s2:26380/mymaster", "demo")),
+        ("redis+sentinel://u:p@s1/mymaster/2/demo",
+         RegistryTarget("redis+sentinel://u:p@s1/mymaster/2", "demo")),
+        ("redis+cluster://a:7000,b:7001/demo",
+         RegistryTarget("redis+cluster://a:7000,b:7001", "demo")),
+        ("rediss+cluster://a:7000/0/demo?ssl_ca_certs=/ca.pem",
+         RegistryTarget("rediss+cluster://a:7000/0?ssl_ca_certs=/ca.pem", "demo")),
     ],
 )  # fmt: skip
 def test_parse_registry_url(url: str, target: RegistryTarget) -> None:
@@ -141,12 +151,35 @@ def test_parse_registry_url(url: str, target: RegistryTarget) -> None:
         ("redis://h:1/x/y", "/DB/SERVICE"),
         ("redis://h:1/0/a:b", "service 'a:b'"),
         ("http://h:1/0/s", "expected redis://"),
+        ("unix:///run/redis.sock", "expected redis://"),
         ("redis:///0/s", "has no host"),
+        ("redis://h:99999/0/s", "not a valid URL"),
+        ("redis+sentinel://s1/demo", "names no master"),
+        ("redis+sentinel://s1", "names no service"),
+        ("redis+sentinel://s1/m/x/demo", "database 'x' is not a number"),
+        ("redis+cluster://a:1,b:2", "names no service"),
+        ("redis+cluster://a:1/3/demo", "only database 0"),
+        ("redis+cluster://a:1/x/y/demo", "expected the path /DB"),
+        ("redis://:hunter2@h:1", "names no service"),
     ],
 )
 def test_bad_registry_urls(url: str, words: str) -> None:
-    with pytest.raises(RegistryError, match=words):
+    with pytest.raises(RegistryError, match=re.escape(words)) as error:
         parse_registry_url(url)
+    assert "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@10.0.0.1/0/demo", "redis://10.0.0.1/0/demo"),
+        ("redis+sentinel://app:hunter2@s1,s2/mymaster/demo?sentinel_password=hunter2",
+         "redis+sentinel://app@s1,s2/mymaster/demo"),
+        ("redis+cluster://a:1,b:2/demo", "redis+cluster://a:1,b:2/demo"),
+    ],
+)  # fmt: skip
+def test_a_target_never_shows_a_password(url: str, shown: str) -> None:
+    assert str(parse_registry_url(url)) == shown
 
 
 # -- Redis ------------------------------------------------------------------------------
@@ -234,5 +267,40 @@ async def test_redis_down_is_registry_unavailable(own_redis: RedisServer) -> Non
         # A restarted (empty) Redis: the scripts are loaded again, the heartbeat re-registers.
         assert await registry.register(instance(1)) is True
         assert [i.id for i in (await registry.read()).instances] == ["i1"]
+    finally:
+        await registry.aclose()
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
+    with TLSServer(tmp_path_factory.mktemp("tls")) as server:
+        yield server
+
+
+async def test_registry_over_tls_as_an_acl_user(tls_server: TLSServer) -> None:
+    base = tls_server.url().replace("/0?", "/0/tls-demo?")
+    target = parse_registry_url(base)
+    assert tls_server.password not in str(target)
+    registry = Registry.from_target(target)
+    try:
+        async with registry.notices() as next_notice:
+            assert await registry.register(of(registry, 1)) is True
+            notice = None
+            for _ in range(20):
+                notice = notice or await next_notice(0.1)
+            assert notice is not None
+            assert (notice.event, notice.id) == ("up", "i1")
+        assert [i.id for i in (await registry.read()).instances] == ["i1"]
+    finally:
+        await registry.aclose()
+
+
+async def test_registry_with_a_wrong_password_is_unavailable_not_a_hang(
+    tls_server: TLSServer,
+) -> None:
+    registry = Registry.from_url(tls_server.url(password="wrong"), "tls-demo", timeout=0.5)
+    try:
+        with pytest.raises(RegistryUnavailable, match=r"(?i)invalid username-password|WRONGPASS"):
+            await registry.read()
     finally:
         await registry.aclose()

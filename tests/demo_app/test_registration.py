@@ -112,7 +112,10 @@ async def test_a_killed_instance_expires_with_its_ttl(
     ("argv", "flag"),
     [
         (["--advertise", "http://h:1"], "--advertise: needs --registry"),
-        (["--registry", "http://127.0.0.1:6379"], "--registry: expected redis://"),
+        (
+            ["--registry", "http://127.0.0.1:6379"],
+            "--registry: 'http://127.0.0.1:6379': expected redis://",
+        ),
         (["--registry", "redis://h:1/0", "--service", "a b"], "--service:"),
         (["--registry", "redis://h:1/0", "--advertise", "ftp://h:1"], "--advertise:"),
         (["--registry", "redis://h:1/0", "--registry-ttl", "0"], "--registry-ttl:"),
