@@ -17,6 +17,9 @@ advertise="http://127.0.0.1:9001")``. The protocol is `balancer._registry`'s.
   `leave_wait` seconds (a watcher's refresh interval, so every balancer and client has
   stopped sending), then let the server stop. The lifespan's shutdown deregisters too, for
   servers whose signals we do not see; by then the server may no longer listen.
+- Leave but go on serving: on SIGUSR1 (a Kubernetes preStop hook sends it, then waits a
+  refresh interval before the SIGTERM comes; deploy/k8s/base/app.yaml), deregister at once
+  and stop heartbeating; requests still arriving are served. A later SIGTERM stops at once.
 """
 
 from __future__ import annotations
@@ -183,7 +186,7 @@ class Registration:
             await asyncio.sleep(_READY_POLL)
 
     def _chain_signals(self) -> Callable[[], None] | None:
-        """Put our SIGTERM/SIGINT handler in front of the server's; returns an undo."""
+        """Put our SIGTERM/SIGINT handler in front of the server's, ours on SIGUSR1; an undo."""
         if threading.current_thread() is not threading.main_thread():
             return None
         loop = asyncio.get_running_loop()
@@ -213,9 +216,19 @@ class Registration:
         for number in previous:
             signal.signal(number, handle)
 
+        def leave_serving(signum: int, frame: FrameType | None) -> None:
+            def start() -> None:
+                self._leaving = loop.create_task(self.leave(wait=False), name="registry-leave")
+
+            loop.call_soon_threadsafe(start)
+
+        before_usr1 = signal.signal(signal.SIGUSR1, leave_serving)
+
         def restore() -> None:
             for number, handler in previous.items():
                 if signal.getsignal(number) is handle:
                     signal.signal(number, handler)
+            if signal.getsignal(signal.SIGUSR1) is leave_serving:
+                signal.signal(signal.SIGUSR1, before_usr1)
 
         return restore

@@ -7,12 +7,18 @@ shows less than it must hold: a counter that went back, a cart without an item i
 request that failed (a transport error or a status other than 200) may or may not have
 reached the app, so its write is *unsure*: a later reply may show it or not, and neither is a
 loss.
+
+A user may be given several balancer replicas: it starts on one (its index modulo their
+number) and, when a request fails to connect (the replica is gone: nothing was sent, so
+nothing can have been applied), sends the same request to the next replica, at most once
+per other replica. Its cookie jar goes with it: cookies are scoped by host, not port.
 """
 
 from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +35,7 @@ class Step:
     latency: float  # seconds, send to reply (or to failure)
     instance: str | None  # the instance that answered, for an ok step
     lost: bool  # the reply showed the session lost or corrupted
+    switches: int = 0  # balancer replicas it moved to after a connect error
 
 
 @dataclass(slots=True)
@@ -59,42 +66,70 @@ class _Ledger:
 
 
 class User:
-    """One simulated client of the app behind ``base_url``.
+    """One simulated client of the app behind ``balancers`` (one base URL or several replicas).
 
     `step` is called by one thread at a time per user (steps of one user are sequential);
-    different users run in parallel. `close` releases the client.
+    different users run in parallel. `close` releases the client. Raises ValueError for an
+    empty ``balancers``.
     """
 
     def __init__(
         self,
         index: int,
-        base_url: str,
+        balancers: str | Sequence[str],
         *,
         timeout: float = 5.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.index = index
+        self.balancers = [balancers] if isinstance(balancers, str) else list(balancers)
+        if not self.balancers:
+            raise ValueError("a user needs at least one balancer URL")
+        self.current = index % len(self.balancers)  # users spread over the replicas
         # Its own client: its own cookie jar and its own keep-alive connection, like a
         # browser. ``tls`` may be shared: httpx builds a new context per client otherwise.
-        self.client = httpx.Client(base_url=base_url, timeout=timeout, verify=tls or True)
+        self.client = httpx.Client(timeout=timeout, verify=tls or True)
         self.ledger = _Ledger()
         self.lost = False  # lost or corrupted at least once
         self.first_instance: str | None = None  # where its session was created
         self.last_instance: str | None = None  # where its latest request went
         self.instance_changes = 0
+        self.switches = 0  # moves to another balancer replica after a connect error
+
+    def _post(self, path: str, body: Any) -> httpx.Response:
+        """POST to the current replica, moving on to the next after a connect error.
+
+        Counts each move in `switches`; raises the last error (httpx) once every replica
+        refused, or at once for an error after the request was sent.
+        """
+        tries = 0
+        while True:
+            url = self.balancers[self.current] + path
+            try:
+                return self.client.post(url, json=body)
+            except httpx.ConnectError:
+                # Refused or unreachable: nothing reached the app, so sending it again
+                # elsewhere cannot apply it twice.
+                tries += 1
+                if tries >= len(self.balancers):
+                    raise
+                self.switches += 1
+                self.current = (self.current + 1) % len(self.balancers)
 
     def step(self, n: int) -> Step:
         """Send request ``n`` and check its reply; never raises for a failed request."""
         item = f"u{self.index}-{n}"
         started = time.perf_counter()
+        switched_before = self.switches
         try:
             if n % 2 == 0:
-                reply = self.client.post("/api/counter")
+                reply = self._post("/api/counter", None)
             else:
-                reply = self.client.post("/api/cart", json={"item": item})
+                reply = self._post("/api/cart", {"item": item})
             body: Any = reply.json() if reply.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             body = None
+        switches = self.switches - switched_before
         latency = time.perf_counter() - started
         if not (isinstance(body, dict) and isinstance(body.get("instance"), str)):
             # It may have reached the app: its write may show up later, or not.
@@ -102,7 +137,7 @@ class User:
                 self.ledger.unsure_increments += 1
             else:
                 self.ledger.unsure_items.add(item)
-            return Step(ok=False, latency=latency, instance=None, lost=False)
+            return Step(ok=False, latency=latency, instance=None, lost=False, switches=switches)
         instance: str = body["instance"]
         if n % 2 == 0:
             intact = isinstance(body.get("count"), int) and self.ledger.check_count(body["count"])
@@ -111,7 +146,7 @@ class User:
             intact = isinstance(cart, list) and self.ledger.check_cart(cart, item)
         self._served_by(instance)
         self.lost = self.lost or not intact
-        return Step(ok=True, latency=latency, instance=instance, lost=not intact)
+        return Step(ok=True, latency=latency, instance=instance, lost=not intact, switches=switches)
 
     def _served_by(self, instance: str) -> None:
         if self.first_instance is None:

@@ -9,6 +9,13 @@ are in flight, the ``--kill`` instances that the most users were last served by 
 after round ``2 * requests // 3`` they are started again on the same ports. Then the stack
 stops. Every count is bounded, every request has a timeout, and ``--deadline`` bounds a mode.
 
+With ``--balancers N`` the stack has N balancer replicas (the same backends, the same
+affinity secret, nothing else shared) and the users are spread over them; with
+``--kill-balancer`` the first replica gets SIGKILL halfway through round ``requests // 2``
+and stays down. A user whose request cannot connect sends it to the next replica (at most
+once per replica; nothing was sent, so it cannot apply twice); a request cut while in
+flight is a failed request, as with an instance.
+
 What is measured, per mode:
 
 - ``requests``, ``failed_requests``: sent, and failed (a transport error or a status other
@@ -23,12 +30,16 @@ What is measured, per mode:
 - Redis, from ``INFO commandstats`` after the stack is ready and after the last round
   (Redis counts the commands a Lua script runs in these stats, like any other):
   ``redis_commands`` every command executed, script-internal ones included, but not our own
-  INFO; ``redis_round_trips`` the session store's calls (EVALSHA: one per load, save or
-  destroy); ``redis_version_checks`` the load script's runs (its one HGET of the version);
+  INFO nor connection handshakes (HELLO); ``redis_round_trips`` the session store's calls
+  (EVALSHA: one per load, save or destroy); ``redis_version_checks`` the load script's runs
+  (its one HGET of the version);
   ``redis_reads`` full session loads: HGETALL, which only the load script issues, and only
   when the caller holds no current copy. So a hybrid instance serving its pinned clients
   from memory checks the version in Redis on every request (a round trip, like ``shared``)
   but reads the session there only after a failover. The /readyz health checks add PINGs.
+- ``balancers``, ``balancer_killed``; ``balancer_switches``: requests sent again to another
+  replica after a connect error; ``users_switched``: users that moved at least once.
+  ``repins`` is then the sum over the replicas still running at the end.
 - ``p50_ms``, ``p99_ms``: latency of the successful requests, as the client saw it.
 - ``sessions_per_instance``: where each session was created; ``requests_per_instance``.
 
@@ -40,9 +51,12 @@ could not start.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import math
+import os
+import secrets
 import signal
 import socket
 import ssl
@@ -58,9 +72,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
-from session_store import RedisServerError, running_redis
+from session_store import RedisServerError, redis_client, running_redis
 
 from ._workload import Step, User
 from .stack import STORE_OF_MODE
@@ -101,14 +114,18 @@ def _answers(url: str) -> bool:
 class _Child:
     """One process of the stack, its output in a log file."""
 
-    def __init__(self, args: list[str], url: str, log: Path) -> None:
+    def __init__(
+        self, args: list[str], url: str, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.args, self.url, self.log = args, url, log
+        self.env = env
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        env = None if self.env is None else {**os.environ, **self.env}
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
             )
 
     def wait_until(self, ready: Callable[[], bool], what: str) -> None:
@@ -143,15 +160,17 @@ class _Child:
 
 
 class Stack:
-    """N demo_app instances (``app1``...) and the balancer in front, for one mode.
+    """N demo_app instances (``app1``...) and the balancer replicas in front, for one mode.
 
-    `start` returns once every instance answers /readyz and the balancer forwards; `kill`
-    SIGKILLs an instance; `restart` starts it again on the same port and returns once the
-    balancer sees it up; `stop` ends everything. Raises `StackError` when a process does
-    not come up within READY_TIMEOUT seconds.
+    `start` returns once every instance answers /readyz and every balancer forwards; `kill`
+    SIGKILLs an instance; `restart` starts it again on the same port and returns once every
+    running balancer sees it up; `kill_balancer` SIGKILLs a replica; `stop` ends everything.
+    Raises `StackError` when a process does not come up within READY_TIMEOUT seconds.
     """
 
-    def __init__(self, mode: str, instances: int, redis_url: str, logs: Path) -> None:
+    def __init__(
+        self, mode: str, instances: int, redis_url: str, logs: Path, *, balancers: int = 1
+    ) -> None:
         self.mode = mode
         self.apps: dict[str, _Child] = {}
         for index in range(1, instances + 1):
@@ -160,40 +179,56 @@ class Stack:
             args += ["--store", STORE_OF_MODE[mode], "--redis-url", redis_url]
             args += ["--log-level", "warning"]
             self.apps[name] = _Child(args, f"http://127.0.0.1:{port}", logs / f"{name}.log")
-        port, admin_port = _free_port(), _free_port()
-        args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
-        args += ["--admin", f"127.0.0.1:{admin_port}", "--sticky", STICKY_OF_MODE[mode]]
-        for app in self.apps.values():
-            args += ["--backend", app.url]
-        args += ["--health-path", "/readyz", "--health-interval", HEALTH_INTERVAL]
-        args += ["--health-timeout", HEALTH_INTERVAL]
-        # A killed instance is passively ejected (30 s by default): let the restarted one
-        # back in as soon as its health checks pass, within the run.
-        args += ["--ejection-time", "1"]
-        self.balancer = _Child(args, f"http://127.0.0.1:{port}", logs / "balancer.log")
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        # The replicas agree on every pin because they share the affinity secret (in the
+        # environment: a command line shows in `ps`); they share nothing else.
+        env = {"BALANCER_AFFINITY_SECRETS": secrets.token_urlsafe(32)}
+        self.balancers: list[_Child] = []
+        self.admin_urls: list[str] = []
+        for index in range(1, balancers + 1):
+            port, admin_port = _free_port(), _free_port()
+            args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+            args += ["--admin", f"127.0.0.1:{admin_port}", "--sticky", STICKY_OF_MODE[mode]]
+            for app in self.apps.values():
+                args += ["--backend", app.url]
+            args += ["--health-path", "/readyz", "--health-interval", HEALTH_INTERVAL]
+            args += ["--health-timeout", HEALTH_INTERVAL]
+            # A killed instance is passively ejected (30 s by default): let the restarted
+            # one back in as soon as its health checks pass, within the run.
+            args += ["--ejection-time", "1"]
+            log = logs / ("balancer.log" if balancers == 1 else f"balancer{index}.log")
+            self.balancers.append(_Child(args, f"http://127.0.0.1:{port}", log, env))
+            self.admin_urls.append(f"http://127.0.0.1:{admin_port}")
 
     @property
     def url(self) -> str:
-        return self.balancer.url
+        """The first balancer replica's URL."""
+        return self.balancers[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        """Every balancer replica's URL, killed ones included."""
+        return [balancer.url for balancer in self.balancers]
+
+    def _running(self) -> list[tuple[_Child, str]]:
+        return [
+            (balancer, admin)
+            for balancer, admin in zip(self.balancers, self.admin_urls, strict=True)
+            if balancer.popen is not None and balancer.popen.poll() is None
+        ]
 
     def start(self) -> None:
         # All at once (startup is mostly imports): the balancer's own health checks
         # decide when it sees every instance up.
         for app in self.apps.values():
             app.start()
-        self.balancer.start()
+        for balancer in self.balancers:
+            balancer.start()
         for name, app in self.apps.items():
             app.wait_until(functools.partial(_answers, app.url + "/readyz"), name)
-        self.balancer.wait_until(lambda: self._states() == {"up"}, "the balancer")
-        self.balancer.wait_until(lambda: _answers(self.url + "/healthz"), "the balancer")
-
-    def _states(self, url: str | None = None) -> set[str]:
-        try:
-            backends = httpx.get(self.admin_url + "/backends", timeout=1.0).json()["backends"]
-        except (httpx.HTTPError, ValueError, KeyError):
-            return set()
-        return {b["state"] for b in backends if url is None or b["url"] == url}
+        for balancer, admin in zip(self.balancers, self.admin_urls, strict=True):
+            what = f"the balancer at {balancer.url}"
+            balancer.wait_until(functools.partial(_all_up, admin), what)
+            balancer.wait_until(functools.partial(_answers, balancer.url + "/healthz"), what)
 
     def kill(self, name: str) -> None:
         self.apps[name].kill()
@@ -202,32 +237,62 @@ class Stack:
         app = self.apps[name]
         app.start()
         app.wait_until(functools.partial(_answers, app.url + "/readyz"), name)
-        self.balancer.wait_until(lambda: self._states(app.url) == {"up"}, f"{name} in the pool")
+        for balancer, admin in self._running():
+            balancer.wait_until(functools.partial(_all_up, admin, app.url), f"{name} in the pool")
+
+    def kill_balancer(self, index: int) -> None:
+        self.balancers[index].kill()
 
     def repins(self) -> int | None:
-        """``balancer_repins_total`` from the balancer's /metrics, or None if it has none."""
-        try:
-            text = httpx.get(self.admin_url + "/metrics", timeout=2.0).text
-        except httpx.HTTPError:
-            return None
-        for line in text.splitlines():
-            if line.startswith("balancer_repins_total "):
-                return int(float(line.split()[1]))
-        return None
+        """``balancer_repins_total`` summed over the running replicas, or None if one lacks it."""
+        total = 0
+        for _, admin in self._running():
+            try:
+                text = httpx.get(admin + "/metrics", timeout=2.0).text
+            except httpx.HTTPError:
+                return None
+            found = [
+                line for line in text.splitlines() if line.startswith("balancer_repins_total ")
+            ]
+            if not found:
+                return None
+            total += int(float(found[0].split()[1]))
+        return total
 
     def stop(self) -> None:
-        self.balancer.stop()  # first: no request reaches an instance that is stopping
+        for balancer in self.balancers:
+            balancer.stop()  # first: no request reaches an instance that is stopping
         for app in self.apps.values():
             app.terminate()  # all at once: each waits for its own graceful shutdown
         for app in self.apps.values():
             app.stop()
 
 
+def _all_up(admin_url: str, url: str | None = None) -> bool:
+    """Whether a balancer's admin API shows all its backends (or the one at ``url``) up."""
+    try:
+        backends = httpx.get(admin_url + "/backends", timeout=1.0).json()["backends"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return {b["state"] for b in backends if url is None or b["url"] == url} == {"up"}
+
+
 # -- Redis counters --------------------------------------------------------------------------
 
 
-def _commandstats(client: redis.Redis) -> Counter[str]:
-    stats: dict[str, dict[str, Any]] = client.info("commandstats")
+def _commandstats(redis_url: str) -> Counter[str]:
+    """INFO commandstats of the Redis at ``redis_url``, through `session_store.redis_client`
+    (any topology; on a cluster, of the one node its INFO reaches)."""
+
+    async def read() -> dict[str, dict[str, Any]]:
+        client = redis_client(redis_url)
+        try:
+            stats: dict[str, dict[str, Any]] = await client.info("commandstats")
+            return stats
+        finally:
+            await client.aclose()
+
+    stats = asyncio.run(read())
     return Counter(
         {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
     )
@@ -236,7 +301,10 @@ def _commandstats(client: redis.Redis) -> Counter[str]:
 def _redis_counts(before: Counter[str], after: Counter[str]) -> dict[str, int]:
     """The Redis measures of the module docstring, from two INFO commandstats snapshots."""
     delta = after - before
-    del delta["info"]  # our own measuring
+    # Our own measuring (INFO), and connection handshakes (HELLO, which redis-py 8 sends on
+    # every connect and reconnect, our measuring client's included): not session traffic.
+    for command in ("info", "hello"):
+        del delta[command]
     return {
         "redis_commands": sum(delta.values()),
         "redis_round_trips": delta["evalsha"] + delta["eval"],
@@ -271,24 +339,28 @@ def run_mode(
     instances: int = 3,
     concurrency: int = 16,
     deadline: float = 300.0,
+    balancers: int = 1,
+    kill_balancer: bool = False,
     advance: Advance = lambda n: None,
 ) -> Report:
     """Run the workload against a fresh stack in ``mode``; the report of the module docstring.
 
     ``advance(n)`` is called as requests complete (for a progress bar). Raises `StackError`
-    if the stack does not start, `RedisServerError` if no Redis can be started.
+    if the stack does not start, `RedisServerError` if no Redis can be started, ValueError
+    for ``kill_balancer`` with fewer than two ``balancers``.
     """
+    if kill_balancer and balancers < 2:
+        raise ValueError("kill_balancer needs at least two balancers: it would leave none")
     with ExitStack() as stack_exit:
         redis_url = stack_exit.enter_context(running_redis())
         logs = Path(stack_exit.enter_context(tempfile.TemporaryDirectory(prefix="compare-")))
-        stack = Stack(mode, instances, redis_url, logs)
+        stack = Stack(mode, instances, redis_url, logs, balancers=balancers)
         stack_exit.callback(stack.stop)
         stack.start()
-        client = stack_exit.enter_context(redis.Redis.from_url(redis_url))
-        before = _commandstats(client)
+        before = _commandstats(redis_url)
         # One TLS context for every client: building one costs ~0.1 s, and none is used.
         tls = ssl.create_default_context()
-        people = [User(index, stack.url, tls=tls) for index in range(users)]
+        people = [User(index, stack.urls, tls=tls) for index in range(users)]
         for user in people:
             stack_exit.callback(user.close)
         steps: list[Step] = []
@@ -296,6 +368,8 @@ def run_mode(
         on_killed: set[int] = set()
         kill_round = requests // 3 if kill else -1
         restart_round = 2 * requests // 3 if kill else -1
+        balancer_round = requests // 2 if kill_balancer else -1
+        balancer_killed = False
         stop_at = time.monotonic() + deadline
         completed_rounds = 0
         with ThreadPoolExecutor(max_workers=min(concurrency, users)) as pool:
@@ -312,11 +386,14 @@ def run_mode(
                         on_killed = {u.index for u in people if u.last_instance in killed}
                         for name in killed:
                             stack.kill(name)
+                    if n == balancer_round and not balancer_killed and done >= len(futures) // 2:
+                        balancer_killed = True
+                        stack.kill_balancer(0)
                 completed_rounds += 1
                 if n == restart_round:
                     for name in killed:
                         stack.restart(name)
-        after = _commandstats(client)
+        after = _commandstats(redis_url)
         repins = stack.repins()
         latencies = sorted(step.latency * 1000 for step in steps if step.ok)
         lost = {user.index for user in people if user.lost}
@@ -331,6 +408,10 @@ def run_mode(
             "repins": repins if repins is not None else sum(u.instance_changes for u in people),
             "repins_source": "balancer /metrics" if repins is not None else "instance changes",
             "instance_changes": sum(user.instance_changes for user in people),
+            "balancers": balancers,
+            "balancer_killed": stack.urls[0] if balancer_killed else None,
+            "balancer_switches": sum(user.switches for user in people),
+            "users_switched": sum(user.switches > 0 for user in people),
             **_redis_counts(before, after),
             "p50_ms": round(_percentile(latencies, 0.50), 2),
             "p99_ms": round(_percentile(latencies, 0.99), 2),
@@ -379,11 +460,12 @@ def run_comparison(args: argparse.Namespace, *, show_progress: bool = True) -> R
                 instances=args.instances,
                 concurrency=args.concurrency,
                 deadline=args.deadline,
+                balancers=args.balancers,
+                kill_balancer=args.kill_balancer,
                 advance=track(mode, args.users * args.requests),
             )
-    settings = {
-        key: getattr(args, key) for key in ("users", "requests", "kill", "instances", "concurrency")
-    }
+    keys = ("users", "requests", "kill", "instances", "concurrency", "balancers", "kill_balancer")
+    settings = {key: getattr(args, key) for key in keys}
     return {"modes": reports, "settings": settings}
 
 
@@ -394,6 +476,7 @@ _ROWS = (
     ("sessions_lost", "sessions lost or corrupted"),
     ("sessions_on_killed", "sessions on the killed instance"),
     ("repins", "re-pins"),
+    ("balancer_switches", "moves to another balancer"),
     ("redis_commands", "redis commands"),
     ("redis_round_trips", "redis round trips (EVALSHA)"),
     ("redis_version_checks", "redis version checks"),
@@ -510,12 +593,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=_bounded(1, 256), default=16, help="requests in flight (16)"
     )
+    parser.add_argument(
+        "--balancers", type=_bounded(1, 8), default=1, help="balancer replicas, users spread (1)"
+    )
+    parser.add_argument(
+        "--kill-balancer",
+        action="store_true",
+        help="SIGKILL the first balancer replica halfway through (needs --balancers 2+)",
+    )
     parser.add_argument("--deadline", type=_seconds, default=300.0, help="per mode (300 s)")
     parser.add_argument("--json", type=Path, help="write the report there")
     parser.add_argument("--plot", type=Path, help="draw a PNG chart there")
     args = parser.parse_args(argv)
     if args.kill >= args.instances:
         parser.error(f"--kill: {args.kill} of {args.instances} instances would leave none")
+    if args.kill_balancer and args.balancers < 2:
+        parser.error("--kill-balancer: needs --balancers 2 or more (it would leave none)")
     for flag in ("json", "plot"):
         path: Path | None = getattr(args, flag)
         if path is not None and not path.parent.is_dir():

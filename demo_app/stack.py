@@ -11,17 +11,23 @@ With ``--discover`` the instances announce themselves in the service registry (i
 same Redis) and the balancer finds them there (``--discover``) rather than from a list:
 start one more instance by hand (the command is printed) and it gets traffic within a
 second; stop one and it leaves the pool.
+
+With ``--balancers N`` it starts N balancer replicas on consecutive ports from ``--port``
+(admin APIs from ``--admin-port``), all with the same backend list (or the same registry)
+and the same affinity secret, and nothing else shared: a session created through one is
+pinned to the same instance by every other (DESIGN.md, "Stickiness that is correct from
+the first request").
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
@@ -65,7 +71,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--base-port", type=int, default=9001, help="first instance's port")
     parser.add_argument("--port", type=int, default=8080, help="the balancer's port (8080)")
-    parser.add_argument("--admin-port", type=int, default=8081, help="its admin API (8081)")
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        help="its admin API (default: the port after the balancers', 8081 for one)",
+    )
+    parser.add_argument(
+        "--balancers",
+        type=_positive,
+        default=1,
+        help="balancer replicas, on consecutive ports from --port and --admin-port (1)",
+    )
     parser.add_argument(
         "--discover",
         action="store_true",
@@ -73,26 +89,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "them: start or stop instances by hand while it runs",
     )
     args = parser.parse_args(argv)
+    if args.admin_port is None:
+        args.admin_port = args.port + args.balancers
     ports = range(args.base_port, args.base_port + args.instances)
     if ports[0] < 1024 or ports[-1] > 65535:
         parser.error(f"--base-port: ports {ports[0]}-{ports[-1]} are out of 1024-65535")
     busy = [port for port in ports if not _port_free(args.host, port)]
     if busy:
         parser.error(f"--base-port: port(s) {busy} already in use; pick another --base-port")
-    for flag, port in (("--port", args.port), ("--admin-port", args.admin_port)):
-        if port in ports or not 1024 <= port <= 65535 or not _port_free(args.host, port):
-            parser.error(f"{flag}: port {port} is not free (or is an instance's)")
+    taken = set(ports)
+    for flag, first in (("--port", args.port), ("--admin-port", args.admin_port)):
+        for port in range(first, first + args.balancers):
+            if port in taken or not 1024 <= port <= 65535 or not _port_free(args.host, port):
+                parser.error(f"{flag}: port {port} is not free (or is an instance's)")
+            taken.add(port)
     return args
 
 
 class _Stop:
-    """Set by SIGINT/SIGTERM; the main loop reads it."""
+    """Set by SIGINT/SIGTERM; the main loop reads it.
+
+    The handler only stores a flag. It must take no lock: `threading.Event.set` from a
+    handler deadlocks when the signal lands while the main thread holds the Event's own
+    lock inside `Event.wait` (seen: a SIGTERM that never stopped the stack).
+    """
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.requested = False
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self.event.set()
+        self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` (a poll interval); whether a stop was requested."""
+        if not self.requested:
+            time.sleep(seconds)
+        return self.requested
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, path: str = "/readyz") -> None:
@@ -137,6 +169,22 @@ def instance_command(args: argparse.Namespace, redis_url: str, port: int, name: 
     return command
 
 
+def balancer_command(args: argparse.Namespace, redis_url: str, index: int) -> list[str]:
+    """Replica ``index`` (0-based) of the balancer: the same options but its own ports."""
+    host, port, admin_port = args.host, args.port + index, args.admin_port + index
+    command = [sys.executable, "-m", "balancer", "--listen", f"{host}:{port}"]
+    command += ["--sticky", STICKY_OF_MODE[args.mode], "--health-path", "/readyz"]
+    command += ["--admin", f"{host}:{admin_port}"]
+    # What the dashboard cannot know by itself: the mode, and the Redis to watch.
+    command += ["--dashboard-mode", args.mode, "--dashboard-redis", redis_url]
+    if args.discover:
+        command += ["--discover", discover_url(redis_url), "--slow-start", "2"]
+    else:
+        for instance in range(args.instances):
+            command += ["--backend", f"http://{host}:{args.base_port + instance}"]
+    return command
+
+
 def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
     store = STORE_OF_MODE[args.mode]
     processes: list[subprocess.Popen[bytes]] = []
@@ -149,26 +197,27 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
             urls.append(f"http://{args.host}:{port}")
         for process, url in zip(processes, urls, strict=True):
             _wait_ready(process, url)
-        balancer_url = f"http://{args.host}:{args.port}"
-        admin_url = f"http://{args.host}:{args.admin_port}"
-        command = [sys.executable, "-m", "balancer", "--listen", f"{args.host}:{args.port}"]
-        command += ["--sticky", STICKY_OF_MODE[args.mode], "--health-path", "/readyz"]
-        command += ["--admin", f"{args.host}:{args.admin_port}"]
-        if args.discover:
-            command += ["--discover", discover_url(redis_url), "--slow-start", "2"]
-        else:
-            for url in urls:
-                command += ["--backend", url]
-        # The balancer is stopped first (it is first in the list): no request meets a
-        # stopped instance.
-        processes.insert(0, subprocess.Popen(command, start_new_session=True))
-        urls.insert(0, balancer_url)
-        _wait_ready(processes[0], admin_url, path="/healthz")
+        # Every replica signs its affinity cookie with the same secret (in the environment,
+        # not on a command line that `ps` shows), so each accepts the others' pins.
+        env = {**os.environ, "BALANCER_AFFINITY_SECRETS": secrets.token_urlsafe(32)}
+        balancer_urls = [f"http://{args.host}:{args.port + i}" for i in range(args.balancers)]
+        admin_urls = [f"http://{args.host}:{args.admin_port + i}" for i in range(args.balancers)]
+        for index in reversed(range(args.balancers)):
+            command = balancer_command(args, redis_url, index)
+            # The balancers are stopped first (they are first in the list): no request
+            # meets a stopped instance.
+            processes.insert(0, subprocess.Popen(command, start_new_session=True, env=env))
+        urls[:0] = balancer_urls
+        for process, admin_url in zip(processes, admin_urls, strict=False):
+            _wait_ready(process, admin_url, path="/healthz")
+        print(f"\ndashboard         {admin_urls[0]}/   <- open it: the cluster, live")
         print(f"\nmode {args.mode}: sessions in {store}; redis at {redis_url}")
-        print(f"  app (balancer)  {balancer_url}/")
-        print(f"  admin API       {admin_url}/backends")
-        print(f"  metrics         {admin_url}/metrics")
-        for url in urls[1:]:
+        for balancer_url, admin_url in zip(balancer_urls, admin_urls, strict=True):
+            print(f"  app (balancer)  {balancer_url}/")
+            print(f"  dashboard       {admin_url}/")
+            print(f"  admin API       {admin_url}/backends")
+            print(f"  metrics         {admin_url}/metrics")
+        for url in urls[args.balancers :]:
             print(f"  instance        {url}/")
         if args.discover:
             port = args.base_port + args.instances
@@ -178,9 +227,13 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
             print("\none more instance, by hand (it gets traffic within a second; Ctrl-C it and")
             print("it leaves the pool):")
             print("  " + " ".join(more))
-        print(f"\ntry:  curl -c jar -b jar -X POST {balancer_url}/api/counter")
+        print(f"\ntry:  curl -c jar -b jar -X POST {balancer_urls[0]}/api/counter")
+        if args.balancers > 1:
+            print(
+                f"then: curl -c jar -b jar -X POST {balancer_urls[-1]}/api/counter  (same instance)"
+            )
         print("Ctrl-C stops everything.\n", flush=True)
-        while not stop.event.wait(0.5):
+        while not stop.wait(0.2):
             for process, url in zip(processes, urls, strict=True):
                 if process.poll() is not None:
                     print(f"{url}: exited with {process.returncode}", file=sys.stderr)
@@ -195,6 +248,7 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    print(f"dashboard: http://{args.host}:{args.admin_port}/ (up in a few seconds)", flush=True)
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -4,12 +4,17 @@ compose.yaml is interpolated as Compose does it (and, where Debian's `docker-com
 installed, checked against its own `config` output), then its services' exact commands run
 here as local processes: service host names become 127.0.0.1, each container port a free
 local port, and the `redis` service a real Redis started by the test. A broken entry point,
-flag or MODE mapping in compose.yaml fails these tests. The Kubernetes manifests are parsed,
-and their container arguments go through the real command-line parsers.
+flag or MODE mapping in compose.yaml fails these tests. The Kubernetes overlays are rendered
+here (a small kustomize for the features they use), validated against the Kubernetes schemas
+(kubernetes-validate, strict), cross-checked (selectors, ports, probes, the Sentinel URL),
+and their container arguments go through the real command-line parsers; the Redis pods'
+start scripts and the app's preStop hook are run for real.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import functools
 import json
 import os
@@ -23,16 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import redis
 import yaml
 
-from balancer._config import load_settings
+from balancer._affinity import Sticky
+from balancer._config import Settings, load_settings
 from demo_app import AppSettings, create_app
 from demo_app.__main__ import parse_args as parse_demo_app_args
+from demo_app.stack import STICKY_OF_MODE, STORE_OF_MODE, discover_url
 from session_store import RedisServer
 from tests.helpers import free_port, wait_for
 from tests.processes import Process
+from tests.processes import balancer as balancer_process
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -362,63 +371,230 @@ def test_dockerfile_is_small_non_root_and_runs_the_entry_points() -> None:
     assert {".git", ".venv", "tests"} <= set(ignored)
 
 
+def test_dockerfile_exposes_the_ports_compose_and_kubernetes_use() -> None:
+    exposed = {
+        int(port)
+        for instruction, argument in _dockerfile()
+        if instruction == "EXPOSE"
+        for port in argument.split()
+    }
+    compose = compose_services({})
+    used = {port for name in ("app1", "demo") for port in _container_ports(compose[name])}
+    for name in ("app", "balancer"):
+        for container in _containers(_workloads()[name]).values():
+            used |= set(_container_ports_by_name(container).values())
+    assert used <= exposed, f"EXPOSE {sorted(exposed)} lacks {sorted(used - exposed)}"
+
+
 # -- Kubernetes manifests ----------------------------------------------------------------------
+#
+# deploy/k8s/base holds the stack (hybrid); deploy/k8s/overlays/<mode> changes only what the
+# mode changes. There is no kubectl here, so `render` below builds an overlay the way
+# `kubectl kustomize` does for the features these files use (resources, and strategic-merge
+# patches by file), and refuses any other: a feature it does not know fails the test rather
+# than being skipped. Every rendered object is validated against the Kubernetes schemas
+# (kubernetes-validate ships them; strict: an unknown field is an error).
+
+K8S_VERSION = "1.31"  # the schemas of kubernetes-validate used; the oldest supported release
+_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches"}
+# Where kubelet takes what `fieldRef` names: stand-ins of the right shape.
+_FIELD_REFS = {"metadata.name": "app-5d8f7c9b6-x2f4q", "status.podIP": "10.1.2.3"}
+_SECRET = "placeholder-from-a-secret-0123"  # a value from a Secret is unknown here
 
 
-def _manifests() -> list[dict[str, Any]]:
+def _identity(doc: Mapping[str, Any]) -> tuple[str, str, str]:
+    return doc["apiVersion"], doc["kind"], doc["metadata"]["name"]
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge patch, for what the overlays use: maps merge key by key, lists of
+    objects with a ``name`` merge by name (containers, env), other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        assert not any(str(key).startswith("$") for key in patch), "no $patch directives"
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    named = isinstance(base, list) and isinstance(patch, list)
+    named = named and all(isinstance(item, dict) and "name" in item for item in [*base, *patch])
+    if named:
+        merged_list = list(base)
+        names = [item["name"] for item in base]
+        for item in patch:
+            if item["name"] in names:
+                index = names.index(item["name"])
+                merged_list[index] = _merge(merged_list[index], item)
+            else:
+                merged_list.append(item)
+        return merged_list
+    return patch
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize directory` prints, for the features used here."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - _KUSTOMIZATION_KEYS
+    assert not unknown, f"{directory}: the test's renderer does not know {unknown}"
+    assert kustomization["kind"] == "Kustomization"
     documents: list[dict[str, Any]] = []
-    for path in sorted(K8S.glob("*.yaml")):
-        documents.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    for resource in kustomization.get("resources", []):
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            documents += render(path)
+        else:
+            documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    identities = [_identity(doc) for doc in documents]
+    assert len(set(identities)) == len(identities), f"{directory}: an object twice"
+    for entry in kustomization.get("patches", []):
+        assert set(entry) == {"path"}, f"{directory}: only patches by path are rendered here"
+        for patch in yaml.safe_load_all((directory / entry["path"]).read_text()):
+            target = identities.index(_identity(patch))  # a patch of nothing fails
+            documents[target] = _merge(documents[target], patch)
     return documents
 
 
-def _by_kind(kind: str) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"]: doc for doc in _manifests() if doc["kind"] == kind}
+def _overlay(mode: str) -> Path:
+    return K8S / "overlays" / mode
 
 
-def _workloads() -> dict[str, dict[str, Any]]:
-    return {**_by_kind("Deployment"), **_by_kind("StatefulSet")}
+@functools.cache
+def _rendered(mode: str) -> list[dict[str, Any]]:
+    return render(_overlay(mode))
 
 
-def _container(workload: Mapping[str, Any]) -> dict[str, Any]:
+def _manifests(mode: str = "hybrid") -> list[dict[str, Any]]:
+    """The overlay of ``mode``, rendered (a copy: tests may change it)."""
+    return copy.deepcopy(_rendered(mode))
+
+
+def _by_kind(kind: str, mode: str = "hybrid") -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in _manifests(mode) if doc["kind"] == kind}
+
+
+def _workloads(mode: str = "hybrid") -> dict[str, dict[str, Any]]:
+    return {**_by_kind("Deployment", mode), **_by_kind("StatefulSet", mode)}
+
+
+def _containers(workload: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     containers: list[dict[str, Any]] = workload["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return containers[0]
+    return {container["name"]: container for container in containers}
 
 
 def _container_ports_by_name(container: Mapping[str, Any]) -> dict[str, int]:
     return {port["name"]: port["containerPort"] for port in container.get("ports", [])}
 
 
-def _argv(container: Mapping[str, Any]) -> list[str]:
-    return [*container.get("command", []), *container.get("args", [])]
-
-
 def _env(container: Mapping[str, Any]) -> dict[str, str]:
-    # A value from a Secret is unknown here: a placeholder of a valid length stands in.
-    return {
-        item["name"]: item.get("value", "placeholder-from-a-secret-0123")
-        for item in container.get("env", [])
-    }
+    """The container's environment as kubelet builds it (fieldRefs and Secrets stood in)."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        source = item.get("valueFrom", {})
+        if "value" in item:
+            env[item["name"]] = _expand(item["value"], env)  # earlier variables only
+        elif "fieldRef" in source:
+            env[item["name"]] = _FIELD_REFS[source["fieldRef"]["fieldPath"]]
+        else:
+            assert "secretKeyRef" in source, item
+            env[item["name"]] = _SECRET
+    return env
+
+
+def _expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion: a defined variable is replaced, $$ is a literal $."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        return env.get(match[1], match[0])
+
+    return re.sub(r"\$\$|\$\((\w+)\)", substitute, text)
+
+
+def _argv(container: Mapping[str, Any]) -> list[str]:
+    env = _env(container)
+    for word in [*container.get("command", []), *container.get("args", [])]:
+        for name in re.findall(r"\$\((\w+)\)", word):
+            assert name in env, f"{container['name']}: $({name}) is not defined, kept as is"
+    return [_expand(word, env) for word in [*container.get("command", []), *container["args"]]]
 
 
 def _port_of(port: int | str, container: Mapping[str, Any]) -> int:
     return _container_ports_by_name(container)[port] if isinstance(port, str) else port
 
 
+def _app_settings(mode: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    app = _containers(_workloads(mode)["app"])["app"]
+    argv = _argv(app)
+    assert argv[:3] == ["python", "-m", "demo_app"]
+    for key, value in _env(app).items():
+        monkeypatch.setenv(key, value)  # parse_args reads REDIS_URL and the keys from there
+    return parse_demo_app_args(argv[3:])
+
+
+def _balancer_settings(mode: str) -> Settings:
+    balancer = _containers(_workloads(mode)["balancer"])["balancer"]
+    argv = _argv(balancer)
+    assert argv[:3] == ["python", "-m", "balancer"]
+    return load_settings(argv[3:], environ=_env(balancer))
+
+
 def test_k8s_has_every_piece() -> None:
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in _manifests()}
-    assert {
-        ("Deployment", "redis"),
+    assert kinds == {
+        ("ConfigMap", "redis-scripts"),
+        ("StatefulSet", "redis"),
         ("Service", "redis"),
-        ("StatefulSet", "app"),
+        ("NetworkPolicy", "redis"),
+        ("PodDisruptionBudget", "redis"),
+        ("Deployment", "app"),
+        ("HorizontalPodAutoscaler", "app"),
+        ("PodDisruptionBudget", "app"),
         ("Service", "app"),
-        ("Service", "app-pods"),
         ("Deployment", "balancer"),
         ("Service", "balancer"),
-    } <= kinds
-    for doc in _manifests():
-        assert doc["apiVersion"] in ("v1", "apps/v1"), doc["metadata"]["name"]
+        ("PodDisruptionBudget", "balancer"),
+    }
+    assert _workloads()["balancer"]["spec"]["replicas"] == 2
+    # The HorizontalPodAutoscaler owns the app's count: an apply must not reset it.
+    assert "replicas" not in _workloads()["app"]["spec"]
+
+
+@pytest.mark.parametrize("where", ["base", "overlays/sticky", "overlays/shared", "overlays/hybrid"])
+def test_k8s_manifests_validate_against_the_schemas(where: str) -> None:
+    documents = render(K8S / where)
+    assert documents
+    for doc in documents:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{where}: {'/'.join(_identity(doc))}: {exc.message}") from None
+
+
+def test_k8s_schema_validation_catches_a_wrong_field() -> None:
+    """The check above can fail: a typo in a field is an error under strict schemas."""
+    app = copy.deepcopy(_workloads()["app"])
+    app["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(app, K8S_VERSION, strict=True)
+
+
+def _without_mode(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The documents with the values a mode sets blanked out."""
+    documents = copy.deepcopy(documents)
+    for doc in documents:
+        if doc["kind"] == "Deployment":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                for item in container.get("env", []):
+                    if item["name"] in ("STORE", "MIN_REPLICAS_ACK", "BALANCER_STICKY"):
+                        item["value"] = "(mode)"
+    return documents
+
+
+def test_k8s_overlays_change_only_the_mode() -> None:
+    base = render(K8S / "base")
+    assert _manifests("hybrid") == base
+    for mode in MODES:
+        assert _without_mode(_manifests(mode)) == _without_mode(base), mode
 
 
 def test_k8s_selectors_match_their_pods() -> None:
@@ -427,72 +603,267 @@ def test_k8s_selectors_match_their_pods() -> None:
         selector = workload["spec"]["selector"]["matchLabels"]
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items(), name
-    for name, service in _by_kind("Service").items():
-        selector = service["spec"]["selector"]
-        selected = [
+
+    def selected(selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        return [
             workload
             for workload in workloads.values()
             if selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
         ]
-        assert len(selected) == 1, f"Service {name} selects {len(selected)} workloads"
-        container = _container(selected[0])
-        exposed = set(_container_ports_by_name(container).values())
+
+    for name, service in _by_kind("Service").items():
+        pods = selected(service["spec"]["selector"])
+        assert len(pods) == 1, f"Service {name} selects {len(pods)} workloads"
+        named = {
+            name: number
+            for container in _containers(pods[0]).values()
+            for name, number in _container_ports_by_name(container).items()
+        }
         for port in service["spec"]["ports"]:
-            assert _port_of(port.get("targetPort", port["port"]), container) in exposed, name
+            target = port.get("targetPort", port["port"])
+            if isinstance(target, str):
+                assert target in named, f"Service {name}: no container port named {target}"
+            else:
+                assert target in named.values(), f"Service {name}: no container port {target}"
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        for name, doc in _by_kind(kind).items():
+            field = "selector" if kind == "PodDisruptionBudget" else "podSelector"
+            assert len(selected(doc["spec"][field]["matchLabels"])) == 1, (kind, name)
+    # The Redis network policy lets in every pod of the stack: the apps and the balancers.
+    policy = _by_kind("NetworkPolicy")["redis"]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    for workload in workloads.values():
+        assert (
+            policy["matchLabels"].items()
+            <= workload["spec"]["template"]["metadata"]["labels"].items()
+        )
+    target = _by_kind("HorizontalPodAutoscaler")["app"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "app")
+    assert "cpu" in _containers(workloads["app"])["app"]["resources"]["requests"]
 
 
 def test_k8s_probes_exist_in_the_app() -> None:
-    app = _container(_workloads()["app"])
+    app = _containers(_workloads()["app"])["app"]
     routes = {
         getattr(route, "path", None) for route in create_app(AppSettings(instance_id="t")).routes
     }
     assert app["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert app["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    ports = set(_container_ports_by_name(app).values())
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert app[probe]["httpGet"]["path"] in routes
-        assert _port_of(app[probe]["httpGet"]["port"], app) in ports
-    balancer = _container(_workloads()["balancer"])
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert probe in balancer
-        action = balancer[probe].get("httpGet") or balancer[probe]["tcpSocket"]
-        assert _port_of(action["port"], balancer) in set(
-            _container_ports_by_name(balancer).values()
-        )
+    for workload in _workloads().values():
+        for container in _containers(workload).values():
+            ports = set(_container_ports_by_name(container).values())
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe not in container:
+                    continue
+                action = container[probe]
+                if "httpGet" in action and container is app:
+                    assert action["httpGet"]["path"] in routes
+                for kind in ("httpGet", "tcpSocket"):
+                    if kind in action:
+                        assert _port_of(action[kind]["port"], container) in ports, probe
+            assert "readinessProbe" in container
+            assert "livenessProbe" in container
 
 
-def test_k8s_args_parse_and_ports_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    workloads = _workloads()
-    app_set = workloads["app"]
-    app = _container(app_set)
-    argv = _argv(app)
-    assert argv[:3] == ["python", "-m", "demo_app"]
-    # Kubernetes expands $(VAR) in args only for variables the container defines.
-    for workload in workloads.values():
-        container = _container(workload)
-        for name in re.findall(r"\$\((\w+)\)", " ".join(_argv(container))):
-            assert name in _env(container), f"{container['name']}: $({name}) is not defined"
-    for key, value in _env(app).items():
-        monkeypatch.setenv(key, value)  # parse_args reads REDIS_URL and its keys from there
-    app_args = parse_demo_app_args(argv[3:])
-    assert app_args.host == "0.0.0.0"
-    assert app_args.store == "hybrid"
-    assert _container_ports_by_name(app)["http"] == app_args.port
-    assert app_args.redis_url == "redis://redis:6379/0"
-    redis_port = _by_kind("Service")["redis"]["spec"]["ports"][0]["port"]
-    assert app_args.redis_url.endswith(f":{redis_port}/0")
+@pytest.mark.parametrize("mode", MODES)
+def test_k8s_args_parse_and_ports_agree(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    workloads = _workloads(mode)
+    app = _containers(workloads["app"])["app"]
+    args = _app_settings(mode, monkeypatch)
+    assert args.host == "0.0.0.0"
+    assert args.store == STORE_OF_MODE[mode]
+    assert _container_ports_by_name(app)["http"] == args.port
+    # It registers where the balancers look, at an address they can reach: its pod IP.
+    assert args.registry == args.redis_url == _env(app)["REDIS_URL"]
+    assert args.advertise == f"http://{_FIELD_REFS['status.podIP']}:{args.port}"
+    assert args.instance_id == _FIELD_REFS["metadata.name"]
+    # Session writes wait for a replica wherever sessions are in Redis.
+    assert args.min_replicas_ack == (0 if mode == "sticky" else 1)
+    assert args.min_replicas_ack < workloads["redis"]["spec"]["replicas"]
 
-    balancer = _container(workloads["balancer"])
-    argv = _argv(balancer)
-    assert argv[:3] == ["python", "-m", "balancer"]
-    settings = load_settings(argv[3:], environ=_env(balancer))
+    balancer = _containers(workloads["balancer"])["balancer"]
+    settings = _balancer_settings(mode)
     assert _container_ports_by_name(balancer)["http"] == settings.listen.port
+    assert settings.admin is not None
+    assert settings.admin.is_loopback
     assert settings.health_path == "/readyz"
-    assert settings.sticky.cookie == "sid"
-    # One backend per app pod, by the stable DNS name the headless Service gives a
-    # StatefulSet's pods: <pod>.<service>.
-    headless = app_set["spec"]["serviceName"]
-    assert _by_kind("Service")[headless]["spec"]["clusterIP"] == "None"
-    replicas = app_set["spec"]["replicas"]
-    expected = tuple(f"http://app-{index}.{headless}:{app_args.port}" for index in range(replicas))
-    assert settings.backends == expected
+    assert settings.sticky == Sticky.parse(STICKY_OF_MODE[mode])
+    assert settings.affinity_secrets == (_SECRET,)  # from the Secret, the same in each replica
+    assert settings.backends == ()
+    assert settings.discover is not None
+    assert settings.discover.redis_url == args.registry
+    assert settings.discover.service == args.service
+
+    # The Sentinel URL names every sentinel of the Redis StatefulSet by its stable DNS name
+    # <pod>.<headless service>, on the sentinel port, and the master the sentinels monitor.
+    redis_set = workloads["redis"]
+    headless = _by_kind("Service", mode)[redis_set["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    sentinel = _containers(redis_set)["sentinel"]
+    sentinel_port = _container_ports_by_name(sentinel)["sentinel"]
+    assert sentinel_port in {port["port"] for port in headless["spec"]["ports"]}
+    hosts = ",".join(
+        f"redis-{n}.{headless['metadata']['name']}:{sentinel_port}"
+        for n in range(redis_set["spec"]["replicas"])
+    )
+    assert args.redis_url == f"redis+sentinel://{hosts}/mymaster/0"
+    scripts = _by_kind("ConfigMap", mode)["redis-scripts"]["data"]
+    assert f"port {sentinel_port}\n" in scripts["sentinel.sh"]
+    assert "sentinel monitor mymaster ${primary:-redis-0.redis} 6379 2" in scripts["sentinel.sh"]
+    assert _container_ports_by_name(_containers(redis_set)["redis"])["redis"] == 6379
+
+
+def test_k8s_redis_scripts_are_valid_shell() -> None:
+    scripts = _by_kind("ConfigMap")["redis-scripts"]["data"]
+    for name, script in scripts.items():
+        done = subprocess.run(
+            ["sh", "-n"], input=script, capture_output=True, text=True, timeout=10, check=False
+        )
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+    mounted = {
+        name: container["command"] for name, container in _containers(_workloads()["redis"]).items()
+    }
+    assert mounted == {
+        "redis": ["sh", "/scripts/redis.sh"],
+        "sentinel": ["sh", "/scripts/sentinel.sh"],
+    }
+
+
+def _pre_stop(container: Mapping[str, Any]) -> list[str]:
+    command: list[str] = container["lifecycle"]["preStop"]["exec"]["command"]
+    return command
+
+
+def test_k8s_shutdown_fits_in_the_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    workloads = _workloads()
+    balancer_pod = workloads["balancer"]["spec"]["template"]["spec"]
+    settings = _balancer_settings("hybrid")
+    sleep = float(_pre_stop(_containers(workloads["balancer"])["balancer"])[1])
+    assert sleep + settings.shutdown_deadline < balancer_pod["terminationGracePeriodSeconds"]
+    # The app's preStop waits for the balancers' next registry reads, then SIGTERM makes
+    # uvicorn finish in at most 10 s (demo_app.__main__: timeout_graceful_shutdown).
+    app_pod = workloads["app"]["spec"]["template"]["spec"]
+    command = _pre_stop(_containers(workloads["app"])["app"])
+    assert command[:2] == ["sh", "-c"]
+    leave = re.fullmatch(r"kill -USR1 1 && sleep (\d+)", command[2])
+    assert leave is not None, command
+    wait = float(leave[1])
+    assert wait >= 2 * settings.discover_interval
+    assert wait + 10 < app_pod["terminationGracePeriodSeconds"]
+    # SIGUSR1 is handled only by the registration: the app must register.
+    assert _app_settings("hybrid", monkeypatch).registry
+
+
+def test_k8s_app_pre_stop_leaves_before_sigterm_stops(redis_server: RedisServer) -> None:
+    """The app's preStop command, run for real: the balancer stops routing to the app while
+    it still serves; then SIGTERM stops it cleanly."""
+    app_port = free_port()
+    service = f"prestop{app_port}"
+    argv = [sys.executable, "-m", "demo_app", "--port", str(app_port), "--instance-id", "a1"]
+    argv += ["--registry", redis_server.url, "--service", service, "--log-level", "warning"]
+    app = Process(argv, f"http://127.0.0.1:{app_port}")
+    discover = discover_url(redis_server.url, service)
+    try:
+        # The app starts while the balancer does; it registers once ready.
+        with balancer_process([], "--discover", discover, "--discover-interval", "0.5") as running:
+            admin = running[1]
+            assert admin is not None
+            app.wait_ready("/readyz")
+
+            def backends() -> list[str]:
+                listed = httpx.get(admin + "/backends", timeout=2).json()["backends"]
+                return [backend["url"] for backend in listed]
+
+            wait_for(lambda: backends() == [app.url], 15, "the balancer to discover the app")
+            command = _pre_stop(_containers(_workloads()["app"])["app"])
+            # `1` is the app's PID in its container; here it is this process's child.
+            script = command[2].replace("kill -USR1 1 ", f"kill -USR1 {app.popen.pid} ")
+            subprocess.run([*command[:2], script], check=True, timeout=30)
+            assert backends() == [], "the balancer still routes to the app after its preStop"
+            assert httpx.get(app.url + "/healthz", timeout=2).status_code == 200
+            assert app.terminate() == 0
+    finally:
+        app.terminate()
+
+
+# The Redis pods' start scripts, run here by the image's shell with stand-ins for redis-cli
+# (it answers what a test says the sentinels know), redis-server (it records its arguments)
+# and sleep: the role each pod takes, and what its Sentinel monitors.
+_STUB_REDIS_CLI = """#!/bin/sh
+n=$(cat "$STUB/calls" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$STUB/calls"
+answer=$(sed -n "${n}p" "$STUB/answers")
+if [ -z "$answer" ] || [ "$answer" = "-" ]; then exit 1; fi
+printf '%s\\n6379\\n' "$answer"
+"""
+_STUB_REDIS_SERVER = """#!/bin/sh
+printf '%s\\n' "$@" > "$STUB/server-args"
+"""
+
+
+def _run_redis_script(name: str, pod: str, answers: list[str], tmp_path: Path) -> list[str]:
+    """Run the ConfigMap's script ``name`` as pod ``pod``; the redis-server arguments.
+
+    ``answers``: what each successive sentinel query returns ("-": no sentinel answered).
+    """
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    for program, text in (
+        ("redis-cli", _STUB_REDIS_CLI),
+        ("redis-server", _STUB_REDIS_SERVER),
+        ("sleep", "#!/bin/sh\n"),
+    ):
+        (stub / program).write_text(text)
+        (stub / program).chmod(0o755)
+    (stub / "answers").write_text("".join(f"{answer}\n" for answer in answers))
+    scripts = _by_kind("ConfigMap")["redis-scripts"]["data"]
+    for script_name, script in scripts.items():
+        # The pod's mounts (/scripts, /sentinel) are directories of this test.
+        local = script.replace("/scripts/", f"{tmp_path}/").replace("/sentinel/", f"{tmp_path}/")
+        (tmp_path / script_name).write_text(local)
+    env = {"PATH": f"{stub}{os.pathsep}{os.environ['PATH']}", "POD_NAME": pod, "STUB": str(stub)}
+    done = subprocess.run(
+        ["sh", str(tmp_path / name)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return (stub / "server-args").read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("pod", "answers", "primary"),
+    [
+        ("redis-0", ["-", "-", "-"], None),  # first start: redis-0 is the primary
+        ("redis-1", ["-", "-", "-"], "redis-0.redis"),  # ... and the others its replicas
+        ("redis-0", ["-", "redis-2.redis"], "redis-2.redis"),  # after a failover
+        # A restarted primary that the sentinels still name waits for their failover.
+        ("redis-0", ["redis-0.redis", "redis-0.redis", "redis-1.redis"], "redis-1.redis"),
+    ],
+)
+def test_k8s_redis_pod_takes_its_role(
+    pod: str, answers: list[str], primary: str | None, tmp_path: Path
+) -> None:
+    args = _run_redis_script("redis.sh", pod, answers, tmp_path)
+    assert args[:7] == ["--port", "6379", "--save", "", "--appendonly", "no", "--dir"]
+    assert args[args.index("--replica-announce-ip") + 1] == f"{pod}.redis"
+    if primary is None:
+        assert "--replicaof" not in args
+    else:
+        assert args[args.index("--replicaof") :] == ["--replicaof", primary, "6379"]
+
+
+@pytest.mark.parametrize(
+    ("answers", "monitored"),
+    [(["-", "-", "-"], "redis-0.redis"), (["redis-1.redis"], "redis-1.redis")],
+)
+def test_k8s_sentinel_monitors_the_current_primary(
+    answers: list[str], monitored: str, tmp_path: Path
+) -> None:
+    args = _run_redis_script("sentinel.sh", "redis-2", answers, tmp_path)
+    assert args == [str(tmp_path / "sentinel.conf"), "--sentinel"]
+    config = (tmp_path / "sentinel.conf").read_text().splitlines()
+    assert f"sentinel monitor mymaster {monitored} 6379 2" in config
+    assert "sentinel announce-ip redis-2.redis" in config
+    assert "port 26379" in config

@@ -86,6 +86,8 @@ def test_chart_is_a_png(run: tuple[dict[str, Any], Path]) -> None:
         (["--concurrency", "-1"], "--concurrency"),
         (["--json", "/nonexistent-dir/out.json"], "--json"),
         (["--plot", "/nonexistent-dir/out.png"], "--plot"),
+        (["--balancers", "9"], "--balancers"),
+        (["--kill-balancer"], "--kill-balancer"),  # one balancer: it would leave none
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(
