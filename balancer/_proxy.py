@@ -16,11 +16,12 @@ import asyncio
 import gc
 import logging
 import math
+import random
 import re
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Final, Protocol, cast
@@ -39,8 +40,8 @@ from ._http import (
     connection_tokens,
     error_response,
     forwarded_for,
-    new_request_id,
 )
+from ._pool import Pool
 from ._router import Decision
 from ._upstream import UpstreamConnection, UpstreamPool
 
@@ -71,7 +72,7 @@ class RequestRouter(Protocol):
     """The routing decision the data path needs (`balancer.Router`)."""
 
     def decide(
-        self, *, client_ip: str, cookie_header: bytes | None, exclude: frozenset[str] = ...
+        self, *, client_ip: str, cookie_header: bytes | None, exclude: frozenset[str] = frozenset()
     ) -> Decision: ...
 
 
@@ -196,6 +197,9 @@ _DEADLINE_HEADER: Final = 1  # the request's headers must be complete (408)
 _DEADLINE_IDLE: Final = 2  # a keep-alive connection waits for its next request
 _DEADLINE_LINGER: Final = 3  # closing: the client gets time to read our answer
 
+_REQUEST_ID_END: Final = b"X-Request-Id: %016x\r\n\r\n"  # as `new_request_id`, then the end
+_getrandbits: Final = random.getrandbits
+_NO_EXCLUSION: Final[frozenset[str]] = frozenset()
 _LINGER: Final = 2.0  # seconds: how long a closing connection reads and discards
 _UP: Final = BackendState.UP
 _QUEUE_TICK: Final = 0.05  # seconds between routing attempts of queued requests
@@ -297,7 +301,7 @@ class _Request:
     backend: Backend | None = None  # the backend of the attempt in progress
     last_backend = ""
     last_error: UpstreamError | None = None
-    excluded: frozenset[str] = frozenset()
+    excluded: frozenset[str]  # backends a retry must avoid
     attempts = 0
     stale_retried = False
     sent = False  # the head was written to a backend connection
@@ -309,6 +313,9 @@ class _Request:
         self.head = [b"", b" ", b"", b" HTTP/1.1\r\n"]
         self.body = []
         self.started = started
+        # Set here, not as a class default: mypyc (scripts/build-fast) takes only literal
+        # defaults.
+        self.excluded = _NO_EXCLUSION
 
 
 class _ClientConnection(asyncio.Protocol):
@@ -551,7 +558,6 @@ class _ClientConnection(asyncio.Protocol):
             req.keep_alive = False
             head += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade_value or b"", b"\r\n")
         self._add_forwarding(req)
-        head.append(b"\r\n")
         req.wire = b"".join(head)
         self._deadline = math.inf
         if self._active is None:
@@ -803,7 +809,9 @@ class _ClientConnection(asyncio.Protocol):
 
     def _next(self, req: _Request, now: float) -> None:
         """The request and its response are both complete: go on to the next one."""
-        self._active = None
+        # Typed wide, so that mypy does not narrow `_active` to None below (where `_begin`
+        # sets it): the mypyc build (scripts/build-fast) checks narrowed types at runtime.
+        self._active = cast("_Request | None", None)
         if self._starting:
             return  # called back from `_begin` below, which answered at once: the loop goes on
         while True:
@@ -911,6 +919,34 @@ class _ClientConnection(asyncio.Protocol):
             transport.writelines(chunk(data))
         else:
             transport.write(data)
+
+    def upstream_response(
+        self, conn: UpstreamConnection, status: int, head: bytes, body: bytes
+    ) -> None:
+        req = self._active
+        assert req is not None
+        assert req.decision is not None
+        if (
+            req.keep_alive
+            and not req.http10
+            and not self._closing
+            and not self._server.shutting_down
+            and len(body) <= 16384
+        ):
+            # The common case in one write (see `upstream_body`): nothing to add but the
+            # affinity cookie, if any, and the blank line.
+            req.status = status
+            req.response_started = True
+            set_cookie = req.decision.set_cookie
+            if set_cookie is None:
+                self._write(b"".join((head, b"\r\n", body)))
+            else:
+                self._write(b"".join((head, b"Set-Cookie: ", set_cookie, b"\r\n\r\n", body)))
+        else:
+            self.upstream_head(status, head, BODY_LENGTH)
+            if body:
+                self.upstream_body(body)
+        self.upstream_complete(conn)
 
     def upstream_complete(self, conn: UpstreamConnection) -> None:
         req = self._active
@@ -1023,7 +1059,8 @@ class _ClientConnection(asyncio.Protocol):
     # -- internals ------------------------------------------------------------------------
 
     def _add_forwarding(self, req: _Request) -> None:
-        """X-Forwarded-*, Forwarded and X-Request-Id; the client IP the router hashes."""
+        """X-Forwarded-*, Forwarded and X-Request-Id, and the blank line that ends the head;
+        the client IP the router hashes."""
         head = req.head
         host = req.host
         if self._trusted:
@@ -1037,7 +1074,10 @@ class _ClientConnection(asyncio.Protocol):
                 self._block = self._forwarding_block(req, host)
             head.append(self._block)
         if req.request_id is None:
-            head += (b"X-Request-Id: ", new_request_id(), b"\r\n")
+            # new_request_id() inlined, with the blank line: one piece, no call.
+            head.append(_REQUEST_ID_END % _getrandbits(64))
+        else:
+            head.append(b"\r\n")
 
     def _forwarding_block(self, req: _Request, host: bytes | None) -> bytes:
         """The forwarding header lines: appended to what a trusted peer sent, else fresh."""
@@ -1173,7 +1213,10 @@ def _classify(exc: httptools.HttpParserError, data: bytes) -> tuple[int, str]:
 
 class ProxyServer:
     """The balancer's HTTP/1.1 listener: routes each request with `router`, reports to
-    `metrics`, applies `options`. `clock` (seconds, monotonic) is injectable for tests."""
+    `metrics`, applies `options`. `clock` (seconds, monotonic) is injectable for tests.
+
+    `backends` is the pool the router chooses from: the keep-alive connections to a backend
+    that leaves it are closed within a tick (its busy ones when their exchange ends)."""
 
     def __init__(
         self,
@@ -1182,8 +1225,11 @@ class ProxyServer:
         options: ProxyOptions | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        backends: Pool | None = None,
     ) -> None:
         self.router = router
+        self.backends = backends
+        self._backends_generation = -1  # of `backends`, when `_pools` was last pruned
         self.metrics = metrics
         self.options = options if options is not None else ProxyOptions()
         self.clock = clock
@@ -1209,7 +1255,10 @@ class ProxyServer:
     def sockets(self) -> tuple[socket.socket, ...]:
         if self._server is None:
             return ()
-        return tuple(self._server.sockets)
+        # uvloop gives a list where typeshed says a tuple; read untyped, or the mypyc
+        # build (scripts/build-fast) would check it for a tuple.
+        sockets: Iterable[socket.socket] = getattr(self._server, "sockets", ())
+        return tuple(sockets)
 
     @property
     def port(self) -> int:
@@ -1319,7 +1368,17 @@ class ProxyServer:
             self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(_QUEUE_TICK, self._check_deadlines)
 
+    def _prune_pools(self) -> None:
+        """Close the upstream pools of backends no longer in `backends`."""
+        backends = self.backends
+        if backends is None or backends.generation == self._backends_generation:
+            return
+        self._backends_generation = backends.generation
+        for backend_id in [b for b in self._pools if b not in backends]:
+            self._pools.pop(backend_id).close()
+
     def _check_deadlines(self) -> None:
+        self._prune_pools()
         now = self.clock()
         if self._parked:
             parked, self._parked = self._parked, []

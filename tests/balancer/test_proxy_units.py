@@ -10,7 +10,7 @@ from typing import cast
 
 import pytest
 
-from balancer import ConfigError
+from balancer import ConfigError, Pool, Router, Sticky
 from balancer._http import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -22,7 +22,8 @@ from balancer._http import (
     forwarded_for,
     new_request_id,
 )
-from balancer._proxy import ProxyOptions, _RetryBudget
+from balancer._metrics import Metrics
+from balancer._proxy import ProxyOptions, ProxyServer, _RetryBudget
 from balancer._upstream import _HEADS, ResponseHandler, UpstreamConnection, UpstreamPool
 from tests.helpers import FakeClock
 
@@ -118,6 +119,12 @@ class _Heads:
     def upstream_complete(self, conn: UpstreamConnection) -> None:
         self.completed += 1
 
+    def upstream_response(
+        self, conn: UpstreamConnection, status: int, head: bytes, body: bytes
+    ) -> None:
+        self.upstream_head(status, head, BODY_LENGTH)
+        self.upstream_complete(conn)
+
 
 def _exchange(response: bytes) -> tuple[tuple[int, bytes, int], bool]:
     """Feed `response` to a fresh connection: (the relayed head, reusable afterwards)."""
@@ -183,3 +190,44 @@ def test_head_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     long_head = b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"
     _exchange(long_head)
     assert long_head[:-4] not in _HEADS
+
+
+@pytest.mark.parametrize(
+    ("tail", "whole"),
+    [
+        (b"ok", True),  # exactly Content-Length bytes: relayed without the parser
+        (b"o", False),  # a partial body: the parser waits for the rest
+        (b"okHTTP/1.1 200 OK\r\n", False),  # bytes past the body: the parser judges them
+    ],
+)
+def test_whole_response_in_one_read_skips_the_parser_only_when_exact(
+    tail: bytes, whole: bool
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nX-Whole: 1\r\nContent-Length: 2\r\n\r\n"
+    _HEADS.clear()
+    _exchange(head + b"ok")  # the parser sees the head once and caches its meaning
+    pool = UpstreamPool("b", "127.0.0.1", 1, max_idle=1, connect_timeout=1.0, clock=lambda: 0.0)
+    conn = UpstreamConnection(pool)
+    conn.connection_made(cast(asyncio.BaseTransport, _FakeTransport()))
+    handler = _Heads()
+    responses: list[bytes] = []
+    handler.upstream_response = (  # type: ignore[method-assign]
+        lambda conn, status, head, body: responses.append(body)
+    )
+    conn.start(cast(ResponseHandler, handler), 0.0, head_request=False)
+    conn.data_received(head + tail)
+    assert responses == ([b"ok"] if whole else [])
+    assert len(handler.heads) == (0 if whole else 1)
+
+
+def test_pools_of_removed_backends_are_closed() -> None:
+    backends = Pool(["http://127.0.0.1:9001", "http://127.0.0.1:9002"])
+    server = ProxyServer(Router(backends, sticky=Sticky("none")), Metrics(), backends=backends)
+    first, second = list(backends)
+    pools = [server.pool(first), server.pool(second)]
+    server._prune_pools()
+    assert set(server.pools) == {first.id, second.id}
+    backends.remove(first.id)
+    server._prune_pools()
+    assert set(server.pools) == {second.id}
+    assert [p._closed for p in pools] == [True, False]
