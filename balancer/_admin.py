@@ -14,14 +14,18 @@ With a supervisor (`--spawn`):
     POST   /workers/scale            {"delta": 1 | -1}: 202, 400, 409 below one worker
     POST   /workers/restart          a rolling restart, one worker at a time: 202
 
-With a token, every route but /healthz needs `Authorization: Bearer <token>` (401
-otherwise); configuration requires one when the admin address is not loopback. Every error
-is JSON: {"error": <sentence>, "reason": <code>}.
+With a dashboard (`balancer._dashboard`): the page at GET / and its stream at
+GET /dashboard/stream; its buttons call the routes above, and nothing else.
+
+With a token, every route but /healthz and the page's static files needs
+`Authorization: Bearer <token>` (401 otherwise); configuration requires one when the admin
+address is not loopback. Every error is JSON: {"error": <sentence>, "reason": <code>}.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -31,10 +35,11 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._backend import Backend
+from ._dashboard import OPEN_PATHS, Dashboard, dashboard_routes
 from ._exceptions import BackendExists, ConfigError, InvalidTransition, UnknownBackend
 from ._log import log_event
 from ._metrics import Metrics
@@ -122,6 +127,64 @@ class _BearerAuth:
         await response(scope, receive, send)
 
 
+class _SameOrigin:
+    """Refuse what a browser sent on behalf of another site (403).
+
+    A state-changing request from another site: with a token this is belt and braces
+    (another site can neither know the token nor make a browser send an Authorization
+    header); without one (loopback only), a page elsewhere could still make the browser
+    POST to 127.0.0.1. Browsers say where a request comes from (`Sec-Fetch-Site`, and
+    `Origin` on every POST and DELETE), so such a request is refused. curl and scripts send
+    neither header and are unaffected.
+
+    With `loopback_only` (no token), any request whose Host is not a loopback name or
+    address: DNS rebinding points an attacker's domain at 127.0.0.1, which makes the
+    attacker's page same-origin with this app, so only the Host header still tells.
+    """
+
+    _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp, loopback_only: bool) -> None:
+        self._app = app
+        self._loopback_only = loopback_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"")
+            refusal: JSONResponse | None = None
+            if self._loopback_only and host and not _is_loopback_host(host):
+                refusal = _error(403, "host_not_allowed", "only a loopback Host is served")
+            elif scope["method"] not in self._SAFE:
+                site = headers.get(b"sec-fetch-site")
+                origin = headers.get(b"origin")
+                if site in (b"cross-site", b"same-site") or (
+                    origin is not None and origin.partition(b"://")[2] != host
+                ):
+                    refusal = _error(403, "cross_origin", "a request from another site is refused")
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+def _is_loopback_host(host: bytes) -> bool:
+    """`localhost`, `127.0.0.1:8081`, `[::1]:8081`, ...: a Host header naming this machine."""
+    text = host.decode("latin-1").lower()
+    if text.startswith("["):
+        name, bracket, _ = text[1:].partition("]")
+        if not bracket:
+            return False
+    else:
+        name = text.rpartition(":")[0] if ":" in text else text
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761 6.3
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def create_admin_app(
     *,
     pool: Pool,
@@ -129,9 +192,10 @@ def create_admin_app(
     token: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     workers: WorkerControl | None = None,
+    dashboard: Dashboard | None = None,
 ) -> Starlette:
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
-    `workers`, the supervisor, adds the /workers routes."""
+    `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /."""
 
     def backends_body() -> dict[str, object]:
         now = clock()
@@ -219,7 +283,7 @@ def create_admin_app(
         response.headers.update(exc.headers or {})
         return response
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/backends", list_backends, methods=["GET"]),
         Route("/backends", add_backend, methods=["POST"]),
@@ -234,6 +298,10 @@ def create_admin_app(
             Route("/workers/scale", scale_workers, methods=["POST"]),
             Route("/workers/restart", restart_workers, methods=["POST"]),
         ]
+    open_paths = {"/healthz"}
+    if dashboard is not None:
+        routes += dashboard_routes(dashboard)
+        open_paths |= OPEN_PATHS
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -243,5 +311,6 @@ def create_admin_app(
         },
     )
     if token is not None:
-        app.add_middleware(_BearerAuth, token=token, open_paths=frozenset({"/healthz"}))
+        app.add_middleware(_BearerAuth, token=token, open_paths=frozenset(open_paths))
+    app.add_middleware(_SameOrigin, loopback_only=token is None)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,9 @@ import uvicorn
 
 from ._admin import create_admin_app
 from ._config import Settings
+from ._dashboard import Dashboard, RedisStatus
 from ._discovery import Discovery
+from ._events import EventFeed
 from ._health import HealthChecker
 from ._log import log_event, log_state_change
 from ._metrics import Metrics
@@ -28,6 +31,8 @@ from ._workers import RestartPolicy
 __all__ = ["Balancer", "proxy_options", "supervisor_options"]
 
 logger = logging.getLogger("balancer")
+
+_ADMIN_EXIT_TIMEOUT = 5  # seconds the admin server may take to finish its responses
 
 
 def proxy_options(settings: Settings) -> ProxyOptions:
@@ -121,10 +126,13 @@ class Balancer:
             table_size=settings.hash_table_size,
             clock=clock,
         )
-        self.proxy = ProxyServer(self.router, self.metrics, proxy_options(settings), clock=clock)
+        self.proxy = ProxyServer(
+            self.router, self.metrics, proxy_options(settings), clock=clock, backends=self.pool
+        )
         options = supervisor_options(settings)
         self.supervisor = None if options is None else Supervisor(self.pool, options, clock=clock)
         self.admin: _AdminServer | None = None
+        self.dashboard: Dashboard | None = None  # with --admin, once serve() started
         self.discovery: Discovery | None = None  # with --discover, once serve() started
         self.ready = asyncio.Event()
 
@@ -135,6 +143,10 @@ class Balancer:
 
     async def serve(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            if self.settings.admin is not None:
+                # First: its event feed sees every event from here on.
+                self.dashboard = self._dashboard()
+                stack.callback(self.dashboard.feed.detach)
             client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
             checker = HealthChecker(
                 self.pool, client, self.settings.health_policy(), clock=self.clock
@@ -210,22 +222,63 @@ class Balancer:
         address = self.settings.admin
         if address is None:
             return
+        assert self.dashboard is not None  # made by serve() with --admin
         app = create_admin_app(
             pool=self.pool,
             metrics=self.metrics,
             token=self.settings.admin_token,
             clock=self.clock,
             workers=self.supervisor,
+            dashboard=self.dashboard,
         )
         port = address.port + self.admin_port_offset if address.port else 0
         sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address.host, port))
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        # The dashboard's streams are ended before the server is told to exit; the
+        # timeout is the backstop for any other response that would hold the exit up.
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=_ADMIN_EXIT_TIMEOUT,
+        )
         self.admin = _AdminServer(config)
         self._admin_task = asyncio.create_task(self.admin.serve(sockets=[sock]), name="admin")
+        self._dashboard_task = asyncio.create_task(self.dashboard.run(), name="dashboard")
         self.admin_port: int = sock.getsockname()[1]
         log_event("admin listening", address=f"{address.host}:{self.admin_port}")
+
+    def _dashboard(self) -> Dashboard:
+        """The dashboard, its event feed on the `balancer` logger, and what it shows."""
+        settings = self.settings
+        feed = EventFeed()
+        feed.attach()
+        redis_url = settings.dashboard_redis
+        if redis_url is None and settings.discover is not None:
+            redis_url = settings.discover.redis_url
+        sticky = settings.sticky
+        mode = settings.dashboard_mode or ("shared" if sticky.mode == "none" else None)
+        info: dict[str, object] = {
+            "mode": mode,
+            "sticky": str(sticky),
+            "listen": str(settings.listen),
+            "admin": str(settings.admin),
+            "pid": os.getpid(),
+            "spawn": self.supervisor is not None,
+            "discover": None if settings.discover is None else str(settings.discover),
+        }
+        return Dashboard(
+            pool=self.pool,
+            metrics=self.metrics,
+            feed=feed,
+            info=info,
+            router=self.router,
+            workers=self.supervisor,
+            redis=None if redis_url is None else RedisStatus(redis_url),
+            clock=self.clock,
+        )
 
     async def _shutdown(
         self, health: asyncio.Task[None], discovery: asyncio.Task[None] | None = None
@@ -240,6 +293,15 @@ class Balancer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.admin is not None:
+            dashboard = self.dashboard
+            assert dashboard is not None
+            # First end the page's streams: uvicorn waits for open responses to finish.
+            dashboard.close()
+            self._dashboard_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dashboard_task
             self.admin.should_exit = True
             await self._admin_task
+            if dashboard.redis is not None:
+                await dashboard.redis.aclose()
         log_event("stopped")

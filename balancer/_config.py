@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
+from session_store import RedisURLError, parse_redis_url
+
 from ._affinity import (
     DEFAULT_AFFINITY_COOKIE,
     AffinityCookie,
@@ -145,6 +147,10 @@ class Settings:
     # this service, added and removed as they register and leave or die.
     discover: RegistryTarget | None = None  # redis://HOST:PORT[/DB]/SERVICE
     discover_interval: float = 0.5  # seconds between full reads of the registry
+    # What the dashboard shows that the balancer cannot know by itself: the demo's mode
+    # (sticky, shared, hybrid), and a Redis to report on (default: --discover's).
+    dashboard_mode: str | None = None
+    dashboard_redis: str | None = field(default=None, repr=False)  # may hold a password
 
     def backend_policy(self) -> BackendPolicy:
         return BackendPolicy(
@@ -329,6 +335,15 @@ def _url_path(value: object) -> str:
     return text
 
 
+def _redis_url(value: object) -> str:
+    text = _text(value).strip()
+    try:
+        parse_redis_url(text)  # every topology's form; reads the URL, connects to nothing
+    except RedisURLError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
 def _token(value: object) -> str:
     text = _text(value)
     if not text or any(c.isspace() or not c.isprintable() for c in text):
@@ -509,6 +524,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "redis://HOST:PORT/DB/SERVICE",
     ),
     _Option("discover_interval", _number(zero=False), "seconds between registry reads", None, "S"),
+    _Option(
+        "dashboard_mode",
+        _choice("sticky", "shared", "hybrid"),
+        "the mode the dashboard names (the demo's)",
+        None,
+        "MODE",
+    ),
+    _Option("dashboard_redis", _redis_url, "a Redis the dashboard reports on", None, "URL"),
 )
 _BY_FIELD = {option.name: option for option in _OPTIONS}
 assert set(_BY_FIELD) == {f.name for f in fields(Settings)}, "an option per setting"

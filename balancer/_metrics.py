@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
@@ -26,11 +27,21 @@ from prometheus_client.registry import Collector
 from ._backend import BackendState
 from ._pool import Pool
 
-__all__ = ["Metrics"]
+__all__ = ["BUCKETS", "BackendCounts", "Metrics"]
 
 # Upper bounds in seconds; finer at the low end than prometheus_client's default, since a
 # request proxied to a healthy local backend takes about a millisecond.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS = _BUCKETS  # the latency buckets' upper bounds, for readers of `BackendCounts`
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCounts:
+    """One backend's totals since the process started, as `Metrics.counts()` reads them."""
+
+    requests: int  # responses relayed or answered for it
+    errors: int  # of which 5xx
+    buckets: tuple[int, ...]  # latency, non-cumulative, one per BUCKETS bound then +Inf
 
 
 class _Backend:
@@ -93,6 +104,35 @@ class Metrics:
 
     def connection_closed(self) -> None:
         self._active -= 1
+
+    # -- the read side: the dashboard samples these once a second ---------------------------
+
+    def counts(self) -> dict[str, BackendCounts]:
+        """Every backend's totals now, by backend id (a copy: the caller may keep it)."""
+        counts = {}
+        for backend_id, numbers in list(self._backends.items()):
+            requests = errors = 0
+            for status, count in list(numbers.by_status.items()):
+                requests += count
+                if status >= 500:
+                    errors += count
+            counts[backend_id] = BackendCounts(requests, errors, tuple(numbers.buckets))
+        return counts
+
+    @property
+    def failovers(self) -> int:
+        """Requests sent elsewhere because their backend failed, so far."""
+        return self._failovers
+
+    @property
+    def repins(self) -> int:
+        """Pinned clients moved to another backend, so far."""
+        return self._repins
+
+    @property
+    def connections_active(self) -> int:
+        """Client connections open now."""
+        return self._active
 
     def render(self) -> tuple[bytes, str]:
         """The body and content type of a /metrics response."""

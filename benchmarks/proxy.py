@@ -7,6 +7,11 @@ Backends: one nginx worker serving a short body on two ports. Each proxy runs on
 and keep-alive to the backends; wrk (64 connections, a varied `Cookie: sid=...` per
 request) loads it for a fixed time. Printed: requests/s, p50 and p99 latency, and each
 ratio to nginx. Targets (DESIGN.md): throughput >= 0.67x nginx, p99 <= 1.5x nginx.
+
+The dashboard's cost: the whole `python -m balancer --admin ...` is measured twice in one
+process, once with no page open and once with a client reading the dashboard's event stream
+for the whole run (warm-up included), in turn; both rows are printed, with the ticks the page
+received. Compare their CPU us/req: on a shared machine it moves less than requests/s.
 Everything listens on 127.0.0.1; processes and temporary files are cleaned up.
 """
 
@@ -23,12 +28,16 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
+
+import balancer._proxy
 
 _WRK_LUA = """
 local n = 0
@@ -299,6 +308,41 @@ def cpu_seconds(process: subprocess.Popen[bytes] | None) -> float:
     return total
 
 
+class PageOpen:
+    """A dashboard page, as far as the balancer can tell: a client reading its event stream
+    (GET /dashboard/stream) in a thread, from `__enter__` to `__exit__`."""
+
+    def __init__(self, admin: str) -> None:
+        self.url = admin + "/dashboard/stream"
+        self.ticks = 0
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        with httpx.stream("GET", self.url, timeout=10) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                self.bytes += len(line) + 1
+                if line == "event: tick":
+                    self.ticks += 1
+                if self._stop.is_set():
+                    return
+
+    def __enter__(self) -> PageOpen:
+        self._thread.start()
+        deadline = time.monotonic() + 5
+        while self.ticks == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first tick: the page is open
+        if self.ticks == 0:
+            raise RuntimeError(f"no tick from {self.url} within 5 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per proxy")
@@ -325,18 +369,32 @@ def main() -> int:
         urls = [f"http://127.0.0.1:{p}" for p in backends]
         script = c.write("balancer_main.py", _BALANCER)
 
-        def measure(name: str, port: int, proxy: subprocess.Popen[bytes] | None) -> None:
-            run_wrk(port, args.warmup, args.connections, lua, cpu=load_cpu, name=name)
-            before = cpu_seconds(proxy)
-            result = run_wrk(port, args.duration, args.connections, lua, cpu=load_cpu, name=name)
+        def measure(
+            name: str, port: int, proxy: subprocess.Popen[bytes] | None, admin: str | None = None
+        ) -> None:
+            page = PageOpen(admin) if admin else None
+            with page if page is not None else contextlib.nullcontext():
+                run_wrk(port, args.warmup, args.connections, lua, cpu=load_cpu, name=name)
+                before = cpu_seconds(proxy)
+                result = run_wrk(
+                    port, args.duration, args.connections, lua, cpu=load_cpu, name=name
+                )
+                after = cpu_seconds(proxy)
+            if page is not None:
+                note = f"the page got {page.ticks} ticks, {page.bytes / 1024:,.0f} KiB"
+                result.errors = "; ".join(filter(None, [result.errors, note]))
             if proxy is not None and result.requests:
                 # The run's CPU time over its requests: robust to a busy machine.
-                result.cpu_us = (cpu_seconds(proxy) - before) / result.requests * 1e6
-            print(f"  {name}: {result.rps:,.0f} req/s", file=sys.stderr, flush=True)
+                result.cpu_us = (after - before) / result.requests * 1e6
+            print(
+                f"  {name}: {result.rps:,.0f} req/s, {result.cpu_us:.1f} CPU us/req",
+                file=sys.stderr,
+                flush=True,
+            )
             if name not in best or result.rps > best[name].rps:
                 best[name] = result
 
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             measure("direct (backend)", backends[0], None)
 
             port = free_port()
@@ -362,14 +420,33 @@ def main() -> int:
                 measure(name, port, p)
                 c.stop(p)
 
+            # The whole balancer with its admin app: one process, measured with the dashboard
+            # closed and open, in turn (the order alternates by round, so a drift in the
+            # machine's load does not always favour one).
+            port, admin_port = free_port(), free_port()
+            command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+            command += ["--sticky", "cookie:sid", "--upstream-keepalive", "64"]
+            command += ["--admin", f"127.0.0.1:{admin_port}"]
+            for url in urls:
+                command += ["--backend", url]
+            p = c.start(command, port, proxy_cpu)
+            admin = f"http://127.0.0.1:{admin_port}"
+            wait_listening(admin_port, p)
+            cases = [("--admin, page closed", None), ("--admin, page open", admin)]
+            for name, page_admin in cases if round_ % 2 == 0 else cases[::-1]:
+                measure(name, port, p, page_admin)
+            c.stop(p)
+
     results = list(best.values())
     base = best["nginx 1 worker"]
     print()
     print(f"wrk -t1 -c{args.connections}, {args.duration:g}s each, best of {args.rounds}; "
           f"proxy core {proxy_cpu}, wrk and backends core {load_cpu}")  # fmt: skip
+    print(f"balancer data path: {_build()}")
     print(
         "balancer 1 worker: the core's Router (cookie:sid) and Metrics; balancer, "
-        "stand-in: a crc32 cookie router and no metrics (the data path alone)"
+        "stand-in: a crc32 cookie router and no metrics (the data path alone); --admin: "
+        "python -m balancer with its admin app, the dashboard's stream closed or open"
     )
     print(
         f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'p99 x':>7}"
@@ -386,6 +463,12 @@ def main() -> int:
     ok = ours.rps >= 0.67 * base.rps and ours.p99_ms <= 1.5 * base.p99_ms
     print(f"targets (>= 0.67x nginx req/s, p99 <= 1.5x nginx): {'met' if ok else 'NOT met'}")
     return 0
+
+
+def _build() -> str:
+    """Which build of the data path the balancer processes import (scripts/build-fast)."""
+    compiled = not balancer._proxy.__file__.endswith(".py")
+    return "compiled with mypyc (scripts/build-fast)" if compiled else "plain Python"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def pool() -> Pool:
 async def client(pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
     app = create_admin_app(pool=pool, metrics=Metrics(pool), clock=lambda: 100.0)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8081") as client:
         yield client
 
 
@@ -32,7 +32,7 @@ async def client(pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
 async def guarded(pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
     app = create_admin_app(pool=pool, metrics=Metrics(pool), token=TOKEN)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8081") as client:
         yield client
 
 
@@ -167,3 +167,33 @@ async def test_token_guards_changes(guarded: httpx.AsyncClient, pool: Pool) -> N
     backend = next(iter(pool))
     assert (await guarded.post(f"/backends/{backend.id}/drain")).status_code == 401
     assert backend.state is BackendState.UP
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:8081", 200),
+        ("localhost:8081", 200),
+        ("[::1]:8081", 200),
+        ("127.0.0.2", 200),
+        ("app.localhost", 200),
+        ("evil.example:8081", 403),  # DNS rebinding: the attacker's name, our address
+        ("10.0.0.1:8081", 403),
+        ("[::1", 403),
+    ],
+)
+async def test_without_a_token_only_a_loopback_host_is_served(
+    client: httpx.AsyncClient, pool: Pool, host: str, status: int
+) -> None:
+    backend = next(iter(pool))
+    for method, path in (("GET", "/backends"), ("POST", f"/backends/{backend.id}/drain")):
+        response = await client.request(method, path, headers={"Host": host})
+        assert response.status_code == status
+        if status == 403:
+            assert response.json()["reason"] == "host_not_allowed"
+    assert backend.draining is (status == 200)
+
+
+async def test_with_a_token_any_host_is_served(guarded: httpx.AsyncClient) -> None:
+    headers = {"Host": "balancer.example:8081", "Authorization": f"Bearer {TOKEN}"}
+    assert (await guarded.get("/backends", headers=headers)).status_code == 200

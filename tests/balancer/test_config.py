@@ -122,6 +122,12 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
      "discover", RegistryTarget("redis://127.0.0.1:6379/2", "demo")),
     (["--discover-interval", "0.25"], {"BALANCER_DISCOVER_INTERVAL": "0.25"},
      "discover_interval = 0.25", "discover_interval", 0.25),
+    (["--dashboard-mode", "hybrid"], {"BALANCER_DASHBOARD_MODE": "hybrid"},
+     'dashboard_mode = "hybrid"', "dashboard_mode", "hybrid"),
+    (["--dashboard-redis", "redis://127.0.0.1:6379/1"],
+     {"BALANCER_DASHBOARD_REDIS": "redis://127.0.0.1:6379/1"},
+     'dashboard_redis = "redis://127.0.0.1:6379/1"', "dashboard_redis",
+     "redis://127.0.0.1:6379/1"),
 ]  # fmt: skip
 
 
@@ -249,6 +255,8 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--discover", "redis://127.0.0.1:6379/a/b"], "--discover", "/DB/SERVICE"),
     (["--discover", "redis://127.0.0.1:99999/demo"], "--discover", "not a valid URL"),
     (["--discover-interval", "0"], "--discover-interval", "> 0"),
+    (["--dashboard-mode", "cluster"], "--dashboard-mode", "expected one of sticky"),
+    (["--dashboard-redis", "http://127.0.0.1:6379"], "--dashboard-redis", "http"),
 ]
 
 
