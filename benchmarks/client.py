@@ -28,13 +28,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 
 import httpx
-
-# Run as a script, this folder comes first on sys.path, and benchmarks/session_store.py
-# would shadow the package: put the project root first.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from balancer import BalancedTransport, Instance, Registry, StaticInstances
 from balancer._client import BalancePolicy

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/redis_topology.py [--duration 5] [--connections 32] [--rounds 2]
 
-The workload is the one `benchmarks/session_store.py` measures for "ours": one uvicorn worker
+The workload is the one `benchmarks/session_middleware.py` measures for "ours": one uvicorn worker
 serving `benchmarks/session_apps.py` with `SessionMiddleware` and `RedisStore.from_url`, a
 read request (``GET /read``: load the session) and a write request (``POST /write``: load,
 change, save), loaded by wrk. Only the URL changes between the rows:
@@ -12,7 +12,7 @@ change, save), loaded by wrk. Only the URL changes between the rows:
 - ``cluster``: ``redis+cluster://`` naming three primaries and three replicas;
 - the same two with ``--min-replicas-ack 1`` on the write (``WAIT 1`` after each save).
 
-As in session_store.py the app has one core to itself and wrk shares the other with every
+As in session_middleware.py the app has one core to itself and wrk shares the other with every
 Redis process of the topology; best of ``--rounds``. Needs wrk (apt-get install wrk).
 Every server is started here on free 127.0.0.1 ports and stopped at the end.
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from benchmarks.session_store import Result, _pin, _serve, _session_cookie, _wrk  # noqa: E402
+from benchmarks.session_middleware import Result, _pin, _serve, _session_cookie, _wrk  # noqa: E402
 from session_store import RedisServer  # noqa: E402
 from tests.redis_sentinel import SentinelSetup  # noqa: E402
 from tests.redis_topology import Cluster  # noqa: E402

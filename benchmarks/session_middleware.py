@@ -1,6 +1,6 @@
 """Benchmark: session_store's RedisStore against starsessions, and no sessions at all.
 
-    .venv/bin/python benchmarks/session_store.py [--duration 10] [--connections 32]
+    .venv/bin/python benchmarks/session_middleware.py [--duration 10] [--connections 32]
 
 Runs the same small app three ways in one run (see session_apps.py), each as
 one uvicorn worker pinned to one core, loaded by wrk pinned to the other, for a
