@@ -13,7 +13,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._exceptions import SessionStoreError, SessionTooLarge, StoreUnavailable
+from ._exceptions import (
+    SessionStoreError,
+    SessionTooLarge,
+    StoreUnavailable,
+    WriteNotAcknowledged,
+)
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionStore
@@ -213,7 +218,11 @@ class SessionMiddleware:
 
     async def _send_unavailable(self, exc: StoreUnavailable, send: Send) -> None:
         logger.warning("session store unavailable, answered 503: %s", exc)
-        body = b"503 Service Unavailable: the session store is unreachable, retry later\n"
+        if isinstance(exc, WriteNotAcknowledged):
+            # Not "unreachable": the write reached the primary, but no replica confirmed it.
+            body = b"503 Service Unavailable: the session change was not replicated, retry later\n"
+        else:
+            body = b"503 Service Unavailable: the session store is unreachable, retry later\n"
         await send(
             {
                 "type": "http.response.start",

@@ -111,6 +111,7 @@ async def test_the_middleware_answers_an_unacknowledged_write_with_503(
             response = await client.post("/set", params={"a": "1"})
             assert response.status_code == 503
             assert response.headers["retry-after"] == "3"
+            assert "not replicated" in response.text  # not "unreachable": it says which
             assert "set-cookie" not in response.headers  # no session claimed
             # Reads need no replica.
             assert (await client.get("/read")).status_code == 200
