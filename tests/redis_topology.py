@@ -11,7 +11,7 @@ does); teardown kills it.
         cluster.wait_promoted(victim)              # its replica took its slots over
 
     with TLSServer(tmp_path) as server:            # its own CA, TLS only, user "app"
-        store = RedisStore.from_url(server.url())  # rediss://app:...@127.0.0.1:P/0?ssl_ca_certs=
+        store = RedisStore.from_url(server.tls_url())  # rediss://app:...@127.0.0.1:P/0?ssl_ca_certs=
 
 The cluster is made with the cluster commands themselves (CLUSTER ADDSLOTSRANGE, MEET,
 REPLICATE), as ``redis-cli --cluster create`` does, so it needs no CLI binary.
@@ -24,9 +24,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +31,6 @@ from types import TracebackType
 import redis
 
 from session_store import RedisServer, find_server_binary
-from session_store._server import _die_with_parent
 from tests.helpers import free_port, wait_for
 
 __all__ = ["SLOTS", "Cluster", "TLSServer", "make_certificates", "start_cluster"]
@@ -278,12 +274,14 @@ def make_certificates(directory: Path, name: str = "ca") -> tuple[Path, Path, Pa
     return ca, cert, key
 
 
-class TLSServer:
+class TLSServer(RedisServer):
     """A TLS-only ``redis-server`` (no plaintext port) whose one enabled user is ``user``.
 
-    The default user is off, so every client must authenticate as ``user``/``password``.
-    Needs a redis-server built with TLS (Debian's is; the embedded Valkey is not): raises
-    RuntimeError naming the binary otherwise.
+    A `RedisServer` (start, readiness wait, stop, cleanup) with TLS arguments and a
+    readiness check over TLS. The default user is off, so every client must authenticate as
+    ``user``/``password``. Needs a redis-server built with TLS (Debian's is; the embedded
+    Valkey is not): raises RuntimeError otherwise, and `start()` a RedisServerError with the
+    server's own words when the binary lacks TLS.
     """
 
     def __init__(self, directory: Path, *, user: str = "app", password: str = "s3cret-pw") -> None:
@@ -293,59 +291,27 @@ class TLSServer:
                 "the TLS tests need a TLS-enabled redis-server on PATH (apt-get install "
                 "redis-server; scripts/install does it); the embedded Valkey has no TLS"
             )
-        self.binary = binary
-        self.directory = directory
+        super().__init__(binary, host=HOST)
         self.user, self.password = user, password
         self.ca, self.cert, self.key = make_certificates(directory)
-        self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-
-    def url(self, *, password: str | None = None, ca: Path | None = None) -> str:
-        secret = self.password if password is None else password
-        return f"rediss://{self.user}:{secret}@{HOST}:{self.port}/0?ssl_ca_certs={ca or self.ca}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="session-store-tls-")
-        args = [
-            self.binary,
+        # `--port 0` after RedisServer's own `--port`: the last one wins, so the only
+        # listener is the TLS one, on `self.port`.
+        self.extra_args = (
             "--port", "0",
             "--tls-port", str(self.port),
-            "--bind", HOST,
             "--tls-cert-file", str(self.cert),
             "--tls-key-file", str(self.key),
             "--tls-ca-cert-file", str(self.ca),
             "--tls-auth-clients", "no",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self._dir.name,
-            "--loglevel", "warning",
             "--user", "default", "off",
-            "--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all",
-        ]  # fmt: skip
-        self._process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-        )
-        deadline = time.monotonic() + timeout
-        while not self._answers():
-            if self._process.poll() is not None:
-                output = self._process.stdout.read() if self._process.stdout else b""
-                self.stop()
-                raise RuntimeError(
-                    f"{self.binary} would not start with TLS (built without it?): "
-                    f"{output.decode(errors='replace').strip()[-500:]}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.binary} did not answer over TLS within {timeout} s")
-            time.sleep(0.02)  # poll interval of the readiness wait
+            "--user", user, "on", f">{password}", "~*", "&*", "+@all",
+        )  # fmt: skip
 
-    def _answers(self) -> bool:
+    def tls_url(self, *, password: str | None = None, ca: Path | None = None) -> str:
+        secret = self.password if password is None else password
+        return f"rediss://{self.user}:{secret}@{HOST}:{self.port}/0?ssl_ca_certs={ca or self.ca}"
+
+    def _answers_ping(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.ca))
         try:
             with (
@@ -356,27 +322,3 @@ class TLSServer:
                 return sock.recv(64)[:1] in (b"+", b"-")  # -NOAUTH: up, and ours
         except OSError:
             return False
-
-    def stop(self) -> None:
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.kill()
-                self._process.wait()
-            if self._process.stdout is not None:
-                self._process.stdout.close()
-            self._process = None
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
-
-    def __enter__(self) -> TLSServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

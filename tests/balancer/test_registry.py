@@ -278,7 +278,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
 
 
 async def test_registry_over_tls_as_an_acl_user(tls_server: TLSServer) -> None:
-    base = tls_server.url().replace("/0?", "/0/tls-demo?")
+    base = tls_server.tls_url().replace("/0?", "/0/tls-demo?")
     target = parse_registry_url(base)
     assert tls_server.password not in str(target)
     registry = Registry.from_target(target)
@@ -298,7 +298,7 @@ async def test_registry_over_tls_as_an_acl_user(tls_server: TLSServer) -> None:
 async def test_registry_with_a_wrong_password_is_unavailable_not_a_hang(
     tls_server: TLSServer,
 ) -> None:
-    registry = Registry.from_url(tls_server.url(password="wrong"), "tls-demo", timeout=0.5)
+    registry = Registry.from_url(tls_server.tls_url(password="wrong"), "tls-demo", timeout=0.5)
     try:
         with pytest.raises(RegistryUnavailable, match=r"(?i)invalid username-password|WRONGPASS"):
             await registry.read()

@@ -272,7 +272,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
 
 
 async def test_store_over_tls_as_an_acl_user(tls_server: TLSServer) -> None:
-    store = RedisStore.from_url(tls_server.url(), prefix="tls:")
+    store = RedisStore.from_url(tls_server.tls_url(), prefix="tls:")
     try:
         await store.ping()
         version = await store.save(
@@ -288,7 +288,7 @@ async def test_store_over_tls_as_an_acl_user(tls_server: TLSServer) -> None:
 
 
 async def test_wrong_password_is_a_clear_error_not_a_hang(tls_server: TLSServer) -> None:
-    store = RedisStore.from_url(tls_server.url(password="wrong-pw"))
+    store = RedisStore.from_url(tls_server.tls_url(password="wrong-pw"))
     started = time.monotonic()
     try:
         with pytest.raises(StoreUnavailable, match=r"(?i)invalid username-password|WRONGPASS"):
@@ -304,7 +304,7 @@ async def test_wrong_password_is_a_clear_error_not_a_hang(tls_server: TLSServer)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_wrong_ca_is_a_clear_error_not_a_hang(tls_server: TLSServer, tmp_path: Path) -> None:
     other_ca, _, _ = make_certificates(tmp_path, name="other")
-    store = RedisStore.from_url(tls_server.url(ca=other_ca))
+    store = RedisStore.from_url(tls_server.tls_url(ca=other_ca))
     started = time.monotonic()
     try:
         with pytest.raises(StoreUnavailable, match=r"(?i)certificate verify failed"):
