@@ -51,7 +51,14 @@ from urllib.parse import urlsplit
 
 import redis.exceptions
 
-from session_store import RedisClient, RedisURLError, parse_redis_url, redact_url, redis_client
+from session_store import (
+    UNAVAILABLE_ERRORS,
+    RedisClient,
+    RedisURLError,
+    parse_redis_url,
+    redact_url,
+    redis_client,
+)
 
 from ._exceptions import RegistryError, RegistryUnavailable
 
@@ -438,17 +445,7 @@ class Registry:
             return await operation
         except TimeoutError as exc:
             raise RegistryUnavailable(f"redis did not answer within {self.timeout} s") from exc
-        except (
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.ReadOnlyError,
-            redis.exceptions.BusyLoadingError,
-            # A cluster slot without a primary yet: a failover under way.
-            redis.exceptions.ClusterDownError,
-            redis.exceptions.TryAgainError,
-            redis.exceptions.SlotNotCoveredError,
-            OSError,
-        ) as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise RegistryUnavailable(f"redis is unavailable: {exc}") from exc
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise RegistryError(f"redis refused the operation: {exc}") from exc

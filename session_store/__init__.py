@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ._connection import RedisClient, RedisURL, parse_redis_url, redact_url, redis_client
+from ._connection import (
+    UNAVAILABLE_ERRORS,
+    RedisClient,
+    RedisURL,
+    parse_redis_url,
+    redact_url,
+    redis_client,
+)
 from ._exceptions import (
     RedisServerError,
     RedisURLError,
@@ -23,6 +30,7 @@ from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionRecord, SessionStore
 
 __all__ = [
+    "UNAVAILABLE_ERRORS",
     "Changes",
     "HybridStore",
     "MemoryStore",

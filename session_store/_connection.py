@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio
+import redis.exceptions
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.asyncio.retry import Retry
@@ -43,9 +44,31 @@ from redis.backoff import NoBackoff
 
 from ._exceptions import RedisURLError
 
-__all__ = ["RedisClient", "RedisURL", "parse_redis_url", "redact_url", "redis_client"]
+__all__ = [
+    "UNAVAILABLE_ERRORS",
+    "RedisClient",
+    "RedisURL",
+    "parse_redis_url",
+    "redact_url",
+    "redis_client",
+]
 
 RedisClient: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
+
+# What a redis-py call raises when Redis is down, loading, read-only (a replica during a
+# failover), too slow, or a cluster slot has no primary yet: "unavailable, retry later",
+# where any other RedisError is a refusal. Every Redis user of the project translates
+# these the same way, at its one seam (RedisStore._call, Registry._call).
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+    OSError,
+)
 
 Topology = Literal["server", "unix", "sentinel", "cluster"]
 

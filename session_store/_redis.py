@@ -37,7 +37,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.exceptions import AskError, MovedError
 
-from ._connection import RedisClient, redis_client
+from ._connection import UNAVAILABLE_ERRORS, RedisClient, redis_client
 from ._exceptions import SessionStoreError, StoreUnavailable, WriteNotAcknowledged
 from ._store import Changes, SessionRecord
 
@@ -306,17 +306,7 @@ class RedisStore:
             return await operation
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis did not answer within {self.timeout} s") from exc
-        except (
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.ReadOnlyError,
-            redis.exceptions.BusyLoadingError,
-            # A cluster slot without a primary yet: a failover under way.
-            redis.exceptions.ClusterDownError,
-            redis.exceptions.TryAgainError,
-            redis.exceptions.SlotNotCoveredError,
-            OSError,
-        ) as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(f"redis is unavailable: {exc}") from exc
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise SessionStoreError(f"redis refused the operation: {exc}") from exc
