@@ -31,6 +31,8 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+import redis
+
 from session_store import RedisServer, find_server_binary
 from session_store._server import _die_with_parent
 from tests.helpers import free_port, wait_for
@@ -42,54 +44,22 @@ HOST = "127.0.0.1"
 _NODE_ARGS = ("--repl-diskless-sync-delay", "0", "--replica-announce-ip", HOST)
 
 
-def _command(port: int, *args: str, timeout: float = 1.0) -> bytes:
-    """One command over a raw socket (RESP), its raw reply: no client library in the way."""
-    payload = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        payload += f"${len(arg.encode())}\r\n{arg}\r\n".encode()
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        reply = b""
-        while True:
-            chunk = sock.recv(65536)
-            reply += chunk
-            if not chunk or _complete(reply):
-                return reply
-
-
-def _complete(reply: bytes) -> bool:
-    try:
-        return _parse(reply, 0)[1] == len(reply)
-    except (IndexError, ValueError):
-        return False
-
-
-def _parse(data: bytes, at: int) -> tuple[object, int]:
-    end = data.index(b"\r\n", at)
-    kind, body = data[at : at + 1], data[at + 1 : end]
-    if kind in (b"+", b"-", b":"):
-        return body.decode(), end + 2
-    if kind == b"$":
-        size = int(body)
-        if size < 0:
-            return None, end + 2
-        if len(data) < end + 2 + size + 2:
-            raise IndexError("incomplete")
-        return data[end + 2 : end + 2 + size].decode(), end + 2 + size + 2
-    if kind == b"*":
-        count = int(body)
-        items = []
-        at = end + 2
-        for _ in range(max(count, 0)):
-            item, at = _parse(data, at)
-            items.append(item)
-        return items, at
-    raise ValueError(f"not RESP: {data[at : at + 20]!r}")
-
-
 def query(port: int, *args: str) -> object:
-    """Send one command to 127.0.0.1:``port`` and return the decoded reply."""
-    return _parse(_command(port, *args), 0)[0]
+    """Send one command to 127.0.0.1:``port`` on a connection of its own and return the reply
+    as the server sent it (text, lists, None), parsed by redis-py's RESP reader with none of
+    its per-command reply callbacks (PING stays "PONG", INFO stays text). An error reply
+    raises redis.ResponseError; a server that cannot be reached, OSError."""
+    connection = redis.Connection(  # type: ignore[no-untyped-call]  # redis-py
+        host=HOST, port=port, socket_timeout=1.0, socket_connect_timeout=1.0,
+        decode_responses=True, protocol=2,  # RESP2: a map is a flat list, as callers read it
+    )  # fmt: skip
+    try:
+        connection.send_command(*args)  # type: ignore[no-untyped-call]  # redis-py
+        return connection.read_response()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise OSError(f"{HOST}:{port}: {exc}") from exc
+    finally:
+        connection.disconnect()  # type: ignore[no-untyped-call]  # redis-py
 
 
 def info(port: int, section: str = "replication") -> dict[str, str]:
