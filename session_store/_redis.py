@@ -249,18 +249,25 @@ class RedisStore:
         more CPU a write; this costs ~25 us over a write without WAIT (benchmarks/)."""
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py
         try:
-            wait = ("WAIT", self.min_replicas_ack, self.ack_timeout_ms)
-            await connection.send_packed_command(connection.pack_commands((command, wait)))
-            reply: Any
-            try:
-                reply = await connection.read_response()
-            except redis.exceptions.ResponseError as exc:
-                reply = exc  # an error reply (NOSCRIPT): WAIT's reply still follows
             # redis-py disconnects on a timeout or a broken read, so the pool gets
             # back either a clean connection or a closed one.
-            return reply, await connection.read_response()
+            return await self._with_wait(connection, command)
         finally:
             await pool.release(connection)
+
+    async def _with_wait(
+        self, connection: redis.asyncio.Connection, command: tuple[str | int, ...]
+    ) -> tuple[Any, Any]:
+        """Write ``command`` and ``WAIT`` at once on ``connection``; both replies, the
+        first an exception object when it is an error reply."""
+        wait = ("WAIT", self.min_replicas_ack, self.ack_timeout_ms)
+        await connection.send_packed_command(connection.pack_commands((command, wait)))
+        reply: Any
+        try:
+            reply = await connection.read_response()
+        except redis.exceptions.ResponseError as exc:
+            reply = exc  # an error reply (NOSCRIPT, MOVED): WAIT's reply still follows
+        return reply, await connection.read_response()
 
     async def _send_with_wait_on_node(
         self, command: tuple[str | int, ...], key: str
@@ -277,14 +284,7 @@ class RedisStore:
         node = self._node_for(key)
         connection = node.acquire_connection()
         try:
-            wait = ("WAIT", self.min_replicas_ack, self.ack_timeout_ms)
-            await connection.send_packed_command(connection.pack_commands((command, wait)))
-            reply: Any
-            try:
-                reply = await connection.read_response()
-            except redis.exceptions.ResponseError as exc:
-                reply = exc  # an error reply (NOSCRIPT, MOVED): WAIT's reply still follows
-            return reply, await connection.read_response()
+            return await self._with_wait(connection, command)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
             await connection.disconnect()
             # The client's own routing marks the node failed and reloads the slot map on
