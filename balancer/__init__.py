@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# First: BALANCER_PLAIN=1 (see `_build`) must act before any other module here is loaded.
+from . import _build  # noqa: F401
+
+# isort: split
 from ._admin import create_admin_app
 from ._affinity import DEFAULT_AFFINITY_COOKIE, AffinityCookie, Sticky, StickyMode, generate_secret
 from ._backend import Backend, BackendPolicy, BackendState

@@ -6,8 +6,9 @@ Pure functions over bytes; the protocols in `_proxy` and `_upstream` call them.
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
-import random
+import os
 import re
 from collections.abc import Iterable
 from http import HTTPStatus
@@ -21,6 +22,7 @@ __all__ = [
     "BODY_NONE",
     "BODY_UNTIL_CLOSE",
     "HOP_BY_HOP",
+    "RequestIds",
     "TrustedProxies",
     "chunk",
     "connection_tokens",
@@ -121,9 +123,39 @@ def forwarded_for(ip: str) -> bytes:
     return ip.encode("ascii")
 
 
+class RequestIds:
+    """Random ids for `X-Request-Id`: 16 hex digits (64 bits) from os.urandom, drawn
+    `batch` at a time: one system call a batch and a slice an id, instead of drawing and
+    formatting a number for every request (~0.5 us of a request's ~10 us)."""
+
+    __slots__ = ("_at", "_batch", "_hex")
+
+    def __init__(self, batch: int = 512) -> None:
+        self._batch = batch
+        self._hex = b""
+        self._at = 0
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex = binascii.hexlify(os.urandom(8 * self._batch))
+            at = 0
+        self._at = at + 16
+        return self._hex[at : at + 16]
+
+    def reset(self) -> None:
+        """Forget the ids drawn: a forked child must not repeat its parent's."""
+        self._hex = b""
+        self._at = 0
+
+
+_request_ids = RequestIds()
+os.register_at_fork(after_in_child=_request_ids.reset)
+
+
 def new_request_id() -> bytes:
-    """A short random id for `X-Request-Id`: 16 hex characters (64 bits)."""
-    return b"%016x" % random.getrandbits(64)
+    """A random id for `X-Request-Id`: 16 hex characters (64 bits)."""
+    return _request_ids.next()
 
 
 def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:

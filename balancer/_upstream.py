@@ -19,7 +19,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -97,7 +97,7 @@ class ResponseHandler(Protocol):
 # the connection becomes.
 _HOP_BY_HOP_FIELD = hop_by_hop_fields()
 _HOP_BY_HOP_BUT_UPGRADE = hop_by_hop_fields(keep=(b"connection", b"upgrade"))
-_MAX_HEAD = 1 << 20  # bytes: a response head longer than this is refused (502)
+_MAX_HEAD: Final = 1 << 20  # bytes: a response head longer than this is refused (502)
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:", re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
 
@@ -124,7 +124,7 @@ class _Head:
 
 # Final heads already relayed: head bytes -> _Head; see `on_headers_complete`. Bounded in
 # entries and key length (~0.5 MiB at worst).
-_HEADS: dict[bytes, _Head] = {}
+_HEADS: Final[dict[bytes, _Head]] = {}
 _HEADS_MAX = 256
 _HEAD_KEY_MAX = 1024
 

@@ -38,6 +38,7 @@ import httpx
 import psutil
 
 import balancer._proxy
+from balancer._build import compiled
 
 _WRK_LUA = """
 local n = 0
@@ -467,8 +468,9 @@ def main() -> int:
 
 def _build() -> str:
     """Which build of the data path the balancer processes import (scripts/build-fast)."""
-    compiled = not balancer._proxy.__file__.endswith(".py")
-    return "compiled with mypyc (scripts/build-fast)" if compiled else "plain Python"
+    if compiled(balancer._proxy):
+        return "compiled with mypyc (scripts/build-fast)"
+    return "plain Python (BALANCER_PLAIN=1, or no build: scripts/build-fast)"
 
 
 if __name__ == "__main__":
