@@ -3,7 +3,7 @@
 # No secret is baked in: cookie keys and the admin token come from the environment at run time.
 #
 # Two stages: the first compiles the balancer's data path with mypyc (scripts/build-fast,
-# ~0.55x the CPU a request of plain Python), which needs a C compiler that the image itself
+# ~0.6x the CPU a request of plain Python), which needs a C compiler that the image itself
 # does not carry; the second installs the project with those extension modules.
 FROM python:3.11-slim AS build
 RUN apt-get update \

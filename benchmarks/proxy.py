@@ -48,37 +48,24 @@ request = function()
 end
 """
 
-# The balancer in a process of its own: argv = port, "core" or "stand-in", backend URLs.
-# "core": the real Router (cookie:sid, signed affinity cookie) and Metrics of `balancer`;
-# "stand-in": a router that hashes the sid cookie with crc32 and no-op metrics, to show
-# what the data path alone costs.
+# The balancer's data path in a process of its own: argv = port, backend URLs. The real
+# Router (cookie:sid, signed affinity cookie) and Metrics of `balancer`, without the admin
+# app, health checks and signal handling of `python -m balancer` (measured after it). (A
+# stand-in router and no-op metrics, once measured here to show the data path alone, are
+# interpreted Python and cost more than the compiled real ones: benchmarks/data_path.py
+# measures the data path alone, without sockets.)
 _BALANCER = """
-import asyncio, sys, zlib
+import asyncio, sys
 import uvloop
-from balancer import AffinityCookie, Backend, Decision, Pool, Router, Sticky
+from balancer import AffinityCookie, Pool, Router, Sticky
 from balancer._metrics import Metrics
 from balancer._proxy import ProxyOptions, ProxyServer, tune_gc
 
-class StandInRouter:
-    def __init__(self, urls):
-        self.decisions = [Decision(Backend(url), None, False) for url in urls]
-    def decide(self, *, client_ip, cookie_header, exclude=frozenset()):
-        return self.decisions[zlib.crc32(cookie_header or b"") % len(self.decisions)]
-
-class NoMetrics:
-    def __getattr__(self, name):
-        return lambda *args: None
-
 async def main() -> None:
-    urls = sys.argv[3:]
-    if sys.argv[2] == "core":
-        pool = Pool(urls)
-        router = Router(pool, sticky=Sticky("cookie", "sid"),
-                        affinity=AffinityCookie(secrets=["bench"]))
-        server = ProxyServer(router, Metrics(pool), ProxyOptions(keepalive_per_backend=64))
-    else:
-        server = ProxyServer(StandInRouter(urls), NoMetrics(),
-                             ProxyOptions(keepalive_per_backend=64))
+    pool = Pool(sys.argv[2:])
+    router = Router(pool, sticky=Sticky("cookie", "sid"),
+                    affinity=AffinityCookie(secrets=["bench"]))
+    server = ProxyServer(router, Metrics(pool), ProxyOptions(keepalive_per_backend=64))
     await server.start("127.0.0.1", int(sys.argv[1]))
     tune_gc()  # as `python -m balancer` does
     await asyncio.Event().wait()
@@ -411,15 +398,10 @@ def main() -> int:
             measure("haproxy 1 thread", port, p)
             c.stop(p)
 
-            for variant, name in (
-                ("stand-in", "balancer, stand-in"),
-                ("core", "balancer 1 worker"),
-            ):
-                port = free_port()
-                command = [sys.executable, str(script), str(port), variant, *urls]
-                p = c.start(command, port, proxy_cpu)
-                measure(name, port, p)
-                c.stop(p)
+            port = free_port()
+            p = c.start([sys.executable, str(script), str(port), *urls], port, proxy_cpu)
+            measure("balancer 1 worker", port, p)
+            c.stop(p)
 
             # The whole balancer with its admin app: one process, measured with the dashboard
             # closed and open, in turn (the order alternates by round, so a drift in the
@@ -445,9 +427,8 @@ def main() -> int:
           f"proxy core {proxy_cpu}, wrk and backends core {load_cpu}")  # fmt: skip
     print(f"balancer data path: {_build()}")
     print(
-        "balancer 1 worker: the core's Router (cookie:sid) and Metrics; balancer, "
-        "stand-in: a crc32 cookie router and no metrics (the data path alone); --admin: "
-        "python -m balancer with its admin app, the dashboard's stream closed or open"
+        "balancer 1 worker: the data path with the core's Router (cookie:sid) and Metrics; "
+        "--admin: python -m balancer with its admin app, the dashboard's stream closed or open"
     )
     print(
         f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'p99 x':>7}"
