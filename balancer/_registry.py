@@ -404,7 +404,6 @@ class Registry:
         self.instance_prefix = base + "instance:"
         self.epoch_key = base + "epoch"
         self.channel = base + "changes"
-        self._epoch_token = secrets.token_hex(8)
         # redis-py leaves execute_command untyped; this is the one place we say what it is.
         self._execute: Callable[..., Awaitable[Any]] = client.execute_command
 
@@ -460,7 +459,10 @@ class Registry:
             instance.id,
             instance.to_json(),
             ttl_ms,
-            self._epoch_token,
+            # A fresh token each time (SET NX keeps the first): a token of this process's
+            # own would come back unchanged when this instance is the first to write after
+            # Redis lost everything, and the watchers would miss the restart.
+            secrets.token_hex(8),
             self.channel,
         ]
         return bool(await self._call(self._script(_HEARTBEAT, keys, *args)))

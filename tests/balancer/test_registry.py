@@ -212,6 +212,28 @@ async def test_register_heartbeat_read_deregister(registry: Registry) -> None:
     assert [i.id for i in (await registry.read()).instances] == ["i2"]
 
 
+async def test_the_epoch_changes_when_redis_lost_its_data_whoever_writes_first(
+    registry: Registry,
+) -> None:
+    # The instance that set the epoch is also the first to write after the loss: the
+    # epoch must change all the same, or watchers drop everyone else at once.
+    await registry.register(of(registry, 1))
+    await registry.register(of(registry, 2))
+    before = (await registry.read()).epoch
+    assert before is not None
+    await registry.register(of(registry, 1))  # a heartbeat keeps it
+    assert (await registry.read()).epoch == before
+    await registry.client.delete(
+        registry.heartbeats_key,
+        registry.epoch_key,
+        *(registry.instance_prefix + i for i in ("i1", "i2")),
+    )
+    await registry.register(of(registry, 1))
+    after = (await registry.read()).epoch
+    assert after is not None
+    assert after != before
+
+
 async def test_an_instance_that_stops_heartbeating_expires_and_is_swept(
     registry: Registry,
 ) -> None:
