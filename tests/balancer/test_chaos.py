@@ -74,7 +74,9 @@ class User(threading.Thread):
         self.acked = 0  # the highest count a response has told this user
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=10) as client:
+        # Longer than the balancer's --queue-timeout (10 s): a GET that waited in its queue
+        # while every worker was down must get its answer, not a client-side timeout.
+        with httpx.Client(base_url=self.base_url, timeout=30) as client:
             for _ in range(MAX_STEPS):
                 if self.stop.is_set():
                     break
