@@ -1,4 +1,5 @@
-"""Helpers for tests: waiting on conditions with deadlines, free ports, a fake clock."""
+"""Helpers for tests: waiting on conditions with deadlines, free ports, a fake clock, and
+`with` for things that start several processes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
 
 
 def free_port() -> int:
@@ -57,3 +60,30 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class StartStop:
+    """`with` over `start()` and `stop()` for a set of processes: a start that fails part-way
+    is stopped again, so that nothing it began is left running."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -29,13 +29,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
 from session_store import RedisServer, find_server_binary
 from session_store._server import _die_with_parent
-from tests.helpers import free_port, wait_for
+from tests.helpers import StartStop, free_port, wait_for
 
 __all__ = ["Link", "SentinelSetup", "info", "query"]
 
@@ -198,7 +197,7 @@ class _Sentinel:
         self._dir.cleanup()
 
 
-class SentinelSetup:
+class SentinelSetup(StartStop):
     """One primary, one replica and three sentinels (quorum 2), all real processes.
 
     `start()` returns when the replica is in sync and every sentinel knows the replica and
@@ -346,22 +345,6 @@ class SentinelSetup:
         self.replica.stop()
         self.primary.stop()
         self.link.stop()
-
-    def __enter__(self) -> SentinelSetup:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return (

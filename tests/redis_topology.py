@@ -26,12 +26,11 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
 from session_store import RedisServer, find_server_binary
-from tests.helpers import free_port, wait_for
+from tests.helpers import StartStop, free_port, wait_for
 
 __all__ = ["SLOTS", "Cluster", "TLSServer", "make_certificates", "start_cluster"]
 
@@ -51,7 +50,7 @@ def _call(port: int, *args: str | int) -> object:
         return client.execute_command(*args)
 
 
-class Cluster:
+class Cluster(StartStop):
     """Six nodes: ``primaries[i]`` owns a third of the slots, ``replicas[i]`` follows it.
 
     ``node_timeout`` (ms) is the cluster's ``cluster-node-timeout``: a killed primary is
@@ -216,22 +215,6 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
-
-    def __enter__(self) -> Cluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<Cluster primaries={[n.port for n in self.primaries]}>"

@@ -22,10 +22,9 @@ import asyncio
 import contextlib
 import http.cookiejar as http_cookiejar
 import itertools
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -119,7 +118,9 @@ async def test_the_middleware_answers_an_unacknowledged_write_with_503(
         await store.aclose()
 
 
-async def test_hybrid_does_not_defer_a_write_it_cannot_get_acknowledged() -> None:
+@contextlib.asynccontextmanager
+async def replicated() -> AsyncIterator[tuple[RedisServer, RedisServer]]:
+    """A primary and a replica in sync with it."""
     with (
         RedisServer(extra_args=("--repl-diskless-sync-delay", "0")) as primary,
         RedisServer(extra_args=("--replicaof", "127.0.0.1", str(primary.port))) as replica,
@@ -127,6 +128,11 @@ async def test_hybrid_does_not_defer_a_write_it_cannot_get_acknowledged() -> Non
         await async_wait_until(
             lambda: info(replica.port).get("master_link_status") == "up", 10, "the replica"
         )
+        yield primary, replica
+
+
+async def test_hybrid_does_not_defer_a_write_it_cannot_get_acknowledged() -> None:
+    async with replicated() as (primary, replica):
         redis = RedisStore.from_url(primary.url, min_replicas_ack=1, ack_timeout_ms=50)
         store = HybridStore(redis)
         try:
@@ -149,13 +155,7 @@ async def test_hybrid_does_not_defer_a_write_it_cannot_get_acknowledged() -> Non
 
 
 async def test_replicas_that_confirm_make_a_write_acknowledged() -> None:
-    with (
-        RedisServer(extra_args=("--repl-diskless-sync-delay", "0")) as primary,
-        RedisServer(extra_args=("--replicaof", "127.0.0.1", str(primary.port))) as replica,
-    ):
-        await async_wait_until(
-            lambda: info(replica.port).get("master_link_status") == "up", 10, "the replica"
-        )
+    async with replicated() as (primary, replica):
         store = RedisStore.from_url(primary.url, min_replicas_ack=1, ack_timeout_ms=900)
         try:
             sid = new_session_id()
@@ -292,14 +292,8 @@ def demo_over_sentinel(setup: SentinelSetup, *flags: str) -> Iterator[Process]:
         process.wait_ready("/readyz")
         yield process
     finally:
-        process.popen.terminate()
-        try:
-            process.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            process.popen.kill()
-            process.popen.wait()
+        process.terminate()  # SIGTERM, SIGKILL after 15 s; closes its output, ending `drain`
         drain.join(5)
-        process.popen.stdout.close()
 
 
 @pytest.fixture
