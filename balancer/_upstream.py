@@ -530,12 +530,14 @@ class UpstreamPool:
         task.add_done_callback(self._connecting.discard)
 
     def close(self) -> None:
-        """Close the idle connections and stop opening new ones; busy ones finish."""
+        """Close the idle connections; busy ones finish, and are closed when released.
+
+        Connects in flight are left to end (within the connect timeout) and call back as
+        usual. Cancelling them would drop their callbacks, and with them the requests
+        waiting: a task cancelled before its first step never runs its body."""
         self._closed = True
         while self._idle:
             self._idle.pop().close()
-        for task in self._connecting:
-            task.cancel()
 
     async def _open(self, callback: ConnectCallback) -> None:
         loop = asyncio.get_running_loop()

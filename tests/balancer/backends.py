@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import httptools
@@ -35,6 +35,7 @@ __all__ = [
     "Seen",
     "dead_port",
     "running_proxy",
+    "silent_port",
 ]
 
 _CHUNK = 65536
@@ -46,6 +47,18 @@ def dead_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port whose connects stay in flight: it listens, but its accept queue (backlog 0,
+    room for one) is full and never drained, so Linux drops every further SYN."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        yield port
 
 
 # -- the stand-ins for the core --------------------------------------------------------
