@@ -122,7 +122,8 @@ class Settings:
     upstream_connect_timeout: float = 3.0  # seconds
     upstream_response_timeout: float = 60.0  # seconds to the response head (nginx: 60)
     upstream_keepalive: int = 32  # idle upstream connections kept per backend (nginx: 32)
-    max_attempts: int = 3  # tries of one request, the first included, each on another backend
+    max_attempts: int = 3  # tries of one request, the first included, each on another backend;
+    # a refused connect is not one (the backend never saw the request)
     retry_budget: float = 0.2  # retries the budget earns per request (Finagle's RetryBudget)
     retry_floor: float = 10.0  # retries per second the budget earns regardless of traffic
     shutdown_deadline: float = 30.0  # seconds for in-flight requests on SIGTERM
@@ -495,7 +496,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("upstream_connect_timeout", _number(zero=False), "seconds to connect", None, "S"),
     _Option("upstream_response_timeout", _number(zero=False), "seconds to response", None, "S"),
     _Option("upstream_keepalive", _integer(0), "idle connections per backend", None, "N"),
-    _Option("max_attempts", _integer(1), "tries of a request, the first included", None, "N"),
+    _Option("max_attempts", _integer(1), "tries of a request, refusals aside", None, "N"),
     _Option("retry_budget", _fraction, "retries earned per request, 0-1", None, "RATIO"),
     _Option("retry_floor", _number(zero=True), "retries earned per second", None, "N"),
     _Option("shutdown_deadline", _number(zero=True), "seconds to finish on SIGTERM", None, "S"),

@@ -28,7 +28,13 @@ from typing import Final, Protocol, cast
 import httptools
 
 from ._backend import Backend, BackendState
-from ._exceptions import ConfigError, NoBackendAvailable, UpstreamError, UpstreamTimeout
+from ._exceptions import (
+    ConfigError,
+    NoBackendAvailable,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from ._http import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -620,7 +626,7 @@ class _ClientConnection(asyncio.Protocol):
             else:
                 self._edge_error(req, 503, "", "no backend available")
             return
-        if decision.repinned and req.attempts == 0:
+        if decision.repinned and req.decision is None:  # its first decision
             self._metrics.repinned()
         if req.last_error is not None:
             logger.info(
@@ -769,6 +775,12 @@ class _ClientConnection(asyncio.Protocol):
             self._metrics.retried(backend.id)
             self._attempt(req, backend, now, fresh=True)
             return
+        if isinstance(error, UpstreamConnectError):
+            # Refused: the backend never saw it, and is excluded from now on. As nginx
+            # tries every server on an error, not one of --max-attempts: when workers
+            # crash together, three dead ones (not yet reaped) could take them all, and a
+            # GET that the queue would have held for the first restarted worker got a 502.
+            req.attempts -= 1
         may_retry = (
             replayable
             and req.attempts < self._options.max_attempts

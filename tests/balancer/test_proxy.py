@@ -428,6 +428,24 @@ async def test_connect_refused_is_retried_on_another_backend() -> None:
         await client.close()
 
 
+async def test_refused_connects_try_each_backend_once_whatever_max_attempts() -> None:
+    # Refused connects never reached a backend: they are not attempts (three dead workers,
+    # not reaped yet, took a GET's every attempt). Each backend is still tried once.
+    dead = [f"http://127.0.0.1:{dead_port()}" for _ in range(3)]
+    options = ProxyOptions(max_attempts=2)
+    async with (
+        HttpBackend("b") as live,
+        running_proxy([*dead, live.url], options) as (server, router, metrics),
+    ):
+        client = await Client.open(server.port)
+        response = await client.request(GET)
+        assert (response.status, response.text) == (200, "hello from b")
+        ids = [b.id for b in router.backends]
+        assert metrics.retries == ids[:3]
+        assert [exclude for _, _, exclude in router.calls] == [frozenset(ids[:n]) for n in range(4)]
+        await client.close()
+
+
 async def test_all_refused_is_502() -> None:
     dead = f"http://127.0.0.1:{dead_port()}"
     async with running_proxy([dead]) as (server, router, metrics):
