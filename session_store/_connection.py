@@ -29,7 +29,7 @@ No other module of the project knows which topology it talks to.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qsl, unquote
@@ -309,9 +309,10 @@ def _sentinel_master(target: RedisURL, kwargs: dict[str, Any]) -> redis.asyncio.
         name: value for name, value in kwargs.items() if name.startswith(("socket_", "ssl"))
     }
     sentinel_kwargs.update(target.sentinel_options)
-    manager = Sentinel(  # type: ignore[no-untyped-call]  # redis-py: untyped
-        list(target.nodes), sentinel_kwargs=sentinel_kwargs, **kwargs
-    )
+    # Through a typed name: redis-py annotated Sentinel's __init__ only in 8.2, and this
+    # must type-check against the older ones that pyproject allows too.
+    make_sentinel: Callable[..., Sentinel] = Sentinel
+    manager = make_sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs, **kwargs)
     client: redis.asyncio.Redis = manager.master_for(
         target.master, redis_class=_SentinelMaster, db=target.db
     )
