@@ -218,17 +218,24 @@ class RedisStore:
         # The script and WAIT go out together on one connection: WAIT counts the replicas
         # that have every write of the connection it runs on, and that must be the script's.
         command: tuple[str | int, ...] = ("EVALSHA", self._shas[script], 1, key, *args)
-        for attempt in range(2):
+        # At most three sends: a cluster failover can answer MOVED (the slot's new primary)
+        # and then NOSCRIPT (whose script cache was not replicated), one each.
+        redirected = False
+        while True:
             if self._pool is not None:
                 reply, acked = await self._send_with_wait(self._pool, command)
             else:
                 reply, acked = await self._send_with_wait_on_node(command, key)
-            if attempt == 0 and isinstance(reply, redis.exceptions.NoScriptError):
+            if isinstance(reply, redis.exceptions.NoScriptError) and command[0] == "EVALSHA":
                 command = ("EVAL", script, 1, key, *args)  # as `_script` does
                 continue
-            if attempt == 0 and isinstance(reply, (MovedError, AskError)):
+            if isinstance(reply, (MovedError, AskError)):
+                if redirected:
+                    break
+                redirected = True
                 # The slot moved (a resharding, a cluster failover): a keyed command through
                 # the client's own routing follows the redirect and updates its slot map.
+                # (WAIT's own error, when the node is a replica now, says nothing more.)
                 await self._execute("EXISTS", key)
                 continue
             if isinstance(reply, Exception):
@@ -258,16 +265,18 @@ class RedisStore:
     async def _with_wait(
         self, connection: redis.asyncio.Connection, command: tuple[str | int, ...]
     ) -> tuple[Any, Any]:
-        """Write ``command`` and ``WAIT`` at once on ``connection``; both replies, the
-        first an exception object when it is an error reply."""
+        """Write ``command`` and ``WAIT`` at once on ``connection``; both replies, each an
+        exception object when it is an error reply (NOSCRIPT, MOVED; a WAIT sent to a node
+        that a failover made a replica is refused)."""
         wait = ("WAIT", self.min_replicas_ack, self.ack_timeout_ms)
         await connection.send_packed_command(connection.pack_commands((command, wait)))
-        reply: Any
-        try:
-            reply = await connection.read_response()
-        except redis.exceptions.ResponseError as exc:
-            reply = exc  # an error reply (NOSCRIPT, MOVED): WAIT's reply still follows
-        return reply, await connection.read_response()
+        replies: list[Any] = []
+        for _ in range(2):
+            try:
+                replies.append(await connection.read_response())
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)  # an error reply: the next one still follows
+        return replies[0], replies[1]
 
     async def _send_with_wait_on_node(
         self, command: tuple[str | int, ...], key: str
