@@ -10,12 +10,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY balancer ./balancer
 COPY session_store ./session_store
 COPY demo_app ./demo_app
 COPY scripts/build-fast ./scripts/build-fast
-RUN pip install --no-cache-dir . "mypy>=1.13" "setuptools>=69" \
+RUN pip install --no-cache-dir -c constraints.txt . mypy "setuptools>=69" \
     && PYTHON=python scripts/build-fast
 
 FROM python:3.11-slim
@@ -27,15 +27,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Metadata first: the dependency layer is rebuilt only when pyproject.toml changes.
-COPY pyproject.toml README.md ./
+# Metadata first: the dependency layer is rebuilt only when pyproject.toml or the pinned
+# versions (constraints.txt, the set the tests passed with) change.
+COPY pyproject.toml README.md constraints.txt ./
 COPY --from=build /app/balancer ./balancer
 COPY session_store ./session_store
 COPY demo_app ./demo_app
 
 # A plain (non-editable) install of the project and its runtime dependencies only: no dev
 # tools, no Redis binary (compose and Kubernetes run the official redis image).
-RUN pip install . \
+RUN pip install -c constraints.txt . \
     && (cd / && python -c "import balancer._build as b, balancer._proxy as p; assert b.compiled(p)") \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -377,6 +378,31 @@ def test_dockerfile_is_small_non_root_and_runs_the_entry_points() -> None:
             assert not re.search(r"SECRET|TOKEN|PASSWORD|KEY", argument, re.I), argument
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", "**/*.so", "!scripts/build-fast"} <= set(ignored)
+    # Both stages install the versions the tests passed with, not whatever is newest.
+    installs = [arg for instruction, arg in instructions if "pip install" in arg]
+    assert len(installs) == 2
+    assert all("-c constraints.txt" in arg for arg in installs), installs
+    for stage in (build, final):
+        assert any(i == "COPY" and "constraints.txt" in arg.split() for i, arg in stage)
+
+
+def test_the_tests_run_on_the_pinned_versions() -> None:
+    # scripts/install installs constraints.txt's versions; a venv that drifted from them
+    # (a package upgraded by hand) would test another set than CI and the image install.
+    pins = [
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(pins) > 20
+    installed = {name: importlib.metadata.version(name) for name, _ in pins}
+    assert installed == dict(pins)
+    requirements = importlib.metadata.requires("sticky-sessions") or []
+    pinned = {name.lower().replace("_", "-") for name, _ in pins}
+    for requirement in requirements:
+        name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0]
+        if name != "sticky-sessions":
+            assert name.lower().replace("_", "-") in pinned, f"{name} has no pin"
 
 
 def test_dockerfile_exposes_the_ports_compose_and_kubernetes_use() -> None:
