@@ -41,11 +41,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ._affinity import cookie_value
+from ._affinity import Sticky, cookie_value
 from ._events import EventFeed
 from ._log import log_event
 from ._metrics import BUCKETS, BackendCounts, Metrics
 from ._pool import Pool
+from ._router import Decision
 
 __all__ = [
     "HISTORY",
@@ -99,7 +100,10 @@ class DecisionCache(Protocol):
     """The router, as far as the sessions count reads it (see `Dashboard._scan_sessions`)."""
 
     @property
-    def sticky(self) -> Any: ...
+    def sticky(self) -> Sticky: ...
+
+    @property
+    def decisions(self) -> Mapping[bytes, Decision]: ...
 
 
 def quantile(q: float, buckets: Sequence[int], bounds: Sequence[float] = BUCKETS) -> float | None:
@@ -255,7 +259,7 @@ class Dashboard:
         self._sessions: dict[bytes, list[Any]] = {}
         self._per_backend: dict[str, int] = {}
         self._live: set[bytes] = set()
-        self._cache: dict[bytes, Any] | None = None
+        self._cache: Mapping[bytes, Decision] | None = None
         self._cache_first: bytes | None = None
         self._scanned = 0
         self._expired_at = 0.0
@@ -363,18 +367,16 @@ class Dashboard:
         """Read what is new in the router's decision cache; returns the sessions moved, by
         (from, to) backend id.
 
-        The cache (`Router._decided`) maps a whole Cookie header to the decision made for
-        it. It only grows, in order, until the pool changes (a new dict) or it is full
-        (cleared): so each tick reads only the entries added since the last, and a few
-        thousand clients cost microseconds, not milliseconds, of the loop. This reads a
-        private attribute of the router on purpose, read-only, once a second: a public
-        accessor there would be better (and would be on the data path's module).
+        The cache (`Router.decisions`) maps a whole Cookie header to the decision made
+        for it. It only grows, in order, until the pool changes (a new mapping) or it is
+        full (emptied): so each tick reads only the entries added since the last, and a
+        few thousand clients cost microseconds, not milliseconds, of the loop.
         """
         router = self.router
-        decided = getattr(router, "_decided", None) if router is not None else None
-        cookie = getattr(getattr(router, "sticky", None), "cookie", None)
-        if not isinstance(decided, dict) or not cookie:
+        if router is None or not router.sticky.cookie:
             return {}
+        decided = router.decisions
+        cookie = router.sticky.cookie
         sessions, per_backend = self._sessions, self._per_backend
         first = next(iter(decided), None)
         if decided is not self._cache or len(decided) < self._scanned or first != self._cache_first:
@@ -452,9 +454,7 @@ class Dashboard:
             for worker in workers.get("workers", []):  # type: ignore[attr-defined]
                 by_url[worker["url"]] = worker
         per_backend = self._per_backend
-        sessions_on = self.router is not None and bool(
-            getattr(getattr(self.router, "sticky", None), "cookie", None)
-        )
+        sessions_on = self.router is not None and bool(self.router.sticky.cookie)
         rows = []
         for backend in self.pool:
             state = backend.state.value

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +112,14 @@ class Router:
     @property
     def sticky(self) -> Sticky:
         return self._sticky
+
+    @property
+    def decisions(self) -> Mapping[bytes, Decision]:
+        """Mode `cookie`'s decisions by whole Cookie header (empty in other modes), for
+        reading only. It only grows, in insertion order, until the pool changes (then it is
+        another mapping) or it fills (then it is emptied): the dashboard reads just what
+        was added since its last look."""
+        return self._decided
 
     def decide(
         self,

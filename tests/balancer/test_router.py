@@ -409,10 +409,10 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(100):
         key = b"s%d" % i
         assert decide(router, b"sid=" + key).backend.id == expected_hashed(pool, key)
-        assert len(router._decided) <= 16
+        assert len(router.decisions) <= 16
     long_header = b"sid=" + b"x" * 600
     decide(router, long_header)
-    assert long_header not in router._decided
+    assert long_header not in router.decisions
 
 
 def test_key_hash_drives_cookie_placement() -> None:
