@@ -88,6 +88,7 @@ HEALTH_INTERVAL = "0.5"  # seconds between the balancer's checks: a restart is s
 
 Report = dict[str, Any]
 Advance = Callable[[int], None]
+Say = Callable[[str], None]
 
 
 class StackError(RuntimeError):
@@ -188,6 +189,8 @@ class Stack:
             port, admin_port = _free_port(), _free_port()
             args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
             args += ["--admin", f"127.0.0.1:{admin_port}", "--sticky", STICKY_OF_MODE[mode]]
+            # The dashboard shows the mode and reads the sessions Redis holds.
+            args += ["--dashboard-mode", mode, "--dashboard-redis", redis_url]
             for app in self.apps.values():
                 args += ["--backend", app.url]
             args += ["--health-path", "/readyz", "--health-interval", HEALTH_INTERVAL]
@@ -342,10 +345,12 @@ def run_mode(
     balancers: int = 1,
     kill_balancer: bool = False,
     advance: Advance = lambda n: None,
+    say: Say = lambda line: None,
 ) -> Report:
     """Run the workload against a fresh stack in ``mode``; the report of the module docstring.
 
-    ``advance(n)`` is called as requests complete (for a progress bar). Raises `StackError`
+    ``advance(n)`` is called as requests complete (for a progress bar), ``say(line)`` with
+    each balancer's dashboard URL once the stack is up, to watch the run live. Raises `StackError`
     if the stack does not start, `RedisServerError` if no Redis can be started, ValueError
     for ``kill_balancer`` with fewer than two ``balancers``.
     """
@@ -357,6 +362,8 @@ def run_mode(
         stack = Stack(mode, instances, redis_url, logs, balancers=balancers)
         stack_exit.callback(stack.stop)
         stack.start()
+        for admin in stack.admin_urls:
+            say(f"{mode}: the balancer's live dashboard is at {admin}/")
         before = _commandstats(redis_url)
         # One TLS context for every client: building one costs ~0.1 s, and none is used.
         tls = ssl.create_default_context()
@@ -429,28 +436,29 @@ def run_mode(
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int], Advance]]:
-    """A rich progress bar; yields ``track(mode, total) -> advance``."""
+def _progress(enabled: bool) -> Iterator[tuple[Callable[[str, int], Advance], Say]]:
+    """A rich progress bar; yields ``(track(mode, total) -> advance, say(line))``, say
+    printing above the bar (on stderr, as the bar: stdout keeps only the table)."""
     from rich.console import Console  # noqa: PLC0415 - the compare extra, only when run
     from rich.progress import Progress  # noqa: PLC0415
 
     if not enabled:
-        yield lambda mode, total: lambda n: None
+        yield (lambda mode, total: lambda n: None), lambda line: print(line, file=sys.stderr)
         return
-    # On stderr: stdout keeps only the table.
-    with Progress(console=Console(stderr=True), transient=False) as progress:
+    console = Console(stderr=True, highlight=False)
+    with Progress(console=console, transient=False) as progress:
 
         def track(mode: str, total: int) -> Advance:
             task = progress.add_task(f"{mode:<7}", total=total)
             return lambda n: progress.advance(task, n)
 
-        yield track
+        yield track, lambda line: console.print(line, markup=False)
 
 
 def run_comparison(args: argparse.Namespace, *, show_progress: bool = True) -> Report:
     """Every mode of ``args.modes`` in turn; ``{"modes": {mode: report}, "settings": ...}``."""
     reports: dict[str, Report] = {}
-    with _progress(show_progress) as track:
+    with _progress(show_progress) as (track, say):
         for mode in args.modes:
             reports[mode] = run_mode(
                 mode,
@@ -463,6 +471,7 @@ def run_comparison(args: argparse.Namespace, *, show_progress: bool = True) -> R
                 balancers=args.balancers,
                 kill_balancer=args.kill_balancer,
                 advance=track(mode, args.users * args.requests),
+                say=say,
             )
     keys = ("users", "requests", "kill", "instances", "concurrency", "balancers", "kill_balancer")
     settings = {key: getattr(args, key) for key in keys}

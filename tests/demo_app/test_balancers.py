@@ -8,6 +8,7 @@ affinity secret.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -79,8 +81,30 @@ def test_replicas_agree_on_the_session_cookie_alone(two_balancers: Stack) -> Non
     assert len(served) > 1
 
 
+def _first_event(url: str) -> tuple[str, dict[str, Any]]:
+    """The first server-sent event of a dashboard's stream: (its kind, its data)."""
+    with httpx.stream("GET", url + "dashboard/stream", timeout=10) as response:
+        assert response.status_code == 200, url
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                return kind, json.loads(line.removeprefix("data: "))
+    raise AssertionError(f"{url}: the stream ended without an event")
+
+
 @pytest.mark.parametrize("mode", ["hybrid", "sticky"])
 def test_killing_a_balancer_loses_no_session(mode: str) -> None:
+    said: list[str] = []
+    seen: list[tuple[str, object]] = []
+
+    def say(line: str) -> None:
+        # Called while the stack runs: the dashboard it names must answer, in its mode.
+        said.append(line)
+        kind, data = _first_event(line.rsplit(" ", 1)[1])
+        seen.append((kind, cast("dict[str, Any]", data["info"])["mode"]))
+
     report = run_mode(
         mode,
         users=USERS,
@@ -90,7 +114,11 @@ def test_killing_a_balancer_loses_no_session(mode: str) -> None:
         balancers=2,
         kill_balancer=True,
         concurrency=8,
+        say=say,
     )
+    assert len(said) == 2
+    assert all(line.startswith(f"{mode}: the balancer's live dashboard is at ") for line in said)
+    assert seen == [("hello", mode)] * 2
     assert report["completed"]
     assert report["requests"] == USERS * REQUESTS
     assert report["balancer_killed"] is not None
