@@ -6,7 +6,9 @@ Backends: one nginx worker serving a short body on two ports. Each proxy runs on
 (pinned with taskset when there is one to spare) with sticky routing by the `sid` cookie
 and keep-alive to the backends; wrk (64 connections, a varied `Cookie: sid=...` per
 request) loads it for a fixed time. Printed: requests/s, p50 and p99 latency, and each
-ratio to nginx. Targets (DESIGN.md): throughput >= 0.67x nginx, p99 <= 1.5x nginx.
+ratio to nginx. Targets (DESIGN.md): throughput >= 0.67x nginx, p99 <= 1.5x nginx. Each
+round also prints every proxy's CPU time a request, user and kernel apart: the ratios move
+with the machine's cost of a system call, which the kernel column shows.
 
 The dashboard's cost: the whole `python -m balancer --admin ...` is measured twice in one
 process, once with no page open and once with a client reading the dashboard's event stream
@@ -281,19 +283,20 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cpu_seconds(process: subprocess.Popen[bytes] | None) -> float:
-    """User plus system CPU seconds of `process` and its children so far (0 for None)."""
+def cpu_seconds(process: subprocess.Popen[bytes] | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of `process` and its children so far (0 for None)."""
     if process is None:
-        return 0.0
+        return 0.0, 0.0
     try:
         root = psutil.Process(process.pid)
-        total = 0.0
+        user = system = 0.0
         for proc in (root, *root.children(recursive=True)):
             times = proc.cpu_times()
-            total += times.user + times.system
+            user += times.user
+            system += times.system
     except psutil.Error:
-        return float("nan")
-    return total
+        return float("nan"), float("nan")
+    return user, system
 
 
 class PageOpen:
@@ -371,11 +374,15 @@ def main() -> int:
             if page is not None:
                 note = f"the page got {page.ticks} ticks, {page.bytes / 1024:,.0f} KiB"
                 result.errors = "; ".join(filter(None, [result.errors, note]))
+            user_us = system_us = float("nan")
             if proxy is not None and result.requests:
                 # The run's CPU time over its requests: robust to a busy machine.
-                result.cpu_us = (after - before) / result.requests * 1e6
+                user_us = (after[0] - before[0]) / result.requests * 1e6
+                system_us = (after[1] - before[1]) / result.requests * 1e6
+                result.cpu_us = user_us + system_us
             print(
-                f"  {name}: {result.rps:,.0f} req/s, {result.cpu_us:.1f} CPU us/req",
+                f"  {name}: {result.rps:,.0f} req/s, {result.cpu_us:.1f} CPU us/req "
+                f"(user {user_us:.1f}, kernel {system_us:.1f})",
                 file=sys.stderr,
                 flush=True,
             )
