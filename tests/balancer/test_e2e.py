@@ -149,7 +149,9 @@ def test_metrics_count_requests_by_backend(redis_server: RedisServer) -> None:
 def test_no_backend_is_503(redis_server: RedisServer) -> None:
     with (
         instances(1, "memory", None) as apps,
-        balancer([a.url for a in apps], *STICKY_FAST_HEALTH) as (lb, _),
+        # A short queue: each request waits that long for a backend before its answer (a
+        # 502 while the dead one is still in the pool, then the 503), 3 s by default.
+        balancer([a.url for a in apps], *STICKY_FAST_HEALTH, "--queue-timeout", "0.3") as (lb, _),
     ):
         apps[0].popen.kill()
         apps[0].popen.wait()
