@@ -776,10 +776,10 @@ class _ClientConnection(asyncio.Protocol):
             self._attempt(req, backend, now, fresh=True)
             return
         if isinstance(error, UpstreamConnectError):
-            # Refused: the backend never saw it, and is excluded from now on. As nginx
-            # tries every server on an error, not one of --max-attempts: when workers
-            # crash together, three dead ones (not yet reaped) could take them all, and a
-            # GET that the queue would have held for the first restarted worker got a 502.
+            # Refused: the backend never saw it, so not one of --max-attempts (nginx, too,
+            # tries every server on an error). Bounded all the same: the backend is now
+            # excluded. Counted, three crashed workers not yet reaped took a GET's three
+            # attempts, and it got a 502 that the queue would have spared it.
             req.attempts -= 1
         may_retry = (
             replayable

@@ -513,7 +513,8 @@ class Registry:
             yield next_notice
         finally:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                # Through a typed name: redis-py annotated it only in 8.2 (see pyproject).
+                # Through a typed name: redis-py annotated it only in 8.2, and this must
+                # type-check against the older ones that pyproject allows too.
                 aclose: Callable[[], Awaitable[None]] = pubsub.aclose
                 await aclose()
 
