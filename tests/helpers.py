@@ -1,14 +1,17 @@
-"""Helpers for tests: waiting on conditions with deadlines, free ports, a fake clock, and
-`with` for things that start several processes."""
+"""Helpers for tests: waiting on conditions with deadlines, free ports, a fake clock,
+`with` for things that start several processes, and reading a server-sent event stream."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+
+import httpx
 
 
 def free_port() -> int:
@@ -87,3 +90,29 @@ class StartStop:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class Stream:
+    """The server-sent events of one streaming response, read one at a time."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.iter_lines()
+
+    def next(self) -> tuple[str, dict[str, Any]]:
+        kind = ""
+        for line in self._lines:
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                return kind, json.loads(line[6:])
+        raise AssertionError("the stream ended")
+
+    def rest(self) -> list[str]:
+        """The lines left up to the end of the response, data lines excluded."""
+        return [line for line in self._lines if line.startswith("data: ")]
+
+    def subscribers(self) -> int:
+        kind, data = self.next()
+        count: int = data["subscribers"] if kind == "tick" else -1
+        return count

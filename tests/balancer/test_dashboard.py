@@ -13,7 +13,6 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +23,7 @@ from balancer._dashboard import HISTORY, WINDOW, Dashboard, RedisStatus, quantil
 from balancer._events import EventFeed
 from balancer._metrics import BUCKETS, Metrics
 from session_store import RedisServer
-from tests.helpers import FakeClock, free_port, wait_for
+from tests.helpers import FakeClock, Stream, free_port, wait_for
 from tests.processes import balancer
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
@@ -387,32 +386,6 @@ async def test_a_request_from_another_site_cannot_act(
 
 
 # -- a real balancer: the stream, a closed tab, SIGTERM with a page open ---------------------
-
-
-class Stream:
-    """The server-sent events of one streaming response, read one at a time."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self._lines = response.iter_lines()
-
-    def next(self) -> tuple[str, dict[str, Any]]:
-        kind = ""
-        for line in self._lines:
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                return kind, json.loads(line[6:])
-        raise AssertionError("the stream ended")
-
-    def rest(self) -> list[str]:
-        """The lines left up to the end of the response, data lines excluded."""
-        return [line for line in self._lines if line.startswith("data: ")]
-
-    def subscribers(self) -> int:
-        kind, data = self.next()
-        count: int = data["subscribers"] if kind == "tick" else -1
-        return count
 
 
 def test_stream_over_a_real_balancer_closed_tabs_and_a_prompt_exit() -> None:

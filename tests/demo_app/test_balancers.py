@@ -8,7 +8,6 @@ affinity secret.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -18,14 +17,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
 
 import httpx
 import pytest
 
 from demo_app.compare import Stack, run_mode
 from session_store import RedisServer
-from tests.helpers import wait_for
+from tests.helpers import Stream, wait_for
 
 CLIENTS = 30
 # One TLS context for every client (none is used): httpx builds one per client otherwise,
@@ -81,19 +79,6 @@ def test_replicas_agree_on_the_session_cookie_alone(two_balancers: Stack) -> Non
     assert len(served) > 1
 
 
-def _first_event(url: str) -> tuple[str, dict[str, Any]]:
-    """The first server-sent event of a dashboard's stream: (its kind, its data)."""
-    with httpx.stream("GET", url + "dashboard/stream", timeout=10) as response:
-        assert response.status_code == 200, url
-        kind = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                return kind, json.loads(line.removeprefix("data: "))
-    raise AssertionError(f"{url}: the stream ended without an event")
-
-
 @pytest.mark.parametrize("mode", ["hybrid", "sticky"])
 def test_killing_a_balancer_loses_no_session(mode: str) -> None:
     said: list[str] = []
@@ -102,8 +87,9 @@ def test_killing_a_balancer_loses_no_session(mode: str) -> None:
     def say(line: str) -> None:
         # Called while the stack runs: the dashboard it names must answer, in its mode.
         said.append(line)
-        kind, data = _first_event(line.rsplit(" ", 1)[1])
-        seen.append((kind, cast("dict[str, Any]", data["info"])["mode"]))
+        with httpx.stream("GET", line.rsplit(" ", 1)[1] + "dashboard/stream", timeout=10) as page:
+            kind, data = Stream(page).next()
+        seen.append((kind, data["info"]["mode"]))
 
     report = run_mode(
         mode,
