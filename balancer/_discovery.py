@@ -73,8 +73,11 @@ class Discovery:
             while True:
                 await self.refresh()
                 # The interval is the schedule of the reads; a notice cuts it short.
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel
+                # that lands as the wake-up comes (see session_store.cancellable).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             listener.cancel()

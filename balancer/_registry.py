@@ -55,6 +55,7 @@ from session_store import (
     UNAVAILABLE_ERRORS,
     RedisClient,
     RedisURLError,
+    cancellable,
     parse_redis_url,
     redact_url,
     redis_client,
@@ -439,9 +440,9 @@ class Registry:
             return await self._execute("EVAL", script, len(keys), *keys, *args)
 
     async def _call(self, operation: Awaitable[T]) -> T:
-        # The one seam where redis-py's errors become ours.
+        # The one seam where redis-py's errors (and its lost cancels) become ours.
         try:
-            return await operation
+            return await cancellable(operation)
         except TimeoutError as exc:
             raise RegistryUnavailable(f"redis did not answer within {self.timeout} s") from exc
         except UNAVAILABLE_ERRORS as exc:

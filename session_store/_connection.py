@@ -24,14 +24,18 @@ no restart), or `redis.asyncio.RedisCluster` seeded with every node given. Every
 gets connect and read timeouts of ``timeout`` seconds (they are what bounds each call) and
 one immediate retry, which heals a pooled connection that a restart or a failover closed.
 No other module of the project knows which topology it talks to.
+
+`cancellable` wraps each call on such a client where a task may be cancelled: on Python
+3.11 redis-py can return from a call as if the task's cancel had never come.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio
@@ -48,12 +52,14 @@ __all__ = [
     "UNAVAILABLE_ERRORS",
     "RedisClient",
     "RedisURL",
+    "cancellable",
     "parse_redis_url",
     "redact_url",
     "redis_client",
 ]
 
 RedisClient: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
+T = TypeVar("T")
 
 # What a redis-py call raises when Redis is down, loading, read-only (a replica during a
 # failover), too slow, or a cluster slot has no primary yet: "unavailable, retry later",
@@ -69,6 +75,30 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.SlotNotCoveredError,
     OSError,
 )
+
+
+async def cancellable(call: Awaitable[T]) -> T:
+    """Await one redis-py call; raise CancelledError if the task was cancelled while it
+    ran, even when the call returned its result.
+
+    On Python 3.11, `asyncio.wait_for` returns the inner result when a cancel lands just as
+    the inner call finishes, and the cancel is lost (CPython gh-86296; 3.12 rewrote
+    wait_for). redis-py writes every command through `wait_for` once a socket timeout is
+    set, as on every client `redis_client` makes: a task cancelled at that moment went on
+    as if it had not been, and a loop of Redis calls (a registry watcher, a heartbeat, a
+    flusher) outlived its `cancel()` and hung the shutdown that awaited it. Only a cancel
+    that came during this call is raised; one the task took in and dealt with before it
+    is not raised again.
+    """
+    task = asyncio.current_task()
+    if task is None:
+        return await call
+    before = task.cancelling()
+    result = await call
+    if task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
+
 
 Topology = Literal["server", "unix", "sentinel", "cluster"]
 

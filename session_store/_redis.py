@@ -37,7 +37,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.exceptions import AskError, MovedError
 
-from ._connection import UNAVAILABLE_ERRORS, RedisClient, redis_client
+from ._connection import UNAVAILABLE_ERRORS, RedisClient, cancellable, redis_client
 from ._exceptions import SessionStoreError, StoreUnavailable, WriteNotAcknowledged
 from ._store import Changes, SessionRecord
 
@@ -312,7 +312,7 @@ class RedisStore:
         # the client's own socket timeouts bound every read and connect, and a
         # second timer per command cost ~10% of the store's CPU (benchmarks/).
         try:
-            return await operation
+            return await cancellable(operation)
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis did not answer within {self.timeout} s") from exc
         except UNAVAILABLE_ERRORS as exc:

@@ -1,5 +1,6 @@
 """Helpers for tests: waiting on conditions with deadlines, free ports, a fake clock,
-`with` for things that start several processes, and reading a server-sent event stream."""
+`with` for things that start several processes, reading a server-sent event stream, and
+cancelling a task at every step of its event loop."""
 
 from __future__ import annotations
 
@@ -50,6 +51,28 @@ async def async_wait_until(
         return condition()
 
     await async_wait_for(check, within, what)
+
+
+async def lost_cancels(run: Callable[[], Awaitable[object]], steps: int = 40) -> list[int]:
+    """The event-loop steps after which a cancel of ``run()`` was lost.
+
+    For each n below ``steps``: start ``run()`` as a task, let the loop take n steps, cancel
+    the task, and wait up to 5 s for it to end cancelled. A task that goes on is cancelled
+    again until it ends (the next round needs the loop to itself) and n is reported.
+    """
+    lost = []
+    for n in range(steps):
+        task = asyncio.ensure_future(run())
+        for _ in range(n):
+            await asyncio.sleep(0)  # one step of the loop: where the cancel lands
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if not done or not task.cancelled():
+            lost.append(n)
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+    return lost
 
 
 class FakeClock:

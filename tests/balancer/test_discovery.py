@@ -19,7 +19,7 @@ import pytest
 
 from balancer import BackendPolicy, Discovery, Instance, Pool, Registry
 from session_store import RedisServer
-from tests.helpers import async_wait_for, async_wait_until, free_port, wait_for
+from tests.helpers import async_wait_for, async_wait_until, free_port, lost_cancels, wait_for
 from tests.processes import Process, balancer
 
 pytestmark = pytest.mark.anyio
@@ -117,6 +117,20 @@ async def test_notices_add_and_remove_long_before_the_next_full_read(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_cancelled_watcher_ends_wherever_the_cancel_lands(registry: Registry) -> None:
+    """A balancer with --discover stops on SIGTERM by cancelling `run()`. On Python 3.11 a
+    cancel that landed as a wait_for finished was lost (CPython gh-86296), in redis-py's
+    writes and in the wait between reads: the watcher read on and the balancer never
+    exited. Cancelled at each step of its first reads and its subscription, it ends.
+    """
+    await registry.register(of(registry, 1))
+
+    async def run() -> None:
+        await Discovery(Pool(), registry, interval=0.01).run()  # reads back to back
+
+    assert await lost_cancels(run) == []
 
 
 async def test_redis_down_keeps_the_last_set_logs_once_and_recovers(

@@ -1,5 +1,6 @@
 """`session_store.redis_client`: every URL form read into the right client, every bad one
-refused with a reason; then the real thing over TLS with an ACL user, and over Sentinel.
+refused with a reason; then the real thing over TLS with an ACL user, and over Sentinel;
+and `cancellable`, which keeps a cancel that redis-py would lose.
 
 The parsing is pure and table-driven; the TLS tests start a TLS-only redis-server with a CA
 and a certificate made here (`tests.redis_topology.TLSServer`), and the Sentinel test a real
@@ -8,6 +9,8 @@ primary, replica and three sentinels (`tests.redis_sentinel.SentinelSetup`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import re
 import time
@@ -21,15 +24,18 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 
 from session_store import (
     Changes,
+    RedisServer,
     RedisStore,
     RedisURL,
     RedisURLError,
     SessionError,
     StoreUnavailable,
+    cancellable,
     parse_redis_url,
     redact_url,
     redis_client,
 )
+from tests.helpers import lost_cancels
 from tests.redis_sentinel import SentinelSetup
 from tests.redis_topology import TLSServer, make_certificates
 
@@ -347,3 +353,46 @@ async def test_store_through_sentinel_reaches_the_primary() -> None:
             assert int(info["tcp_port"]) == setup.current_primary().port
         finally:
             await store.aclose()
+
+
+# -- cancellable: a cancel that comes during a call is never lost -----------------------------
+
+
+async def test_a_loop_of_store_calls_ends_wherever_its_cancel_lands(
+    redis_server: RedisServer,
+) -> None:
+    """On Python 3.11 redis-py returned from a call as if its task's cancel had not come
+    (its writes go through asyncio.wait_for; CPython gh-86296), and a loop of calls (a
+    flusher, a heartbeat) outlived its cancel. The store's calls go through `cancellable`.
+    """
+    store = RedisStore.from_url(redis_server.url, prefix="cancel:")
+
+    async def reads() -> None:
+        while True:
+            await store.load("nobody")
+
+    try:
+        assert await lost_cancels(reads) == []
+    finally:
+        await store.aclose()
+
+
+async def test_cancellable_raises_only_a_cancel_that_came_during_the_call(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_client(redis_server.url)
+
+    async def after_a_cancel_dealt_with() -> object:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        # Taken in, as a task may do; its cancelling() count stays 1.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        return await cancellable(client.ping())
+
+    try:
+        assert await asyncio.ensure_future(after_a_cancel_dealt_with()) is True
+        assert await cancellable(client.ping()) is True  # no task's cancel: a plain await
+    finally:
+        await client.aclose()
