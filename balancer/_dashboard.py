@@ -36,10 +36,14 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Protocol
 
+import redis.asyncio
+import redis.exceptions
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
+
+from session_store import RedisClient, cancellable, redact_url, redis_client
 
 from ._affinity import Sticky, cookie_value
 from ._events import EventFeed
@@ -142,54 +146,58 @@ def _ms(seconds: float | None) -> float | None:
 
 
 class RedisStatus:
-    """Whether a Redis answers, and its commands/s (from INFO's total_commands_processed).
+    """Whether a Redis answers, and its commands/s (from INFO's total_commands_processed;
+    on a cluster, the sum over its primaries).
 
     `sample()` is called once a tick while a page is open; it never raises. The client is
-    created on first use and closed by `aclose()`.
+    created on first use, by the project's one factory (so any URL form `--dashboard-redis`
+    accepts works), and closed by `aclose()`.
     """
 
     def __init__(self, url: str, *, timeout: float = 0.5) -> None:
         self.url = url
         self._timeout = timeout
-        self._client: Any = None
+        self._client: RedisClient | None = None
         self._last: tuple[float, int] | None = None
-        self.state: dict[str, object] = {"url": _redact(url), "reachable": None, "ops": None}
+        self.state: dict[str, object] = {"url": redact_url(url), "reachable": None, "ops": None}
 
     async def sample(self, now: float) -> dict[str, object]:
-        import redis.asyncio  # noqa: PLC0415 - only with a Redis to report on
-
         try:
-            if self._client is None:
-                self._client = redis.asyncio.Redis.from_url(
-                    self.url,
-                    socket_timeout=self._timeout,
-                    socket_connect_timeout=self._timeout,
-                )
             async with asyncio.timeout(self._timeout * 2):
-                info = await self._client.info("stats")
-        except (OSError, TimeoutError, redis.RedisError) as exc:
+                counts = await cancellable(self._counts())
+        except (
+            OSError,
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,
+        ) as exc:
             self._last = None
-            self.state = {"url": _redact(self.url), "reachable": False, "ops": None}
+            self.state = {"url": redact_url(self.url), "reachable": False, "ops": None}
             self.state["error"] = str(exc)[:200]
             return self.state
-        total = int(info.get("total_commands_processed", 0))
+        total = sum(counts)
         ops = None
         if self._last is not None and now > self._last[0]:
-            # Minus one: our own INFO, so an idle Redis shows 0.
-            ops = max(0.0, (total - self._last[1] - 1) / (now - self._last[0]))
+            # Minus our own INFO on each node, so an idle Redis shows 0.
+            ops = max(0.0, (total - self._last[1] - len(counts)) / (now - self._last[0]))
         self._last = (now, total)
-        self.state = {"url": _redact(self.url), "reachable": True, "ops": ops}
+        self.state = {"url": redact_url(self.url), "reachable": True, "ops": ops}
         return self.state
+
+    async def _counts(self) -> list[int]:
+        """total_commands_processed of the server, or of each of the cluster's primaries."""
+        if self._client is None:
+            self._client = redis_client(self.url, timeout=self._timeout)
+        client = self._client
+        if isinstance(client, redis.asyncio.RedisCluster):
+            # Without a target the cluster client asks one node, not the cluster.
+            replies = await client.info("stats", target_nodes=client.PRIMARIES)
+            return [int(node["total_commands_processed"]) for node in replies.values()]
+        return [int((await client.info("stats"))["total_commands_processed"])]
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
 class _Subscriber:

@@ -23,6 +23,7 @@ import redis
 from redis.crc import key_slot
 
 from balancer import Instance, Registry
+from balancer._dashboard import RedisStatus
 from demo_app.compare import main as compare
 from session_store import Changes, RedisStore, StoreUnavailable
 from tests.helpers import async_wait_until
@@ -118,6 +119,24 @@ async def test_registry_on_a_cluster(cluster: Cluster) -> None:
         assert (await registry.read()).instances == ()
     finally:
         await registry.aclose()
+
+
+async def test_the_dashboard_reports_on_a_cluster(cluster: Cluster) -> None:
+    """`--dashboard-redis redis+cluster://...`: reachable, with the commands/s of all of
+    its primaries (a cluster client's own INFO asks one node)."""
+    status = RedisStatus(cluster.url)
+    writer = redis.RedisCluster("127.0.0.1", cluster.running()[0].port)
+    try:
+        first = await status.sample(1.0)
+        assert first["reachable"] is True, first
+        for n in range(300):  # about 100 on each primary
+            writer.set(f"dashboard:{n}", n)
+        second = await status.sample(2.0)
+        assert isinstance(second["ops"], float)
+        assert 300 <= second["ops"] < 400, second  # one node's share would be about 100
+    finally:
+        writer.close()
+        await status.aclose()
 
 
 @pytest.mark.parametrize("mode", ["shared", "hybrid"])
