@@ -4,8 +4,8 @@ The mode picks each instance's session store and the balancer's stickiness:
 ``sticky`` keeps sessions in instance memory behind a cookie-pinning balancer,
 ``shared`` keeps them in Redis behind a balancer with no affinity, ``hybrid``
 keeps them in both, pinned. Redis is the one ``REDIS_URL`` names, or one the
-stack starts itself. Ctrl-C (or SIGTERM) stops the balancer, the instances,
-then Redis.
+stack starts itself. Ctrl-C (or SIGTERM, or SIGHUP when the terminal closes) stops the
+balancer, the instances, then Redis: STOP_TIMEOUT seconds for all, then SIGKILL.
 
 With ``--discover`` the instances announce themselves in the service registry (in the
 same Redis) and the balancer finds them there (``--discover``) rather than from a list:
@@ -42,6 +42,7 @@ __all__ = ["STICKY_OF_MODE", "STORE_OF_MODE", "main"]
 STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
 STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
+STOP_TIMEOUT = 15.0  # seconds for every process together to stop gracefully, then SIGKILL
 SERVICE = "demo"  # the service name in the registry, with --discover
 
 
@@ -107,7 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 class _Stop:
-    """Set by SIGINT/SIGTERM; the main loop reads it.
+    """Set by SIGINT, SIGTERM or SIGHUP; the main loop reads it.
 
     The handler only stores a flag. It must take no lock: `threading.Event.set` from a
     handler deadlocks when the signal lands while the main thread holds the Event's own
@@ -141,14 +142,18 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, path: str = "/readyz
     raise RuntimeError(f"{url}: not ready within {READY_TIMEOUT} s")
 
 
-def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+def _stop_all(processes: Sequence[subprocess.Popen[bytes]], urls: Sequence[str]) -> None:
+    """SIGTERM every process at once, give them STOP_TIMEOUT seconds in all (one deadline,
+    not one each), then SIGKILL the late ones and say which."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
-    for process in processes:
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for process, url in zip(processes, urls, strict=True):
         try:
-            process.wait(15)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            print(f"{url}: did not stop within {STOP_TIMEOUT:g} s; killed", file=sys.stderr)
             process.kill()
             process.wait()
 
@@ -207,7 +212,7 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
             # The balancers are stopped first (they are first in the list): no request
             # meets a stopped instance.
             processes.insert(0, subprocess.Popen(command, start_new_session=True, env=env))
-        urls[:0] = balancer_urls
+            urls.insert(0, balancer_urls[index])
         for process, admin_url in zip(processes, admin_urls, strict=False):
             _wait_ready(process, admin_url, path="/healthz")
         print(f"\ndashboard         {admin_urls[0]}/   <- open it: the cluster, live")
@@ -243,15 +248,17 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     finally:
-        _stop_all(processes)
+        _stop_all(processes, urls)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     print(f"dashboard: http://{args.host}:{args.admin_port}/ (up in a few seconds)", flush=True)
     stop = _Stop()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    # SIGHUP too: the processes it starts are in sessions of their own, so a terminal that
+    # closes would reach only this one, and kill it without a word to them.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
         with running_redis() as redis_url:
             if not os.environ.get("REDIS_URL"):

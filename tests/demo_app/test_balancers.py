@@ -176,7 +176,8 @@ def test_demo_stack_runs_two_balancers_on_one_registry(tmp_path: Path) -> None:
         assert [reply["count"] for reply in replies] == [1, 2, 3, 4]
         assert len({reply["instance"] for reply in replies}) == 1
     finally:
-        stack.send_signal(signal.SIGTERM)
+        # SIGHUP, as when the terminal closes (SIGINT and SIGTERM take the same path).
+        stack.send_signal(signal.SIGHUP)
         try:
             code = stack.wait(30)
         except subprocess.TimeoutExpired:
@@ -184,3 +185,6 @@ def test_demo_stack_runs_two_balancers_on_one_registry(tmp_path: Path) -> None:
             stack.wait()
             raise AssertionError(f"the stack did not stop:\n{log.read_text()}") from None
     assert code == 0, log.read_text()
+    # Every process stopped on its own: none had to be killed at the stack's deadline (a
+    # balancer with --discover used to hang on a lost cancel; see test_discovery).
+    assert "did not stop" not in log.read_text(), log.read_text()
