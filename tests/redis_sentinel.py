@@ -36,7 +36,7 @@ from session_store import RedisServer, find_server_binary
 from session_store._server import _die_with_parent
 from tests.helpers import StartStop, free_port, wait_for
 
-__all__ = ["Link", "SentinelSetup", "info", "query"]
+__all__ = ["Link", "SentinelSetup", "acknowledged", "info", "query"]
 
 HOST = "127.0.0.1"
 # A full resync right away, not after the default 5 s wait for more replicas.
@@ -66,6 +66,24 @@ def info(port: int, section: str = "replication") -> dict[str, str]:
     assert isinstance(text, str)
     fields = (line.partition(":") for line in text.splitlines() if ":" in line)
     return {key: value for key, _, value in fields}
+
+
+def acknowledged(port: int, replicas: int = 1) -> bool:
+    """Whether ``replicas`` replicas of the primary at 127.0.0.1:``port`` confirm a write
+    within 100 ms (WAIT). A replica whose link says "up" may not yet: after a full sync
+    the primary streams to it only from its next acknowledgement, and one that came before
+    the primary saw the sync end is dropped, so the next comes a second later."""
+    client = redis.Redis(HOST, port, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        with client.pipeline(transaction=False) as pipe:  # one connection: WAIT counts the SET
+            pipe.set("test:acknowledged", 1)
+            pipe.wait(replicas, 100)
+            _, confirmed = pipe.execute()
+        return int(confirmed) >= replicas
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+    finally:
+        client.close()
 
 
 class Link:
