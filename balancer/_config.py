@@ -349,6 +349,10 @@ def _token(value: object) -> str:
     text = _text(value)
     if not text or any(c.isspace() or not c.isprintable() for c in text):
         raise _Invalid("must be non-empty printable text without spaces")
+    # The same floor as an affinity secret: the token guards draining and removing backends,
+    # and a short one falls to guessing over the network.
+    if len(text) < 16:
+        raise _Invalid("must be at least 16 characters long")
     return text
 
 

@@ -13,6 +13,7 @@ from balancer._config import Address, Settings, load_or_exit, load_settings
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 MIN = ["--backend", B1]
 SECRET = "0123456789abcdef-secret"
+TOKEN = "admin-token-0123456789"
 CMD = "python -m demo_app --port {port} --instance-id 'w {index}'"
 DISCOVER = "redis://127.0.0.1:6379/2/demo"
 
@@ -36,8 +37,8 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
     (["--sticky", "ip"], {"BALANCER_STICKY": "ip"}, 'sticky = "ip"', "sticky", Sticky("ip")),
     (["--admin", "127.0.0.1:8081"], {"BALANCER_ADMIN": "127.0.0.1:8081"},
      'admin = "127.0.0.1:8081"', "admin", Address("127.0.0.1", 8081)),
-    (["--admin-token", "t0k"], {"BALANCER_ADMIN_TOKEN": "t0k"}, 'admin_token = "t0k"',
-     "admin_token", "t0k"),
+    (["--admin-token", TOKEN], {"BALANCER_ADMIN_TOKEN": TOKEN}, f'admin_token = "{TOKEN}"',
+     "admin_token", TOKEN),
     (["--workers", "4"], {"BALANCER_WORKERS": "4"}, "workers = 4", "workers", 4),
     (["--log-format", "json"], {"BALANCER_LOG_FORMAT": "json"}, 'log-format = "json"',
      "log_format", "json"),
@@ -189,6 +190,8 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--admin", "127.0.0.1:8080"], "--admin", "also the --listen address"),
     (["--admin", "0.0.0.0:8081"], "--admin-token", "not loopback"),
     (["--admin-token", "a b"], "--admin-token", "without spaces"),
+    (["--admin-token", "short"], "--admin-token", "at least 16 characters"),
+    (["--admin-token", "0123456789abcde"], "--admin-token", "at least 16 characters"),
     (["--workers", "0"], "--workers", "at least 1"),
     (["--workers", "two"], "--workers", "expected an integer"),
     (["--workers"], "--workers", "expected one argument"),
@@ -319,6 +322,8 @@ def test_worker_command(argv: list[str], command: tuple[str, ...]) -> None:
         ({}, "listen = 8080", "--listen", "expected a string"),
         ({}, "colour = 1", "--config", "unknown setting 'colour'"),
         ({}, "workers = [", "--config", "is not valid TOML"),
+        ({"BALANCER_ADMIN_TOKEN": "short"}, "", "--admin-token", "at least 16 characters"),
+        ({}, 'admin_token = "short"', "--admin-token", "(from {path}: admin_token)"),
     ],
 )
 def test_bad_values_from_env_and_file(
@@ -341,10 +346,10 @@ def test_missing_config_file() -> None:
 
 
 def test_non_loopback_admin_with_token_is_fine() -> None:
-    settings = load_settings([*MIN, "--admin", "0.0.0.0:8081", "--admin-token", "t"], {})
+    settings = load_settings([*MIN, "--admin", "0.0.0.0:8081", "--admin-token", TOKEN], {})
     assert settings.admin == Address("0.0.0.0", 8081)
     assert not settings.admin.is_loopback
-    assert "'t'" not in repr(settings)  # the token stays out of logs
+    assert TOKEN not in repr(settings)  # the token stays out of logs
 
 
 @pytest.mark.parametrize(
