@@ -18,6 +18,7 @@ from ._config import Settings
 from ._dashboard import Dashboard, RedisStatus
 from ._discovery import Discovery
 from ._events import EventFeed
+from ._exceptions import ListenError
 from ._health import HealthChecker
 from ._log import log_event, log_state_change
 from ._metrics import Metrics
@@ -31,6 +32,16 @@ from ._workers import RestartPolicy
 __all__ = ["Balancer", "proxy_options", "supervisor_options"]
 
 logger = logging.getLogger("balancer")
+
+
+def _listen_error(setting: str, host: str, port: int, exc: OSError) -> ListenError:
+    """``exc`` from binding ``host:port`` as one line naming the flag and the address
+    (asyncio's says "error while attempting to bind on address ('h', p)", the socket's
+    only "[Errno 98] Address already in use")."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ListenError(setting, address, reason)
+
 
 _ADMIN_EXIT_TIMEOUT = 5  # seconds the admin server may take to finish its responses
 
@@ -143,7 +154,12 @@ class Balancer:
 
     async def serve(self, stop: asyncio.Event, *, reuse_port: bool = False) -> None:
         async with contextlib.AsyncExitStack() as stack:
-            if self.settings.admin is not None:
+            # Both addresses are bound before either serves: a port in use fails the start
+            # with nothing served (the proxy used to listen first, then the admin bind failed).
+            admin_sock = self._bind_admin()
+            if admin_sock is not None:
+                # Closed here if the start fails before uvicorn takes it (twice is harmless).
+                stack.callback(admin_sock.close)
                 # First: its event feed sees every event from here on.
                 self.dashboard = self._dashboard()
                 stack.callback(self.dashboard.feed.detach)
@@ -154,11 +170,11 @@ class Balancer:
             discovery = await self._start_discovery(stack)
             if self.supervisor is None:
                 await self._listen(reuse_port)
-                await self._start_admin()
+                self._start_admin(admin_sock)
             else:
                 # Listening before the workers are ready is safe: a request that comes
                 # first waits in the queue (--queue-timeout) rather than be refused.
-                await self._start_admin()
+                self._start_admin(admin_sock)
                 await self._listen(reuse_port)
                 await self._start_workers(client, stop)
             health = asyncio.create_task(checker.run(), name="health-checks")
@@ -210,7 +226,10 @@ class Balancer:
 
     async def _listen(self, reuse_port: bool) -> None:
         listen = self.settings.listen
-        await self.proxy.start(listen.host, listen.port, reuse_port=reuse_port)
+        try:
+            await self.proxy.start(listen.host, listen.port, reuse_port=reuse_port)
+        except OSError as exc:
+            raise _listen_error("--listen", listen.host, listen.port, exc) from exc
         log_event(
             "listening",
             address=f"{listen.host}:{self.proxy.port}",
@@ -218,9 +237,28 @@ class Balancer:
             sticky=str(self.settings.sticky),
         )
 
-    async def _start_admin(self) -> None:
+    def _bind_admin(self) -> socket.socket | None:
+        """The admin app's socket, bound (not yet listening); None without --admin.
+
+        Raises `ListenError` naming the address when it cannot be bound.
+        """
         address = self.settings.admin
         if address is None:
+            return None
+        port = address.port + self.admin_port_offset if address.port else 0
+        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address.host, port))
+        except OSError as exc:
+            sock.close()
+            raise _listen_error("--admin", address.host, port, exc) from exc
+        return sock
+
+    def _start_admin(self, sock: socket.socket | None) -> None:
+        """Serve the admin app and the dashboard on ``sock`` (from `_bind_admin`)."""
+        address = self.settings.admin
+        if address is None or sock is None:
             return
         assert self.dashboard is not None  # made by serve() with --admin
         app = create_admin_app(
@@ -231,10 +269,6 @@ class Balancer:
             workers=self.supervisor,
             dashboard=self.dashboard,
         )
-        port = address.port + self.admin_port_offset if address.port else 0
-        sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, port))
         # The dashboard's streams are ended before the server is told to exit; the
         # timeout is the backstop for any other response that would hold the exit up.
         config = uvicorn.Config(

@@ -2,6 +2,7 @@
 
     BalancerError
     ├── ConfigError .............. a setting is invalid; names it (`.setting`), exits 2
+    ├── ListenError .............. a listener cannot bind its address (in use...); exits 1
     ├── NoBackendAvailable ....... nothing is selectable: the edge answers 503
     ├── InvalidTransition ........ a backend was asked for a state change its state forbids
     ├── UnknownBackend ........... no backend in the pool has that id (admin: 404)
@@ -25,6 +26,7 @@ __all__ = [
     "BalancerError",
     "ConfigError",
     "InvalidTransition",
+    "ListenError",
     "NoBackendAvailable",
     "RegistryError",
     "RegistryUnavailable",
@@ -52,6 +54,17 @@ class ConfigError(BalancerError, ValueError):
         super().__init__(f"{setting}: {message}")
         self.setting = setting
         self.message = message
+
+
+class ListenError(BalancerError, OSError):
+    """A listener (`--listen`, `--admin`) cannot bind its address: in use, not local, not
+    permitted. `str(exc)` is ``"--admin 127.0.0.1:8081: cannot listen: <reason>"``; it is an
+    `OSError` too, so whoever handled a failed bind before still does."""
+
+    def __init__(self, setting: str, address: str, reason: str) -> None:
+        super().__init__(f"{setting} {address}: cannot listen: {reason}")
+        self.setting = setting
+        self.address = address
 
 
 class NoBackendAvailable(BalancerError):

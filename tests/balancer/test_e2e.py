@@ -7,6 +7,7 @@ failover in sticky and hybrid modes, drain from the admin API, /metrics.
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from session_store import RedisServer
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.processes import Process, balancer, demo_app
 
 SECRET = "e2e-affinity-secret-0123456789"
@@ -173,3 +174,30 @@ def test_bad_flag_exits_2_naming_it() -> None:
     assert result.returncode == 2
     assert "--backend" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--admin", "--listen"])
+def test_an_address_in_use_exits_1_naming_it_before_serving(flag: str) -> None:
+    # Another process holds one of the two ports; the balancer must not start serving on the
+    # other (it did: "listening" for the proxy, then a bare "[Errno 98] Address already in
+    # use" for the admin port, without the address).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy, other = held.getsockname()[1], free_port()
+        listen, admin = (other, busy) if flag == "--admin" else (busy, other)
+        addresses = ["--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"]
+        result = subprocess.run(
+            [sys.executable, "-m", "balancer", *addresses, "--backend", "http://127.0.0.1:9"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "listening" not in output
+    assert "Traceback" not in output
+    assert result.stderr.strip().splitlines() == [
+        f"balancer: error: {flag} 127.0.0.1:{busy}: cannot listen: address already in use"
+    ]
