@@ -22,6 +22,7 @@ the first request").
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import signal
@@ -35,13 +36,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from session_store import RedisServerError, running_redis
+from session_store import (
+    UNAVAILABLE_ERRORS,
+    RedisServerError,
+    RedisURLError,
+    cancellable,
+    redact_url,
+    redis_client,
+    running_redis,
+)
 
 __all__ = ["STICKY_OF_MODE", "STORE_OF_MODE", "main"]
 
 STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
 STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
+REDIS_TIMEOUT = (
+    3.0  # seconds for the Redis that REDIS_URL names to answer PING, before anything starts
+)
 STOP_TIMEOUT = 15.0  # seconds for every process together to stop gracefully, then SIGKILL
 SERVICE = "demo"  # the service name in the registry, with --discover
 
@@ -140,6 +152,37 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, path: str = "/readyz
             pass
         time.sleep(0.05)  # poll interval of a readiness wait
     raise RuntimeError(f"{url}: not ready within {READY_TIMEOUT} s")
+
+
+def redis_problem(url: str, within: float = REDIS_TIMEOUT) -> str | None:
+    """Why the Redis at ``url`` cannot be used (no answer to PING within ``within`` seconds,
+    or a URL that is not one); None when it answers. Retried until then: a Redis that is
+    still starting or loading its data is waited for."""
+
+    async def ping() -> str | None:
+        try:
+            client = redis_client(url, timeout=min(1.0, within))
+        except RedisURLError as exc:
+            return f"is not a Redis URL: {exc}"
+        last = "no reply"
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    try:
+                        await cancellable(client.ping())
+                        return None
+                    except UNAVAILABLE_ERRORS as exc:
+                        last = str(exc)
+                    await asyncio.sleep(0.2)  # poll interval of a readiness wait
+        except TimeoutError:
+            return (
+                f"did not answer within {within:g} s ({last}): start it, or unset REDIS_URL "
+                "and the stack starts its own"
+            )
+        finally:
+            await client.aclose()
+
+    return asyncio.run(ping())
 
 
 def _stop_all(processes: Sequence[subprocess.Popen[bytes]], urls: Sequence[str]) -> None:
@@ -253,6 +296,13 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    given = os.environ.get("REDIS_URL")
+    # Checked before any process starts: an instance waiting on a Redis that is not there
+    # only says "not ready" when READY_TIMEOUT is over, naming neither Redis nor the URL.
+    problem = redis_problem(given) if given else None
+    if given and problem:
+        print(f"demo: Redis at REDIS_URL={redact_url(given)} {problem}", file=sys.stderr)
+        sys.exit(1)
     print(f"dashboard: http://{args.host}:{args.admin_port}/ (up in a few seconds)", flush=True)
     stop = _Stop()
     # SIGHUP too: the processes it starts are in sessions of their own, so a terminal that
