@@ -19,6 +19,10 @@ __all__ = ["HybridStore"]
 
 logger = logging.getLogger("session_store")
 
+# The version of a local copy that may differ from every version Redis holds: Redis never
+# answers "unchanged" to it, so the next read that reaches Redis fetches the session whole.
+_UNKNOWN = -1
+
 
 @dataclass(slots=True)
 class _Cached:
@@ -28,20 +32,31 @@ class _Cached:
 
 @dataclass(slots=True)
 class _Pending:
-    """Writes Redis has not seen yet, merged per key."""
+    """Writes Redis has not seen yet, merged per key, and the whole local copy they make.
 
+    ``fields`` is what the session holds with these writes (and every earlier one)
+    applied: written whole if Redis turns out to have lost the session, so the flusher
+    never depends on the cache, which may evict or drop its entry meanwhile.
+    """
+
+    fields: dict[str, str]
+    created: float
+    ttl: float
     updated: dict[str, str] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
-    created: float = 0.0
-    ttl: float = 0.0
 
-    def merge(self, changes: Changes, created: float, ttl: float) -> None:
+    def merge(self, changes: Changes, fields: dict[str, str], created: float, ttl: float) -> None:
+        """Add later writes; ``fields`` is the local copy with them applied."""
         self.deleted.difference_update(changes.updated)
         self.deleted.update(changes.deleted)
         for name in changes.deleted:
             self.updated.pop(name, None)
         self.updated.update(changes.updated)
-        self.created, self.ttl = created, ttl
+        self.fields, self.created, self.ttl = fields, created, ttl
+
+    @property
+    def changes(self) -> Changes:
+        return Changes(dict(self.updated), frozenset(self.deleted))
 
 
 def _apply(fields: dict[str, str] | SessionRecord, changes: Changes) -> dict[str, str]:
@@ -61,19 +76,24 @@ class HybridStore:
 
     While Redis is unavailable the store keeps serving the sessions it has in
     memory and accepts writes to them; the writes are merged per key and pushed
-    to Redis by a background task as soon as it answers again (every
-    ``retry_interval`` seconds). If Redis came back without the session (a
-    restart without persistence) but this process holds a live copy, the copy is
-    written back, unless the session was destroyed (a tombstone says so).
-    Destroying a session needs Redis: a logout is never only local.
+    to Redis by a background task as soon as it answers again (tried every
+    ``retry_interval`` seconds, and at once when any call reaches Redis). Until
+    they are pushed, every later write of that session queues behind them, so
+    Redis sees one session's writes in the order they were made. If Redis came
+    back without the session (a restart without persistence) but this process
+    holds a live copy, the copy is written back, unless the session was
+    destroyed (a tombstone says so): on a read, on a write, and in the flusher,
+    whichever reaches Redis first. Destroying a session needs Redis: a logout is
+    never only local.
 
     What a successful save promises: without ``min_replicas_ack`` on the
-    `RedisStore`, that the write is in Redis, or, while Redis is unavailable, in
-    this process's memory and on its way to Redis (lost if this process dies
-    first). With ``min_replicas_ack=N``, that it is on the primary and N replicas:
-    nothing is deferred then, since memory is not a replica, and a write Redis
-    cannot take or replicate in time raises `StoreUnavailable` (503) like a
-    `RedisStore` would. Reads are still served from memory while Redis is away.
+    `RedisStore`, that the write is in Redis, or, while Redis is unavailable (or
+    the session still has writes queued for it), in this process's memory and on
+    its way to Redis (lost if this process dies first). With
+    ``min_replicas_ack=N``, that it is on the primary and N replicas: nothing is
+    deferred then, since memory is not a replica, and a write Redis cannot take
+    or replicate in time raises `StoreUnavailable` (503) like a `RedisStore`
+    would. Reads are still served from memory while Redis is away.
     """
 
     def __init__(
@@ -92,11 +112,20 @@ class HybridStore:
         self._pending: dict[str, _Pending] = {}
         self._pushing: set[str] = set()  # taken out of _pending, on their way to Redis
         self._flusher: asyncio.Task[None] | None = None
+        self._redis_answered = asyncio.Event()  # wakes the flusher before its retry interval
 
     @property
     def pending(self) -> int:
         """How many sessions have writes that Redis has not acknowledged yet."""
         return len(self._pending.keys() | self._pushing)
+
+    def _queued(self, session_id: str) -> bool:
+        return session_id in self._pending or session_id in self._pushing
+
+    def _answered(self) -> None:
+        """A call reached Redis: if writes wait for it, push them now, not a retry later."""
+        if self._pending:
+            self._redis_answered.set()
 
     def _local(self, session_id: str) -> _Cached | None:
         cached = self._cache.get(session_id)
@@ -112,9 +141,8 @@ class HybridStore:
         self._cache[session_id] = _Cached(record, self._clock() + ttl)
         self._cache.move_to_end(session_id)
         while len(self._cache) > self.max_entries:
-            evicted, _ = self._cache.popitem(last=False)
-            # A session with unpushed writes stays reachable through _pending.
-            self._pending.pop(evicted, None)
+            # A session with queued writes keeps them: its _Pending holds its whole copy.
+            self._cache.popitem(last=False)
 
     async def load(self, session_id: str) -> SessionRecord | None:
         cached = self._local(session_id)
@@ -125,6 +153,7 @@ class HybridStore:
             if cached is None:
                 raise
             return cached.record  # degraded: Redis is down, memory still serves
+        self._answered()
         if isinstance(result, Unchanged):
             assert cached is not None
             if result.ttl is not None:
@@ -134,15 +163,17 @@ class HybridStore:
         if result is None:
             if cached is None:
                 return None
-            if session_id in self._pending or session_id in self._pushing:
+            if self._queued(session_id):
                 return cached.record  # the flusher is about to write it back
             return await self._restore(session_id, cached)
         pending = self._pending.get(session_id)
         if pending is not None:
             # Changed elsewhere too: show our unpushed writes on top until they are pushed.
-            changes = Changes(pending.updated, frozenset(pending.deleted))
             result = SessionRecord(
-                _apply(dict(result.fields), changes), result.created, result.version, result.ttl
+                _apply(dict(result.fields), pending.changes),
+                result.created,
+                result.version,
+                result.ttl,
             )
         self._remember(session_id, result, result.ttl or 0.0)
         return result
@@ -166,6 +197,10 @@ class HybridStore:
         self, session_id: str, changes: Changes, *, created: float, ttl: float, create: bool
     ) -> int | None:
         cached = self._local(session_id)
+        if self._queued(session_id):
+            # Earlier writes of this session wait for Redis: this one goes behind them,
+            # or the flusher would later write older values over it.
+            return self._defer(session_id, changes, cached, created=created, ttl=ttl)
         try:
             version = await self.redis.save(
                 session_id, changes, created=created, ttl=ttl, create=create
@@ -179,25 +214,57 @@ class HybridStore:
             if cached is None and not create:
                 raise
             return self._defer(session_id, changes, cached, created=created, ttl=ttl)
+        self._answered()
+        if version is None and not create:
+            current = self._local(session_id) or cached
+            if current is not None:
+                # Redis has no such session, or a tombstone: a restart without persistence
+                # loses it while we hold it live, and then this write brings it back whole.
+                fields = _apply(current.record, changes)
+                version = await self._write_back(session_id, fields, changes, created, ttl)
+                if version is not None:
+                    record = SessionRecord(fields, created, version, ttl)
+                    self._remember(session_id, record, ttl)
+                    return version
         if version is None:
             self._cache.pop(session_id, None)
             return None
         # Redis at `version` is exactly Redis at `version - 1` plus these changes. Only
-        # a local copy of `version - 1` can be brought forward; after interleaved writes
-        # the copy is dropped and the next read fetches the session whole.
+        # a local copy of `version - 1` can be brought forward as it is. After interleaved
+        # writes (two requests of one session) the copy keeps these changes but not its
+        # version: the next read that reaches Redis fetches the session whole, and if Redis
+        # goes away first, memory still serves it rather than answer 503.
         current = self._local(session_id)
         if create:
-            base: dict[str, str] | None = {}
-        elif current is not None and current.record.version == version - 1:
-            base = dict(current.record.fields)
+            record = SessionRecord(_apply({}, changes), created, version, ttl)
+        elif current is None:
+            return version
+        elif current.record.version == version - 1:
+            record = SessionRecord(_apply(current.record, changes), created, version, ttl)
         else:
-            base = None
-        if base is None:
-            self._cache.pop(session_id, None)
-        else:
-            record = SessionRecord(_apply(base, changes), created, version, ttl)
-            self._remember(session_id, record, ttl)
+            record = SessionRecord(_apply(current.record, changes), created, _UNKNOWN, ttl)
+        self._remember(session_id, record, ttl)
         return version
+
+    async def _write_back(
+        self,
+        session_id: str,
+        fields: dict[str, str],
+        changes: Changes,
+        created: float,
+        ttl: float,
+    ) -> int | None:
+        """Write a session Redis does not have (``fields``, the whole local copy), unless a
+        tombstone says it was destroyed. If another request or instance wrote it back
+        first, apply only ``changes`` on top of theirs. None: it was destroyed."""
+        version = await self.redis.save(
+            session_id, Changes(fields), created=created, ttl=ttl, create=True
+        )
+        if version is not None:
+            logger.info("restored session into redis from the local copy")
+            return version
+        # Create refused: the key exists, as a tombstone or as someone else's write-back.
+        return await self.redis.save(session_id, changes, created=created, ttl=ttl, create=False)
 
     def _defer(
         self,
@@ -208,60 +275,67 @@ class HybridStore:
         created: float,
         ttl: float,
     ) -> int:
+        pending = self._pending.get(session_id)
         version = cached.record.version if cached else 0
-        base = cached.record.fields if cached else {}
-        record = SessionRecord(_apply(dict(base), changes), created, version, ttl)
-        self._remember(session_id, record, ttl)
-        self._pending.setdefault(session_id, _Pending()).merge(changes, created, ttl)
+        base = cached.record.fields if cached else (pending.fields if pending else {})
+        fields = _apply(dict(base), changes)
+        self._remember(session_id, SessionRecord(fields, created, version, ttl), ttl)
+        if pending is None:
+            self._pending[session_id] = pending = _Pending(dict(fields), created, ttl)
+        pending.merge(changes, dict(fields), created, ttl)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_until_done())
         return version
 
     async def _flush_until_done(self) -> None:
         while self._pending:
+            self._redis_answered.clear()
             try:
                 await self.flush()
             except StoreUnavailable:
-                await asyncio.sleep(self.retry_interval)  # Redis is still down: wait, then retry
+                # Redis is still down: try again after the interval, or as soon as any
+                # request's call reaches it.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.retry_interval):
+                        await self._redis_answered.wait()
 
     async def flush(self) -> None:
         """Push every deferred write to Redis; raises `StoreUnavailable` if it is still down."""
         for session_id in list(self._pending):
-            # Taken out while it is pushed: writes deferred meanwhile start a new entry.
-            pending = self._pending.pop(session_id)
+            # Taken out while it is pushed: writes deferred meanwhile start a new entry,
+            # which a later pass of the loop pushes after this one.
+            pending = self._pending.pop(session_id, None)
+            if pending is None:
+                continue  # destroyed meanwhile
             self._pushing.add(session_id)
             try:
                 await self._push(session_id, pending)
             except StoreUnavailable:
                 newer = self._pending.pop(session_id, None)
                 if newer is not None:
-                    pending.merge(
-                        Changes(newer.updated, frozenset(newer.deleted)), newer.created, newer.ttl
-                    )
+                    pending.merge(newer.changes, newer.fields, newer.created, newer.ttl)
                 self._pending[session_id] = pending
                 raise
             finally:
                 self._pushing.discard(session_id)
-            if session_id not in self._pending:
-                # Other instances may have written other keys meanwhile: the next
-                # read takes the merged session from Redis rather than trust ours.
-                self._cache.pop(session_id, None)
+            cached = self._cache.get(session_id)
+            if cached is not None and session_id not in self._pending:
+                # Other instances may have written other keys meanwhile: the next read
+                # that reaches Redis takes the merged session rather than trust ours.
+                cached.record = dataclasses.replace(cached.record, version=_UNKNOWN)
 
     async def _push(self, session_id: str, pending: _Pending) -> None:
-        changes = Changes(dict(pending.updated), frozenset(pending.deleted))
+        changes = pending.changes
         version = await self.redis.save(
             session_id, changes, created=pending.created, ttl=pending.ttl, create=False
         )
-        cached = self._local(session_id)
-        if version is None and cached is not None:
+        if version is None:
             # Redis lost it (a restart without persistence): write the whole local copy.
-            await self.redis.save(
-                session_id,
-                Changes(cached.record.fields),
-                created=pending.created,
-                ttl=pending.ttl,
-                create=True,
+            version = await self._write_back(
+                session_id, dict(pending.fields), changes, pending.created, pending.ttl
             )
+            if version is None:
+                logger.info("dropped deferred writes of a session destroyed meanwhile")
 
     async def touch(self, session_id: str, ttl: float) -> None:
         cached = self._local(session_id)
@@ -272,6 +346,7 @@ class HybridStore:
 
     async def destroy(self, session_id: str, *, ttl: float) -> None:
         await self.redis.destroy(session_id, ttl=ttl)
+        # A push already under way meets the tombstone and writes nothing.
         self._cache.pop(session_id, None)
         self._pending.pop(session_id, None)
 
@@ -289,4 +364,4 @@ class HybridStore:
         await self.redis.aclose()
 
     def __repr__(self) -> str:
-        return f"<HybridStore [{len(self._cache)} cached, {len(self._pending)} pending]>"
+        return f"<HybridStore [{len(self._cache)} cached, {self.pending} pending]>"

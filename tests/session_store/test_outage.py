@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from session_store import HybridStore, RedisServer, RedisStore, StoreUnavailable
+from session_store import Changes, HybridStore, RedisServer, RedisStore, StoreUnavailable
 from tests.helpers import async_wait_for
 from tests.session_store.app import make_app
 
@@ -146,3 +146,78 @@ async def test_hybrid_logout_elsewhere_is_not_undone_by_the_local_copy(
         assert (await on_a.get("/read")).json() == {}
     await a.aclose()
     await b.aclose()
+
+
+async def test_hybrid_queues_a_write_behind_the_deferred_ones_when_redis_returns_empty(
+    own_redis: RedisServer,
+) -> None:
+    # retry_interval=60: the flusher waits, so the deferred write is still queued when
+    # the next one comes (issue 13: that one met the empty Redis and cleared the cookie).
+    store = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5), retry_interval=60)
+    now = time.time()
+    assert await store.save("s", Changes({"a": "1", "n": "1"}), created=now, ttl=60, create=True)
+    own_redis.kill()
+    await store.save("s", Changes({"n": "2"}), created=now, ttl=60, create=False)
+    own_redis.start()  # empty
+    assert await store.save("s", Changes({"n": "3"}), created=now, ttl=60, create=False)
+    assert store.pending == 1
+    await store.flush()
+    other = RedisStore.from_url(own_redis.url)
+    record = await other.load("s")
+    await other.aclose()
+    await store.aclose()
+    assert record is not None
+    assert dict(record.fields) == {"a": "1", "n": "3"}  # in order: 3 was not undone by 2
+
+
+async def test_hybrid_write_brings_back_a_session_redis_lost(own_redis: RedisServer) -> None:
+    store = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5))
+    now = time.time()
+    assert await store.save("s", Changes({"a": "1"}), created=now, ttl=60, create=True)
+    own_redis.restart()  # empty, with no outage seen by the store
+    assert await store.save("s", Changes({"b": "2"}), created=now, ttl=60, create=False)
+    other = RedisStore.from_url(own_redis.url)
+    record = await other.load("s")
+    await other.aclose()
+    await store.aclose()
+    assert record is not None
+    assert dict(record.fields) == {"a": "1", "b": "2"}
+
+
+async def test_hybrid_write_does_not_bring_back_a_destroyed_session(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    store = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    other = RedisStore.from_url(redis_server.url, prefix=prefix)
+    now = time.time()
+    assert await store.save("s", Changes({"a": "1"}), created=now, ttl=60, create=True)
+    await other.destroy("s", ttl=60)  # a logout on another instance
+    assert await store.save("s", Changes({"b": "2"}), created=now, ttl=60, create=False) is None
+    assert await other.load("s") is None
+    await other.aclose()
+    await store.aclose()
+
+
+async def test_hybrid_serves_from_memory_after_interleaved_writes_when_redis_goes(
+    own_redis: RedisServer,
+) -> None:
+    store = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5))
+    other = RedisStore.from_url(own_redis.url)
+    now = time.time()
+    for sid in ("s", "t"):
+        assert await store.save(sid, Changes({"a": "1"}), created=now, ttl=60, create=True)
+        # A write the local copy did not see (another request, another instance): ours
+        # lands on a version it cannot bring forward.
+        assert await other.save(sid, Changes({"b": "2"}), created=now, ttl=60, create=False)
+        assert await store.save(sid, Changes({"c": "3"}), created=now, ttl=60, create=False)
+    await other.aclose()
+    # Redis up: never the local copy, which lacks b.
+    record = await store.load("s")
+    assert record is not None
+    assert dict(record.fields) == {"a": "1", "b": "2", "c": "3"}
+    own_redis.kill()
+    # Redis gone: memory serves what it has (it answered 503 when the copy was dropped).
+    record = await store.load("t")
+    assert record is not None
+    assert dict(record.fields) == {"a": "1", "c": "3"}
+    await store.aclose()
