@@ -18,8 +18,13 @@ and an event stream never ends by itself.
 "Sessions" per backend is what the router's decision cache shows: the distinct session
 cookies (`--sticky cookie:NAME`) it has placed on each backend, each remembered until
 `SESSION_TTL` seconds after it left the cache. The balancer never sees a session itself;
-this counts the clients that carried one. A session seen on another backend than before
-was re-pinned: each tick reports those moves as a `sessions_moved` event (from, to, how many).
+this counts the clients that carried one. The cache holds only requests with a valid signed
+pin (the balancer's affinity cookie): a made-up session cookie alone is never counted. One
+riding on a pin copied from a real response cannot be told from a real session (the balancer
+does not hold the app's key), so at most `SESSIONS_MAX` are remembered, the one the router
+decided on longest ago forgotten first: forged cookies cost a bounded map, not a growing one.
+A session seen on another backend than before was re-pinned: each tick reports those moves as
+a `sessions_moved` event (from, to, how many).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from ._router import Decision
 
 __all__ = [
     "HISTORY",
+    "SESSIONS_MAX",
     "SESSION_TTL",
     "WINDOW",
     "Dashboard",
@@ -67,6 +73,9 @@ logger = logging.getLogger("balancer")
 WINDOW = 5  # ticks over which the error rate and the latency percentiles are computed
 HISTORY = 180  # ticks of requests/s kept per backend for the chart (3 minutes at 1 Hz)
 SESSION_TTL = 300.0  # seconds a session is remembered after it left the router's cache
+# Sessions remembered at most (~200 bytes each, ~2 MB in all): a stream of forged session
+# cookies on a copied pin must not grow the map for SESSION_TTL (issue 13: 11,617 of them).
+SESSIONS_MAX = 10_000
 SEND_TIMEOUT = 10.0  # seconds one write to a subscriber may block before it is dropped
 _HELLO_EVENTS = 200  # events a new page gets from before it opened
 _TICK_EVENTS = 500  # events one tick carries at most (the feed's ring holds 500)
@@ -262,8 +271,10 @@ class Dashboard:
         self._history: dict[str, deque[float]] = {}
         self._times: deque[float] = deque(maxlen=HISTORY)
         self._states: dict[str, tuple[str, float]] = {}  # id -> (state, since: wall time)
-        # Sessions: key -> [backend id, last seen]; how many per backend; the keys in the
-        # router's cache now; and how far that cache has been read (see _scan_sessions).
+        # Sessions: key -> [backend id, last seen], in the order they were last read from
+        # the router's cache (the first is forgotten at SESSIONS_MAX); how many per backend;
+        # the keys in the router's cache now; and how far that cache has been read (see
+        # _scan_sessions).
         self._sessions: dict[bytes, list[Any]] = {}
         self._per_backend: dict[str, int] = {}
         self._live: set[bytes] = set()
@@ -393,7 +404,7 @@ class Dashboard:
             for old in self._live:
                 entry = sessions.get(old)
                 if entry is not None:
-                    entry[1] = now
+                    entry[1] = now  # not moved in the order: that is of the last read
             self._live = set()
             self._cache, self._cache_first, self._scanned = decided, first, 0
         name = cookie.encode()
@@ -406,26 +417,31 @@ class Dashboard:
                 continue
             backend_id = decision.backend.id
             live.add(key)
-            entry = sessions.get(key)
+            entry = sessions.pop(key, None)
             if entry is None:
-                sessions[key] = [backend_id, now]
+                if len(sessions) >= SESSIONS_MAX:
+                    self._forget(next(iter(sessions)))  # the one seen longest ago
+                entry = [backend_id, now]
+                per_backend[backend_id] = per_backend.get(backend_id, 0) + 1
             elif entry[0] != backend_id:
                 pair = (entry[0], backend_id)
                 moved[pair] = moved.get(pair, 0) + 1
                 per_backend[entry[0]] -= 1
-                entry[0], entry[1] = backend_id, now
-            else:
-                entry[1] = now
-                continue
-            per_backend[backend_id] = per_backend.get(backend_id, 0) + 1
+                per_backend[backend_id] = per_backend.get(backend_id, 0) + 1
+                entry[0] = backend_id
+            entry[1] = now
+            sessions[key] = entry  # to the end: read now
         self._scanned = len(decided)
         if now - self._expired_at >= SESSION_TTL / 10:
             self._expired_at = now
-            for key, (backend_id, seen) in list(sessions.items()):
+            for key, (_, seen) in list(sessions.items()):
                 if key not in live and now - seen > SESSION_TTL:
-                    del sessions[key]
-                    per_backend[backend_id] -= 1
+                    self._forget(key)
         return moved
+
+    def _forget(self, key: bytes) -> None:
+        backend_id = self._sessions.pop(key)[0]
+        self._per_backend[backend_id] -= 1
 
     def _announce(self, moved: dict[tuple[str, str], int]) -> None:
         failovers, repins = self.metrics.failovers, self.metrics.repins

@@ -13,13 +13,21 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 from balancer import AffinityCookie, ConfigError, Pool, Router, Sticky, load_settings
 from balancer._admin import create_admin_app
-from balancer._dashboard import HISTORY, WINDOW, Dashboard, RedisStatus, quantile
+from balancer._dashboard import (
+    HISTORY,
+    SESSIONS_MAX,
+    WINDOW,
+    Dashboard,
+    RedisStatus,
+    quantile,
+)
 from balancer._events import EventFeed
 from balancer._metrics import BUCKETS, Metrics
 from session_store import RedisServer
@@ -417,3 +425,48 @@ def test_stream_over_a_real_balancer_closed_tabs_and_a_prompt_exit() -> None:
                 # at most) reads to its end; a stream left open would be a ReadTimeout here.
                 assert len(page.rest()) <= 2
         assert took < 3.0, f"the balancer took {took:.1f} s to exit with a page open"
+
+
+def test_forged_session_cookies_are_not_counted_and_the_map_is_bounded() -> None:
+    # Any client can send a made-up session cookie; the issue counted 11,617 of them, the map
+    # growing with each until SESSION_TTL. Without a valid pin none is counted; with a pin
+    # copied from a real response (any client gets one) they are bounded by SESSIONS_MAX,
+    # the ones the router decided on longest ago forgotten first.
+    dashboard, pool, _, router, clock = make_dashboard()
+    one, two = list(pool)
+    affinity = AffinityCookie(secrets=["s" * 16])
+    pin = b"; lb_affinity=" + affinity.sign(one.id)
+    subscriber = dashboard.subscribe()
+    assert subscriber is not None
+
+    def tick() -> dict[str, Any]:
+        clock.advance(1.0)
+        subscriber.messages.clear()  # read, as a page would: a stalled one is dropped
+        return dashboard.tick()
+
+    def forge(numbers: range) -> dict[str, Any]:
+        for n in numbers:
+            router.decide(client_ip="1.2.3.4", cookie_header=f"sid=forged{n}".encode() + pin)
+            if n % 4000 == 0:  # the router's cache holds 4096 headers: read it before
+                tick()
+        return tick()
+
+    for n in range(3000):
+        router.decide(client_ip="1.2.3.4", cookie_header=f"sid=unpinned{n}".encode())
+    assert tick()["totals"]["sessions"] == 0
+    forged = SESSIONS_MAX + 2000
+    snapshot = forge(range(forged))
+    assert snapshot["totals"]["sessions"] == SESSIONS_MAX
+    assert (row(snapshot, one.id)["sessions"], row(snapshot, two.id)["sessions"]) == (
+        SESSIONS_MAX,
+        0,
+    )
+    # A client pinned to `two` after the flood stays counted while fewer than SESSIONS_MAX
+    # new values follow it: the oldest forged ones go first.
+    real = b"sid=real; lb_affinity=" + affinity.sign(two.id)
+    assert router.decide(client_ip="1.2.3.4", cookie_header=real).backend is two
+    snapshot = forge(range(forged, forged + SESSIONS_MAX - 1))
+    assert (row(snapshot, one.id)["sessions"], row(snapshot, two.id)["sessions"]) == (
+        SESSIONS_MAX - 1,
+        1,
+    )
