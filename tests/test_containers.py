@@ -95,13 +95,32 @@ def _raw_compose() -> dict[str, Any]:
     return loaded
 
 
+def _env_file(path: str) -> dict[str, str]:
+    """A Compose env file (relative to compose.yaml): KEY=VALUE lines, blank lines and
+    ``#`` comments skipped; a missing file is refused, as Compose refuses it."""
+    file = ROOT / path
+    if not file.is_file():
+        raise ValueError(f"Couldn't find env file: {file}")
+    lines = [line.strip() for line in file.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 def compose_services(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """compose.yaml's services as Compose resolves them for the variables in ``env``."""
+    """compose.yaml's services as Compose resolves them for the variables in ``env``: each
+    ``env_file`` read into ``environment`` (whose own entries win), as `config` prints it."""
     services: dict[str, dict[str, Any]] = _raw_compose()["services"]
-    return {
+    resolved = {
         name: _map_strings(service, lambda text: interpolate(text, env))
         for name, service in services.items()
     }
+    for service in resolved.values():
+        files = service.pop("env_file", [])
+        from_files: dict[str, str] = {}
+        for path in [files] if isinstance(files, str) else files:
+            from_files.update(_env_file(path))
+        if from_files:
+            service["environment"] = {**from_files, **_environment(service)}
+    return resolved
 
 
 def _as_argv(command: str | list[str]) -> list[str]:
@@ -205,8 +224,16 @@ def test_compose_declares_the_stack() -> None:
     assert demo["depends_on"] == {
         app: {"condition": "service_healthy"} for app in ("app1", "app2", "app3")
     }
-    # The app on 8080, the admin API on the host's loopback only.
-    assert sorted(demo["ports"]) == ["127.0.0.1:8081:8081", "8080:8080"]
+    # Both on the host's loopback by default (the demo key signs the cookies); the app on
+    # another address only when asked. The admin API always on loopback only.
+    assert sorted(demo["ports"]) == ["127.0.0.1:8080:8080", "127.0.0.1:8081:8081"]
+    wide = compose_services({"PUBLISH_ADDRESS": "0.0.0.0"})["demo"]
+    assert sorted(wide["ports"]) == ["0.0.0.0:8080:8080", "127.0.0.1:8081:8081"]
+    # A crash restarts a container, a bounded number of times; the daemon does not bring a
+    # stack left running back (unless-stopped did).
+    for name in ("app1", "app2", "app3", "demo"):
+        assert services[name]["restart"] == "on-failure:5", name
+    assert "restart" not in services["redis"]
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert "healthcheck" in services[dependency], f"{name} waits on {dependency}"
@@ -223,7 +250,7 @@ def test_compose_interpolation_follows_compose() -> None:
 
 @pytest.mark.skipif(
     shutil.which("docker-compose") is None,
-    reason="Debian's docker-compose is not installed (apt-get install docker-compose): "
+    reason="Debian's docker-compose is not installed (scripts/install installs it as root): "
     "compose.yaml is still parsed and run by the other tests, only not validated by it",
 )
 @pytest.mark.parametrize("mode", MODES)
@@ -315,20 +342,46 @@ def test_compose_stack_keeps_a_session(mode: str, compose_redis: RedisServer) ->
             process.terminate()
 
 
-@pytest.mark.parametrize("service", ["app1", "demo"])
-def test_compose_rejects_an_unknown_mode(service: str) -> None:
-    services = compose_services({"MODE": "round-robin"})
-    network = LocalNetwork({})
+@pytest.mark.parametrize("mode", MODES)
+def test_compose_mode_files_agree_with_the_demo_stack(mode: str) -> None:
+    # MODE turns into STORE and STICKY through deploy/compose/MODE=<mode>.env, as
+    # `python -m demo_app.stack --mode` turns it into --store and --sticky.
+    services = compose_services({"MODE": mode})
+    for name in ("app1", "app2", "app3", "demo"):
+        env = _environment(services[name])
+        assert (env["MODE"], env["STORE"], env["STICKY"]) == (
+            mode,
+            STORE_OF_MODE[mode],
+            STICKY_OF_MODE[mode],
+        )
+    assert sorted(p.name for p in (ROOT / "deploy" / "compose").glob("MODE=*.env")) == sorted(
+        f"MODE={mode}.env" for mode in MODES
+    )
+
+
+def test_compose_refuses_an_unknown_mode_before_starting_anything() -> None:
+    # An unknown MODE used to reach the containers, whose message went to their logs while
+    # `docker compose up demo` showed only "Container ... is unhealthy": now Compose itself
+    # stops, naming the value.
+    with pytest.raises(ValueError, match=r"Couldn't find env file: .*/MODE=round-robin\.env"):
+        compose_services({"MODE": "round-robin"})
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose is not installed (scripts/install installs it as root)",
+)
+def test_docker_compose_refuses_an_unknown_mode() -> None:
     done = subprocess.run(
-        _as_argv(services[service]["command"]),
-        env=_local_env(services[service], service, network),
+        ["docker-compose", "--file", str(COMPOSE), "config"],
+        env={**os.environ, **_compose_env("round-robin")},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
         check=False,
     )
-    assert done.returncode == 2
-    assert "MODE must be sticky, shared or hybrid, not 'round-robin'" in done.stderr
+    assert done.returncode != 0
+    assert "MODE=round-robin.env" in done.stderr, done.stderr
 
 
 # -- Dockerfile -------------------------------------------------------------------------------
