@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from types import FrameType
 
+from ._affinity import generate_secret
 from ._balancer import Balancer
 from ._config import Settings, load_or_exit
 from ._log import configure_logging, log_event
@@ -112,8 +115,19 @@ def _supervise(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = load_or_exit(argv)
+    settings = load_or_exit(argv, generate=False)
     configure_logging(settings.log_format)
+    if not settings.affinity_secrets:
+        if settings.sticky.mode == "cookie":
+            # Before any fork: one line, however many --workers share the secret.
+            log_event(
+                "no_affinity_secret",
+                level=logging.WARNING,
+                hint="no --affinity-secret given: this balancer signs its pins with a secret "
+                "of its own, so replicas will not agree on them (a client sent to another "
+                "replica loses its pin); give every replica the same --affinity-secret",
+            )
+        settings = replace(settings, affinity_secrets=(generate_secret(),))
     if settings.workers > 1:
         sys.exit(_supervise(settings))
     try:

@@ -2,7 +2,7 @@
 
     GET    /healthz                  200 {"status": "ok"} (no token needed: for probes)
     GET    /backends                 every backend: state, in-flight, totals, errors
-    POST   /backends                 {"url": "http://host:port"} adds one: 201, 400, 409
+    POST   /backends                 {"url": "http://host:port", "name": optional}: 201, 400, 409
     POST   /backends/{id}/drain      200, 404 unknown, 409 already draining
     POST   /backends/{id}/enable     200, 404 unknown, 409 not draining
     DELETE /backends/{id}            200, 404 unknown
@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._backend import Backend
+from ._backend import Backend, check_backend_name
 from ._dashboard import OPEN_PATHS, Dashboard, dashboard_routes
 from ._exceptions import BackendExists, ConfigError, InvalidTransition, UnknownBackend
 from ._log import log_event
@@ -185,6 +185,14 @@ def _is_loopback_host(host: bytes) -> bool:
         return False
 
 
+def _is_name(name: str) -> bool:
+    try:
+        check_backend_name(name)
+    except ConfigError:
+        return False
+    return True
+
+
 def create_admin_app(
     *,
     pool: Pool,
@@ -193,16 +201,19 @@ def create_admin_app(
     clock: Callable[[], float] = time.monotonic,
     workers: WorkerControl | None = None,
     dashboard: Dashboard | None = None,
+    fingerprint: Callable[[], str] | None = None,
 ) -> Starlette:
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
-    `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /."""
+    `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /;
+    `fingerprint`, the router's, is in /backends (equal on replicas that route alike)."""
 
     def backends_body() -> dict[str, object]:
         now = clock()
-        return {
-            "pool": repr(pool),
-            "backends": [describe_backend(b, now) for b in pool],
-        }
+        body: dict[str, object] = {"pool": repr(pool)}
+        if fingerprint is not None:
+            body["fingerprint"] = fingerprint()
+        body["backends"] = [describe_backend(b, now) for b in pool]
+        return body
 
     def lookup(request: Request) -> Backend:
         return pool[request.path_params["backend_id"]]
@@ -220,10 +231,14 @@ def create_admin_app(
         url = data.get("url")
         if not isinstance(url, str):
             return _error(400, "missing_url", 'the body must be {"url": "http://host:port"}')
+        name = data.get("name")
+        if name is not None and not isinstance(name, str):
+            return _error(400, "invalid_name", '"name", if given, must be a string')
         try:
-            backend = pool.add(url)
+            backend = pool.add(url, name=name)
         except ConfigError as exc:
-            return _error(400, "invalid_url", exc.message)
+            reason = "invalid_url" if name is None or _is_name(name) else "invalid_name"
+            return _error(400, reason, exc.message)
         except BackendExists as exc:
             return _error(409, "exists", str(exc))
         log_event("backend_added", backend=backend.id, url=backend.url)

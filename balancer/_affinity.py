@@ -10,6 +10,7 @@ never an error.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets as _secrets
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ __all__ = [
     "StickyMode",
     "cookie_value",
     "generate_secret",
+    "set_cookie_value",
 ]
 
 DEFAULT_AFFINITY_COOKIE = "lb_affinity"
@@ -99,6 +101,33 @@ def cookie_value(header: bytes | None, name: bytes) -> bytes | None:
     return value or None
 
 
+def set_cookie_value(head: bytes, name: bytes) -> bytes | None:
+    """The value a response head's Set-Cookie fields give cookie `name` (the last one
+    wins), or None if none does or the value is empty (a deletion).
+
+    `head` is the status line and the header fields, each line ending in CRLF. Field names
+    are case-insensitive (RFC 9110 section 5.1); the cookie's name is not (RFC 6265).
+    """
+    lower = head.lower()
+    needle = b"\nset-cookie:"
+    found: bytes | None = None
+    at = lower.find(needle)
+    while at >= 0:
+        start = at + len(needle)
+        end = head.find(b"\n", start)
+        if end < 0:
+            end = len(head)
+        pair = head[start:end].split(b";", 1)[0]
+        key, sep, value = pair.partition(b"=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) > 1 and value[0] == 0x22 and value[-1] == 0x22:  # a "quoted" value
+                value = value[1:-1]
+            found = value
+        at = lower.find(needle, end)
+    return found or None
+
+
 class AffinityCookie:
     """Signs and verifies affinity values: a backend id, signed.
 
@@ -129,6 +158,10 @@ class AffinityCookie:
         keys = [s.encode() if isinstance(s, str) else s for s in secrets]
         self._signer = Signer(keys, salt=b"balancer.affinity")
         self._newest = Signer(keys[-1], salt=b"balancer.affinity")
+        # Names the signing secret without revealing it, for the routing fingerprint. A
+        # signed cookie already lets anyone test guesses of the secret offline, so these
+        # 32 bits of a hash let no more be learned than a cookie does.
+        self.key_id = hashlib.sha256(b"balancer.affinity.key-id\0" + keys[-1]).hexdigest()[:8]
         # value -> (backend id, signed by the newest secret)
         self._verified: dict[bytes, tuple[str, bool]] = {}
 

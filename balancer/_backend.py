@@ -20,13 +20,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError, InvalidTransition
 
-__all__ = ["Backend", "BackendPolicy", "BackendState", "backend_id"]
+__all__ = ["Backend", "BackendPolicy", "BackendState", "backend_id", "check_backend_name"]
 
 
 class BackendState(enum.Enum):
@@ -54,6 +55,22 @@ class BackendPolicy:
 def backend_id(url: str) -> str:
     """The id every process derives from the same (normalized) URL: sha256 hex, 12 chars."""
     return hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
+# A backend's name (`--backend NAME=URL`) is its id: in pins, the Maglev table, the admin
+# API's paths and metrics labels, so it is kept to characters safe in all of them.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def check_backend_name(name: str) -> str:
+    """`name` if it may name a backend; raises ConfigError(--backend) otherwise."""
+    if _NAME.fullmatch(name) is None:
+        raise ConfigError(
+            "--backend",
+            f"{name!r} is not a backend name (1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit)",
+        )
+    return name
 
 
 def _normalize(url: str) -> tuple[str, str, int]:
@@ -85,7 +102,8 @@ def _normalize(url: str) -> tuple[str, str, int]:
 class Backend:
     """A backend server and its state; the router reads it, the data path counts on it.
 
-    Raises ConfigError (setting `--backend`) for a URL that is not `http://host[:port]`.
+    Its `id` is `name` when given, else `backend_id(url)`. Raises ConfigError (setting
+    `--backend`) for a URL that is not `http://host[:port]` or a name that is not valid.
     Every transition method raises InvalidTransition when the state forbids it.
     """
 
@@ -110,9 +128,12 @@ class Backend:
         "url",
     )
 
-    def __init__(self, url: str, *, policy: BackendPolicy | None = None) -> None:
+    def __init__(
+        self, url: str, *, name: str | None = None, policy: BackendPolicy | None = None
+    ) -> None:
         self.url, self.host, self.port = _normalize(url)
-        self.id = backend_id(self.url)
+        # Named, the id is the name, so replicas agree however they spell the URL.
+        self.id = backend_id(self.url) if name is None else check_backend_name(name)
         self.policy = policy if policy is not None else BackendPolicy()
         self.state = BackendState.UP
         self.in_flight = 0

@@ -124,9 +124,9 @@ class Balancer:
         self.settings = settings
         self.clock = clock
         self.admin_port_offset = admin_port_offset
-        self.pool = Pool(
-            settings.backends, policy=settings.backend_policy(), on_change=log_state_change
-        )
+        self.pool = Pool(policy=settings.backend_policy(), on_change=log_state_change)
+        for name, url in settings.backend_specs():
+            self.pool.add(url, name=name)
         self.metrics = Metrics(pool=self.pool)
         self.router = Router(
             self.pool,
@@ -137,6 +137,8 @@ class Balancer:
             table_size=settings.hash_table_size,
             clock=clock,
         )
+        self._fingerprint = ""
+        self.pool.on_members = self._log_fingerprint
         self.proxy = ProxyServer(
             self.router, self.metrics, proxy_options(settings), clock=clock, backends=self.pool
         )
@@ -235,7 +237,17 @@ class Balancer:
             address=f"{listen.host}:{self.proxy.port}",
             backends=len(self.pool),
             sticky=str(self.settings.sticky),
+            fingerprint=self.router.fingerprint(),
         )
+        self._fingerprint = self.router.fingerprint()
+
+    def _log_fingerprint(self) -> None:
+        """The pool's membership changed: log the routing table's new fingerprint (once
+        listening: the first is on the `listening` line)."""
+        fingerprint = self.router.fingerprint()
+        if self._fingerprint and fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            log_event("routing_table", fingerprint=fingerprint, backends=len(self.pool))
 
     def _bind_admin(self) -> socket.socket | None:
         """The admin app's socket, bound (not yet listening); None without --admin.
@@ -268,6 +280,7 @@ class Balancer:
             clock=self.clock,
             workers=self.supervisor,
             dashboard=self.dashboard,
+            fingerprint=self.router.fingerprint,
         )
         # The dashboard's streams are ended before the server is told to exit; the
         # timeout is the backstop for any other response that would hold the exit up.

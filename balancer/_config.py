@@ -6,7 +6,7 @@ source, derived from its field:
 | field            | command line                  | environment                | TOML key         |
 |------------------|-------------------------------|----------------------------|------------------|
 | listen           | --listen HOST:PORT            | BALANCER_LISTEN            | listen           |
-| backends         | --backend URL (repeatable)    | BALANCER_BACKENDS (a,b,c)  | backends (list)  |
+| backends         | --backend [NAME=]URL (rep.)   | BALANCER_BACKENDS (a,b,c)  | backends (list)  |
 | trusted_proxies  | --trusted-proxy CIDR (rep.)   | BALANCER_TRUSTED_PROXIES   | trusted_proxies  |
 | affinity_secrets | --affinity-secret S (rep.)    | BALANCER_AFFINITY_SECRETS  | affinity_secrets |
 | worker_cmd       | --worker-cmd TEMPLATE         | BALANCER_WORKER_CMD        | worker_cmd       |
@@ -46,7 +46,7 @@ from ._affinity import (
     generate_secret,
     is_cookie_name,
 )
-from ._backend import Backend, BackendPolicy
+from ._backend import Backend, BackendPolicy, backend_id
 from ._exceptions import ConfigError, RegistryError
 from ._health import HealthPolicy
 from ._maglev import DEFAULT_TABLE_SIZE, is_prime
@@ -87,7 +87,7 @@ class Settings:
     """Every option of the balancer, validated. Build it with `load_settings`."""
 
     listen: Address = Address("127.0.0.1", 8080)
-    backends: tuple[str, ...] = ()  # normalized http://host:port URLs
+    backends: tuple[str, ...] = ()  # normalized http://host:port URLs, or NAME=URL
     sticky: Sticky = _DEFAULT_STICKY
     admin: Address | None = None  # the admin app is off without it
     # Bearer token; required when admin is not loopback. Kept out of repr, hence logs.
@@ -152,6 +152,10 @@ class Settings:
     # (sticky, shared, hybrid), and a Redis to report on (default: --discover's).
     dashboard_mode: str | None = None
     dashboard_redis: str | None = field(default=None, repr=False)  # may hold a password
+
+    def backend_specs(self) -> tuple[tuple[str | None, str], ...]:
+        """Each of `backends` as `(name, url)`; the name is None for a bare URL."""
+        return tuple(_split_backend(spec) for spec in self.backends)
 
     def backend_policy(self) -> BackendPolicy:
         return BackendPolicy(
@@ -403,11 +407,22 @@ def _each(item: Parser) -> Parser:
     return parse
 
 
+def _split_backend(spec: str) -> tuple[str | None, str]:
+    """`(name, url)` of `NAME=URL`, or `(None, url)` of a bare URL (whose id is its hash)."""
+    name, sep, url = spec.partition("=")
+    if sep and not any(c in name for c in ":/"):  # an "=" after the scheme is the URL's
+        return name, url
+    return None, spec
+
+
 def _backend(value: object) -> str:
+    """A backend as `http://host:port` or `NAME=http://host:port`, normalized."""
+    name, url = _split_backend(_text(value).strip())
     try:
-        return Backend(_text(value)).url
+        backend = Backend(url, name=name)
     except ConfigError as exc:
         raise _Invalid(exc.message) from None
+    return backend.url if name is None else f"{name}={backend.url}"
 
 
 def _registry_target(value: object) -> RegistryTarget:
@@ -452,7 +467,11 @@ class _Option:
 _OPTIONS: tuple[_Option, ...] = (
     _Option("listen", _address, "address of the proxy (default 127.0.0.1:8080)", None, "HOST:PORT"),
     _Option(
-        "backends", _each(_backend), "a backend http://host:port (repeatable)", "backend", "URL"
+        "backends",
+        _each(_backend),
+        "a backend http://host:port, or NAME=http://host:port to give its id (repeatable)",
+        "backend",
+        "[NAME=]URL",
     ),
     _Option("sticky", _sticky, "cookie:NAME (the app's session cookie), ip or none", None, "MODE"),
     _Option("admin", _address, "address of the admin API (default: off)", None, "HOST:PORT"),
@@ -640,8 +659,15 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
     _validate_spawn(settings)
     if not settings.backends and settings.spawn is None and settings.discover is None:
         raise ConfigError("--backend", "at least one backend is needed (or --discover URL)")
-    if len(set(settings.backends)) != len(settings.backends):
+    urls = [url for _, url in settings.backend_specs()]
+    if len(set(urls)) != len(urls):
         raise ConfigError("--backend", "a backend is listed twice")
+    ids: set[str] = set()
+    for given, url in settings.backend_specs():
+        key = backend_id(url) if given is None else given
+        if key in ids:
+            raise ConfigError("--backend", f"two backends are named {key!r}")
+        ids.add(key)
     admin = settings.admin
     if admin is not None:
         if admin == settings.listen and admin.port != 0:
@@ -686,18 +712,21 @@ def _validate_spawn(settings: Settings) -> None:
 
 
 def load_or_exit(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    generate: bool = True,
 ) -> Settings:
     """`load_settings` for `__main__`: a ConfigError prints one line and exits 2.
 
-    With no affinity secret configured, generates one, so a parent process that forks its
-    workers after this hands them all the same secret.
+    With no affinity secret configured and `generate`, generates one, so a parent process
+    that forks its workers after this hands them all the same secret.
     """
     try:
         settings = load_settings(argv, environ)
     except ConfigError as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if not settings.affinity_secrets:
+    if generate and not settings.affinity_secrets:
         settings = replace(settings, affinity_secrets=(generate_secret(),))
     return settings

@@ -6,7 +6,7 @@
     ├── NoBackendAvailable ....... nothing is selectable: the edge answers 503
     ├── InvalidTransition ........ a backend was asked for a state change its state forbids
     ├── UnknownBackend ........... no backend in the pool has that id (admin: 404)
-    ├── BackendExists ............ a backend with that URL is already in the pool (admin: 409)
+    ├── BackendExists ............ a backend with that URL or id is already in the pool (409)
     ├── RegistryError ............ the service registry refused an operation or holds bad data
     │   └── RegistryUnavailable .. Redis is down, too slow or read-only: try again later
     └── UpstreamError ............ a backend failed a request (the data path; `.backend_id`)
@@ -88,10 +88,10 @@ class UnknownBackend(BalancerError, LookupError):
 
 
 class BackendExists(BalancerError, ValueError):
-    """A backend with the same URL (hence the same id) is already in the pool."""
+    """A backend with the same URL or the same id (name) is already in the pool."""
 
     def __init__(self, url: str, backend_id: str) -> None:
-        super().__init__(f"backend {url} is already in the pool (id {backend_id})")
+        super().__init__(f"backend {url} or id {backend_id} is already in the pool")
         self.url = url
         self.backend_id = backend_id
 

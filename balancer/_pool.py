@@ -30,6 +30,9 @@ class Pool:
         self.policy = policy if policy is not None else BackendPolicy()
         self.generation = 0
         self._on_change = on_change
+        # Called after a backend is added or removed (not on state changes): the balancer
+        # logs the routing table's fingerprint then.
+        self.on_members: Callable[[], None] | None = None
         self._backends: dict[str, Backend] = {}
         self._selectable: tuple[Backend, ...] = ()
         self._selectable_generation = -1
@@ -62,15 +65,21 @@ class Pool:
     def get(self, backend_id: str) -> Backend | None:
         return self._backends.get(backend_id)
 
-    def add(self, url: str) -> Backend:
-        """Add a backend, UP; raises ConfigError for a bad URL, BackendExists for a known one."""
-        backend = Backend(url, policy=self.policy)
+    def add(self, url: str, *, name: str | None = None) -> Backend:
+        """Add a backend, UP, its id `name` if given; raises ConfigError for a bad URL or
+        name, BackendExists for a known id or URL."""
+        backend = Backend(url, name=name, policy=self.policy)
         if backend.id in self._backends:
             raise BackendExists(backend.url, backend.id)
+        same = self.find(backend.url)
+        if same is not None:  # the same server under another name
+            raise BackendExists(backend.url, same.id)
         backend.on_change = self._changed
         backend.may_eject = self._may_eject
         self._backends[backend.id] = backend
         self.generation += 1
+        if self.on_members is not None:
+            self.on_members()
         return backend
 
     def remove(self, backend_id: str) -> Backend:
@@ -80,11 +89,17 @@ class Pool:
         backend.on_change = None
         backend.may_eject = None
         self.generation += 1
+        if self.on_members is not None:
+            self.on_members()
         return backend
 
     def find(self, url: str) -> Backend | None:
-        """The backend for a URL (normalized as Backend does), or None."""
-        return self._backends.get(Backend(url).id)
+        """The backend for a URL (normalized as Backend does), named or not, or None."""
+        normalized = Backend(url).url
+        for backend in self._backends.values():
+            if backend.url == normalized:
+                return backend
+        return None
 
     def drain(self, backend_id: str) -> Backend:
         backend = self[backend_id]

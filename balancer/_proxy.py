@@ -81,6 +81,8 @@ class RequestRouter(Protocol):
         self, *, client_ip: str, cookie_header: bytes | None, exclude: frozenset[str] = frozenset()
     ) -> Decision: ...
 
+    def learn(self, head: bytes, backend_id: str) -> None: ...
+
 
 class ProxyMetrics(Protocol):
     """The counters the data path reports to (`balancer._metrics.Metrics`)."""
@@ -879,6 +881,8 @@ class _ClientConnection(asyncio.Protocol):
         req = self._active
         assert req is not None
         assert req.decision is not None
+        if req.decision.learn:
+            self._learn(req, head)
         req.status = status
         req.response_started = True
         keep_alive = req.keep_alive and not self._closing and not self._server.shutting_down
@@ -916,6 +920,12 @@ class _ClientConnection(asyncio.Protocol):
         # Held back to go out with the body's first piece: one write (one system call)
         # for a short response instead of two; upstream_flush writes it otherwise.
         self._head_out = b"".join(parts)
+
+    def _learn(self, req: _Request, head: bytes) -> None:
+        """A request without a session cookie: the router remembers who sets one."""
+        backend = req.backend
+        if backend is not None:
+            self._router.learn(head, backend.id)
 
     def upstream_flush(self) -> None:
         head = self._head_out
@@ -959,6 +969,8 @@ class _ClientConnection(asyncio.Protocol):
             # affinity cookie, if any, and the blank line.
             req.status = status
             req.response_started = True
+            if req.decision.learn:
+                self._learn(req, head)
             set_cookie = req.decision.set_cookie
             if set_cookie is None:
                 self._write(b"".join((head, b"\r\n", body)))

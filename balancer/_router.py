@@ -11,16 +11,28 @@ Stickiness, mode `cookie:NAME`:
 2. A valid pin to a backend that is DOWN, DRAINING or excluded: failover to the backend the
    Maglev table over the UP set gives for the client's key (the session cookie's value if
    present, else the pinned id), the same on every replica; repinned, new cookie.
-3. No valid pin (none, tampered, malformed, unknown id), with a session cookie: Maglev of
-   its value, so replicas agree even for a client that lost its affinity cookie.
+3. No valid pin (none, tampered, malformed, unknown id), with a session cookie: the backend
+   that set that session cookie, if this process saw it do so and it is UP (the session
+   table, below); else Maglev of its value, which every replica computes alike. Repinned.
 4. Neither cookie (the request that may create the session): a random table slot, moving
    forward past backends over their bounded-load capacity; then pin.
+
+The session table: a request without a session cookie has a Decision with `learn` set; the
+data path hands its response head to `learn`, which remembers the backend that set the
+session cookie, by the cookie's value. A new session is placed by load, so the hash of its
+cookie (known only once the app answers) names its backend for only 1 in N sessions: the
+table is what finds the others when their pin is lost. It is in memory, bounded
+(_SESSIONS_MAX, oldest out first), per process: it does not survive a restart nor span
+replicas or `--workers`, where the hash is the fallback (docs/balancer.md).
+
+`fingerprint()` hashes what makes two processes route alike, for an operator to compare.
 
 Mode `ip`: Maglev of the client IP, no cookies. Mode `none`: round robin or least in-flight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -28,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from ._affinity import AffinityCookie, Sticky, cookie_value
+from ._affinity import AffinityCookie, Sticky, cookie_value, set_cookie_value
 from ._backend import Backend, BackendState
 from ._exceptions import ConfigError, NoBackendAvailable
 from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
@@ -46,6 +58,10 @@ _TABLES_KEPT = 8
 # (~2 MiB at worst).
 _DECIDED_MAX = 4096
 _DECIDED_KEY_MAX = 512
+# The session table (module docstring): at most this many session cookie values, each at
+# most _SESSION_KEY_MAX bytes (~20 MiB at worst; ~100 bytes an entry for a typical id).
+_SESSIONS_MAX = 65536
+_SESSION_KEY_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +69,7 @@ class Decision:
     backend: Backend
     set_cookie: bytes | None  # a complete Set-Cookie header VALUE to append, or None
     repinned: bool  # the client had a pin to a backend that could not serve it and was moved
+    learn: bool = False  # no session cookie: pass the response head to Router.learn
 
 
 class Router:
@@ -108,6 +125,10 @@ class Router:
         # to 1.5-3 us, measured on a busy 2-core machine). The key is the whole header, so
         # a tampered value is another key, verified afresh.
         self._decided: dict[bytes, Decision] = {}
+        # Session cookie value -> the id of the backend that set it (module docstring).
+        self._sessions: dict[bytes, str] = {}
+        self._fingerprint_of: tuple[str, ...] | None = None
+        self._fingerprint = ""
 
     @property
     def sticky(self) -> Sticky:
@@ -144,38 +165,83 @@ class Router:
                             self._decided.clear()
                         self._decided[cookie_header] = decided
             if decided is None:
-                backend = self._placed(exclude)
-                decided = Decision(backend, self._cookie_for(backend), False)
+                decided = self._unpinned(cookie_header, exclude)
             return decided
         if mode == "ip":
             backend = self._hashed(key_hash(client_ip.encode()), exclude)
             return self._stay_decision(backend)
         return self._stay_decision(self._balanced(exclude))
 
+    def learn(self, head: bytes, backend_id: str) -> None:
+        """A response head from `backend_id` to a request whose Decision had `learn` set:
+        if it sets the session cookie, remember that backend for the cookie's value."""
+        session = set_cookie_value(head, self._session_name)
+        if session is None or len(session) > _SESSION_KEY_MAX:
+            return
+        sessions = self._sessions
+        if sessions.get(session) == backend_id:
+            return
+        if len(sessions) >= _SESSIONS_MAX and session not in sessions:
+            del sessions[next(iter(sessions))]  # the oldest
+        sessions[session] = backend_id
+
+    def fingerprint(self) -> str:
+        """12 hex digits that are equal on two processes that route alike: a hash of the
+        sorted ids of every backend in the pool (whatever its state), the stickiness, the
+        Maglev table size, and in mode `cookie` the affinity cookie's name and the id of
+        its signing secret (`AffinityCookie.key_id`, not the secret)."""
+        ids = tuple(sorted(b.id for b in self._pool))
+        if ids != self._fingerprint_of:
+            affinity = self._affinity
+            parts = ["balancer-routing-1", str(self._sticky), str(self._size)]
+            if self._sticky.mode == "cookie" and affinity is not None:
+                parts += [affinity.name, affinity.key_id]
+            text = "\n".join([*parts, "", *ids])
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:12]
+            self._fingerprint_of = ids
+        return self._fingerprint
+
     # -- cookie stickiness ------------------------------------------------------------------
 
     def _by_cookie(self, cookie_header: bytes | None, exclude: frozenset[str]) -> Decision | None:
-        """Rules 1-3 of the module docstring; None for rule 4 (a random placement, the one
-        decision that is not a function of the Cookie header and the pool's generation)."""
+        """Rules 1-2 of the module docstring; None without a valid pin (rules 3 and 4,
+        whose decisions depend on more than the Cookie header and the pool's generation:
+        the session table, a random placement)."""
         affinity = self._affinity
         assert affinity is not None  # checked in __init__
         pin = affinity.verify(cookie_value(cookie_header, self._affinity_name))
         pinned = self._pool.get(pin[0]) if pin is not None else None
-        if pin is not None and pinned is not None:
-            if pinned.state is _UP and pinned.id not in exclude:
-                if not pin[1]:
-                    # Signed by an older secret: re-sign with the newest, same backend.
-                    return Decision(pinned, self._cookie_for(pinned), False)
-                return self._stay_decision(pinned)
-            # The session cookie is looked for only now: a pinned client rarely needs it.
-            session = cookie_value(cookie_header, self._session_name)
-            key = session if session is not None else pinned.id.encode()
-            backend = self._hashed(key_hash(key), exclude)
-            return Decision(backend, self._cookie_for(backend), True)
+        if pin is None or pinned is None:
+            return None
+        # Looked for once per Cookie header (the decision is cached by it).
+        session = cookie_value(cookie_header, self._session_name)
+        if pinned.state is _UP and pinned.id not in exclude:
+            if not pin[1]:
+                # Signed by an older secret: re-sign with the newest, same backend.
+                return Decision(pinned, self._cookie_for(pinned), False, session is None)
+            if session is None:
+                return Decision(pinned, None, False, True)
+            return self._stay_decision(pinned)
+        key = session if session is not None else pinned.id.encode()
+        backend = self._hashed(key_hash(key), exclude)
+        return Decision(backend, self._cookie_for(backend), True, session is None)
+
+    def _unpinned(self, cookie_header: bytes | None, exclude: frozenset[str]) -> Decision:
+        """Rules 3 and 4 of the module docstring: no valid pin."""
         session = cookie_value(cookie_header, self._session_name)
         if session is None:
-            return None
-        backend = self._hashed(key_hash(session), exclude)
+            backend = self._placed(exclude)
+            return Decision(backend, self._cookie_for(backend), False, True)
+        known = self._sessions.get(session)
+        backend_or_none = self._pool.get(known) if known is not None else None
+        if (
+            backend_or_none is None
+            or backend_or_none.state is not _UP
+            or backend_or_none.id in exclude
+        ):
+            backend = self._hashed(key_hash(session), exclude)
+        else:
+            backend = backend_or_none
         return Decision(backend, self._cookie_for(backend), False)
 
     # -- selection ----------------------------------------------------------------------------

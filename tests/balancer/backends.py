@@ -85,6 +85,9 @@ class ListRouter:
                 return Decision(backend, self.set_cookie, False)
         raise NoBackendAvailable("every backend is excluded")
 
+    def learn(self, head: bytes, backend_id: str) -> None:
+        raise AssertionError("no Decision of a ListRouter asks to learn")
+
 
 @dataclass
 class RecordingMetrics:

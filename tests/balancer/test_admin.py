@@ -73,6 +73,24 @@ async def test_add_backend(client: httpx.AsyncClient, pool: Pool) -> None:
     assert again.json()["reason"] == "exists"
 
 
+async def test_add_a_named_backend(client: httpx.AsyncClient, pool: Pool) -> None:
+    body = {"url": "http://localhost:9003", "name": "app3"}
+    response = await client.post("/backends", json=body)
+    assert response.status_code == 201
+    assert response.json()["id"] == "app3"
+    assert pool["app3"].url == "http://localhost:9003"
+    again = await client.post("/backends", json={"url": "http://127.0.0.1:9004", "name": "app3"})
+    assert again.status_code == 409
+
+
+async def test_backends_shows_the_routing_fingerprint(pool: Pool) -> None:
+    app = create_admin_app(pool=pool, metrics=Metrics(pool), fingerprint=lambda: "0123abcd4567")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8081") as client:
+        body = (await client.get("/backends")).json()
+    assert body["fingerprint"] == "0123abcd4567"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "reason"),
     [
@@ -82,6 +100,9 @@ async def test_add_backend(client: httpx.AsyncClient, pool: Pool) -> None:
         (b"{}", 400, "missing_url"),
         (b'{"url": "https://x:1"}', 400, "invalid_url"),
         (b'{"url": "http://x:1/path"}', 400, "invalid_url"),
+        (b'{"url": "http://x:1", "name": 7}', 400, "invalid_name"),
+        (b'{"url": "http://x:1", "name": "a b"}', 400, "invalid_name"),
+        (b'{"url": "http://127.0.0.1:9001", "name": "again"}', 409, "exists"),
         (b'{"url": "' + b"x" * 5000 + b'"}', 413, "body_too_large"),
     ],
 )

@@ -272,6 +272,36 @@ def test_bad_values_name_the_setting(argv: list[str], setting: str, words: str) 
     assert words in str(info.value)
 
 
+def test_named_backends_from_every_source(tmp_path: Path) -> None:
+    cli = load_settings(["--backend", "app1=http://localhost:9001/", "--backend", B2], {})
+    assert cli.backends == ("app1=http://localhost:9001", B2)
+    assert cli.backend_specs() == (("app1", "http://localhost:9001"), (None, B2))
+    env = load_settings([], {"BALANCER_BACKENDS": f"app1={B1},app2={B2}"})
+    assert env.backend_specs() == (("app1", B1), ("app2", B2))
+    path = tmp_path / "b.toml"
+    path.write_text(f'backends = ["app1={B1}", "{B2}"]\n')
+    assert load_settings(["--config", str(path)], {}).backend_specs() == (("app1", B1), (None, B2))
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--backend", f"a b={B1}"], "'a b' is not a backend name"),
+        (["--backend", f"={B1}"], "'' is not a backend name"),
+        (["--backend", f"_a={B1}"], "'_a' is not a backend name"),
+        (["--backend", f"{'a' * 64}={B1}"], "is not a backend name"),
+        (["--backend", f"a={B1}", "--backend", f"a={B2}"], "two backends are named 'a'"),
+        (["--backend", f"a={B1}", "--backend", f"b={B1}"], "a backend is listed twice"),
+        (["--backend", f"a={B1}", "--backend", B1], "a backend is listed twice"),
+    ],
+)
+def test_bad_backend_names(argv: list[str], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(argv, {})
+    assert info.value.setting == "--backend"
+    assert words in info.value.message
+
+
 def test_no_backend_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"^--backend: at least one backend"):
         load_settings([], {})
@@ -388,7 +418,7 @@ def test_help_names_environment_variables(capsys: pytest.CaptureFixture[str]) ->
         load_settings(["--help"], {})
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "--backend URL" in out
+    assert "--backend [NAME=]URL" in out
     assert "[BALANCER_BACKENDS]" in out
     assert "--no-access-log" in out
 

@@ -187,6 +187,8 @@ def test_an_address_in_use_exits_1_naming_it_before_serving(flag: str) -> None:
         busy, other = held.getsockname()[1], free_port()
         listen, admin = (other, busy) if flag == "--admin" else (busy, other)
         addresses = ["--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"]
+        # A secret, so that stderr holds no warning that replicas would not agree.
+        addresses += ["--affinity-secret", SECRET]
         result = subprocess.run(
             [sys.executable, "-m", "balancer", *addresses, "--backend", "http://127.0.0.1:9"],
             capture_output=True,

@@ -103,7 +103,9 @@ def test_valid_pin_is_kept_and_costs_no_cookie() -> None:
     for backend in pool:
         decision = decide(router, pin(backend.id) + b"; sid=whatever")
         assert decision == Decision(backend, None, False)
-        assert decide(router, pin(backend.id)) is decision  # cached
+        assert decide(router, pin(backend.id) + b"; sid=other") is decision  # shared
+        # No session cookie yet: the same backend, and its answer is learned from.
+        assert decide(router, pin(backend.id)) == Decision(backend, None, False, True)
 
 
 def test_pin_signed_by_an_old_secret_is_kept_and_resigned() -> None:
@@ -448,3 +450,79 @@ def test_another_process_with_another_hash_seed_agrees() -> None:
     argv = [sys.executable, "-c", _CHILD, ",".join(reversed(URLS)), victim.id]
     child = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
     assert child.stdout.splitlines() == expected
+
+
+def _set_cookie_head(value: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nset-cookie: sid=" + value + b"; path=/\r\n"
+
+
+def test_a_lost_pin_finds_the_backend_that_set_the_session_cookie() -> None:
+    _, router = make()
+    for n in range(50):
+        created = decide(router, None)
+        assert created.learn  # no session cookie yet
+        sid = b"session-%d" % n
+        router.learn(_set_cookie_head(sid), created.backend.id)
+        for lost in (b"sid=" + sid, b"lb_affinity=forged.sig; sid=" + sid):
+            later = decide(router, lost)
+            assert later.backend is created.backend
+            assert later.set_cookie is not None  # repinned
+            assert not later.learn
+
+
+def test_a_session_the_table_does_not_know_falls_back_to_its_hash() -> None:
+    pool, router = make()
+    created = decide(router, None)
+    router.learn(_set_cookie_head(b"known"), created.backend.id)
+    other_pool, other = make()
+    for each in (pool, other_pool):
+        each.drain(created.backend.id)  # the creator cannot take it: the hash does
+    assert decide(router, b"sid=known").backend.id == decide(other, b"sid=known").backend.id
+    assert decide(router, b"sid=unknown").backend.id == decide(other, b"sid=unknown").backend.id
+
+
+def test_the_session_table_is_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("balancer._router._SESSIONS_MAX", 3)
+    pool, router = make()
+    target = next(iter(pool))
+    for n in range(4):
+        router.learn(_set_cookie_head(b"s%d" % n), target.id)
+    hashed = make()[1]
+    # s0 went out first: it is hashed again, like on a router that never saw it.
+    assert decide(router, b"sid=s0").backend.id == decide(hashed, b"sid=s0").backend.id
+    assert all(decide(router, b"sid=s%d" % n).backend is target for n in (1, 2, 3))
+
+
+def test_a_response_without_the_session_cookie_teaches_nothing() -> None:
+    pool, router = make()
+    target = next(iter(pool))
+    router.learn(b"HTTP/1.1 200 OK\r\nset-cookie: other=x\r\n", target.id)
+    router.learn(b"HTTP/1.1 200 OK\r\nset-cookie: sid=; Max-Age=0\r\n", target.id)
+    hashed = make()[1]
+    for cookie in (b"sid=x", b"other=x"):
+        assert decide(router, cookie).backend.id == decide(hashed, cookie).backend.id
+
+
+def test_fingerprint_is_equal_where_routing_is() -> None:
+    named = [f"app{i}={url}" for i, url in enumerate(URLS)]
+
+    def fingerprint(specs: list[str], secret: str = "s1", sticky: Sticky = COOKIE) -> str:
+        pool = Pool()
+        for spec in specs:
+            name, sep, url = spec.partition("=")
+            pool.add(url, name=name) if sep else pool.add(spec)
+        return Router(pool, sticky=sticky, affinity=AffinityCookie(secrets=[secret])).fingerprint()
+
+    base = fingerprint(URLS)
+    assert fingerprint(list(reversed(URLS))) == base  # the order given does not matter
+    assert fingerprint(URLS[:-1]) != base
+    assert fingerprint(URLS, secret="s2") != base
+    assert fingerprint(URLS, sticky=Sticky("cookie", "other")) != base
+    respelled = [spec.replace("127.0.0.1", "localhost") for spec in named]
+    assert fingerprint(respelled) == fingerprint(named) != base
+    pool, router = make()
+    before = router.fingerprint()
+    next(iter(pool)).drain()  # a state change is not a change of the table's members
+    assert router.fingerprint() == before
+    pool.add("http://127.0.0.1:9100")
+    assert router.fingerprint() != before
