@@ -6,7 +6,11 @@ and Envoy (health checks and outlier detection):
 - the operator drains and enables a backend (`drain`, `enable`);
 - health: active checks mark it down and up (`mark_down`, `mark_up`), and passive ejection
   takes it out for `ejection_time` seconds after `eject_after` consecutive failed requests
-  (`request_finished(failed=True)`), until `release(now)` sees the time is over.
+  (`request_finished(failed=True)`: refused, reset, a bad response, or no response within
+  the response timeout), until `release(now)` sees the time is over, or until the active
+  checks mark it up again (Envoy's `successful_active_health_check_uneject_host`): checks
+  that saw the fault and then its end know better than a fixed time. An ejection of a
+  backend whose checks never failed (it answers them, not the requests) runs its full time.
 
 `state` is derived from them: DOWN if unhealthy or ejected, else DRAINING if drained, else
 UP. Keeping the causes apart means a backend drained by the operator stays drained when it
@@ -230,11 +234,16 @@ class Backend:
         self._update(now)
 
     def mark_up(self, now: float) -> None:
-        """Active checks passed again (`rise` in a row)."""
+        """Active checks passed again (`rise` in a row); this also ends a passive ejection."""
         if not self._unhealthy:
             raise InvalidTransition(f"cannot mark backend {self.id} up: it is not down")
         self._unhealthy = False
         self.down_reason = None
+        # The checks failed since (or before) the ejection, and pass again: the fault the
+        # requests saw is over (a hung process resumed), so it is back now, not after the
+        # rest of `ejection_time` (issue 13: 30 s more of a healthy backend out).
+        self.ejected_until = None
+        self.failures_in_a_row = 0
         self._update(now)
 
     def release(self, now: float) -> bool:

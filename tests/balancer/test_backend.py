@@ -54,7 +54,7 @@ def test_bad_urls_raise_config_error_naming_backend(url: str, why: str) -> None:
 
 
 # Each row: the transitions applied in order, then the expected state.
-Step = Callable[[Backend], None]
+Step = Callable[[Backend], object]
 TRANSITIONS: list[tuple[str, list[Step], BackendState]] = [
     ("new", [], UP),
     ("drain", [lambda b: b.drain()], DRAINING),
@@ -150,6 +150,76 @@ def test_release_after_ejection_keeps_a_failed_active_check() -> None:
     assert backend.release(5.0) is True
     assert backend.state is DOWN
     assert backend.down_reason == "status 500"
+
+
+def _fail(backend: Backend, now: float = 0.0) -> None:
+    backend.request_started()
+    backend.request_finished(failed=True, now=now)
+
+
+# Passive ejection and active checks together (issue 13: a hung backend, once resumed, sat out
+# the rest of its ejection while its checks passed). Each row: the steps, then the state and
+# whether an ejection is still running. eject_after=2, ejection_time=30.
+EJECTION: list[tuple[str, list[Step], BackendState, bool]] = [
+    ("ejected, checks pass all along: out", [_fail, _fail], DOWN, True),
+    ("ejected, time over: back", [_fail, _fail, lambda b: b.release(30.0)], UP, False),
+    (
+        "ejected, checks fail then pass: back at once",
+        [_fail, _fail, lambda b: b.mark_down("timeout", 1.0), lambda b: b.mark_up(2.0)],
+        UP,
+        False,
+    ),
+    (
+        "checks fail, its requests time out (ejected), checks pass: back",
+        [lambda b: b.mark_down("timeout", 0.0), _fail, _fail, lambda b: b.mark_up(2.0)],
+        UP,
+        False,
+    ),
+    (
+        "ejected, drained, checks fail then pass: drained, not ejected",
+        [
+            _fail,
+            _fail,
+            lambda b: b.drain(),
+            lambda b: b.mark_down("x", 1.0),
+            lambda b: b.mark_up(2.0),
+        ],
+        DRAINING,
+        False,
+    ),
+    (
+        "a failure before checks fail and pass is forgotten",
+        [_fail, lambda b: b.mark_down("x", 1.0), lambda b: b.mark_up(2.0), _fail],
+        UP,
+        False,
+    ),
+    (
+        "back by its checks, then failing again: ejected again",
+        [
+            _fail,
+            _fail,
+            lambda b: b.mark_down("x", 1.0),
+            lambda b: b.mark_up(2.0),
+            _fail,
+            _fail,
+        ],
+        DOWN,
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "expected", "ejected"), EJECTION, ids=[e[0] for e in EJECTION]
+)
+def test_ejection_and_active_checks(
+    name: str, steps: list[Step], expected: BackendState, ejected: bool
+) -> None:
+    backend = Backend(URL, policy=BackendPolicy(eject_after=2, ejection_time=30.0))
+    for step in steps:
+        step(backend)
+    assert backend.state is expected
+    assert (backend.ejected_until is not None) is ejected
 
 
 def test_ejection_off_when_eject_after_is_zero() -> None:
