@@ -103,7 +103,9 @@ class Settings:
     # session cookie lived on would route the client by hash, away from its session.
     affinity_max_age: int = 86400
     affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # oldest first
-    balance: Balance = "round-robin"  # for --sticky none
+    # For --sticky none: least in-flight steers around a hung backend within a request or
+    # two (issue 13); round robin kept sending it every Nth request until checks failed.
+    balance: Balance = "least-inflight"
     hash_balance_factor: float = 0.25  # epsilon of bounded load; 0 turns it off
     hash_table_size: int = DEFAULT_TABLE_SIZE  # Maglev table entries, a prime
     health_path: str = "/healthz"
@@ -120,7 +122,9 @@ class Settings:
     header_timeout: float = 10.0  # seconds to receive the request head (HAProxy http-request)
     idle_timeout: float = 75.0  # seconds a keep-alive client connection may sit idle (nginx)
     upstream_connect_timeout: float = 3.0  # seconds
-    upstream_response_timeout: float = 60.0  # seconds to the response head (nginx: 60)
+    # Seconds a backend may stay silent with a request, then 504 (Envoy's route default:
+    # 15; nginx: 60, which kept interactive clients on a hung backend past their own).
+    upstream_response_timeout: float = 15.0
     upstream_keepalive: int = 32  # idle upstream connections kept per backend (nginx: 32)
     max_attempts: int = 3  # tries of one request, the first included, each on another backend;
     # a refused connect is not one (the backend never saw the request)
@@ -498,7 +502,11 @@ _OPTIONS: tuple[_Option, ...] = (
         "affinity_secret",
         "SECRET",
     ),
-    _Option("balance", _choice("round-robin", "least-inflight"), "policy of --sticky none"),
+    _Option(
+        "balance",
+        _choice("least-inflight", "round-robin"),
+        "policy of --sticky none (default least-inflight)",
+    ),
     _Option(
         "hash_balance_factor", _number(zero=True), "bounded-load epsilon; 0 = off", None, "EPS"
     ),
@@ -517,7 +525,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("header_timeout", _number(zero=False), "seconds to read request headers", None, "S"),
     _Option("idle_timeout", _number(zero=False), "seconds a keep-alive client idles", None, "S"),
     _Option("upstream_connect_timeout", _number(zero=False), "seconds to connect", None, "S"),
-    _Option("upstream_response_timeout", _number(zero=False), "seconds to response", None, "S"),
+    _Option("upstream_response_timeout", _number(zero=False), "seconds silent: 504", None, "S"),
     _Option("upstream_keepalive", _integer(0), "idle connections per backend", None, "N"),
     _Option("max_attempts", _integer(1), "tries of a request, refusals aside", None, "N"),
     _Option("retry_budget", _fraction, "retries earned per request, 0-1", None, "RATIO"),

@@ -106,7 +106,7 @@ class ProxyOptions:
     header_timeout: float = 10.0  # seconds from a request's first byte to its head's end (408)
     idle_timeout: float = 75.0  # seconds a keep-alive client connection may wait for a request
     connect_timeout: float = 3.0  # seconds to open a connection to a backend
-    response_timeout: float = 60.0  # seconds a backend may stay silent with a request (504)
+    response_timeout: float = 15.0  # seconds a backend may stay silent with a request (504)
     keepalive_per_backend: int = 32  # idle keep-alive connections kept per backend
     retry_ratio: float = 0.2  # retries the budget earns per request
     retry_floor: float = 10.0  # retries per second the budget earns regardless of traffic

@@ -27,7 +27,8 @@ replicas or `--workers`, where the hash is the fallback (docs/balancer.md).
 
 `fingerprint()` hashes what makes two processes route alike, for an operator to compare.
 
-Mode `ip`: Maglev of the client IP, no cookies. Mode `none`: round robin or least in-flight.
+Mode `ip`: Maglev of the client IP, no cookies. Mode `none`: least in-flight (the default;
+ties round robin) or round robin.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Router:
         *,
         sticky: Sticky,
         affinity: AffinityCookie | None = None,
-        balance: Balance = "round-robin",
+        balance: Balance = "least-inflight",
         hash_balance_factor: float = 0.25,
         table_size: int = DEFAULT_TABLE_SIZE,
         rng: random.Random | None = None,
@@ -115,6 +116,9 @@ class Router:
         self._tables: dict[tuple[str, ...], list[int]] = {}
         self._rr_current: dict[str, float] = {}
         self._rr_next = 0
+        # Least in-flight's tie rule: per position in `_up`, when it was last picked.
+        self._picked: list[int] = []
+        self._picks = 0
         # Per backend id: the decision "stay, no cookie", and its Set-Cookie value.
         self._stay: dict[str, Decision] = {}
         self._set_cookie: dict[str, bytes] = {}
@@ -308,19 +312,50 @@ class Router:
         return {b.id: cap for b in up}
 
     def _balanced(self, exclude: frozenset[str]) -> Backend:
+        if self._balance == "least-inflight":
+            return self._least_in_flight(exclude)
         up = [b for b in self._up if b.id not in exclude] if exclude else self._up
         if not up:
             raise NoBackendAvailable("no backend is up" if not self._up else "all excluded")
         ramping = any(b.ramp_from is not None for b in up)
-        if self._balance == "least-inflight":
-            if not ramping:
-                return min(up, key=_in_flight)
-            now = self._clock()
-            return min(up, key=lambda b: (b.in_flight + 1) / b.weight(now))
         if not ramping:
             self._rr_next = (self._rr_next + 1) % len(up)
             return up[self._rr_next]
         return self._weighted_round_robin(up)
+
+    def _least_in_flight(self, exclude: frozenset[str]) -> Backend:
+        """The UP backend with the fewest requests in flight, per unit of weight while one
+        ramps up (slow start); of those tied, the one picked least recently.
+
+        A hung backend holds the requests it was sent and answers none, so it stops being
+        picked once it holds more than the others (issue 13: round robin sent it every Nth
+        request until its health checks failed). The tie rule makes an idle pool round
+        robin, and fair around a backend left out: `min` gave every tie to the first one,
+        and a rotating start gave the hung one's turns to its successor. One pass over the
+        UP backends, no allocation.
+        """
+        up = self._up
+        picked = self._picked
+        best = -1
+        lowest = 0.0
+        now = 0.0
+        have_now = False
+        for i in range(len(up)):
+            backend = up[i]
+            if exclude and backend.id in exclude:
+                continue
+            score = backend.in_flight + 1.0
+            if backend.ramp_from is not None:
+                if not have_now:
+                    now, have_now = self._clock(), True
+                score /= backend.weight(now)
+            if best < 0 or score < lowest or (score == lowest and picked[i] < picked[best]):
+                best, lowest = i, score
+        if best < 0:
+            raise NoBackendAvailable("no backend is up" if not up else "all excluded")
+        self._picks += 1
+        picked[best] = self._picks
+        return up[best]
 
     def _weighted_round_robin(self, up: tuple[Backend, ...] | list[Backend]) -> Backend:
         """nginx's smooth weighted round robin, used while a backend ramps up (slow start)."""
@@ -353,6 +388,7 @@ class Router:
         self._table = [up[i] for i in indexes]
         self._up = up
         self._rr_current = {}
+        self._picked = [0] * len(up)
         live = {b.id for b in self._pool}
         self._stay = {k: v for k, v in self._stay.items() if k in live}
         self._set_cookie = {k: v for k, v in self._set_cookie.items() if k in live}
@@ -371,7 +407,3 @@ class Router:
             assert self._affinity is not None
             value = self._set_cookie[backend.id] = self._affinity.set_cookie(backend.id)
         return value
-
-
-def _in_flight(backend: Backend) -> int:
-    return backend.in_flight

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/data_path.py [--requests 100000]
     BALANCER_PLAIN=1 .venv/bin/python benchmarks/data_path.py    # the plain Python build
 
-A real `ProxyServer` (Router with cookie stickiness and the signed affinity cookie, Metrics)
+A real `ProxyServer` (Router with cookie stickiness and the signed affinity cookie, or the
+`--sticky` and `--balance` given, over three backends; Metrics)
 is fed requests as `data_received` calls, and each backend connection its response the same
 way; the transports are C-level stand-ins (a deque's append for `write`), so what is timed
 is the balancer's code and the parsers': what a change to the data path costs, without the
@@ -22,7 +23,7 @@ import types
 from typing import Any
 
 import balancer._proxy
-from balancer import AffinityCookie, Pool, Router, Sticky
+from balancer import AffinityCookie, ConfigError, Pool, Router, Sticky
 from balancer._build import compiled
 from balancer._metrics import Metrics
 from balancer._proxy import ProxyOptions, ProxyServer, tune_gc
@@ -52,12 +53,21 @@ def _transport(sink: collections.deque[bytes]) -> Any:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000, help="per round (5 rounds)")
+    parser.add_argument("--sticky", default="cookie:sid", help="cookie:sid (default), ip, none")
+    parser.add_argument(
+        "--balance", choices=["least-inflight", "round-robin"], help="of --sticky none"
+    )
     args = parser.parse_args()
     if args.requests < 1:
         parser.error("--requests must be at least 1")
+    try:
+        sticky = Sticky.parse(args.sticky)
+    except ConfigError as exc:
+        parser.error(str(exc))
 
-    pool = Pool(["http://127.0.0.1:9001", "http://127.0.0.1:9002"])
-    router = Router(pool, sticky=Sticky("cookie", "sid"), affinity=AffinityCookie(secrets=["b"]))
+    pool = Pool(["http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"])
+    balance = {} if args.balance is None else {"balance": args.balance}  # else the default
+    router = Router(pool, sticky=sticky, affinity=AffinityCookie(secrets=["b"]), **balance)
     server = ProxyServer(router, Metrics(pool), ProxyOptions(keepalive_per_backend=8))
     client_out: collections.deque[bytes] = collections.deque(maxlen=4)
     upstream_out: collections.deque[bytes] = collections.deque(maxlen=4)
@@ -92,7 +102,8 @@ def main() -> int:
         run(args.requests)
         best = min(best, (time.perf_counter() - started) / args.requests * 1e6)
     build = "compiled (scripts/build-fast)" if compiled(balancer._proxy) else "plain Python"
-    print(f"data path, {build}: {best:.2f} us a request (best of 5 x {args.requests:,})")
+    policy = f"--sticky {sticky}" + (f" --balance {args.balance}" if args.balance else "")
+    print(f"data path, {build}: {best:.2f} us a request (best of 5 x {args.requests:,}, {policy})")
     return 0
 
 

@@ -24,6 +24,10 @@ def test_defaults() -> None:
     assert settings.listen == Address("127.0.0.1", 8080)
     assert settings.sticky == Sticky("cookie", "session")
     assert settings.affinity_secrets == ()
+    # Issue 13: a hung backend gets no new unpinned requests once it holds more than the
+    # others, and a silent one answers 504 in 15 s (was round robin, and 60 s).
+    assert settings.balance == "least-inflight"
+    assert settings.upstream_response_timeout == 15.0
 
 
 # Every option once, as each source spells it: (argv, environ, toml line, field, value).
@@ -52,8 +56,8 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
      "affinity_max_age = 3600", "affinity_max_age", 3600),
     (["--affinity-secret", SECRET], {"BALANCER_AFFINITY_SECRETS": SECRET},
      f'affinity_secrets = ["{SECRET}"]', "affinity_secrets", (SECRET,)),
-    (["--balance", "least-inflight"], {"BALANCER_BALANCE": "least-inflight"},
-     'balance = "least-inflight"', "balance", "least-inflight"),
+    (["--balance", "round-robin"], {"BALANCER_BALANCE": "round-robin"},
+     'balance = "round-robin"', "balance", "round-robin"),
     (["--hash-balance-factor", "0.5"], {"BALANCER_HASH_BALANCE_FACTOR": "0.5"},
      "hash_balance_factor = 0.5", "hash_balance_factor", 0.5),
     (["--hash-table-size", "251"], {"BALANCER_HASH_TABLE_SIZE": "251"},

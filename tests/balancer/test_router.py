@@ -321,6 +321,30 @@ def test_least_inflight() -> None:
     assert decide(router, None, frozenset({backends[0].id})).backend is backends[1]
 
 
+def test_least_inflight_ties_go_round_robin() -> None:
+    _, router = make(sticky=Sticky("none"), balance="least-inflight")
+    # An idle pool (every request answered before the next): all tie, each gets its share,
+    # where `min` gave every one to the first backend.
+    counts = Counter(decide(router).backend.id for _ in range(500))
+    assert set(counts.values()) == {100}
+
+
+def test_default_balance_steers_around_a_hung_backend() -> None:
+    pool = Pool(URLS)
+    router = Router(pool, sticky=Sticky("none"))  # the default --balance
+    hung = next(iter(pool))
+    counts: Counter[str] = Counter()
+    for _ in range(1000):
+        backend = decide(router).backend
+        backend.request_started()
+        counts[backend.id] += 1
+        if backend is not hung:  # the others answer at once; the hung one holds its request
+            backend.request_finished(failed=False, now=0.0)
+    # Round robin sent it every fifth request (200) until a health check took it out.
+    assert counts[hung.id] == 1
+    assert sorted(counts.values()) == [1, 249, 250, 250, 250]
+
+
 @pytest.mark.parametrize("balance", ["round-robin", "least-inflight"])
 def test_none_mode_slow_start(balance: Balance) -> None:
     now = [0.0]
