@@ -51,9 +51,8 @@ __all__ = ["STICKY_OF_MODE", "STORE_OF_MODE", "main"]
 STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
 STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
-REDIS_TIMEOUT = (
-    3.0  # seconds for the Redis that REDIS_URL names to answer PING, before anything starts
-)
+# Seconds for the Redis that REDIS_URL names to answer PING, before anything starts.
+REDIS_TIMEOUT = 3.0
 STOP_TIMEOUT = 15.0  # seconds for every process together to stop gracefully, then SIGKILL
 SERVICE = "demo"  # the service name in the registry, with --discover
 
