@@ -131,9 +131,9 @@ def set_cookie_value(head: bytes, name: bytes) -> bytes | None:
 class AffinityCookie:
     """Signs and verifies affinity values: a backend id, signed.
 
-    `secrets` are oldest first, newest last, as in itsdangerous: the newest signs, every one
-    verifies, so secrets rotate without unpinning clients. Every balancer replica must be
-    given the same secrets. The signature is deterministic, so a backend's value is the same
+    `secrets` are newest first, as `SessionMiddleware`'s `secret_keys`: the first signs,
+    every one verifies, so secrets rotate without unpinning clients. Every balancer replica
+    must be given the same secrets. The signature is deterministic, so a backend's value is the same
     for every client and verified values are memoized (unsigning costs ~6 us, DESIGN.md).
     """
 
@@ -156,12 +156,13 @@ class AffinityCookie:
         if max_age is not None:
             self._attributes += b"; Max-Age=%d" % max_age
         keys = [s.encode() if isinstance(s, str) else s for s in secrets]
-        self._signer = Signer(keys, salt=b"balancer.affinity")
-        self._newest = Signer(keys[-1], salt=b"balancer.affinity")
+        # itsdangerous wants its keys oldest first (the last one signs).
+        self._signer = Signer(keys[::-1], salt=b"balancer.affinity")
+        self._newest = Signer(keys[0], salt=b"balancer.affinity")
         # Names the signing secret without revealing it, for the routing fingerprint. A
         # signed cookie already lets anyone test guesses of the secret offline, so these
         # 32 bits of a hash let no more be learned than a cookie does.
-        self.key_id = hashlib.sha256(b"balancer.affinity.key-id\0" + keys[-1]).hexdigest()[:8]
+        self.key_id = hashlib.sha256(b"balancer.affinity.key-id\0" + keys[0]).hexdigest()[:8]
         # value -> (backend id, signed by the newest secret)
         self._verified: dict[bytes, tuple[str, bool]] = {}
 

@@ -17,9 +17,10 @@ comma-separated; booleans there are 1/0, true/false, yes/no, on/off. Every value
 source, goes through the same parser, and every problem is a ConfigError naming the option
 as a flag (`--backend: ...`), with its source when that was not the command line.
 
-Secrets (`affinity_secrets`) are oldest first, newest last: the newest signs. Every balancer
-replica must be given the same ones; with none, `load_or_exit` generates one per process
-(set it before forking workers, so that they agree).
+Secrets (`affinity_secrets`) are newest first, as `SessionMiddleware`'s `secret_keys`: the
+first signs, every one verifies. Every balancer replica must be given the same ones; with
+none, `load_or_exit` generates one per process (set it before forking workers, so that they
+agree).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Settings:
     # session_store's absolute lifetime: a pin that died with the browser while the app's
     # session cookie lived on would route the client by hash, away from its session.
     affinity_max_age: int = 86400
-    affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # oldest first
+    affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # newest first
     # For --sticky none: least in-flight steers around a hung backend within a request or
     # two (issue 13); round robin kept sending it every Nth request until checks failed.
     balance: Balance = "least-inflight"
@@ -498,7 +499,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "affinity_secrets",
         _each(_secret),
-        "affinity signing secret, oldest first (repeatable)",
+        "affinity signing secret, newest first: the first signs (repeatable)",
         "affinity_secret",
         "SECRET",
     ),

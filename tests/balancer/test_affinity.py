@@ -52,8 +52,10 @@ def test_sticky_parse_rejects(text: str) -> None:
 
 
 def test_sign_and_verify_with_rotation() -> None:
+    # Newest first, as SessionMiddleware's secret_keys: the first signs, every one verifies.
     old = AffinityCookie(secrets=["old"])
-    rotated = AffinityCookie(secrets=["old", "new"])
+    rotated = AffinityCookie(secrets=["new", "old"])
+    assert rotated.sign("abc123def456") == AffinityCookie(secrets=["new"]).sign("abc123def456")
     value = rotated.sign("abc123def456")
     assert rotated.verify(value) == ("abc123def456", True)
     assert rotated.verify(value) == ("abc123def456", True)  # memoized path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer import ConfigError, RegistryTarget, Sticky
+from balancer import AffinityCookie, ConfigError, RegistryTarget, Sticky
 from balancer._config import Address, Settings, load_or_exit, load_settings
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
@@ -448,6 +448,35 @@ def test_affinity_from_settings(argv: list[str], suffix: bytes) -> None:
     value = settings.affinity().set_cookie("abc")
     assert value.startswith(b"pin=abc.")
     assert value.endswith(suffix)
+
+
+OLD_SECRET = "the-old-affinity-secret-0123"
+NEW_SECRET = "the-new-affinity-secret-4567"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml"),
+    [
+        (["--affinity-secret", NEW_SECRET, "--affinity-secret", OLD_SECRET], {}, None),
+        ([], {"BALANCER_AFFINITY_SECRETS": f"{NEW_SECRET},{OLD_SECRET}"}, None),
+        ([], {}, f'affinity_secrets = ["{NEW_SECRET}", "{OLD_SECRET}"]'),
+    ],
+)
+def test_affinity_secrets_are_newest_first_like_session_keys(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], toml: str | None
+) -> None:
+    # One order for the balancer and SessionMiddleware(secret_keys=...): the first signs,
+    # every one verifies, so an operator rotating both lists them alike.
+    if toml is not None:
+        path = tmp_path / "balancer.toml"
+        path.write_text(toml + "\n")
+        argv = ["--config", str(path)]
+    settings = load_settings([*MIN, *argv], environ)
+    assert settings.affinity_secrets == (NEW_SECRET, OLD_SECRET)
+    affinity = settings.affinity()
+    assert affinity.sign("abc") == AffinityCookie(secrets=[NEW_SECRET]).sign("abc")
+    assert affinity.verify(AffinityCookie(secrets=[OLD_SECRET]).sign("abc")) == ("abc", False)
+    assert affinity.verify(affinity.sign("abc")) == ("abc", True)
 
 
 def test_health_policy_from_settings() -> None:
