@@ -27,7 +27,6 @@ import functools
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from session_store import free_port
 
 from ._backend import backend_id
 from ._exceptions import InvalidTransition
@@ -82,15 +83,6 @@ class SupervisorOptions:
 def worker_argv(command: Sequence[str], *, port: int, index: int) -> list[str]:
     """The command template filled in; each part is formatted alone, so no quoting is needed."""
     return [part.format(port=port, index=index) for part in command]
-
-
-def _free_port(host: str) -> int:
-    # The port may be taken between this and the worker's bind: the worker then exits, and
-    # its restart gets another port.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 if sys.platform == "linux":
@@ -469,12 +461,14 @@ class Supervisor:
         # DRAINING and STOPPING are on their way out already.
 
     async def _restart(self, worker: Worker, now: float) -> None:
-        worker.restarted(_free_port(self.options.host), now)
+        # The port may be taken between this and the worker's bind: the worker then exits,
+        # and its restart gets another port.
+        worker.restarted(free_port(self.options.host), now)
         await self._spawn(worker)
         log_event("worker_restarted", index=worker.index, pid=worker.pid, restarts=worker.restarts)
 
     async def _spawn_new(self, index: int, now: float) -> Worker:
-        worker = Worker(self._next_key, index, _free_port(self.options.host), now=now)
+        worker = Worker(self._next_key, index, free_port(self.options.host), now=now)
         self._next_key += 1
         self._workers[worker.key] = worker
         await self._spawn(worker)

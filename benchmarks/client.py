@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,14 +32,7 @@ import httpx
 
 from balancer import BalancedTransport, Instance, Registry, StaticInstances
 from balancer._client import BalancePolicy
-from session_store import RedisServer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from session_store import RedisServer, free_port
 
 
 def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:

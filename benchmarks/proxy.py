@@ -41,6 +41,7 @@ import psutil
 
 import balancer._proxy
 from balancer._build import compiled
+from session_store import free_port
 
 _WRK_LUA = """
 local n = 0
@@ -85,13 +86,6 @@ class Result:
     errors: str
     requests: int = 0  # answered in the run
     cpu_us: float = float("nan")  # the proxy's CPU time per request (user + system)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], within: float = 15.0) -> None:

@@ -18,7 +18,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from session_store import Changes, MemoryStore, RedisServer, new_session_id  # noqa: E402
+from session_store import (  # noqa: E402
+    Changes,
+    MemoryStore,
+    RedisServer,
+    free_port,
+    new_session_id,
+)
 
 KINDS = ("none", "ours", "starsessions")
 POST_LUA = 'wrk.method = "POST"\n'
@@ -46,13 +51,6 @@ class Result:
     p50_ms: float
     p99_ms: float
     cpu_us: float  # the app process's CPU time per request, the figure noise hurts least
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _pin(core: int) -> list[str]:
@@ -93,7 +91,7 @@ def _wrk(
 
 
 def _serve(kind: str, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     command = [*_pin(1), sys.executable, "-m", "uvicorn", "--factory"]
     command += ["benchmarks.session_apps:create", "--port", str(port), "--no-access-log"]
     command += ["--log-level", "warning", "--loop", "uvloop", "--http", "httptools"]

@@ -25,7 +25,7 @@ from ._hybrid import HybridStore
 from ._memory import MemoryStore
 from ._middleware import SessionMiddleware, load_session
 from ._redis import RedisStore
-from ._server import RedisServer, find_server_binary, running_redis
+from ._server import RedisServer, find_server_binary, free_port, running_redis
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionRecord, SessionStore
@@ -54,6 +54,7 @@ __all__ = [
     "WriteNotAcknowledged",
     "cancellable",
     "find_server_binary",
+    "free_port",
     "load_session",
     "new_session_id",
     "parse_redis_url",

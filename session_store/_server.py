@@ -10,7 +10,8 @@ Where the binary comes from, in order:
 
 `running_redis()` is what callers want: it yields ``REDIS_URL`` when that is set
 and otherwise a server of its own, on a free 127.0.0.1 port with no persistence,
-stopped on exit.
+stopped on exit. `free_port()` finds it a port, and is the one free-port helper of the
+project: the balancer's supervisor, the demo tools, the benchmarks and the tests use it too.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Self
 
 from ._exceptions import RedisServerError
 
-__all__ = ["RedisServer", "find_server_binary", "running_redis"]
+__all__ = ["RedisServer", "find_server_binary", "free_port", "running_redis"]
 
 _NAMES = ("redis-server", "valkey-server")
 
@@ -55,8 +56,11 @@ def find_server_binary() -> str:
     )
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` (an IPv4 or IPv6 address) a moment ago: bound to port 0,
+    then released. Nothing listens there now, so a connect to it is refused; another process
+    may take it before the caller binds it, and then that bind fails."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
@@ -88,7 +92,7 @@ class RedisServer:
     ) -> None:
         self.binary = binary or find_server_binary()
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None

@@ -33,20 +33,11 @@ __all__ = [
     "RecordingMetrics",
     "Response",
     "Seen",
-    "dead_port",
     "running_proxy",
     "silent_port",
 ]
 
 _CHUNK = 65536
-
-
-def dead_port() -> int:
-    """A port nothing listens on (bound, then released): connecting to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

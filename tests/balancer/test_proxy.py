@@ -15,9 +15,9 @@ from tests.balancer.backends import (
     Client,
     HttpBackend,
     ListRouter,
-    dead_port,
     running_proxy,
 )
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -415,7 +415,7 @@ async def test_a_long_pipeline_answered_at_once_does_not_recurse() -> None:
 
 
 async def test_connect_refused_is_retried_on_another_backend() -> None:
-    dead = f"http://127.0.0.1:{dead_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     async with HttpBackend("b") as live, running_proxy([dead, live.url]) as (server, router, m):
         client = await Client.open(server.port)
         response = await client.request(
@@ -431,7 +431,7 @@ async def test_connect_refused_is_retried_on_another_backend() -> None:
 async def test_refused_connects_try_each_backend_once_whatever_max_attempts() -> None:
     # Refused connects never reached a backend: they are not attempts (three dead workers,
     # not reaped yet, took a GET's every attempt). Each backend is still tried once.
-    dead = [f"http://127.0.0.1:{dead_port()}" for _ in range(3)]
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
     options = ProxyOptions(max_attempts=2)
     async with (
         HttpBackend("b") as live,
@@ -447,7 +447,7 @@ async def test_refused_connects_try_each_backend_once_whatever_max_attempts() ->
 
 
 async def test_all_refused_is_502() -> None:
-    dead = f"http://127.0.0.1:{dead_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     async with running_proxy([dead]) as (server, router, metrics):
         client = await Client.open(server.port)
         response = await client.request(GET)
