@@ -102,7 +102,7 @@ async def _json_object(request: Request, example: str) -> dict[str, object] | JS
 
 
 class _BearerAuth:
-    """Pure ASGI (never BaseHTTPMiddleware: 140-215 us a request, DESIGN.md)."""
+    """Pure ASGI (never BaseHTTPMiddleware: docs/architecture.md, "Measured facts")."""
 
     def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
         self._app = app

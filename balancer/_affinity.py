@@ -1,8 +1,8 @@
 """Affinity: which stickiness mode, and the balancer's own signed affinity cookie.
 
 Hashing the application's session cookie is sticky only once that cookie exists; the
-request that creates the session has none (DESIGN.md, "Stickiness that is correct from the
-first request"). So the balancer pins each client with a cookie of its own that names the
+request that creates the session has none (docs/architecture.md, "Stickiness from the first
+request"). So the balancer pins each client with a cookie of its own that names the
 backend by id, signed with itsdangerous like HAProxy's `cookie SERVERID insert`. A value
 that is tampered with, malformed, or signed by a secret not in the list means "no pin",
 never an error.
@@ -134,7 +134,7 @@ class AffinityCookie:
     `secrets` are newest first, as `SessionMiddleware`'s `secret_keys`: the first signs,
     every one verifies, so secrets rotate without unpinning clients. Every balancer replica
     must be given the same secrets. The signature is deterministic, so a backend's value is the same
-    for every client and verified values are memoized (unsigning costs ~6 us, DESIGN.md).
+    for every client and verified values are memoized (docs/architecture.md, "Measured facts").
     """
 
     def __init__(

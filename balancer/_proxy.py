@@ -65,9 +65,8 @@ _GC_GEN0 = 20_000
 
 def tune_gc() -> None:
     """Call once, after start-up: move what start-up allocated (modules, the admin app)
-    out of the collector's sight, and collect the young generation less often. Cheap
-    insurance: +7% requests/s in one earlier measurement; ~1 us of ~90 us CPU a request,
-    within the noise, in the benchmark on a busy 2-core machine."""
+    out of the collector's sight, and collect the young generation less often: cheap
+    insurance (docs/architecture.md, "Measured facts")."""
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

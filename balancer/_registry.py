@@ -26,10 +26,11 @@ old; a killed instance disappears from reads when its TTL runs out. A heartbeat 
 no record (first registration, or Redis restarted) publishes "up"; deregistration deletes
 both entries and publishes "down".
 
-Watchers never rely on keyspace `expired` notifications (Redis delivers them late: DESIGN.md)
-nor on pub/sub alone (messages are lost across reconnects): the source of truth is a periodic
-full read of the sorted set and the records (`Registry.read`, one script, which also drops
-members whose record expired). Notices only make a watcher read sooner.
+Watchers never rely on keyspace `expired` notifications (Redis delivers them late:
+docs/architecture.md, "Measured facts") nor on pub/sub alone (messages are lost across
+reconnects): the source of truth is a periodic full read of the sorted set and the records
+(`Registry.read`, one script, which also drops members whose record expired). Notices only
+make a watcher read sooner.
 
 Decide, then do: `Instance`, `live_instances` and `Membership` are pure (records and a clock
 in, decisions out); `Registry` does the Redis I/O and is the one place redis-py's errors

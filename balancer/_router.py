@@ -125,8 +125,8 @@ class Router:
         # Mode `cookie`: the decision by the whole Cookie header, for this generation and no
         # exclusions. `_by_cookie` is a pure function of those (a new client's random
         # placement is not cached), and a client sends the same header on every request: a
-        # hit saves two cookie scans, a verify lookup and a hash (6.5-13 us a decision down
-        # to 1.5-3 us, measured on a busy 2-core machine). The key is the whole header, so
+        # hit saves two cookie scans, a verify lookup and a hash, most of a decision's cost
+        # (docs/architecture.md, "Measured facts"). The key is the whole header, so
         # a tampered value is another key, verified afresh.
         self._decided: dict[bytes, Decision] = {}
         # Session cookie value -> the id of the backend that set it (module docstring).

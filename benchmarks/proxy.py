@@ -6,9 +6,10 @@ Backends: one nginx worker serving a short body on two ports. Each proxy runs on
 (pinned with taskset when there is one to spare) with sticky routing by the `sid` cookie
 and keep-alive to the backends; wrk (64 connections, a varied `Cookie: sid=...` per
 request) loads it for a fixed time. Printed: requests/s, p50 and p99 latency, and each
-ratio to nginx. Targets (DESIGN.md): throughput >= 0.67x nginx, p99 <= 1.5x nginx. Each
-round also prints every proxy's CPU time a request, user and kernel apart: the ratios move
-with the machine's cost of a system call, which the kernel column shows.
+ratio to nginx. Targets (docs/architecture.md, "Measured facts"): throughput >= 0.67x nginx,
+p99 <= 1.5x nginx. Each round also prints every proxy's CPU time a request, user and kernel
+apart: the ratios move with the machine's cost of a system call, which the kernel column
+shows.
 
 The dashboard's cost: the whole `python -m balancer --admin ...` is measured twice in one
 process, once with no page open and once with a client reading the dashboard's event stream

@@ -81,7 +81,7 @@ from .stack import STORE_OF_MODE
 __all__ = ["MODES", "STICKY_OF_MODE", "main", "parse_args", "run_comparison", "run_mode"]
 
 MODES = ("sticky", "shared", "hybrid")
-# The balancer's stickiness for each mode (DESIGN.md: the table of modes).
+# The balancer's stickiness for each mode (docs/architecture.md, "The three modes").
 STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 30.0  # seconds for an instance or the balancer to come up
 HEALTH_INTERVAL = "0.5"  # seconds between the balancer's checks: a restart is seen quickly

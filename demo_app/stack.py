@@ -15,8 +15,8 @@ second; stop one and it leaves the pool.
 With ``--balancers N`` it starts N balancer replicas on consecutive ports from ``--port``
 (admin APIs from ``--admin-port``), all with the same backend list (or the same registry)
 and the same affinity secret, and nothing else shared: a session created through one is
-pinned to the same instance by every other (DESIGN.md, "Stickiness that is correct from
-the first request").
+pinned to the same instance by every other (docs/architecture.md, "Stickiness from the
+first request").
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ class RedisStore:
 
     async def _script(self, script: str, key: str, *args: str | int) -> Any:
         # EVALSHA through execute_command: redis-py's Script objects and evalsha()
-        # add layers that cost ~20% of a session read's CPU (benchmarks/session_store.py).
+        # add layers that cost ~20% of a session read's CPU (docs/architecture.md,
+        # "Measured facts").
         sha = self._shas[script]
         try:
             return await self._execute("EVALSHA", sha, 1, key, *args)
@@ -253,7 +254,8 @@ class RedisStore:
     ) -> tuple[Any, Any]:
         """One server (or the primary a Sentinel names): both commands on one pooled
         connection, written at once. A pipeline object would do the same for ~110 us
-        more CPU a write; this costs ~25 us over a write without WAIT (benchmarks/)."""
+        more CPU a write; this costs ~25 us over a write without WAIT (docs/architecture.md,
+        "Measured facts")."""
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py
         try:
             # redis-py disconnects on a timeout or a broken read, so the pool gets
@@ -310,7 +312,7 @@ class RedisStore:
     async def _call(self, operation: Awaitable[T]) -> T:
         # The one seam where redis-py's errors become ours. No asyncio.timeout here:
         # the client's own socket timeouts bound every read and connect, and a
-        # second timer per command cost ~10% of the store's CPU (benchmarks/).
+        # second timer per command cost ~10% of the store's CPU (docs/architecture.md).
         try:
             return await cancellable(operation)
         except TimeoutError as exc:
