@@ -58,7 +58,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -73,16 +72,13 @@ from typing import Any
 
 import httpx
 
-from session_store import RedisServerError, redis_client, running_redis
+from session_store import RedisServerError, free_port, redis_client, running_redis
 
 from ._workload import Step, User
-from .stack import STORE_OF_MODE
+from .stack import MODES, balancer_command, instance_command
 
-__all__ = ["MODES", "STICKY_OF_MODE", "main", "parse_args", "run_comparison", "run_mode"]
+__all__ = ["MODES", "main", "parse_args", "run_comparison", "run_mode"]
 
-MODES = ("sticky", "shared", "hybrid")
-# The balancer's stickiness for each mode (docs/architecture.md, "The three modes").
-STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
 READY_TIMEOUT = 30.0  # seconds for an instance or the balancer to come up
 HEALTH_INTERVAL = "0.5"  # seconds between the balancer's checks: a restart is seen quickly
 
@@ -96,13 +92,6 @@ class StackError(RuntimeError):
 
 
 # -- the stack: N instances and a balancer, as child processes -------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers(url: str) -> bool:
@@ -175,10 +164,8 @@ class Stack:
         self.mode = mode
         self.apps: dict[str, _Child] = {}
         for index in range(1, instances + 1):
-            name, port = f"app{index}", _free_port()
-            args = [sys.executable, "-m", "demo_app", "--port", str(port), "--instance-id", name]
-            args += ["--store", STORE_OF_MODE[mode], "--redis-url", redis_url]
-            args += ["--log-level", "warning"]
+            name, port = f"app{index}", free_port()
+            args = instance_command(mode, redis_url, host="127.0.0.1", port=port, name=name)
             self.apps[name] = _Child(args, f"http://127.0.0.1:{port}", logs / f"{name}.log")
         # The replicas agree on every pin because they share the affinity secret (in the
         # environment: a command line shows in `ps`); they share nothing else.
@@ -186,18 +173,19 @@ class Stack:
         self.balancers: list[_Child] = []
         self.admin_urls: list[str] = []
         for index in range(1, balancers + 1):
-            port, admin_port = _free_port(), _free_port()
-            args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
-            args += ["--admin", f"127.0.0.1:{admin_port}", "--sticky", STICKY_OF_MODE[mode]]
-            # The dashboard shows the mode and reads the sessions Redis holds.
-            args += ["--dashboard-mode", mode, "--dashboard-redis", redis_url]
-            for app in self.apps.values():
-                args += ["--backend", app.url]
-            args += ["--health-path", "/readyz", "--health-interval", HEALTH_INTERVAL]
-            args += ["--health-timeout", HEALTH_INTERVAL]
+            port, admin_port = free_port(), free_port()
+            options = ["--health-interval", HEALTH_INTERVAL, "--health-timeout", HEALTH_INTERVAL]
             # A killed instance is passively ejected (30 s by default): let the restarted
             # one back in as soon as its health checks pass, within the run.
-            args += ["--ejection-time", "1"]
+            options += ["--ejection-time", "1"]
+            args = balancer_command(
+                mode,
+                redis_url,
+                listen=f"127.0.0.1:{port}",
+                admin=f"127.0.0.1:{admin_port}",
+                backends=[app.url for app in self.apps.values()],
+                options=options,
+            )
             log = logs / ("balancer.log" if balancers == 1 else f"balancer{index}.log")
             self.balancers.append(_Child(args, f"http://127.0.0.1:{port}", log, env))
             self.admin_urls.append(f"http://127.0.0.1:{admin_port}")

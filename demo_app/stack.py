@@ -46,10 +46,21 @@ from session_store import (
     running_redis,
 )
 
-__all__ = ["STICKY_OF_MODE", "STORE_OF_MODE", "main"]
+__all__ = [
+    "MODES",
+    "STICKY_OF_MODE",
+    "STORE_OF_MODE",
+    "balancer_command",
+    "instance_command",
+    "main",
+]
 
+# The one table of modes (docs/architecture.md, "The three modes"): each instance's session
+# store, and the balancer's stickiness. The compare tool uses it; compose's MODE=<mode>.env
+# files and the Kubernetes overlays follow it, and tests/test_containers.py checks they agree.
 STORE_OF_MODE = {"sticky": "memory", "shared": "redis", "hybrid": "hybrid"}
 STICKY_OF_MODE = {"sticky": "cookie:sid", "shared": "none", "hybrid": "cookie:sid"}
+MODES = tuple(STORE_OF_MODE)  # sticky, shared, hybrid: the order compare runs and shows them
 READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
 # Seconds for the Redis that REDIS_URL names to answer PING, before anything starts.
 REDIS_TIMEOUT = 3.0
@@ -78,7 +89,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo_app.stack", description=__doc__)
-    parser.add_argument("--mode", choices=sorted(STORE_OF_MODE), default="hybrid")
+    parser.add_argument("--mode", choices=sorted(MODES), default="hybrid")
     parser.add_argument("--instances", type=_positive, default=3, help="how many (3)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--base-port", type=int, default=9001, help="first instance's port")
@@ -207,29 +218,43 @@ def discover_url(redis_url: str, service: str = SERVICE) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}/{service}", parts.query, ""))
 
 
-def instance_command(args: argparse.Namespace, redis_url: str, port: int, name: str) -> list[str]:
-    command = [sys.executable, "-m", "demo_app", "--host", args.host, "--port", str(port)]
-    command += ["--instance-id", name, "--store", STORE_OF_MODE[args.mode]]
+def instance_command(
+    mode: str, redis_url: str, *, host: str, port: int, name: str, discover: bool = False
+) -> list[str]:
+    """The command line of demo_app instance ``name`` on ``host``:``port`` in ``mode`` (its
+    session store), with Redis at ``redis_url``; with ``discover`` it registers there."""
+    command = [sys.executable, "-m", "demo_app", "--host", host, "--port", str(port)]
+    command += ["--instance-id", name, "--store", STORE_OF_MODE[mode]]
     command += ["--redis-url", redis_url, "--log-level", "warning"]
-    if args.discover:
+    if discover:
         command += ["--registry", redis_url, "--service", SERVICE]
     return command
 
 
-def balancer_command(args: argparse.Namespace, redis_url: str, index: int) -> list[str]:
-    """Replica ``index`` (0-based) of the balancer: the same options but its own ports."""
-    host, port, admin_port = args.host, args.port + index, args.admin_port + index
-    command = [sys.executable, "-m", "balancer", "--listen", f"{host}:{port}"]
-    command += ["--sticky", STICKY_OF_MODE[args.mode], "--health-path", "/readyz"]
-    command += ["--admin", f"{host}:{admin_port}"]
+def balancer_command(
+    mode: str,
+    redis_url: str,
+    *,
+    listen: str,
+    admin: str,
+    backends: Sequence[str] = (),
+    discover: bool = False,
+    options: Sequence[str] = (),
+) -> list[str]:
+    """The command line of a balancer in ``mode`` (its stickiness) on ``listen``, its admin
+    API on ``admin`` (both ``HOST:PORT``), checking /readyz: in front of ``backends`` (URLs)
+    or, with ``discover``, of the instances registered in ``redis_url``. ``options`` (more
+    balancer flags) go last. Replicas differ only in ``listen`` and ``admin``."""
+    command = [sys.executable, "-m", "balancer", "--listen", listen]
+    command += ["--sticky", STICKY_OF_MODE[mode], "--health-path", "/readyz"]
+    command += ["--admin", admin]
     # What the dashboard cannot know by itself: the mode, and the Redis to watch.
-    command += ["--dashboard-mode", args.mode, "--dashboard-redis", redis_url]
-    if args.discover:
+    command += ["--dashboard-mode", mode, "--dashboard-redis", redis_url]
+    if discover:
         command += ["--discover", discover_url(redis_url), "--slow-start", "2"]
-    else:
-        for instance in range(args.instances):
-            command += ["--backend", f"http://{host}:{args.base_port + instance}"]
-    return command
+    for backend in backends:
+        command += ["--backend", backend]
+    return [*command, *options]
 
 
 def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
@@ -239,9 +264,17 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
     try:
         for index in range(args.instances):
             port = args.base_port + index
-            command = instance_command(args, redis_url, port, f"app{index + 1}")
+            command = instance_command(
+                args.mode,
+                redis_url,
+                host=args.host,
+                port=port,
+                name=f"app{index + 1}",
+                discover=args.discover,
+            )
             processes.append(subprocess.Popen(command, start_new_session=True))
             urls.append(f"http://{args.host}:{port}")
+        backends = [] if args.discover else list(urls)
         for process, url in zip(processes, urls, strict=True):
             _wait_ready(process, url)
         # Every replica signs its affinity cookie with the same secret (in the environment,
@@ -250,7 +283,14 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
         balancer_urls = [f"http://{args.host}:{args.port + i}" for i in range(args.balancers)]
         admin_urls = [f"http://{args.host}:{args.admin_port + i}" for i in range(args.balancers)]
         for index in reversed(range(args.balancers)):
-            command = balancer_command(args, redis_url, index)
+            command = balancer_command(
+                args.mode,
+                redis_url,
+                listen=f"{args.host}:{args.port + index}",
+                admin=f"{args.host}:{args.admin_port + index}",
+                backends=backends,
+                discover=args.discover,
+            )
             # The balancers are stopped first (they are first in the list): no request
             # meets a stopped instance.
             processes.insert(0, subprocess.Popen(command, start_new_session=True, env=env))
@@ -268,7 +308,10 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
             print(f"  instance        {url}/")
         if args.discover:
             port = args.base_port + args.instances
-            more = instance_command(args, redis_url, port, f"app{args.instances + 1}")
+            name = f"app{args.instances + 1}"
+            more = instance_command(
+                args.mode, redis_url, host=args.host, port=port, name=name, discover=True
+            )
             more[0] = ".venv/bin/python" if more[0] == sys.executable else more[0]
             print(f"  registry        {discover_url(redis_url)}")
             print("\none more instance, by hand (it gets traffic within a second; Ctrl-C it and")

@@ -38,7 +38,7 @@ from balancer._affinity import Sticky
 from balancer._config import Settings, load_settings
 from demo_app import AppSettings, create_app
 from demo_app.__main__ import parse_args as parse_demo_app_args
-from demo_app.stack import STICKY_OF_MODE, STORE_OF_MODE, discover_url
+from demo_app.stack import MODES, STICKY_OF_MODE, STORE_OF_MODE, discover_url
 from session_store import RedisServer
 from tests.helpers import free_port, wait_for
 from tests.processes import Process
@@ -47,7 +47,6 @@ from tests.processes import balancer as balancer_process
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 K8S = ROOT / "deploy" / "k8s"
-MODES = ("sticky", "shared", "hybrid")
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 # -- Compose's variable interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err},

@@ -1,4 +1,6 @@
-"""``python -m demo_app.stack`` as a real process: what it says when it cannot start."""
+"""``python -m demo_app.stack``: the command lines it (and the compare tool) builds, read
+back by the balancer's and demo_app's own parsers; as a real process, what it says when it
+cannot start."""
 
 from __future__ import annotations
 
@@ -7,7 +9,67 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from balancer._affinity import Sticky
+from balancer._config import Address, load_settings
+from demo_app.__main__ import parse_args as parse_demo_app_args
+from demo_app.stack import (
+    MODES,
+    STICKY_OF_MODE,
+    STORE_OF_MODE,
+    balancer_command,
+    discover_url,
+    instance_command,
+)
 from tests.helpers import free_port
+
+REDIS = "redis://127.0.0.1:6399/0"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_commands_carry_the_modes_store_and_stickiness(mode: str) -> None:
+    instance = instance_command(mode, REDIS, host="127.0.0.1", port=9001, name="app1")
+    assert instance[:3] == [sys.executable, "-m", "demo_app"]
+    args = parse_demo_app_args(instance[3:])
+    assert (args.store, args.port, args.instance_id) == (STORE_OF_MODE[mode], 9001, "app1")
+    assert args.registry is None
+
+    backends = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+    command = balancer_command(
+        mode,
+        REDIS,
+        listen="127.0.0.1:8080",
+        admin="127.0.0.1:8081",
+        backends=backends,
+        options=["--ejection-time", "1"],
+    )
+    assert command[:3] == [sys.executable, "-m", "balancer"]
+    settings = load_settings(command[3:], environ={})
+    assert settings.sticky == Sticky.parse(STICKY_OF_MODE[mode])
+    assert (settings.listen, settings.admin) == (
+        Address("127.0.0.1", 8080),
+        Address("127.0.0.1", 8081),
+    )
+    assert settings.backends == tuple(backends)
+    assert settings.discover is None
+    assert (settings.health_path, settings.ejection_time) == ("/readyz", 1.0)
+    assert (settings.dashboard_mode, settings.dashboard_redis) == (mode, REDIS)
+
+
+def test_with_discover_the_instances_register_where_the_balancer_looks() -> None:
+    instance = instance_command(
+        "hybrid", REDIS, host="127.0.0.1", port=9001, name="app1", discover=True
+    )
+    args = parse_demo_app_args(instance[3:])
+    command = balancer_command(
+        "hybrid", REDIS, listen="127.0.0.1:8080", admin="127.0.0.1:8081", discover=True
+    )
+    settings = load_settings(command[3:], environ={})
+    assert settings.backends == ()
+    assert settings.discover is not None
+    assert discover_url(args.registry, args.service) == discover_url(REDIS)
+    assert (settings.discover.redis_url, settings.discover.service) == (REDIS, args.service)
 
 
 def test_an_unreachable_redis_url_fails_fast_naming_redis_and_the_url() -> None:
