@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
-from _collections_abc import dict_items, dict_keys, dict_values
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._exceptions import SessionNotLoaded
 
 __all__ = ["Session"]
 
 _MISSING: Any = object()
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _accessing(
+    method: Callable[Concatenate[dict[str, Any], _P], _R],
+) -> Callable[Concatenate[Session, _P], _R]:
+    """``method`` of dict, marking the session accessed (or raising `SessionNotLoaded`) first.
+
+    For the views (``keys``, ``values``, ``items``): their types, ``dict_keys`` and the
+    like, have no public name to annotate an override with, so this keeps dict's own.
+    """
+
+    def accessing(self: Session, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self._access()
+        return method(self, *args, **kwargs)
+
+    accessing.__name__, accessing.__qualname__ = method.__name__, f"Session.{method.__name__}"
+    accessing.__doc__ = method.__doc__
+    return accessing
 
 
 class Session(dict[str, Any]):
@@ -119,17 +139,9 @@ class Session(dict[str, Any]):
         self._access()
         super().clear()
 
-    def keys(self) -> dict_keys[str, Any]:
-        self._access()
-        return super().keys()
-
-    def values(self) -> dict_values[str, Any]:
-        self._access()
-        return super().values()
-
-    def items(self) -> dict_items[str, Any]:
-        self._access()
-        return super().items()
+    keys = _accessing(dict.keys)
+    values = _accessing(dict.values)
+    items = _accessing(dict.items)
 
     def copy(self) -> dict[str, Any]:
         self._access()
