@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -15,7 +14,7 @@ from starlette.routing import Route
 
 from balancer import Backend, BackendPolicy, BackendState, Pool
 from balancer._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker, apply_result
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_until, free_port
 
 # -- the pure part ---------------------------------------------------------------------------
 
@@ -114,10 +113,7 @@ def state_of(backend: Backend) -> BackendState:
 
 def refused_url() -> str:
     """A 127.0.0.1 port with nothing listening: bound, then closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
