@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
-import functools
 import logging
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from session_store import free_port
+from session_store import free_port, parent_death_hook
 
 from ._backend import backend_id
 from ._exceptions import InvalidTransition
@@ -83,26 +79,6 @@ class SupervisorOptions:
 def worker_argv(command: Sequence[str], *, port: int, index: int) -> list[str]:
     """The command template filled in; each part is formatted alone, so no quoting is needed."""
     return [part.format(port=port, index=index) for part in command]
-
-
-if sys.platform == "linux":
-    # Resolved here, in the parent: the child between fork and exec should do as little as
-    # possible (no dlopen), since another thread may have held a lock at the fork.
-    _prctl: Callable[[int, int], int] | None = ctypes.CDLL(None, use_errno=True).prctl
-else:  # pragma: no cover
-    _prctl = None
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG, 1).
-
-    The "parent" is the thread that forked, so workers are spawned from the loop's thread.
-    If the parent is gone already, the prctl came too late: exit rather than be an orphan.
-    """
-    if _prctl is not None:
-        _prctl(1, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 class Supervisor:
@@ -482,7 +458,9 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 # Its own session: a terminal's Ctrl-C reaches the supervisor only.
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                # SIGTERM if the balancer dies; the kernel watches the thread that forks,
+                # so workers are spawned from the loop's thread.
+                preexec_fn=parent_death_hook(),
             )
         except OSError as exc:
             log_event("worker_spawn_failed", level=logging.ERROR, index=worker.index, error=exc)

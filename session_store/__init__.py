@@ -24,6 +24,7 @@ from ._exceptions import (
 from ._hybrid import HybridStore
 from ._memory import MemoryStore
 from ._middleware import SessionMiddleware, load_session
+from ._parent_death import die_with_parent, parent_death_hook
 from ._redis import RedisStore
 from ._server import RedisServer, find_server_binary, free_port, running_redis
 from ._session import Session
@@ -53,10 +54,12 @@ __all__ = [
     "StoreUnavailable",
     "WriteNotAcknowledged",
     "cancellable",
+    "die_with_parent",
     "find_server_binary",
     "free_port",
     "load_session",
     "new_session_id",
+    "parent_death_hook",
     "parse_redis_url",
     "redact_url",
     "redis_client",

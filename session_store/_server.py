@@ -17,14 +17,11 @@ project: the balancer's supervisor, the demo tools, the benchmarks and the tests
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +30,7 @@ from types import TracebackType
 from typing import Self
 
 from ._exceptions import RedisServerError
+from ._parent_death import parent_death_hook
 
 __all__ = ["RedisServer", "find_server_binary", "free_port", "running_redis"]
 
@@ -64,13 +62,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG (1): the kernel sends SIGTERM to the server when the process
-    # that started it dies, even by SIGKILL, so no orphan Redis outlives a test run.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)
 
 
 class RedisServer:
@@ -133,7 +124,9 @@ class RedisServer:
             # Its own session: a Ctrl-C in the terminal reaches our process, which
             # then stops the server last, after the apps that use it.
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            # SIGTERM when this process dies, even by SIGKILL: no orphan Redis outlives
+            # a test run.
+            preexec_fn=parent_death_hook(),  # noqa: PLW1509
         )
         self._wait_ready(timeout)
 

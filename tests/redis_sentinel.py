@@ -3,7 +3,7 @@
 Every process is the server binary `find_server_binary()` finds (a sentinel is the same
 binary with ``--sentinel``), on a free 127.0.0.1 port, without persistence, in a temp dir
 of its own (a sentinel rewrites its config file as it learns), and dies with the test run
-(PR_SET_PDEATHSIG, as `session_store._server` does). Timings are cut so that a failover
+(PR_SET_PDEATHSIG: `session_store.parent_death_hook`). Timings are cut so that a failover
 takes a second or two: ``down-after-milliseconds`` 500, ``failover-timeout`` 2000.
 
 The replica reaches the primary through `Link`, a TCP relay in the test process, so that a
@@ -25,15 +25,13 @@ import contextlib
 import selectors
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import redis
 
-from session_store import RedisServer, find_server_binary
-from session_store._server import _die_with_parent
+from session_store import RedisServer, find_server_binary, parent_death_hook
 from tests.helpers import StartStop, free_port, wait_for
 
 __all__ = ["Link", "SentinelSetup", "acknowledged", "info", "query"]
@@ -197,7 +195,7 @@ class _Sentinel:
             stdout=subprocess.DEVNULL,  # its events are read with SENTINEL commands instead
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=parent_death_hook(),  # noqa: PLW1509
         )
 
     def answers(self) -> bool:

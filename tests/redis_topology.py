@@ -1,7 +1,7 @@
 """Real Redis topologies for tests: a Redis Cluster, and a TLS-only server with an ACL user.
 
 Every process is a real server binary on a free 127.0.0.1 port, without persistence, in a
-temp dir of its own, and dies with the test run (PR_SET_PDEATHSIG, as `session_store._server`
+temp dir of its own, and dies with the test run (PR_SET_PDEATHSIG, as `RedisServer`
 does); teardown kills it.
 
     with start_cluster() as cluster:               # 3 primaries + 3 replicas
