@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._backend import Backend, check_backend_name
 from ._dashboard import OPEN_PATHS, Dashboard, dashboard_routes
-from ._exceptions import BackendExists, ConfigError, InvalidTransition, UnknownBackend
+from ._exceptions import BackendExists, InvalidTransition, UnknownBackend
 from ._log import log_event
 from ._metrics import Metrics
 from ._pool import Pool
@@ -188,7 +188,7 @@ def _is_loopback_host(host: bytes) -> bool:
 def _is_name(name: str) -> bool:
     try:
         check_backend_name(name)
-    except ConfigError:
+    except ValueError:
         return False
     return True
 
@@ -236,11 +236,11 @@ def create_admin_app(
             return _error(400, "invalid_name", '"name", if given, must be a string')
         try:
             backend = pool.add(url, name=name)
-        except ConfigError as exc:
-            reason = "invalid_url" if name is None or _is_name(name) else "invalid_name"
-            return _error(400, reason, exc.message)
-        except BackendExists as exc:
+        except BackendExists as exc:  # a ValueError too: caught first
             return _error(409, "exists", str(exc))
+        except ValueError as exc:
+            reason = "invalid_url" if name is None or _is_name(name) else "invalid_name"
+            return _error(400, reason, str(exc))
         log_event("backend_added", backend=backend.id, url=backend.url)
         return JSONResponse(describe_backend(backend, clock()), status_code=201)
 

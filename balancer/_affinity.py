@@ -19,8 +19,6 @@ from typing import Literal
 
 from itsdangerous import BadSignature, Signer
 
-from ._exceptions import ConfigError
-
 __all__ = [
     "DEFAULT_AFFINITY_COOKIE",
     "AffinityCookie",
@@ -57,7 +55,7 @@ class Sticky:
 
     @classmethod
     def parse(cls, text: str) -> Sticky:
-        """Parse `cookie:NAME`, `ip` or `none`; raises ConfigError(--sticky)."""
+        """Parse `cookie:NAME`, `ip` or `none`; raises ValueError saying what is wrong."""
         if text == "ip":
             return cls("ip")
         if text == "none":
@@ -65,9 +63,9 @@ class Sticky:
         kind, sep, name = text.partition(":")
         if kind == "cookie" and sep:
             if not is_cookie_name(name):
-                raise ConfigError("--sticky", f"{name!r} is not a valid cookie name")
+                raise ValueError(f"{name!r} is not a valid cookie name")
             return cls("cookie", name)
-        raise ConfigError("--sticky", f"expected cookie:NAME, ip or none, got {text!r}")
+        raise ValueError(f"expected cookie:NAME, ip or none, got {text!r}")
 
     def __str__(self) -> str:
         return f"cookie:{self.cookie}" if self.mode == "cookie" else self.mode
@@ -133,8 +131,10 @@ class AffinityCookie:
 
     `secrets` are newest first, as `SessionMiddleware`'s `secret_keys`: the first signs,
     every one verifies, so secrets rotate without unpinning clients. Every balancer replica
-    must be given the same secrets. The signature is deterministic, so a backend's value is the same
-    for every client and verified values are memoized (docs/architecture.md, "Measured facts").
+    must be given the same secrets. The signature is deterministic, so a backend's value is
+    the same for every client and verified values are memoized (docs/architecture.md,
+    "Measured facts"). Raises ValueError, naming the parameter, for no secret, a bad cookie
+    name or a `max_age` under 1.
     """
 
     def __init__(
@@ -145,11 +145,11 @@ class AffinityCookie:
         max_age: int | None = None,
     ) -> None:
         if not secrets:
-            raise ConfigError("--affinity-secret", "at least one secret is needed")
+            raise ValueError("secrets: at least one secret is needed")
         if not is_cookie_name(name):
-            raise ConfigError("--affinity-cookie", f"{name!r} is not a valid cookie name")
+            raise ValueError(f"name: {name!r} is not a valid cookie name")
         if max_age is not None and max_age < 1:
-            raise ConfigError("--affinity-max-age", f"must be at least 1 second, got {max_age}")
+            raise ValueError(f"max_age must be at least 1 second, not {max_age!r}")
         self.name = name
         self.name_bytes = name.encode()
         self._attributes = b"; Path=/; HttpOnly; SameSite=Lax"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ._exceptions import ConfigError, InvalidTransition
+from ._exceptions import InvalidTransition
 
 __all__ = ["Backend", "BackendPolicy", "BackendState", "backend_id", "check_backend_name"]
 
@@ -67,10 +67,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 def check_backend_name(name: str) -> str:
-    """`name` if it may name a backend; raises ConfigError(--backend) otherwise."""
+    """`name` if it may name a backend; raises ValueError otherwise."""
     if _NAME.fullmatch(name) is None:
-        raise ConfigError(
-            "--backend",
+        raise ValueError(
             f"{name!r} is not a backend name (1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit)",
         )
@@ -78,23 +77,23 @@ def check_backend_name(name: str) -> str:
 
 
 def _normalize(url: str) -> tuple[str, str, int]:
-    """`(url, host, port)` for an `http://host[:port][/]` URL; raises ConfigError(--backend)."""
+    """`(url, host, port)` for an `http://host[:port][/]` URL; raises ValueError otherwise."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError("--backend", f"{url!r} is not a valid URL ({exc})") from None
+        raise ValueError(f"{url!r} is not a valid URL ({exc})") from None
     if parts.scheme != "http":
-        raise ConfigError("--backend", f"{url!r}: only http:// backends are supported")
+        raise ValueError(f"{url!r}: only http:// backends are supported")
     host = parts.hostname
     if not host:
-        raise ConfigError("--backend", f"{url!r} has no host")
+        raise ValueError(f"{url!r} has no host")
     if parts.username is not None or parts.password is not None:
-        raise ConfigError("--backend", f"{url!r}: credentials in the URL are not supported")
+        raise ValueError(f"{url!r}: credentials in the URL are not supported")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError("--backend", f"{url!r}: a backend is an origin, without a path")
+        raise ValueError(f"{url!r}: a backend is an origin, without a path")
     if port == 0:
-        raise ConfigError("--backend", f"{url!r}: port 0 is not a port")
+        raise ValueError(f"{url!r}: port 0 is not a port")
     port = 80 if port is None else port
     try:
         netloc = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
@@ -106,8 +105,8 @@ def _normalize(url: str) -> tuple[str, str, int]:
 class Backend:
     """A backend server and its state; the router reads it, the data path counts on it.
 
-    Its `id` is `name` when given, else `backend_id(url)`. Raises ConfigError (setting
-    `--backend`) for a URL that is not `http://host[:port]` or a name that is not valid.
+    Its `id` is `name` when given, else `backend_id(url)`. Raises ValueError, naming the
+    value, for a URL that is not `http://host[:port]` or a name that is not valid.
     Every transition method raises InvalidTransition when the state forbids it.
     """
 

@@ -47,7 +47,7 @@ import httpx
 
 from ._affinity import cookie_value
 from ._backend import Backend
-from ._exceptions import ConfigError, RegistryError
+from ._exceptions import RegistryError
 from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
 from ._registry import Instance, Registry, Snapshot
 
@@ -107,7 +107,7 @@ class _Member:
 def _member(instance: Instance) -> _Member | None:
     try:
         backend = Backend(instance.address)
-    except ConfigError:
+    except ValueError:
         return None  # https or otherwise not what the balancer would take: skip it
     port = backend.port
     netloc = backend.url.removeprefix("http://")
@@ -236,10 +236,10 @@ class _Picker:
 
 def _key_reader(hash_on: str | None) -> Callable[[httpx.Request], bytes | None]:
     """How to read a request's hash key: `cookie:NAME`, `header:NAME`, or only the
-    extension. Raises ConfigError (setting `hash_on`)."""
+    extension. Raises ValueError naming `hash_on`."""
     kind, _, name = (hash_on or "").partition(":")
     if hash_on is not None and (kind not in ("cookie", "header") or not name):
-        raise ConfigError("hash_on", f"expected cookie:NAME or header:NAME, got {hash_on!r}")
+        raise ValueError(f"hash_on: expected cookie:NAME or header:NAME, got {hash_on!r}")
     cookie = name.encode()
 
     def read(request: httpx.Request) -> bytes | None:
@@ -259,11 +259,11 @@ def _key_reader(hash_on: str | None) -> Callable[[httpx.Request], bytes | None]:
 
 def _check(balance: str, table_size: int, max_attempts: int) -> None:
     if balance not in _POLICIES:
-        raise ConfigError("balance", f"expected one of {', '.join(_POLICIES)}, got {balance!r}")
+        raise ValueError(f"balance: expected one of {', '.join(_POLICIES)}, got {balance!r}")
     if not is_prime(table_size):
-        raise ConfigError("table_size", f"must be a prime, got {table_size}")
+        raise ValueError(f"table_size must be a prime, not {table_size!r}")
     if max_attempts < 1:
-        raise ConfigError("max_attempts", f"must be at least 1, got {max_attempts}")
+        raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
 
 
 class _Router:
@@ -321,8 +321,9 @@ class BalancedTransport(httpx.AsyncBaseTransport):
 
     `source` is a `Registry` (the service it was built for) or `StaticInstances`; the caller
     owns and closes it. `inner` defaults to one `httpx.AsyncHTTPTransport` that this
-    transport creates and closes in `aclose()`. Raises ConfigError for a bad policy,
-    `hash_on`, table size or `max_attempts`. See the module docstring for the rules.
+    transport creates and closes in `aclose()`. Raises ValueError, naming the parameter, for
+    a bad `balance`, `hash_on`, `table_size` or `max_attempts`. See the module docstring for
+    the rules.
     """
 
     def __init__(

@@ -15,7 +15,10 @@ source, derived from its field:
 The file comes from `--config PATH` or `BALANCER_CONFIG`. Lists in the environment are
 comma-separated; booleans there are 1/0, true/false, yes/no, on/off. Every value, whatever its
 source, goes through the same parser, and every problem is a ConfigError naming the option
-as a flag (`--backend: ...`), with its source when that was not the command line.
+as a flag (`--backend: ...`), with its source when that was not the command line. The
+library classes it feeds (ProxyOptions, Backend, ...) raise ValueError naming their own
+parameter; only this module speaks of flags. A default such a class also takes is read
+from it (see `_PROXY` below), never restated.
 
 Secrets (`affinity_secrets`) are newest first, as `SessionMiddleware`'s `secret_keys`: the
 first signs, every one verifies. Every balancer replica must be given the same ones; with
@@ -51,8 +54,10 @@ from ._backend import Backend, BackendPolicy, backend_id
 from ._exceptions import ConfigError, RegistryError
 from ._health import HealthPolicy
 from ._maglev import DEFAULT_TABLE_SIZE, is_prime
+from ._proxy import ProxyOptions
 from ._registry import RegistryTarget, parse_registry_url
-from ._router import Balance
+from ._router import DEFAULT_BALANCE, DEFAULT_HASH_BALANCE_FACTOR, Balance
+from ._supervisor import SupervisorOptions
 
 __all__ = ["Address", "LogFormat", "Network", "Settings", "load_or_exit", "load_settings"]
 
@@ -83,9 +88,23 @@ class Address:
             return False
 
 
+# Every default that a library class also takes is that class's (one place, issue 14);
+# Settings states only its own (where to listen, what to balance, the supervisor's switch).
+_PROXY = ProxyOptions()
+_HEALTH = HealthPolicy()
+_BACKEND = BackendPolicy()
+_SUPERVISOR = SupervisorOptions(command=(), count=1)
+_RESTART = _SUPERVISOR.restart
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every option of the balancer, validated. Build it with `load_settings`."""
+    """Every option of the balancer, validated. Build it with `load_settings`.
+
+    Units and meanings of the options a library class also takes are on that class's field
+    (`ProxyOptions`, `HealthPolicy`, `BackendPolicy`, `SupervisorOptions`, `RestartPolicy`,
+    `Router`), with the default.
+    """
 
     listen: Address = Address("127.0.0.1", 8080)
     backends: tuple[str, ...] = ()  # normalized http://host:port URLs, or NAME=URL
@@ -96,59 +115,54 @@ class Settings:
     config: Path | None = None  # the TOML file the settings were read from
     workers: int = 1  # processes sharing the listening port (SO_REUSEPORT)
     log_format: LogFormat = "plain"
-    access_log: bool = False
-    trusted_proxies: tuple[Network, ...] = ()  # X-Forwarded-* are believed only from these
+    access_log: bool = _PROXY.access_log
+    # X-Forwarded-* are believed only from these (ProxyOptions takes them as text).
+    trusted_proxies: tuple[Network, ...] = ()
     affinity_cookie: str = DEFAULT_AFFINITY_COOKIE
-    # Seconds the affinity cookie lives; 0 = the browser session. The default is
-    # session_store's absolute lifetime: a pin that died with the browser while the app's
-    # session cookie lived on would route the client by hash, away from its session.
+    # Seconds the affinity cookie lives; 0 = the browser session (AffinityCookie's own
+    # default). The balancer's is session_store's absolute lifetime: a pin that died with
+    # the browser while the app's session cookie lived on would route the client by hash,
+    # away from its session.
     affinity_max_age: int = 86400
     affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # newest first
-    # For --sticky none: least in-flight steers around a hung backend within a request or
-    # two (issue 13); round robin kept sending it every Nth request until checks failed.
-    balance: Balance = "least-inflight"
-    hash_balance_factor: float = 0.25  # epsilon of bounded load; 0 turns it off
+    balance: Balance = DEFAULT_BALANCE  # for --sticky none
+    hash_balance_factor: float = DEFAULT_HASH_BALANCE_FACTOR
     hash_table_size: int = DEFAULT_TABLE_SIZE  # Maglev table entries, a prime
-    health_path: str = "/healthz"
-    health_interval: float = 2.0  # seconds between active checks of a backend
-    health_timeout: float = 1.0  # seconds for one check
-    health_rise: int = 2  # consecutive passed checks to mark a DOWN backend UP
-    health_fall: int = 3  # consecutive failed checks to mark an UP backend DOWN
-    eject_after: int = 5  # consecutive failed requests to eject a backend; 0 = never
-    ejection_time: float = 30.0  # seconds an ejected backend stays out
-    max_ejection_percent: float = 50.0  # most of the pool passively ejected at once (>= 1)
-    slow_start: float = 0.0  # seconds of weight ramp after a backend comes back; 0 = none
-    max_request_line: int = 8192  # bytes; 414 beyond (nginx: 8k)
-    max_header_bytes: int = 32768  # bytes of all request headers; 431 beyond
-    header_timeout: float = 10.0  # seconds to receive the request head (HAProxy http-request)
-    idle_timeout: float = 75.0  # seconds a keep-alive client connection may sit idle (nginx)
-    upstream_connect_timeout: float = 3.0  # seconds
-    # Seconds a backend may stay silent with a request, then 504 (Envoy's route default:
-    # 15; nginx: 60, which kept interactive clients on a hung backend past their own).
-    upstream_response_timeout: float = 15.0
-    upstream_keepalive: int = 32  # idle upstream connections kept per backend (nginx: 32)
-    max_attempts: int = 3  # tries of one request, the first included, each on another backend;
-    # a refused connect is not one (the backend never saw the request)
-    retry_budget: float = 0.2  # retries the budget earns per request (Finagle's RetryBudget)
-    retry_floor: float = 10.0  # retries per second the budget earns regardless of traffic
-    shutdown_deadline: float = 30.0  # seconds for in-flight requests on SIGTERM
-    # Seconds a request waits for a backend when none can take it (HAProxy's `timeout
-    # queue`): a worker restarting is then a delay, not a 503. 0 = answer 503 at once.
-    queue_timeout: float = 3.0
+    health_path: str = _HEALTH.path
+    health_interval: float = _HEALTH.interval
+    health_timeout: float = _HEALTH.timeout
+    health_rise: int = _HEALTH.rise
+    health_fall: int = _HEALTH.fall
+    eject_after: int = _BACKEND.eject_after
+    ejection_time: float = _BACKEND.ejection_time
+    max_ejection_percent: float = _BACKEND.max_ejection_percent
+    slow_start: float = _BACKEND.slow_start
+    max_request_line: int = _PROXY.max_request_line
+    max_header_bytes: int = _PROXY.max_header_bytes
+    header_timeout: float = _PROXY.header_timeout
+    idle_timeout: float = _PROXY.idle_timeout
+    upstream_connect_timeout: float = _PROXY.connect_timeout
+    upstream_response_timeout: float = _PROXY.response_timeout
+    upstream_keepalive: int = _PROXY.keepalive_per_backend
+    max_attempts: int = _PROXY.max_attempts
+    retry_budget: float = _PROXY.retry_ratio
+    retry_floor: float = _PROXY.retry_floor
+    shutdown_deadline: float = _PROXY.shutdown_deadline
+    queue_timeout: float = _PROXY.queue_timeout
     # The local cluster supervisor: with `spawn`, the balancer starts that many workers
     # from `worker_cmd` (or `app` under uvicorn) and balances over them too.
     spawn: int | None = None  # workers to start; None: no supervisor
     worker_cmd: str | None = None  # command template with {port} and {index}
     app: str | None = None  # MODULE:ATTR, an ASGI app run under uvicorn
-    worker_ready_path: str = "/readyz"  # a new worker joins the pool once this answers 2xx
-    worker_ready_timeout: float = 30.0  # seconds for a new worker to get ready, else killed
-    worker_hang_timeout: float = 10.0  # seconds of failed health checks before SIGKILL
-    worker_stop_timeout: float = 15.0  # seconds from SIGTERM to SIGKILL
-    drain_deadline: float = 30.0  # seconds a draining worker has to finish its requests
-    restart_backoff: float = 0.1  # seconds before restarting a crashed worker, doubling
-    restart_backoff_max: float = 10.0  # seconds: the doubling stops here
-    min_uptime: float = 5.0  # seconds ready; a worker dying sooner crashed early
-    max_crashes: int = 5  # early crashes in a row that hold a worker; 0 = never
+    worker_ready_path: str = _SUPERVISOR.ready_path
+    worker_ready_timeout: float = _SUPERVISOR.ready_timeout
+    worker_hang_timeout: float = _SUPERVISOR.hang_timeout
+    worker_stop_timeout: float = _SUPERVISOR.stop_timeout
+    drain_deadline: float = _SUPERVISOR.drain_deadline
+    restart_backoff: float = _RESTART.backoff
+    restart_backoff_max: float = _RESTART.backoff_max
+    min_uptime: float = _RESTART.min_uptime
+    max_crashes: int = _RESTART.max_crashes
     # The service registry (docs/registry.md): backends are also the live instances of
     # this service, added and removed as they register and leave or die.
     discover: RegistryTarget | None = None  # redis://HOST:PORT[/DB]/SERVICE
@@ -327,8 +341,8 @@ def _choice(*choices: str) -> Parser:
 def _sticky(value: object) -> Sticky:
     try:
         return Sticky.parse(_text(value))
-    except ConfigError as exc:
-        raise _Invalid(exc.message) from None
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 def _cookie_name(value: object) -> str:
@@ -425,8 +439,8 @@ def _backend(value: object) -> str:
     name, url = _split_backend(_text(value).strip())
     try:
         backend = Backend(url, name=name)
-    except ConfigError as exc:
-        raise _Invalid(exc.message) from None
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
     return backend.url if name is None else f"{name}={backend.url}"
 
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ._exceptions import BackendExists, ConfigError, RegistryError, RegistryUnavailable
+from ._exceptions import RegistryError, RegistryUnavailable
 from ._log import log_event
 from ._pool import Pool
 from ._registry import Changes, Instance, Membership, Registry
@@ -127,7 +127,7 @@ class Discovery:
             if self.pool.find(instance.address) is not None:
                 return  # configured (or spawned) already: not ours to add, nor to remove
             backend = self.pool.add(instance.address)
-        except (ConfigError, BackendExists) as exc:
+        except ValueError as exc:  # a bad address, or BackendExists
             log_event(
                 "registry_bad_address",
                 level=logging.WARNING,

@@ -14,6 +14,10 @@
         ├── UpstreamTimeout ...... no connection or no response in time (504)
         └── UpstreamProtocolError  closed early or sent an invalid response (502)
 
+ConfigError is the configuration layer's (`_config`), which names flags. A library class's
+constructor (ProxyOptions, Backend, Router, AffinityCookie...) raises a plain ValueError
+naming its parameter instead; `_config` checks every value first and names the flag.
+
 Foreign errors (httpx in the health checks and the client transport, redis-py in the registry,
 tomllib and argparse in the configuration) are
 translated into these once, where they are caught; nothing above that sees them.

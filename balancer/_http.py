@@ -14,8 +14,6 @@ from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final
 
-from ._exceptions import ConfigError
-
 __all__ = [
     "BODY_CHUNKED",
     "BODY_LENGTH",
@@ -59,7 +57,7 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class TrustedProxies:
     """The networks whose peers may speak for the client through forwarding headers.
 
-    Raises ConfigError (`--trusted-proxy`) for a value that is not an address or CIDR.
+    Raises ValueError (naming `trusted_proxies`) for a value that is not an address or CIDR.
     """
 
     __slots__ = ("_networks",)
@@ -70,7 +68,7 @@ class TrustedProxies:
             try:
                 parsed.append(ipaddress.ip_network(text.strip(), strict=False))
             except ValueError as exc:
-                raise ConfigError("--trusted-proxy", f"{text!r} is not a network ({exc})") from None
+                raise ValueError(f"trusted_proxies: {text!r} is not a network ({exc})") from None
         self._networks = tuple(parsed)
 
     def __bool__(self) -> bool:

@@ -66,7 +66,7 @@ class Pool:
         return self._backends.get(backend_id)
 
     def add(self, url: str, *, name: str | None = None) -> Backend:
-        """Add a backend, UP, its id `name` if given; raises ConfigError for a bad URL or
+        """Add a backend, UP, its id `name` if given; raises ValueError for a bad URL or
         name, BackendExists for a known id or URL."""
         backend = Backend(url, name=name, policy=self.policy)
         if backend.id in self._backends:

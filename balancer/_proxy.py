@@ -29,7 +29,6 @@ import httptools
 
 from ._backend import Backend, BackendState
 from ._exceptions import (
-    ConfigError,
     NoBackendAvailable,
     UpstreamConnectError,
     UpstreamError,
@@ -97,57 +96,50 @@ class ProxyMetrics(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ProxyOptions:
-    """Limits and timeouts of the data path. Raises ConfigError, naming the command-line
-    option of `balancer._config`, for a value out of range."""
+    """Limits and timeouts of the data path; these defaults are the balancer's (its
+    `Settings` take them from here). Raises ValueError naming the field for a value out of
+    range (`balancer._config` checks every flag first and names the flag)."""
 
     max_request_line: int = 8192  # bytes of the request target (414 above)
     max_header_bytes: int = 32768  # bytes of all header fields together (431 above)
     header_timeout: float = 10.0  # seconds from a request's first byte to its head's end (408)
-    idle_timeout: float = 75.0  # seconds a keep-alive client connection may wait for a request
+    idle_timeout: float = 75.0  # seconds a keep-alive client connection may wait (nginx: 75)
     connect_timeout: float = 3.0  # seconds to open a connection to a backend
-    response_timeout: float = 15.0  # seconds a backend may stay silent with a request (504)
-    keepalive_per_backend: int = 32  # idle keep-alive connections kept per backend
-    retry_ratio: float = 0.2  # retries the budget earns per request
+    # Seconds a backend may stay silent with a request, then 504 (Envoy's route default:
+    # 15; nginx: 60, which kept interactive clients on a hung backend past their own).
+    response_timeout: float = 15.0
+    keepalive_per_backend: int = 32  # idle keep-alive connections kept per backend (nginx: 32)
+    retry_ratio: float = 0.2  # retries the budget earns per request (Finagle's RetryBudget)
     retry_floor: float = 10.0  # retries per second the budget earns regardless of traffic
-    max_attempts: int = 3  # attempts per request, the first included
+    # Attempts per request, the first included, each on another backend; a refused connect
+    # is not one (the backend never saw the request).
+    max_attempts: int = 3
     trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) allowed to send X-Forwarded-*
     shutdown_deadline: float = 30.0  # seconds in-flight requests get to finish at shutdown
     access_log: bool = False  # one INFO line per request on the logger "balancer.access"
     # Seconds a request waits when no backend can take it, re-routed every _QUEUE_TICK
-    # (HAProxy's `timeout queue`); 0 = 503 at once.
-    queue_timeout: float = 0.0
+    # (HAProxy's `timeout queue`): a worker restarting is then a delay, not a 503.
+    # 0 = 503 at once.
+    queue_timeout: float = 3.0
 
     def __post_init__(self) -> None:
-        for name, flag in (
-            ("max_request_line", "--max-request-line"),
-            ("max_header_bytes", "--max-header-bytes"),
-            ("max_attempts", "--max-attempts"),
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(flag, "must be at least 1")
-        for name, flag in (
-            ("header_timeout", "--header-timeout"),
-            ("idle_timeout", "--idle-timeout"),
-            ("connect_timeout", "--upstream-connect-timeout"),
-            ("response_timeout", "--upstream-response-timeout"),
-        ):
+        for name in ("max_request_line", "max_header_bytes", "max_attempts"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value!r}")
+        for name in ("header_timeout", "idle_timeout", "connect_timeout", "response_timeout"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(flag, "must be a number of seconds > 0")
-        for name, flag in (
-            ("shutdown_deadline", "--shutdown-deadline"),
-            ("queue_timeout", "--queue-timeout"),
-        ):
+                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        for name in ("shutdown_deadline", "queue_timeout"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(flag, "must be a number of seconds >= 0")
-        if self.keepalive_per_backend < 0:
-            raise ConfigError("--upstream-keepalive", "must be >= 0")
-        if self.retry_ratio < 0:
-            raise ConfigError("--retry-budget", "must be >= 0")
-        if self.retry_floor < 0:
-            raise ConfigError("--retry-floor", "must be >= 0")
-        TrustedProxies(self.trusted_proxies)  # raises ConfigError("--trusted-proxy", ...)
+                raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
+        for name in ("keepalive_per_backend", "retry_ratio", "retry_floor"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, not {value!r}")
+        TrustedProxies(self.trusted_proxies)  # raises ValueError naming trusted_proxies
 
 
 class _RetryBudget:

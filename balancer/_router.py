@@ -39,17 +39,21 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from ._affinity import AffinityCookie, Sticky, cookie_value, set_cookie_value
 from ._backend import Backend, BackendState
-from ._exceptions import ConfigError, NoBackendAvailable
+from ._exceptions import NoBackendAvailable
 from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
 from ._pool import Pool
 
-__all__ = ["Balance", "Decision", "Router"]
+__all__ = ["DEFAULT_BALANCE", "DEFAULT_HASH_BALANCE_FACTOR", "Balance", "Decision", "Router"]
 
 Balance = Literal["round-robin", "least-inflight"]
+# For --sticky none: least in-flight steers around a hung backend within a request or two
+# (issue 13); round robin kept sending it every Nth request until its checks failed.
+DEFAULT_BALANCE: Final[Balance] = "least-inflight"
+DEFAULT_HASH_BALANCE_FACTOR: Final = 0.25  # epsilon of bounded load; 0 turns it off
 
 _UP = BackendState.UP
 # Tables kept for recent UP sets, so a flapping backend does not cost a rebuild each time.
@@ -88,18 +92,20 @@ class Router:
         *,
         sticky: Sticky,
         affinity: AffinityCookie | None = None,
-        balance: Balance = "least-inflight",
-        hash_balance_factor: float = 0.25,
+        balance: Balance = DEFAULT_BALANCE,
+        hash_balance_factor: float = DEFAULT_HASH_BALANCE_FACTOR,
         table_size: int = DEFAULT_TABLE_SIZE,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if sticky.mode == "cookie" and affinity is None:
-            raise ConfigError("--sticky", "cookie stickiness needs an affinity cookie signer")
+            raise ValueError("affinity: cookie stickiness needs an affinity cookie signer")
         if hash_balance_factor < 0 or not math.isfinite(hash_balance_factor):
-            raise ConfigError("--hash-balance-factor", "must be a finite number >= 0")
+            raise ValueError(
+                f"hash_balance_factor must be a finite number >= 0, not {hash_balance_factor!r}"
+            )
         if not is_prime(table_size):
-            raise ConfigError("--hash-table-size", f"must be a prime, got {table_size}")
+            raise ValueError(f"table_size must be a prime, not {table_size!r}")
         self._pool = pool
         self._sticky = sticky
         self._affinity = affinity

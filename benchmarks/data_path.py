@@ -23,7 +23,7 @@ import types
 from typing import Any
 
 import balancer._proxy
-from balancer import AffinityCookie, ConfigError, Pool, Router, Sticky
+from balancer import AffinityCookie, Pool, Router, Sticky
 from balancer._build import compiled
 from balancer._metrics import Metrics
 from balancer._proxy import ProxyOptions, ProxyServer, tune_gc
@@ -62,8 +62,8 @@ def main() -> int:
         parser.error("--requests must be at least 1")
     try:
         sticky = Sticky.parse(args.sticky)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:
+        parser.error(f"--sticky: {exc}")
 
     pool = Pool(["http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"])
     balance = {} if args.balance is None else {"balance": args.balance}  # else the default

@@ -120,10 +120,14 @@ async def running_proxy(
     *,
     router: ListRouter | None = None,
 ) -> AsyncIterator[tuple[ProxyServer, ListRouter, RecordingMetrics]]:
-    """A ProxyServer on a free port in this event loop, shut down on exit."""
+    """A ProxyServer on a free port in this event loop, shut down on exit.
+
+    Without `options`, a request no backend can take is answered 503 at once
+    (`queue_timeout=0`, not the 3 s wait): the queue's tests pass their own options.
+    """
     router = router if router is not None else ListRouter(urls)
     metrics = RecordingMetrics()
-    server = ProxyServer(router, metrics, options or ProxyOptions())
+    server = ProxyServer(router, metrics, options or ProxyOptions(queue_timeout=0.0))
     await server.start("127.0.0.1", 0)
     try:
         yield server, router, metrics

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from balancer import AffinityCookie, ConfigError, RegistryTarget, Sticky
+from balancer import AffinityCookie, ConfigError, RegistryTarget, Sticky, _router
+from balancer._backend import BackendPolicy
+from balancer._balancer import proxy_options, supervisor_options
 from balancer._config import Address, Settings, load_or_exit, load_settings
+from balancer._health import HealthPolicy
+from balancer._maglev import DEFAULT_TABLE_SIZE
+from balancer._proxy import ProxyOptions
+from balancer._supervisor import SupervisorOptions
+from balancer._workers import RestartPolicy
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 MIN = ["--backend", B1]
@@ -448,6 +455,84 @@ def test_affinity_from_settings(argv: list[str], suffix: bytes) -> None:
     value = settings.affinity().set_cookie("abc")
     assert value.startswith(b"pin=abc.")
     assert value.endswith(suffix)
+
+
+_PROXY, _HEALTH, _BACKEND, _RESTART = (
+    ProxyOptions(),
+    HealthPolicy(),
+    BackendPolicy(),
+    RestartPolicy(),
+)
+_SUPERVISOR = SupervisorOptions(command=(), count=1)
+# Each setting that a library class also takes, with that class's own default: the one
+# place it lives (issue 14: queue_timeout was 3 s in Settings and 0 in ProxyOptions).
+LIBRARY_DEFAULTS: dict[str, object] = {
+    "max_request_line": _PROXY.max_request_line,
+    "max_header_bytes": _PROXY.max_header_bytes,
+    "header_timeout": _PROXY.header_timeout,
+    "idle_timeout": _PROXY.idle_timeout,
+    "upstream_connect_timeout": _PROXY.connect_timeout,
+    "upstream_response_timeout": _PROXY.response_timeout,
+    "upstream_keepalive": _PROXY.keepalive_per_backend,
+    "retry_budget": _PROXY.retry_ratio,
+    "retry_floor": _PROXY.retry_floor,
+    "max_attempts": _PROXY.max_attempts,
+    "trusted_proxies": _PROXY.trusted_proxies,
+    "shutdown_deadline": _PROXY.shutdown_deadline,
+    "access_log": _PROXY.access_log,
+    "queue_timeout": _PROXY.queue_timeout,
+    "health_path": _HEALTH.path,
+    "health_interval": _HEALTH.interval,
+    "health_timeout": _HEALTH.timeout,
+    "health_rise": _HEALTH.rise,
+    "health_fall": _HEALTH.fall,
+    "eject_after": _BACKEND.eject_after,
+    "ejection_time": _BACKEND.ejection_time,
+    "max_ejection_percent": _BACKEND.max_ejection_percent,
+    "slow_start": _BACKEND.slow_start,
+    "worker_ready_path": _SUPERVISOR.ready_path,
+    "worker_ready_timeout": _SUPERVISOR.ready_timeout,
+    "worker_hang_timeout": _SUPERVISOR.hang_timeout,
+    "worker_stop_timeout": _SUPERVISOR.stop_timeout,
+    "drain_deadline": _SUPERVISOR.drain_deadline,
+    "restart_backoff": _RESTART.backoff,
+    "restart_backoff_max": _RESTART.backoff_max,
+    "min_uptime": _RESTART.min_uptime,
+    "max_crashes": _RESTART.max_crashes,
+    "balance": _router.DEFAULT_BALANCE,
+    "hash_balance_factor": _router.DEFAULT_HASH_BALANCE_FACTOR,
+    "hash_table_size": DEFAULT_TABLE_SIZE,
+}
+# The settings no library class takes with a default of its own: the config layer's.
+# affinity_max_age: AffinityCookie's default is a browser-session cookie; the balancer's
+# is a day, session_store's absolute lifetime (see Settings).
+CONFIG_ONLY = {
+    "listen", "backends", "sticky", "admin", "admin_token", "config", "workers", "log_format",
+    "affinity_cookie", "affinity_max_age", "affinity_secrets", "spawn", "worker_cmd", "app",
+    "discover", "discover_interval", "dashboard_mode", "dashboard_redis",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_DEFAULTS))
+def test_each_default_is_the_library_classes(name: str) -> None:
+    assert getattr(Settings(), name) == LIBRARY_DEFAULTS[name]
+
+
+def test_every_setting_is_a_library_default_or_the_config_layers() -> None:
+    names = set(Settings.__dataclass_fields__)
+    assert names == set(LIBRARY_DEFAULTS) | CONFIG_ONLY
+    assert not set(LIBRARY_DEFAULTS) & CONFIG_ONLY
+
+
+def test_default_settings_build_the_default_library_objects() -> None:
+    # The translation as the balancer runs it: nothing restated, nothing mapped wrong.
+    settings = Settings(spawn=1, worker_cmd=CMD)
+    assert proxy_options(settings) == ProxyOptions()
+    assert settings.health_policy() == HealthPolicy()
+    assert settings.backend_policy() == BackendPolicy()
+    assert supervisor_options(settings) == SupervisorOptions(
+        command=settings.worker_command(), count=1
+    )
 
 
 OLD_SECRET = "the-old-affinity-secret-0123"

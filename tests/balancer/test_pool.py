@@ -7,7 +7,6 @@ from balancer import (
     BackendExists,
     BackendPolicy,
     BackendState,
-    ConfigError,
     Pool,
     UnknownBackend,
 )
@@ -44,8 +43,8 @@ def test_add_remove_get() -> None:
         pool.drain("nope")
 
 
-def test_bad_url_is_config_error() -> None:
-    with pytest.raises(ConfigError, match="--backend"):
+def test_bad_url_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="'ftp://x': only http://"):
         Pool(["ftp://x"])
 
 

@@ -394,7 +394,7 @@ async def test_no_backend_is_503() -> None:
 
 
 async def test_a_long_pipeline_answered_at_once_does_not_recurse() -> None:
-    options = ProxyOptions(response_timeout=0.3)
+    options = ProxyOptions(response_timeout=0.3, queue_timeout=0.0)
     async with (
         HttpBackend() as backend,
         running_proxy([backend.url], options) as (

@@ -110,7 +110,7 @@ def test_valid_pin_is_kept_and_costs_no_cookie() -> None:
 
 def test_pin_signed_by_an_old_secret_is_kept_and_resigned() -> None:
     pool = Pool(URLS)
-    router = Router(pool, sticky=COOKIE, affinity=AffinityCookie(secrets=["old", "new"]))
+    router = Router(pool, sticky=COOKIE, affinity=AffinityCookie(secrets=["new", "old"]))
     backend = next(iter(pool))
     decision = decide(router, pin(backend.id, ["old"]))
     assert decision.backend is backend
