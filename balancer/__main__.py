@@ -3,27 +3,28 @@
 Every option: ``python -m balancer --help``, and the table in ``balancer/_config.py``.
 
 With ``--spawn N --worker-cmd TEMPLATE`` (or ``--app MODULE:ATTR``) the balancer also
-starts and supervises its workers: SIGHUP or SIGUSR2 restarts them one at a time,
+starts and supervises its app workers: SIGHUP or SIGUSR2 restarts them one at a time,
 SIGTTIN and SIGTTOU add and remove one, SIGTERM and SIGINT stop everything.
+
+With ``--workers N`` this process forks N balancer processes sharing the port and
+supervises them (`_processes.BalancerProcesses`); SIGTERM and SIGINT stop them all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
+import functools
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from types import FrameType
 
 from ._affinity import generate_secret
-from ._balancer import Balancer
+from ._balancer import Balancer, restart_policy
 from ._config import Settings, load_or_exit
 from ._log import configure_logging, log_event
+from ._processes import CANNOT_SERVE, BalancerProcesses
 from ._proxy import tune_gc
 from ._supervisor import Command
 
@@ -58,60 +59,26 @@ def _run_loop(settings: Settings, *, reuse_port: bool, admin_port_offset: int) -
         uvloop.run(serve())
 
 
-def _worker(settings: Settings, index: int) -> int:
-    if sys.platform == "linux":
-        # PR_SET_PDEATHSIG: a worker whose parent is killed (even by SIGKILL) gets
-        # SIGTERM and drains, rather than live on as an orphan.
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-        if os.getppid() == 1:
-            return 0  # the parent died before the line above
+def _serve_process(settings: Settings, index: int) -> int:
+    """Balancer process `index` of `--workers N`, in its forked child: its exit code."""
     try:
         _run_loop(settings, reuse_port=True, admin_port_offset=index)
     except OSError as exc:
-        print(f"balancer: worker {index}: {exc}", file=sys.stderr)
-        return 1
+        print(f"balancer: balancer process {index}: {exc}", file=sys.stderr)
+        return CANNOT_SERVE
     return 0
 
 
-class _Forward:
-    """SIGTERM/SIGINT in the parent: pass it on to every worker (and nothing else)."""
-
-    def __init__(self) -> None:
-        self.children: set[int] = set()
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-
 def _supervise(settings: Settings) -> int:
-    """``--workers N``: N processes accept on one port (SO_REUSEPORT); each is a whole
-    balancer with the same backends and secret, so they agree on every pin. Worker i
-    serves its admin app on the admin port + i."""
-    forward = _Forward()
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for index in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os._exit(_worker(settings, index))
-        forward.children.add(pid)
-    log_event("workers started", workers=settings.workers, pids=sorted(forward.children))
-    status = 0
-    while forward.children:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:  # pragma: no cover
-            break
-        forward.children.discard(pid)
-        exit_code = os.waitstatus_to_exitcode(code)
-        if exit_code != 0:
-            log_event("worker exited", pid=pid, code=exit_code)
-            status = 1
-    return status
+    """``--workers N``: N balancer processes on one port, restarted when they crash."""
+    processes = BalancerProcesses(
+        settings.workers,
+        functools.partial(_serve_process, settings),
+        policy=restart_policy(settings),
+        # Each drains for up to --shutdown-deadline itself; SIGKILL only past that.
+        stop_timeout=settings.shutdown_deadline + settings.worker_stop_timeout,
+    )
+    return processes.run()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from ._router import Router
 from ._supervisor import Supervisor, SupervisorOptions
 from ._workers import RestartPolicy
 
-__all__ = ["Balancer", "proxy_options", "supervisor_options"]
+__all__ = ["Balancer", "proxy_options", "restart_policy", "supervisor_options"]
 
 logger = logging.getLogger("balancer")
 
@@ -78,12 +78,17 @@ def supervisor_options(settings: Settings) -> SupervisorOptions | None:
         hang_timeout=settings.worker_hang_timeout,
         drain_deadline=settings.drain_deadline,
         stop_timeout=settings.worker_stop_timeout,
-        restart=RestartPolicy(
-            backoff=settings.restart_backoff,
-            backoff_max=settings.restart_backoff_max,
-            min_uptime=settings.min_uptime,
-            max_crashes=settings.max_crashes,
-        ),
+        restart=restart_policy(settings),
+    )
+
+
+def restart_policy(settings: Settings) -> RestartPolicy:
+    """When a crashed app worker (`--spawn`) or balancer process (`--workers`) restarts."""
+    return RestartPolicy(
+        backoff=settings.restart_backoff,
+        backoff_max=settings.restart_backoff_max,
+        min_uptime=settings.min_uptime,
+        max_crashes=settings.max_crashes,
     )
 
 

@@ -714,6 +714,13 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
 
 def _validate_spawn(settings: Settings) -> None:
     """The supervisor's options against each other (see `_validate`)."""
+    # The restart policy is --workers N's too.
+    if settings.restart_backoff_max < settings.restart_backoff:
+        raise ConfigError(
+            "--restart-backoff-max",
+            f"{settings.restart_backoff_max} s is less than --restart-backoff "
+            f"({settings.restart_backoff} s)",
+        )
     if settings.spawn is None:
         for name, flag in (("worker_cmd", "--worker-cmd"), ("app", "--app")):
             if getattr(settings, name) is not None:
@@ -726,12 +733,6 @@ def _validate_spawn(settings: Settings) -> None:
     if settings.workers > 1:
         # The supervisor's pool lives in one process: N balancers would each spawn workers.
         raise ConfigError("--spawn", "runs in one balancer process: not with --workers N")
-    if settings.restart_backoff_max < settings.restart_backoff:
-        raise ConfigError(
-            "--restart-backoff-max",
-            f"{settings.restart_backoff_max} s is less than --restart-backoff "
-            f"({settings.restart_backoff} s)",
-        )
 
 
 def load_or_exit(
