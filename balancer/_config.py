@@ -51,6 +51,7 @@ from ._affinity import (
     is_cookie_name,
 )
 from ._backend import Backend, BackendPolicy, backend_id
+from ._discovery import DEFAULT_DISCOVER_INTERVAL
 from ._exceptions import ConfigError, RegistryError
 from ._health import HealthPolicy
 from ._maglev import DEFAULT_TABLE_SIZE, is_prime
@@ -166,7 +167,7 @@ class Settings:
     # The service registry (docs/registry.md): backends are also the live instances of
     # this service, added and removed as they register and leave or die.
     discover: RegistryTarget | None = None  # redis://HOST:PORT[/DB]/SERVICE
-    discover_interval: float = 0.5  # seconds between full reads of the registry
+    discover_interval: float = DEFAULT_DISCOVER_INTERVAL  # seconds between registry reads
     # What the dashboard shows that the balancer cannot know by itself: the demo's mode
     # (sticky, shared, hybrid), and a Redis to report on (default: --discover's).
     dashboard_mode: str | None = None

@@ -11,6 +11,7 @@ from balancer import AffinityCookie, ConfigError, RegistryTarget, Sticky, _route
 from balancer._backend import BackendPolicy
 from balancer._balancer import proxy_options, supervisor_options
 from balancer._config import Address, Settings, load_or_exit, load_settings
+from balancer._discovery import DEFAULT_DISCOVER_INTERVAL
 from balancer._health import HealthPolicy
 from balancer._maglev import DEFAULT_TABLE_SIZE
 from balancer._proxy import ProxyOptions
@@ -502,6 +503,7 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "balance": _router.DEFAULT_BALANCE,
     "hash_balance_factor": _router.DEFAULT_HASH_BALANCE_FACTOR,
     "hash_table_size": DEFAULT_TABLE_SIZE,
+    "discover_interval": DEFAULT_DISCOVER_INTERVAL,
 }
 # The settings no library class takes with a default of its own: the config layer's.
 # affinity_max_age: AffinityCookie's default is a browser-session cookie; the balancer's
@@ -509,7 +511,7 @@ LIBRARY_DEFAULTS: dict[str, object] = {
 CONFIG_ONLY = {
     "listen", "backends", "sticky", "admin", "admin_token", "config", "workers", "log_format",
     "affinity_cookie", "affinity_max_age", "affinity_secrets", "spawn", "worker_cmd", "app",
-    "discover", "discover_interval", "dashboard_mode", "dashboard_redis",
+    "discover", "dashboard_mode", "dashboard_redis",
 }  # fmt: skip
 
 
