@@ -163,6 +163,8 @@ class BalancerProcesses:
             if worker.restart_due(now):
                 worker.restarted(0, now)
                 self._fork(worker, now)
+                if worker.pid is None:
+                    continue  # the fork failed: logged, and counted as a crash
                 log_event(
                     "balancer_process_restarted",
                     index=worker.index,
@@ -227,7 +229,7 @@ class BalancerProcesses:
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             log_event("balancer_process_fork_failed", level=logging.ERROR, error=str(exc))
-            worker.exited(-1, now, self.policy)  # an early crash: retried after the backoff
+            self._exited(worker, -1, now)  # an early crash: retried after the backoff
             return
         if pid == 0:
             self._child(worker.index, parent)  # never returns
