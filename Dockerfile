@@ -11,8 +11,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
-COPY balancer ./balancer
+COPY redis_plumbing ./redis_plumbing
 COPY session_store ./session_store
+COPY balancer ./balancer
 COPY demo_app ./demo_app
 COPY scripts/build-fast ./scripts/build-fast
 RUN pip install --no-cache-dir -c constraints.txt . mypy "setuptools>=69" \
@@ -30,8 +31,9 @@ WORKDIR /app
 # Metadata first: the dependency layer is rebuilt only when pyproject.toml or the pinned
 # versions (constraints.txt, the set the tests passed with) change.
 COPY pyproject.toml README.md constraints.txt ./
-COPY --from=build /app/balancer ./balancer
+COPY redis_plumbing ./redis_plumbing
 COPY session_store ./session_store
+COPY --from=build /app/balancer ./balancer
 COPY demo_app ./demo_app
 
 # A plain (non-editable) install of the project and its runtime dependencies only: no dev

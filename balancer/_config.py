@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
-from session_store import RedisURLError, parse_redis_url
+from redis_plumbing import RedisURLError, parse_redis_url
 
 from ._affinity import (
     DEFAULT_AFFINITY_COOKIE,

@@ -48,7 +48,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from session_store import RedisClient, cancellable, redact_url, redis_client
+from redis_plumbing import RedisClient, cancellable, redact_url, redis_client
 
 from ._affinity import Sticky, cookie_value
 from ._events import EventFeed

@@ -1,7 +1,7 @@
 """The balancer's registry watcher: `--discover redis://HOST:PORT[/DB]/SERVICE`.
 
 Any Redis URL form works, with the service at the end of its path (Sentinel, Cluster, TLS:
-`parse_registry_url`); the registry's client comes from `session_store.redis_client`.
+`parse_registry_url`); the registry's client comes from `redis_plumbing.redis_client`.
 
 It keeps the pool's discovered backends equal to the live instances of one service
 (protocol: `balancer/_registry.py`). Two inputs, one rule:
@@ -74,7 +74,7 @@ class Discovery:
                 await self.refresh()
                 # The interval is the schedule of the reads; a notice cuts it short.
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel
-                # that lands as the wake-up comes (see session_store.cancellable).
+                # that lands as the wake-up comes (see redis_plumbing.cancellable).
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.interval):
                         await self._wake.wait()

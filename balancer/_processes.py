@@ -34,7 +34,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 
-from session_store import die_with_parent
+from redis_plumbing import die_with_parent
 
 from ._log import log_event
 from ._workers import Exit, RestartPolicy, Worker, WorkerState

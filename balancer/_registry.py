@@ -52,11 +52,10 @@ from urllib.parse import urlsplit
 
 import redis.exceptions
 
-from session_store import (
-    UNAVAILABLE_ERRORS,
+from redis_plumbing import (
     RedisClient,
     RedisURLError,
-    cancellable,
+    call,
     parse_redis_url,
     redact_url,
     redis_client,
@@ -338,7 +337,7 @@ def parse_registry_url(url: str) -> RegistryTarget:
 
     `redis[s]://[user:password@]HOST[:PORT][/DB]/SERVICE[?query]`: a number before the
     service is the database (default 0). The Sentinel and Cluster forms of
-    `session_store.redis_client` work the same way: `redis+sentinel://H:P,H:P/MASTER[/DB]/S`,
+    `redis_plumbing.redis_client` work the same way: `redis+sentinel://H:P,H:P/MASTER[/DB]/S`,
     `redis+cluster://H:P,H:P/S`. Raises RegistryError saying what is wrong, never showing
     the password.
     """
@@ -383,7 +382,7 @@ class Registry:
 
     `client` is a `redis.asyncio.Redis` or `redis.asyncio.RedisCluster` the caller created
     (with socket timeouts: they bound every call) and closes, unless `owns_client`;
-    `Registry.from_url` builds one with `session_store.redis_client`, for any topology. Every
+    `Registry.from_url` builds one with `redis_plumbing.redis_client`, for any topology. Every
     method raises RegistryUnavailable when Redis is down, too slow, read-only or failing over,
     RegistryError when it refuses otherwise; never a redis-py error.
     """
@@ -414,7 +413,7 @@ class Registry:
         cls, url: str, service: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 1.0
     ) -> Registry:
         """A registry with its own client for the Redis at `url`: any URL that
-        `session_store.redis_client` reads (one server, Sentinel, Cluster; TLS, ACL)."""
+        `redis_plumbing.redis_client` reads (one server, Sentinel, Cluster; TLS, ACL)."""
         try:
             client = redis_client(url, timeout=timeout)
         except RedisURLError as exc:
@@ -442,14 +441,12 @@ class Registry:
 
     async def _call(self, operation: Awaitable[T]) -> T:
         # The one seam where redis-py's errors (and its lost cancels) become ours.
-        try:
-            return await cancellable(operation)
-        except TimeoutError as exc:
-            raise RegistryUnavailable(f"redis did not answer within {self.timeout} s") from exc
-        except UNAVAILABLE_ERRORS as exc:
-            raise RegistryUnavailable(f"redis is unavailable: {exc}") from exc
-        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise RegistryError(f"redis refused the operation: {exc}") from exc
+        return await call(
+            operation,
+            unavailable=RegistryUnavailable,
+            refused=RegistryError,
+            client_timeout=self.timeout,
+        )
 
     async def register(self, instance: Instance) -> bool:
         """Register or heartbeat `instance`; True when it was not registered before."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from session_store import free_port, parent_death_hook
+from redis_plumbing import free_port, parent_death_hook
 
 from ._backend import backend_id
 from ._exceptions import InvalidTransition

@@ -32,7 +32,7 @@ import httpx
 
 from balancer import BalancedTransport, Instance, Registry, StaticInstances
 from balancer._client import BalancePolicy
-from session_store import RedisServer, free_port
+from redis_plumbing import RedisServer, free_port
 
 
 def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:

@@ -42,7 +42,7 @@ import psutil
 
 import balancer._proxy
 from balancer._build import compiled
-from session_store import free_port
+from redis_plumbing import free_port
 
 _WRK_LUA = """
 local n = 0

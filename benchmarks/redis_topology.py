@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from benchmarks.session_middleware import Result, _pin, _serve, _session_cookie, _wrk  # noqa: E402
-from session_store import RedisServer  # noqa: E402
+from redis_plumbing import RedisServer  # noqa: E402
 from tests.redis_sentinel import SentinelSetup  # noqa: E402
 from tests.redis_topology import Cluster  # noqa: E402
 

@@ -33,13 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from session_store import (  # noqa: E402
-    Changes,
-    MemoryStore,
-    RedisServer,
-    free_port,
-    new_session_id,
-)
+from redis_plumbing import RedisServer, free_port  # noqa: E402
+from session_store import Changes, MemoryStore, new_session_id  # noqa: E402
 
 KINDS = ("none", "ours", "starsessions")
 POST_LUA = 'wrk.method = "POST"\n'

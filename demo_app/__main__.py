@@ -13,7 +13,7 @@ from types import FrameType
 import uvicorn
 
 from balancer import Instance, RegistryError
-from session_store import RedisURLError, parse_redis_url
+from redis_plumbing import RedisURLError, parse_redis_url
 
 from ._app import DEMO_SECRET, STORE_TIMEOUT, AppSettings, create_app
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import httpx
 
 from balancer import BalancedTransport, Registry, RegistryError
-from session_store import RedisURLError, parse_redis_url
+from redis_plumbing import RedisURLError, parse_redis_url
 
 __all__ = ["main"]
 

@@ -72,7 +72,7 @@ from typing import Any
 
 import httpx
 
-from session_store import RedisServerError, free_port, redis_client, running_redis
+from redis_plumbing import RedisServerError, free_port, redis_client, running_redis
 
 from ._workload import Step, User
 from .stack import MODES, balancer_command, instance_command
@@ -272,7 +272,7 @@ def _all_up(admin_url: str, url: str | None = None) -> bool:
 
 
 def _commandstats(redis_url: str) -> Counter[str]:
-    """INFO commandstats of the Redis at ``redis_url``, through `session_store.redis_client`
+    """INFO commandstats of the Redis at ``redis_url``, through `redis_plumbing.redis_client`
     (any topology; on a cluster, of the one node its INFO reaches)."""
 
     async def read() -> dict[str, dict[str, Any]]:

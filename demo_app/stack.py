@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from session_store import (
+from redis_plumbing import (
     UNAVAILABLE_ERRORS,
     RedisServerError,
     RedisURLError,

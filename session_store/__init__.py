@@ -1,19 +1,24 @@
-"""Server-side sessions for Starlette and FastAPI apps, in memory, Redis, or both."""
+"""Server-side sessions for Starlette and FastAPI apps, in memory, Redis, or both.
+
+The Redis connection names a `RedisStore` user needs (`redis_client`, `parse_redis_url`,
+`redact_url`, `RedisURLError`, `cancellable`, ...) are re-exported from `redis_plumbing`,
+where they live; the Redis server launcher (`RedisServer`, `running_redis`) is there only,
+a development and test helper rather than session API."""
 
 from __future__ import annotations
 
-from ._connection import (
+from redis_plumbing import (
     UNAVAILABLE_ERRORS,
     RedisClient,
     RedisURL,
+    RedisURLError,
     cancellable,
     parse_redis_url,
     redact_url,
     redis_client,
 )
+
 from ._exceptions import (
-    RedisServerError,
-    RedisURLError,
     SessionError,
     SessionNotLoaded,
     SessionStoreError,
@@ -24,9 +29,7 @@ from ._exceptions import (
 from ._hybrid import HybridStore
 from ._memory import MemoryStore
 from ._middleware import SessionMiddleware, load_session
-from ._parent_death import die_with_parent, parent_death_hook
 from ._redis import RedisStore
-from ._server import RedisServer, find_server_binary, free_port, running_redis
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionRecord, SessionStore
@@ -37,8 +40,6 @@ __all__ = [
     "HybridStore",
     "MemoryStore",
     "RedisClient",
-    "RedisServer",
-    "RedisServerError",
     "RedisStore",
     "RedisURL",
     "RedisURLError",
@@ -54,14 +55,9 @@ __all__ = [
     "StoreUnavailable",
     "WriteNotAcknowledged",
     "cancellable",
-    "die_with_parent",
-    "find_server_binary",
-    "free_port",
     "load_session",
     "new_session_id",
-    "parent_death_hook",
     "parse_redis_url",
     "redact_url",
     "redis_client",
-    "running_redis",
 ]

@@ -5,9 +5,10 @@
     │   └── StoreUnavailable ..... unreachable, timed out, refused: try again later (503)
     │       └── WriteNotAcknowledged  fewer replicas than required confirmed a write (503)
     ├── SessionTooLarge .......... the serialized session is over the configured limit
-    ├── SessionNotLoaded ......... the session was touched before `await load_session()`
-    ├── RedisURLError ............ a Redis URL that no client can be built from (a ValueError)
-    └── RedisServerError ......... no redis-server could be found or started
+    └── SessionNotLoaded ......... the session was touched before `await load_session()`
+
+A bad Redis URL raises `redis_plumbing.RedisURLError` (re-exported here), which is not a
+SessionError: the URL is read by the plumbing that every package of the project shares.
 
 Errors of redis-py are translated into these once, in the Redis store; nothing
 above the stores sees a redis-py exception.
@@ -16,8 +17,6 @@ above the stores sees a redis-py exception.
 from __future__ import annotations
 
 __all__ = [
-    "RedisServerError",
-    "RedisURLError",
     "SessionError",
     "SessionNotLoaded",
     "SessionStoreError",
@@ -70,11 +69,3 @@ class SessionTooLarge(SessionError, ValueError):
 
 class SessionNotLoaded(SessionError, RuntimeError):
     """The session was used before it was loaded (autoload is off for this request)."""
-
-
-class RedisServerError(SessionError, RuntimeError):
-    """No Redis server binary could be found, or the server would not start."""
-
-
-class RedisURLError(SessionError, ValueError):
-    """A Redis URL that is not one of the forms `redis_client` reads; says what is wrong."""

@@ -37,7 +37,8 @@ import redis.asyncio
 import redis.exceptions
 from redis.exceptions import AskError, MovedError
 
-from ._connection import UNAVAILABLE_ERRORS, RedisClient, cancellable, redis_client
+from redis_plumbing import RedisClient, call, redis_client
+
 from ._exceptions import SessionStoreError, StoreUnavailable, WriteNotAcknowledged
 from ._store import Changes, SessionRecord
 
@@ -310,17 +311,13 @@ class RedisStore:
         return f"{self.prefix}{{{session_id}}}"
 
     async def _call(self, operation: Awaitable[T]) -> T:
-        # The one seam where redis-py's errors become ours. No asyncio.timeout here:
-        # the client's own socket timeouts bound every read and connect, and a
-        # second timer per command cost ~10% of the store's CPU (docs/architecture.md).
-        try:
-            return await cancellable(operation)
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"redis did not answer within {self.timeout} s") from exc
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"redis is unavailable: {exc}") from exc
-        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise SessionStoreError(f"redis refused the operation: {exc}") from exc
+        # The one seam where redis-py's errors become ours (redis_plumbing.call).
+        return await call(
+            operation,
+            unavailable=StoreUnavailable,
+            refused=SessionStoreError,
+            client_timeout=self.timeout,
+        )
 
     async def load(self, session_id: str) -> SessionRecord | None:
         result = await self.load_unless(session_id, None)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 
 # The project's one free-port helper, re-exported (the `as` tells mypy --strict so): the
 # socket tests import it from here.
-from session_store import free_port as free_port  # noqa: PLC0414
+from redis_plumbing import free_port as free_port  # noqa: PLC0414
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

@@ -3,7 +3,7 @@
 Every process is the server binary `find_server_binary()` finds (a sentinel is the same
 binary with ``--sentinel``), on a free 127.0.0.1 port, without persistence, in a temp dir
 of its own (a sentinel rewrites its config file as it learns), and dies with the test run
-(PR_SET_PDEATHSIG: `session_store.parent_death_hook`). Timings are cut so that a failover
+(PR_SET_PDEATHSIG: `redis_plumbing.parent_death_hook`). Timings are cut so that a failover
 takes a second or two: ``down-after-milliseconds`` 500, ``failover-timeout`` 2000.
 
 The replica reaches the primary through `Link`, a TCP relay in the test process, so that a
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import redis
 
-from session_store import RedisServer, find_server_binary, parent_death_hook
+from redis_plumbing import RedisServer, find_server_binary, parent_death_hook
 from tests.helpers import StartStop, free_port, wait_for
 
 __all__ = ["Link", "SentinelSetup", "acknowledged", "info", "query"]
@@ -245,7 +245,7 @@ class SentinelSetup(StartStop):
 
     @property
     def url(self) -> str:
-        """The ``redis+sentinel://`` URL of the setup (`session_store.redis_client` reads it)."""
+        """The ``redis+sentinel://`` URL of the setup (`redis_plumbing.redis_client` reads it)."""
         nodes = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://{nodes}/{self.master_name}"
 

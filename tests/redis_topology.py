@@ -29,7 +29,7 @@ from pathlib import Path
 
 import redis
 
-from session_store import RedisServer, find_server_binary
+from redis_plumbing import RedisServer, find_server_binary
 from tests.helpers import StartStop, free_port, wait_for
 
 __all__ = ["SLOTS", "Cluster", "TLSServer", "make_certificates", "start_cluster"]

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from balancer._config import Settings, load_settings
 from demo_app import AppSettings, create_app
 from demo_app.__main__ import parse_args as parse_demo_app_args
 from demo_app.stack import MODES, STICKY_OF_MODE, STORE_OF_MODE, discover_url
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import free_port, wait_for
 from tests.processes import Process
 from tests.processes import balancer as balancer_process
@@ -408,6 +409,13 @@ def test_dockerfile_is_small_non_root_and_runs_the_entry_points() -> None:
     assert not any("gcc" in arg for instruction, arg in final if instruction == "RUN")
     assert any("compiled(p)" in arg for instruction, arg in final if instruction == "RUN")
     assert ("COPY", "--from=build /app/balancer ./balancer") in final
+    # Every package the wheel holds goes into both stages (the build installs the project).
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [pattern.rstrip("*") for pattern in find["packages"]["find"]["include"]]
+    assert "redis_plumbing" in packages
+    for stage in (build, final):
+        copied = {arg.split()[-1] for instruction, arg in stage if instruction == "COPY"}
+        assert {f"./{package}" for package in packages} <= copied
     users = [argument for instruction, argument in instructions if instruction == "USER"]
     assert users, "the image must not run as root"
     assert users[-1] not in ("root", "0")

@@ -10,7 +10,16 @@ import re
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-_TREES = ("balancer", "session_store", "demo_app", "benchmarks", "tests", "scripts", "deploy")
+_TREES = (
+    "redis_plumbing",
+    "balancer",
+    "session_store",
+    "demo_app",
+    "benchmarks",
+    "tests",
+    "scripts",
+    "deploy",
+)
 _TOP = ("README.md", "pyproject.toml", "compose.yaml", "Dockerfile")
 _SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".js", ".html", ".css", ".sh", ""}
 

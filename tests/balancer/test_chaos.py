@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.balancer.test_supervisor import Cluster, cluster, demo_app_command
 from tests.helpers import wait_for
 

@@ -24,7 +24,7 @@ from balancer import (
     Sticky,
 )
 from balancer._client import BalancePolicy
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import async_wait_for
 from tests.processes import Process, balancer, demo_app
 

@@ -30,7 +30,7 @@ from balancer._dashboard import (
 )
 from balancer._events import EventFeed
 from balancer._metrics import BUCKETS, Metrics
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import FakeClock, Stream, free_port, wait_for
 from tests.processes import balancer
 

@@ -23,7 +23,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, sync_playwright
 
 from balancer._backend import backend_id
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.balancer.test_supervisor import cluster, demo_app_command
 from tests.helpers import free_port, wait_for
 from tests.processes import Process, balancer, demo_app_args

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from balancer import BackendPolicy, Discovery, Instance, Pool, Registry
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import async_wait_for, async_wait_until, free_port, lost_cancels, wait_for
 from tests.processes import Process, balancer
 

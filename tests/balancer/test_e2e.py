@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import free_port, wait_for
 from tests.processes import Process, balancer, demo_app
 

@@ -18,7 +18,7 @@ from balancer import (
     parse_registry_url,
 )
 from balancer._registry import Membership, live_instances
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import async_wait_for
 from tests.redis_topology import TLSServer
 

@@ -9,7 +9,7 @@ import pytest
 
 from demo_app import AppSettings, create_app
 from demo_app._app import MAX_CART_ITEMS, MAX_ITERATIONS
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from demo_app.compare import Stack, run_mode
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import Stream, wait_for
 
 CLIENTS = 30

@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import free_port, wait_for
 from tests.processes import Process, demo_app, demo_app_args
 

@@ -17,7 +17,7 @@ from demo_app.__main__ import parse_args
 from demo_app._registration import Registration
 from demo_app.caller import call
 from demo_app.caller import parse_args as caller_args
-from session_store import RedisServer
+from redis_plumbing import RedisServer
 from tests.helpers import async_wait_for, async_wait_until, free_port
 from tests.processes import Process
 

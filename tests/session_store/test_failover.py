@@ -31,9 +31,9 @@ import httpx
 import pytest
 
 from demo_app.__main__ import parse_args
+from redis_plumbing import RedisServer
 from session_store import (
     HybridStore,
-    RedisServer,
     RedisStore,
     StoreUnavailable,
     WriteNotAcknowledged,

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from itsdangerous import TimestampSigner
 
+from redis_plumbing import RedisServer
 from session_store import (
     HybridStore,
     MemoryStore,
-    RedisServer,
     RedisStore,
     SessionNotLoaded,
     SessionStore,

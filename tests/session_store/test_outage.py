@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from session_store import Changes, HybridStore, RedisServer, RedisStore, StoreUnavailable
+from redis_plumbing import RedisServer
+from session_store import Changes, HybridStore, RedisStore, StoreUnavailable
 from tests.helpers import async_wait_for
 from tests.session_store.app import make_app
 

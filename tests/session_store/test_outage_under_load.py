@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from session_store import RedisServer, RedisStore
+from redis_plumbing import RedisServer
+from session_store import RedisStore
 from tests.helpers import async_wait_for
 from tests.processes import demo_app
 

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from redis_plumbing import RedisServer
 from session_store import (
     Changes,
     HybridStore,
     MemoryStore,
-    RedisServer,
     RedisStore,
     SessionStore,
     new_session_id,

@@ -26,7 +26,9 @@ one immediate retry, which heals a pooled connection that a restart or a failove
 No other module of the project knows which topology it talks to.
 
 `cancellable` wraps each call on such a client where a task may be cancelled: on Python
-3.11 redis-py can return from a call as if the task's cancel had never come.
+3.11 redis-py can return from a call as if the task's cancel had never come. `call` is
+`cancellable` plus the one translation of redis-py's errors into the caller's own
+exceptions: the session store's and the service registry's seam to Redis.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = [
     "UNAVAILABLE_ERRORS",
     "RedisClient",
     "RedisURL",
+    "call",
     "cancellable",
     "parse_redis_url",
     "redact_url",
@@ -64,7 +67,7 @@ T = TypeVar("T")
 # What a redis-py call raises when Redis is down, loading, read-only (a replica during a
 # failover), too slow, or a cluster slot has no primary yet: "unavailable, retry later",
 # where any other RedisError is a refusal. Every Redis user of the project translates
-# these the same way, at its one seam (RedisStore._call, Registry._call).
+# these the same way, through `call` (RedisStore._call and Registry._call are one line each).
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -98,6 +101,29 @@ async def cancellable(call: Awaitable[T]) -> T:
     if task.cancelling() > before:
         raise asyncio.CancelledError
     return result
+
+
+async def call(
+    operation: Awaitable[T],
+    *,
+    unavailable: type[Exception],
+    refused: type[Exception],
+    client_timeout: float,
+) -> T:
+    """Await one redis-py call through `cancellable`, its errors translated: a timeout or
+    one of `UNAVAILABLE_ERRORS` raises ``unavailable(message)`` (try again later), any
+    other redis-py error ``refused(message)``; the redis-py error is the ``__cause__``.
+    ``client_timeout`` is only named in the message: the client's own socket timeouts
+    (set by `redis_client`) bound the call, since a second timer per command cost ~10% of
+    the session store's CPU (docs/architecture.md)."""
+    try:
+        return await cancellable(operation)
+    except TimeoutError as exc:
+        raise unavailable(f"redis did not answer within {client_timeout} s") from exc
+    except UNAVAILABLE_ERRORS as exc:
+        raise unavailable(f"redis is unavailable: {exc}") from exc
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise refused(f"redis refused the operation: {exc}") from exc
 
 
 Topology = Literal["server", "unix", "sentinel", "cluster"]

@@ -1,4 +1,4 @@
-"""`session_store.redis_client`: every URL form read into the right client, every bad one
+"""`redis_plumbing.redis_client`: every URL form read into the right client, every bad one
 refused with a reason; then the real thing over TLS with an ACL user, and over Sentinel;
 and `cancellable`, which keeps a cancel that redis-py would lose.
 
@@ -22,19 +22,17 @@ import pytest
 import redis.asyncio
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from session_store import (
-    Changes,
+from redis_plumbing import (
+    RedisPlumbingError,
     RedisServer,
-    RedisStore,
     RedisURL,
     RedisURLError,
-    SessionError,
-    StoreUnavailable,
     cancellable,
     parse_redis_url,
     redact_url,
     redis_client,
 )
+from session_store import Changes, RedisStore, StoreUnavailable
 from tests.helpers import lost_cancels
 from tests.redis_sentinel import SentinelSetup
 from tests.redis_topology import TLSServer, make_certificates
@@ -156,7 +154,7 @@ def test_errors_never_show_the_password(url: str) -> None:
 
 
 def test_the_error_is_ours_and_a_value_error() -> None:
-    assert issubclass(RedisURLError, SessionError)
+    assert issubclass(RedisURLError, RedisPlumbingError)
     assert issubclass(RedisURLError, ValueError)
 
 

@@ -2,8 +2,8 @@
 
 The Redis servers that `RedisServer` starts, the balancer's `--spawn` app workers and its
 `--workers` balancer processes all use it, so that none outlives the process that started
-it, even when that one is killed by SIGKILL. It lives here, low in the package graph,
-because `session_store` imports nothing of the project's and the balancer may import it.
+it, even when that one is killed by SIGKILL. It lives here, in the lowest package of the
+project, so that each of the others may import it.
 """
 
 from __future__ import annotations

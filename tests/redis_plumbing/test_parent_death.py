@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from session_store import die_with_parent, parent_death_hook
+from redis_plumbing import die_with_parent, parent_death_hook
 
 
 def exit_code_of_child(parent_of_record: int) -> int:
