@@ -12,6 +12,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
 COPY redis_plumbing ./redis_plumbing
+COPY service_registry ./service_registry
 COPY session_store ./session_store
 COPY balancer ./balancer
 COPY demo_app ./demo_app
@@ -32,6 +33,7 @@ WORKDIR /app
 # versions (constraints.txt, the set the tests passed with) change.
 COPY pyproject.toml README.md constraints.txt ./
 COPY redis_plumbing ./redis_plumbing
+COPY service_registry ./service_registry
 COPY session_store ./session_store
 COPY --from=build /app/balancer ./balancer
 COPY demo_app ./demo_app

@@ -18,8 +18,6 @@ from ._exceptions import (
     ConfigError,
     InvalidTransition,
     NoBackendAvailable,
-    RegistryError,
-    RegistryUnavailable,
     UnknownBackend,
     UpstreamConnectError,
     UpstreamError,
@@ -31,21 +29,12 @@ from ._log import configure_logging, log_event, log_state_change
 from ._maglev import DEFAULT_TABLE_SIZE
 from ._metrics import Metrics
 from ._pool import Pool, StateListener
-from ._registry import (
-    DEFAULT_REGISTRY_TTL,
-    Instance,
-    Registry,
-    RegistryTarget,
-    Snapshot,
-    parse_registry_url,
-)
 from ._router import Balance, Decision, Router
 from ._supervisor import Supervisor, SupervisorOptions
 from ._workers import RestartPolicy, Worker, WorkerState
 
 __all__ = [
     "DEFAULT_AFFINITY_COOKIE",
-    "DEFAULT_REGISTRY_TTL",
     "DEFAULT_TABLE_SIZE",
     "Address",
     "AffinityCookie",
@@ -64,20 +53,14 @@ __all__ = [
     "HealthChecker",
     "HealthPolicy",
     "HealthTracker",
-    "Instance",
     "InvalidTransition",
     "LogFormat",
     "Metrics",
     "NoBackendAvailable",
     "Pool",
-    "Registry",
-    "RegistryError",
-    "RegistryTarget",
-    "RegistryUnavailable",
     "RestartPolicy",
     "Router",
     "Settings",
-    "Snapshot",
     "StateListener",
     "StaticInstances",
     "Sticky",
@@ -98,5 +81,4 @@ __all__ = [
     "load_settings",
     "log_event",
     "log_state_change",
-    "parse_registry_url",
 ]

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import uvicorn
 
+from service_registry import Registry
+
 from ._admin import create_admin_app
 from ._config import Settings
 from ._dashboard import Dashboard, RedisStatus
@@ -24,7 +26,6 @@ from ._log import log_event, log_state_change
 from ._metrics import Metrics
 from ._pool import Pool
 from ._proxy import ProxyOptions, ProxyServer
-from ._registry import Registry
 from ._router import Router
 from ._supervisor import Supervisor, SupervisorOptions
 from ._workers import RestartPolicy

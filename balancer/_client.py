@@ -7,7 +7,7 @@
     await registry.aclose()
 
 The transport keeps a local list of the service's live instances, read from the registry
-(`balancer/_registry.py`) at most every `refresh` seconds in the background (a request
+(`service_registry/_registry.py`) at most every `refresh` seconds in the background (a request
 never waits for Redis once the first read is done; an unreachable Redis keeps the last
 list), rewrites each request's origin to the instance it picks, and sends it through ONE
 inner `httpx.AsyncHTTPTransport` (its connection pool is shared by every instance).
@@ -45,11 +45,11 @@ from typing import Literal, Protocol
 
 import httpx
 
+from service_registry import Instance, Registry, RegistryError, Snapshot
+
 from ._affinity import cookie_value
 from ._backend import Backend
-from ._exceptions import RegistryError
 from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
-from ._registry import Instance, Registry, Snapshot
 
 __all__ = [
     "BalancePolicy",

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
 
 from redis_plumbing import RedisURLError, parse_redis_url
+from service_registry import RegistryError, RegistryTarget, parse_registry_url
 
 from ._affinity import (
     DEFAULT_AFFINITY_COOKIE,
@@ -52,11 +53,10 @@ from ._affinity import (
 )
 from ._backend import Backend, BackendPolicy, backend_id
 from ._discovery import DEFAULT_DISCOVER_INTERVAL
-from ._exceptions import ConfigError, RegistryError
+from ._exceptions import ConfigError
 from ._health import HealthPolicy
 from ._maglev import DEFAULT_TABLE_SIZE, is_prime
 from ._proxy import ProxyOptions
-from ._registry import RegistryTarget, parse_registry_url
 from ._router import DEFAULT_BALANCE, DEFAULT_HASH_BALANCE_FACTOR, Balance
 from ._supervisor import SupervisorOptions
 

@@ -4,7 +4,7 @@ Any Redis URL form works, with the service at the end of its path (Sentinel, Clu
 `parse_registry_url`); the registry's client comes from `redis_plumbing.redis_client`.
 
 It keeps the pool's discovered backends equal to the live instances of one service
-(protocol: `balancer/_registry.py`). Two inputs, one rule:
+(protocol: `service_registry/_registry.py`). Two inputs, one rule:
 
 - a full read of the registry every `interval` seconds: the source of truth, so a lost
   notice, a dead instance whose TTL ran out, and a Redis restart all heal by themselves;
@@ -26,10 +26,17 @@ import logging
 import time
 from collections.abc import Callable
 
-from ._exceptions import RegistryError, RegistryUnavailable
+from service_registry import (
+    Changes,
+    Instance,
+    Membership,
+    Registry,
+    RegistryError,
+    RegistryUnavailable,
+)
+
 from ._log import log_event
 from ._pool import Pool
-from ._registry import Changes, Instance, Membership, Registry
 
 __all__ = ["DEFAULT_DISCOVER_INTERVAL", "Discovery"]
 

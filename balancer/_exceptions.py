@@ -7,8 +7,6 @@
     ├── InvalidTransition ........ a backend was asked for a state change its state forbids
     ├── UnknownBackend ........... no backend in the pool has that id (admin: 404)
     ├── BackendExists ............ a backend with that URL or id is already in the pool (409)
-    ├── RegistryError ............ the service registry refused an operation or holds bad data
-    │   └── RegistryUnavailable .. Redis is down, too slow or read-only: try again later
     └── UpstreamError ............ a backend failed a request (the data path; `.backend_id`)
         ├── UpstreamConnectError . could not connect or send: retryable on another backend (502)
         ├── UpstreamTimeout ...... no connection or no response in time (504)
@@ -18,9 +16,9 @@ ConfigError is the configuration layer's (`_config`), which names flags. A libra
 constructor (ProxyOptions, Backend, Router, AffinityCookie...) raises a plain ValueError
 naming its parameter instead; `_config` checks every value first and names the flag.
 
-Foreign errors (httpx in the health checks and the client transport, redis-py in the registry,
-tomllib and argparse in the configuration) are
-translated into these once, where they are caught; nothing above that sees them.
+Foreign errors (httpx in the health checks and the client transport, tomllib and argparse in
+the configuration) are translated into these once, where they are caught; nothing above that
+sees them. The service registry's are its own (`service_registry.RegistryError`).
 """
 
 from __future__ import annotations
@@ -32,8 +30,6 @@ __all__ = [
     "InvalidTransition",
     "ListenError",
     "NoBackendAvailable",
-    "RegistryError",
-    "RegistryUnavailable",
     "UnknownBackend",
     "UpstreamConnectError",
     "UpstreamError",
@@ -98,14 +94,6 @@ class BackendExists(BalancerError, ValueError):
         super().__init__(f"backend {url} or id {backend_id} is already in the pool")
         self.url = url
         self.backend_id = backend_id
-
-
-class RegistryError(BalancerError):
-    """The service registry refused an operation, or an argument or a record is invalid."""
-
-
-class RegistryUnavailable(RegistryError):
-    """Redis, behind the registry, did not answer in time or is not accepting writes."""
 
 
 class UpstreamError(BalancerError):

@@ -30,9 +30,10 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 
-from balancer import BalancedTransport, Instance, Registry, StaticInstances
+from balancer import BalancedTransport, StaticInstances
 from balancer._client import BalancePolicy
 from redis_plumbing import RedisServer, free_port
+from service_registry import Instance, Registry
 
 
 def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:

@@ -12,8 +12,8 @@ from types import FrameType
 
 import uvicorn
 
-from balancer import Instance, RegistryError
 from redis_plumbing import RedisURLError, parse_redis_url
+from service_registry import Instance, RegistryError
 
 from ._app import DEMO_SECRET, STORE_TIMEOUT, AppSettings, create_app
 

@@ -6,7 +6,7 @@ One line in any ASGI app's lifespan::
         yield
 
 where ``registration = Registration("redis://127.0.0.1:6379/0", service="demo",
-advertise="http://127.0.0.1:9001")``. The protocol is `balancer._registry`'s.
+advertise="http://127.0.0.1:9001")``. The protocol is `service_registry`'s.
 
 - Register only when ready: the server starts listening only after the lifespan's startup
   (uvicorn), so a task polls ``advertise + ready_path`` and registers once it answers 2xx.
@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from balancer import DEFAULT_REGISTRY_TTL, Instance, Registry, RegistryError
+from service_registry import DEFAULT_REGISTRY_TTL, Instance, Registry, RegistryError
 
 __all__ = ["Registration"]
 

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import httpx
 
-from balancer import BalancedTransport, Registry, RegistryError
+from balancer import BalancedTransport
 from redis_plumbing import RedisURLError, parse_redis_url
+from service_registry import Registry, RegistryError
 
 __all__ = ["main"]
 

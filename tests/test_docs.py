@@ -12,6 +12,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent.parent
 _TREES = (
     "redis_plumbing",
+    "service_registry",
     "balancer",
     "session_store",
     "demo_app",

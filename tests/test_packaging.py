@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("redis_plumbing", "session_store", "balancer", "demo_app")
+PACKAGES = ("redis_plumbing", "service_registry", "session_store", "balancer", "demo_app")
 # Imported only under `try: ... except ImportError`, as an optional speed-up:
 # uvicorn[standard] brings it where it builds.
 OPTIONAL = {"uvloop"}

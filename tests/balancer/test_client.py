@@ -16,15 +16,14 @@ from balancer import (
     BalancedSyncTransport,
     BalancedTransport,
     ConfigError,
-    Instance,
     Pool,
-    Registry,
     Router,
     StaticInstances,
     Sticky,
 )
 from balancer._client import BalancePolicy
 from redis_plumbing import RedisServer
+from service_registry import Instance, Registry
 from tests.helpers import async_wait_for
 from tests.processes import Process, balancer, demo_app
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer import AffinityCookie, ConfigError, RegistryTarget, Sticky, _router
+from balancer import AffinityCookie, ConfigError, Sticky, _router
 from balancer._backend import BackendPolicy
 from balancer._balancer import proxy_options, supervisor_options
 from balancer._config import Address, Settings, load_or_exit, load_settings
@@ -17,6 +17,7 @@ from balancer._maglev import DEFAULT_TABLE_SIZE
 from balancer._proxy import ProxyOptions
 from balancer._supervisor import SupervisorOptions
 from balancer._workers import RestartPolicy
+from service_registry import RegistryTarget
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 MIN = ["--backend", B1]

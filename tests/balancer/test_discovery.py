@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from balancer import BackendPolicy, Discovery, Instance, Pool, Registry
+from balancer import BackendPolicy, Discovery, Pool
 from redis_plumbing import RedisServer
+from service_registry import Instance, Registry
 from tests.helpers import async_wait_for, async_wait_until, free_port, lost_cancels, wait_for
 from tests.processes import Process, balancer
 

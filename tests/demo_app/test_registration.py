@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from balancer import Registry
 from demo_app.__main__ import parse_args
 from demo_app._registration import Registration
 from demo_app.caller import call
 from demo_app.caller import parse_args as caller_args
 from redis_plumbing import RedisServer
+from service_registry import Registry
 from tests.helpers import async_wait_for, async_wait_until, free_port
 from tests.processes import Process
 

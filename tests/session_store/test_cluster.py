@@ -22,9 +22,9 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from balancer import Instance, Registry
 from balancer._dashboard import RedisStatus
 from demo_app.compare import main as compare
+from service_registry import Instance, Registry
 from session_store import Changes, RedisStore, StoreUnavailable
 from tests.helpers import async_wait_until
 from tests.redis_topology import Cluster, start_cluster

@@ -8,17 +8,18 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from balancer import (
+from redis_plumbing import RedisServer
+from service_registry import (
     Instance,
+    Membership,
     Registry,
     RegistryError,
     RegistryTarget,
     RegistryUnavailable,
     Snapshot,
+    live_instances,
     parse_registry_url,
 )
-from balancer._registry import Membership, live_instances
-from redis_plumbing import RedisServer
 from tests.helpers import async_wait_for
 from tests.redis_topology import TLSServer
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from balancer import Registry, RegistryError
-from balancer._registry import Membership
 from demo_app._registration import Registration
+from service_registry import Membership, Registry, RegistryError
 from tests.helpers import async_wait_until
 from tests.redis_sentinel import SentinelSetup
 
