@@ -41,7 +41,7 @@ COPY demo_app ./demo_app
 # A plain (non-editable) install of the project and its runtime dependencies only: no dev
 # tools, no Redis binary (compose and Kubernetes run the official redis image).
 RUN pip install -c constraints.txt . \
-    && (cd / && python -c "import balancer._build as b, balancer._proxy as p; assert b.compiled(p)") \
+    && (cd / && python -c "import balancer._build as b, balancer.datapath._proxy as p; assert b.compiled(p)") \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app
 
 # A numeric user, so Kubernetes' runAsNonRoot can verify it without resolving names.

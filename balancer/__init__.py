@@ -1,4 +1,9 @@
-"""A sticky-session HTTP load balancer: a pure routing core and a thin I/O shell."""
+"""A sticky-session HTTP load balancer: a pure routing core and a thin I/O shell.
+
+Its parts, one folder each: `datapath` (what a request runs through; the compiled part),
+`control` (admin API, dashboard, health checks, logs, discovery), `supervisors` (app workers
+and balancer processes). `balancer.transport` is public on its own: `BalancedTransport`,
+client-side balancing with the same hashing. The service registry is `service_registry`."""
 
 from __future__ import annotations
 
@@ -6,12 +11,7 @@ from __future__ import annotations
 from . import _build  # noqa: F401
 
 # isort: split
-from ._admin import create_admin_app
-from ._affinity import DEFAULT_AFFINITY_COOKIE, AffinityCookie, Sticky, StickyMode, generate_secret
-from ._backend import Backend, BackendPolicy, BackendState
-from ._client import BalancedSyncTransport, BalancedTransport, StaticInstances
 from ._config import Address, LogFormat, Settings, load_or_exit, load_settings
-from ._discovery import Discovery
 from ._exceptions import (
     BackendExists,
     BalancerError,
@@ -24,14 +24,24 @@ from ._exceptions import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from ._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker
-from ._log import configure_logging, log_event, log_state_change
-from ._maglev import DEFAULT_TABLE_SIZE
-from ._metrics import Metrics
-from ._pool import Pool, StateListener
-from ._router import Balance, Decision, Router
-from ._supervisor import Supervisor, SupervisorOptions
-from ._workers import RestartPolicy, Worker, WorkerState
+from .control._admin import create_admin_app
+from .control._discovery import Discovery
+from .control._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker
+from .control._log import configure_logging, log_event, log_state_change
+from .datapath._affinity import (
+    DEFAULT_AFFINITY_COOKIE,
+    AffinityCookie,
+    Sticky,
+    StickyMode,
+    generate_secret,
+)
+from .datapath._backend import Backend, BackendPolicy, BackendState
+from .datapath._maglev import DEFAULT_TABLE_SIZE
+from .datapath._metrics import Metrics
+from .datapath._pool import Pool, StateListener
+from .datapath._router import Balance, Decision, Router
+from .supervisors._supervisor import Supervisor, SupervisorOptions
+from .supervisors._workers import RestartPolicy, Worker, WorkerState
 
 __all__ = [
     "DEFAULT_AFFINITY_COOKIE",
@@ -43,8 +53,6 @@ __all__ = [
     "BackendPolicy",
     "BackendState",
     "Balance",
-    "BalancedSyncTransport",
-    "BalancedTransport",
     "BalancerError",
     "CheckResult",
     "ConfigError",
@@ -62,7 +70,6 @@ __all__ = [
     "Router",
     "Settings",
     "StateListener",
-    "StaticInstances",
     "Sticky",
     "StickyMode",
     "Supervisor",

@@ -20,13 +20,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ._affinity import generate_secret
 from ._balancer import Balancer, restart_policy
 from ._config import Settings, load_or_exit
-from ._log import configure_logging, log_event
-from ._processes import CANNOT_SERVE, BalancerProcesses
-from ._proxy import tune_gc
-from ._supervisor import Command
+from .control._log import configure_logging, log_event
+from .datapath._affinity import generate_secret
+from .datapath._proxy import tune_gc
+from .supervisors._processes import CANNOT_SERVE, BalancerProcesses
+from .supervisors._supervisor import Command
 
 __all__ = ["main"]
 

@@ -15,20 +15,20 @@ import uvicorn
 
 from service_registry import Registry
 
-from ._admin import create_admin_app
 from ._config import Settings
-from ._dashboard import Dashboard, RedisStatus
-from ._discovery import Discovery
-from ._events import EventFeed
 from ._exceptions import ListenError
-from ._health import HealthChecker
-from ._log import log_event, log_state_change
-from ._metrics import Metrics
-from ._pool import Pool
-from ._proxy import ProxyOptions, ProxyServer
-from ._router import Router
-from ._supervisor import Supervisor, SupervisorOptions
-from ._workers import RestartPolicy
+from .control._admin import create_admin_app
+from .control._dashboard import Dashboard, RedisStatus
+from .control._discovery import Discovery
+from .control._events import EventFeed
+from .control._health import HealthChecker
+from .control._log import log_event, log_state_change
+from .datapath._metrics import Metrics
+from .datapath._pool import Pool
+from .datapath._proxy import ProxyOptions, ProxyServer
+from .datapath._router import Router
+from .supervisors._supervisor import Supervisor, SupervisorOptions
+from .supervisors._workers import RestartPolicy
 
 __all__ = ["Balancer", "proxy_options", "restart_policy", "supervisor_options"]
 

@@ -1,5 +1,6 @@
 """Which build of the package runs: the mypyc extension modules that scripts/build-fast puts
-next to their sources (the default where they are built), or the sources themselves.
+next to their sources in balancer/datapath/ (the default where they are built), or the
+sources themselves.
 
 Python imports an extension module before a .py of the same name. `BALANCER_PLAIN=1` in the
 environment, read once when the package is imported, turns that around: every module of the
@@ -41,9 +42,11 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
         package, _, name = fullname.partition(".")
-        if package != __package__ or not name or "." in name:
+        if package != __package__ or not name:
             return None
-        source = _PACKAGE / f"{name}.py"
+        # Any depth: the compiled modules are in balancer/datapath/. A subpackage itself
+        # (its __init__.py, never compiled) is left to the usual finders.
+        source = _PACKAGE.joinpath(*name.split(".")).with_suffix(".py")
         if not source.is_file():
             return None
         return importlib.util.spec_from_file_location(fullname, source)

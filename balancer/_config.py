@@ -44,21 +44,21 @@ from typing import Any, Literal, NoReturn, cast
 from redis_plumbing import RedisURLError, parse_redis_url
 from service_registry import RegistryError, RegistryTarget, parse_registry_url
 
-from ._affinity import (
+from ._exceptions import ConfigError
+from .control._discovery import DEFAULT_DISCOVER_INTERVAL
+from .control._health import HealthPolicy
+from .datapath._affinity import (
     DEFAULT_AFFINITY_COOKIE,
     AffinityCookie,
     Sticky,
     generate_secret,
     is_cookie_name,
 )
-from ._backend import Backend, BackendPolicy, backend_id
-from ._discovery import DEFAULT_DISCOVER_INTERVAL
-from ._exceptions import ConfigError
-from ._health import HealthPolicy
-from ._maglev import DEFAULT_TABLE_SIZE, is_prime
-from ._proxy import ProxyOptions
-from ._router import DEFAULT_BALANCE, DEFAULT_HASH_BALANCE_FACTOR, Balance
-from ._supervisor import SupervisorOptions
+from .datapath._backend import Backend, BackendPolicy, backend_id
+from .datapath._maglev import DEFAULT_TABLE_SIZE, is_prime
+from .datapath._proxy import ProxyOptions
+from .datapath._router import DEFAULT_BALANCE, DEFAULT_HASH_BALANCE_FACTOR, Balance
+from .supervisors._supervisor import SupervisorOptions
 
 __all__ = ["Address", "LogFormat", "Network", "Settings", "load_or_exit", "load_settings"]
 

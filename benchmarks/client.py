@@ -30,8 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 
-from balancer import BalancedTransport, StaticInstances
-from balancer._client import BalancePolicy
+from balancer.transport import BalancedTransport, BalancePolicy, StaticInstances
 from redis_plumbing import RedisServer, free_port
 from service_registry import Instance, Registry
 

@@ -22,12 +22,12 @@ import time
 import types
 from typing import Any
 
-import balancer._proxy
+import balancer.datapath._proxy
 from balancer import AffinityCookie, Pool, Router, Sticky
 from balancer._build import compiled
-from balancer._metrics import Metrics
-from balancer._proxy import ProxyOptions, ProxyServer, tune_gc
-from balancer._upstream import UpstreamConnection
+from balancer.datapath._metrics import Metrics
+from balancer.datapath._proxy import ProxyOptions, ProxyServer, tune_gc
+from balancer.datapath._upstream import UpstreamConnection
 
 _RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 17:00:00 GMT\r\n"
@@ -101,7 +101,9 @@ def main() -> int:
         started = time.perf_counter()
         run(args.requests)
         best = min(best, (time.perf_counter() - started) / args.requests * 1e6)
-    build = "compiled (scripts/build-fast)" if compiled(balancer._proxy) else "plain Python"
+    build = (
+        "compiled (scripts/build-fast)" if compiled(balancer.datapath._proxy) else "plain Python"
+    )
     policy = f"--sticky {sticky}" + (f" --balance {args.balance}" if args.balance else "")
     print(f"data path, {build}: {best:.2f} us a request (best of 5 x {args.requests:,}, {policy})")
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from balancer import AffinityCookie, Pool, Router, Sticky
-from balancer._maglev import DEFAULT_TABLE_SIZE, build_table, key_hash
+from balancer.datapath._maglev import DEFAULT_TABLE_SIZE, build_table, key_hash
 
 
 def urls(n: int) -> list[str]:

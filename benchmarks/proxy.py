@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-import balancer._proxy
+import balancer.datapath._proxy
 from balancer._build import compiled
 from redis_plumbing import free_port
 
@@ -62,8 +62,8 @@ _BALANCER = """
 import asyncio, sys
 import uvloop
 from balancer import AffinityCookie, Pool, Router, Sticky
-from balancer._metrics import Metrics
-from balancer._proxy import ProxyOptions, ProxyServer, tune_gc
+from balancer.datapath._metrics import Metrics
+from balancer.datapath._proxy import ProxyOptions, ProxyServer, tune_gc
 
 async def main() -> None:
     pool = Pool(sys.argv[2:])
@@ -451,7 +451,7 @@ def main() -> int:
 
 def _build() -> str:
     """Which build of the data path the balancer processes import (scripts/build-fast)."""
-    if compiled(balancer._proxy):
+    if compiled(balancer.datapath._proxy):
         return "compiled with mypyc (scripts/build-fast)"
     return "plain Python (BALANCER_PLAIN=1, or no build: scripts/build-fast)"
 

@@ -1,6 +1,6 @@
 """``python -m demo_app.caller --registry URL --service demo --requests N``: peer-to-peer calls.
 
-Calls the demo service through `balancer.BalancedTransport`, with no balancer process in
+Calls the demo service through `balancer.transport.BalancedTransport`, with no balancer process in
 between: the instances come from the service registry, each request goes to one of them
 (``--balance``), and the caller prints which instance answered, then a count per instance.
 With ``--balance hash --key K`` every request carries the session key K and goes where the
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from balancer import BalancedTransport
+from balancer.transport import BalancedTransport
 from redis_plumbing import RedisURLError, parse_redis_url
 from service_registry import Registry, RegistryError
 

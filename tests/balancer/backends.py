@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import httptools
 
 from balancer import Backend, Decision, NoBackendAvailable
-from balancer._proxy import ProxyOptions, ProxyServer
+from balancer.datapath._proxy import ProxyOptions, ProxyServer
 
 __all__ = [
     "Client",

@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from balancer import BackendState, Pool
-from balancer._admin import create_admin_app
-from balancer._metrics import Metrics
+from balancer.control._admin import create_admin_app
+from balancer.datapath._metrics import Metrics
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 TOKEN = "s3cret-token"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from balancer import AffinityCookie, ConfigError, Sticky, generate_secret
-from balancer._affinity import cookie_value
+from balancer.datapath._affinity import cookie_value
 
 NAMES = (b"lb_affinity", b"sid")
 

@@ -11,17 +11,13 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from balancer import (
-    AffinityCookie,
+from balancer import AffinityCookie, ConfigError, Pool, Router, Sticky
+from balancer.transport import (
     BalancedSyncTransport,
     BalancedTransport,
-    ConfigError,
-    Pool,
-    Router,
+    BalancePolicy,
     StaticInstances,
-    Sticky,
 )
-from balancer._client import BalancePolicy
 from redis_plumbing import RedisServer
 from service_registry import Instance, Registry
 from tests.helpers import async_wait_for

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from balancer import AffinityCookie, ConfigError, Sticky, _router
-from balancer._backend import BackendPolicy
+from balancer import AffinityCookie, ConfigError, Sticky
 from balancer._balancer import proxy_options, supervisor_options
 from balancer._config import Address, Settings, load_or_exit, load_settings
-from balancer._discovery import DEFAULT_DISCOVER_INTERVAL
-from balancer._health import HealthPolicy
-from balancer._maglev import DEFAULT_TABLE_SIZE
-from balancer._proxy import ProxyOptions
-from balancer._supervisor import SupervisorOptions
-from balancer._workers import RestartPolicy
+from balancer.control._discovery import DEFAULT_DISCOVER_INTERVAL
+from balancer.control._health import HealthPolicy
+from balancer.datapath import _router
+from balancer.datapath._backend import BackendPolicy
+from balancer.datapath._maglev import DEFAULT_TABLE_SIZE
+from balancer.datapath._proxy import ProxyOptions
+from balancer.supervisors._supervisor import SupervisorOptions
+from balancer.supervisors._workers import RestartPolicy
 from service_registry import RegistryTarget
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from balancer import AffinityCookie, ConfigError, Pool, Router, Sticky, load_settings
-from balancer._admin import create_admin_app
-from balancer._dashboard import (
+from balancer.control._admin import create_admin_app
+from balancer.control._dashboard import (
     HISTORY,
     SESSIONS_MAX,
     WINDOW,
@@ -28,8 +28,8 @@ from balancer._dashboard import (
     RedisStatus,
     quantile,
 )
-from balancer._events import EventFeed
-from balancer._metrics import BUCKETS, Metrics
+from balancer.control._events import EventFeed
+from balancer.datapath._metrics import BUCKETS, Metrics
 from redis_plumbing import RedisServer
 from tests.helpers import FakeClock, Stream, free_port, wait_for
 from tests.processes import balancer

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, sync_playwright
 
-from balancer._backend import backend_id
+from balancer.datapath._backend import backend_id
 from redis_plumbing import RedisServer
 from tests.balancer.test_supervisor import cluster, demo_app_command
 from tests.helpers import free_port, wait_for

@@ -3,10 +3,16 @@ from __future__ import annotations
 import inspect
 
 import balancer
+import balancer.transport
 
 
 def test_all_is_sorted_and_holds_exactly_the_public_names() -> None:
-    public = {name for name in dir(balancer) if not name.startswith("_")} - {"annotations"}
+    # Less the subpackages and the public module (`balancer.transport`), imported by name.
+    public = {
+        name
+        for name in dir(balancer)
+        if not name.startswith("_") and not inspect.ismodule(getattr(balancer, name))
+    } - {"annotations"}
     assert set(balancer.__all__) == public
     # ruff's RUF022 order: constants, then classes, then functions.
     assert balancer.__all__ == sorted(balancer.__all__, key=lambda n: (not n.isupper(), n))
@@ -16,4 +22,14 @@ def test_exported_classes_and_functions_come_from_private_modules() -> None:
     for name in balancer.__all__:
         value = getattr(balancer, name)
         if inspect.isclass(value) or inspect.isfunction(value):
-            assert value.__module__.startswith("balancer._"), name
+            module = value.__module__.split(".")
+            assert module[0] == "balancer", name
+            assert module[-1].startswith("_"), name
+
+
+def test_the_transport_module_exports_the_client_side_balancing() -> None:
+    assert {"BalancedTransport", "BalancedSyncTransport", "StaticInstances"} <= set(
+        balancer.transport.__all__
+    )
+    for name in balancer.transport.__all__:
+        assert getattr(balancer.transport, name) is not None

@@ -13,7 +13,13 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from balancer import Backend, BackendPolicy, BackendState, Pool
-from balancer._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker, apply_result
+from balancer.control._health import (
+    CheckResult,
+    HealthChecker,
+    HealthPolicy,
+    HealthTracker,
+    apply_result,
+)
 from tests.helpers import async_wait_until, free_port
 
 # -- the pure part ---------------------------------------------------------------------------

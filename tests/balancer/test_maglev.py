@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from balancer._maglev import build_table, is_prime, key_hash
+from balancer.datapath._maglev import build_table, is_prime, key_hash
 
 NAMES = [f"backend-{i:02d}" for i in range(10)]
 

@@ -1,5 +1,6 @@
 """`python -m balancer --workers N`: N balancer processes on one port, supervised by their
-parent with the same restart rules as `--spawn`'s app workers (`balancer/_processes.py`).
+parent with the same restart rules as `--spawn`'s app workers
+(`balancer/supervisors/_processes.py`).
 
 Real processes: a demo_app instance behind the balancer; the balancer processes are found
 as the children of the parent with psutil.
@@ -19,8 +20,8 @@ import psutil
 import pytest
 
 from balancer import ConfigError, load_settings
-from balancer._processes import CANNOT_SERVE, BalancerProcesses
-from balancer._workers import RestartPolicy
+from balancer.supervisors._processes import CANNOT_SERVE, BalancerProcesses
+from balancer.supervisors._workers import RestartPolicy
 from tests.helpers import free_port, wait_for
 from tests.processes import Process, balancer, demo_app
 

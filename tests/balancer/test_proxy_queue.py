@@ -9,7 +9,7 @@ import time
 import pytest
 
 from balancer import Pool, Router, Sticky
-from balancer._proxy import ProxyOptions, ProxyServer
+from balancer.datapath._proxy import ProxyOptions, ProxyServer
 from tests.balancer.backends import Client, HttpBackend, RecordingMetrics, silent_port
 from tests.helpers import async_wait_until
 

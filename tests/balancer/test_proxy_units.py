@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 
 from balancer import ConfigError, Pool, Router, Sticky
-from balancer._http import (
+from balancer.datapath._http import (
     BODY_CHUNKED,
     BODY_LENGTH,
     BODY_UNTIL_CLOSE,
@@ -23,9 +23,9 @@ from balancer._http import (
     forwarded_for,
     new_request_id,
 )
-from balancer._metrics import Metrics
-from balancer._proxy import ProxyOptions, ProxyServer, _RetryBudget
-from balancer._upstream import _HEADS, ResponseHandler, UpstreamConnection, UpstreamPool
+from balancer.datapath._metrics import Metrics
+from balancer.datapath._proxy import ProxyOptions, ProxyServer, _RetryBudget
+from balancer.datapath._upstream import _HEADS, ResponseHandler, UpstreamConnection, UpstreamPool
 from tests.helpers import FakeClock
 
 
@@ -191,7 +191,7 @@ def test_relayed_head_is_the_same_from_the_head_cache(
 
 
 def test_head_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("balancer._upstream._HEADS_MAX", 4)
+    monkeypatch.setattr("balancer.datapath._upstream._HEADS_MAX", 4)
     _HEADS.clear()
     for i in range(20):
         response = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 0\r\n\r\n" % i

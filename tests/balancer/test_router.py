@@ -20,7 +20,7 @@ from balancer import (
     Router,
     Sticky,
 )
-from balancer._maglev import key_hash
+from balancer.datapath._maglev import key_hash
 
 URLS = [f"http://127.0.0.1:{9001 + i}" for i in range(5)]
 SECRETS = ["s1"]
@@ -430,7 +430,7 @@ def test_new_clients_are_placed_at_random_even_with_a_cookie_header() -> None:
 
 
 def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("balancer._router._DECIDED_MAX", 16)
+    monkeypatch.setattr("balancer.datapath._router._DECIDED_MAX", 16)
     pool, router = make()
     for i in range(100):
         key = b"s%d" % i
@@ -506,7 +506,7 @@ def test_a_session_the_table_does_not_know_falls_back_to_its_hash() -> None:
 
 
 def test_the_session_table_is_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("balancer._router._SESSIONS_MAX", 3)
+    monkeypatch.setattr("balancer.datapath._router._SESSIONS_MAX", 3)
     pool, router = make()
     target = next(iter(pool))
     for n in range(4):

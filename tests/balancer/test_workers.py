@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from balancer import InvalidTransition
-from balancer._workers import (
+from balancer.supervisors._workers import (
     Exit,
     RestartPolicy,
     Rollout,

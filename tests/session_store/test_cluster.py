@@ -22,7 +22,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from balancer._dashboard import RedisStatus
+from balancer.control._dashboard import RedisStatus
 from demo_app.compare import main as compare
 from service_registry import Instance, Registry
 from session_store import Changes, RedisStore, StoreUnavailable

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from redis_plumbing import die_with_parent
 
-from ._log import log_event
+from ..control._log import log_event
 from ._workers import Exit, RestartPolicy, Worker, WorkerState
 
 __all__ = ["CANNOT_SERVE", "BalancerProcesses"]

@@ -18,7 +18,7 @@ Policies (`balance`):
 - "least-inflight": fewest requests in flight from this transport;
 - "p2c": power of two choices over in-flight x latency (Finagle's and Linkerd's P2C with a
   moving average of the time to the response head);
-- "hash": the balancer's own Maglev consistent hash (`balancer/_maglev.py`) over the same
+- "hash": the balancer's own Maglev consistent hash (`balancer/datapath/_maglev.py`) over the same
   backend ids (sha256 of the normalized URL, sorted), keyed like the balancer's router:
   `hash_on="cookie:NAME"` (the session cookie's value: the balancer's `--sticky cookie:NAME`
   for a client without an affinity pin), `"header:NAME"`, or a per-request key in
@@ -47,9 +47,9 @@ import httpx
 
 from service_registry import Instance, Registry, RegistryError, Snapshot
 
-from ._affinity import cookie_value
-from ._backend import Backend
-from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
+from .datapath._affinity import cookie_value
+from .datapath._backend import Backend
+from .datapath._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
 
 __all__ = [
     "BalancePolicy",

@@ -23,7 +23,7 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from ._exceptions import (
+from .._exceptions import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,

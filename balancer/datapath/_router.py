@@ -41,9 +41,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from .._exceptions import NoBackendAvailable
 from ._affinity import AffinityCookie, Sticky, cookie_value, set_cookie_value
 from ._backend import Backend, BackendState
-from ._exceptions import NoBackendAvailable
 from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
 from ._pool import Pool
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ._exceptions import InvalidTransition
+from .._exceptions import InvalidTransition
 
 __all__ = [
     "Exit",

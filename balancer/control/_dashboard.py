@@ -50,12 +50,12 @@ from starlette.types import Receive, Scope, Send
 
 from redis_plumbing import RedisClient, cancellable, redact_url, redis_client
 
-from ._affinity import Sticky, cookie_value
+from ..datapath._affinity import Sticky, cookie_value
+from ..datapath._metrics import BUCKETS, BackendCounts, Metrics
+from ..datapath._pool import Pool
+from ..datapath._router import Decision
 from ._events import EventFeed
 from ._log import log_event
-from ._metrics import BUCKETS, BackendCounts, Metrics
-from ._pool import Pool
-from ._router import Decision
 
 __all__ = [
     "HISTORY",
@@ -620,7 +620,7 @@ class Dashboard:
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("balancer").joinpath(name).read_bytes()
+    return resources.files("balancer.control").joinpath(name).read_bytes()
 
 
 def dashboard_routes(dashboard: Dashboard) -> list[BaseRoute]:

@@ -27,13 +27,13 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from ._backend import Backend, BackendState
-from ._exceptions import (
+from .._exceptions import (
     NoBackendAvailable,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
+from ._backend import Backend, BackendState
 from ._http import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -83,7 +83,7 @@ class RequestRouter(Protocol):
 
 
 class ProxyMetrics(Protocol):
-    """The counters the data path reports to (`balancer._metrics.Metrics`)."""
+    """The counters the data path reports to (`balancer.datapath._metrics.Metrics`)."""
 
     def request_done(self, backend_id: str, status: int, seconds: float) -> None: ...
     def retried(self, backend_id: str) -> None: ...

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ._exceptions import InvalidTransition
+from .._exceptions import InvalidTransition
 
 __all__ = ["Backend", "BackendPolicy", "BackendState", "backend_id", "check_backend_name"]
 

@@ -14,7 +14,7 @@ With a supervisor (`--spawn`):
     POST   /workers/scale            {"delta": 1 | -1}: 202, 400, 409 below one worker
     POST   /workers/restart          a rolling restart, one worker at a time: 202
 
-With a dashboard (`balancer._dashboard`): the page at GET / and its stream at
+With a dashboard (`balancer.control._dashboard`): the page at GET / and its stream at
 GET /dashboard/stream; its buttons call the routes above, and nothing else.
 
 With a token, every route but /healthz and the page's static files needs
@@ -38,12 +38,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._backend import Backend, check_backend_name
+from .._exceptions import BackendExists, InvalidTransition, UnknownBackend
+from ..datapath._backend import Backend, check_backend_name
+from ..datapath._metrics import Metrics
+from ..datapath._pool import Pool
 from ._dashboard import OPEN_PATHS, Dashboard, dashboard_routes
-from ._exceptions import BackendExists, InvalidTransition, UnknownBackend
 from ._log import log_event
-from ._metrics import Metrics
-from ._pool import Pool
 
 __all__ = ["WorkerControl", "create_admin_app", "describe_backend"]
 
@@ -52,7 +52,7 @@ _MAX_BODY = 4096
 
 
 class WorkerControl(Protocol):
-    """What the admin API needs of the supervisor (`balancer._supervisor.Supervisor`)."""
+    """What the admin API needs of the supervisor (`supervisors._supervisor.Supervisor`)."""
 
     def describe(self) -> dict[str, object]:
         """The workers, as JSON."""

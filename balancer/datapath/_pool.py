@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from .._exceptions import BackendExists, UnknownBackend
 from ._backend import Backend, BackendPolicy, BackendState
-from ._exceptions import BackendExists, UnknownBackend
 
 __all__ = ["Pool", "StateListener"]
 

@@ -35,10 +35,10 @@ import httpx
 
 from redis_plumbing import free_port, parent_death_hook
 
-from ._backend import backend_id
-from ._exceptions import InvalidTransition
-from ._log import log_event
-from ._pool import Pool
+from .._exceptions import InvalidTransition
+from ..control._log import log_event
+from ..datapath._backend import backend_id
+from ..datapath._pool import Pool
 from ._workers import Exit, RestartPolicy, Rollout, Worker, WorkerState
 
 __all__ = ["Command", "Supervisor", "SupervisorOptions", "worker_argv"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from ._backend import Backend
-from ._pool import Pool
+from ..datapath._backend import Backend
+from ..datapath._pool import Pool
 
 __all__ = ["CheckResult", "HealthChecker", "HealthPolicy", "HealthTracker", "apply_result"]
 

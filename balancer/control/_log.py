@@ -16,7 +16,7 @@ import sys
 import time
 from typing import IO, Any, Literal
 
-from ._backend import Backend, BackendState
+from ..datapath._backend import Backend, BackendState
 
 __all__ = ["JsonFormatter", "PlainFormatter", "configure_logging", "log_event", "log_state_change"]
 

@@ -35,8 +35,8 @@ from service_registry import (
     RegistryUnavailable,
 )
 
+from ..datapath._pool import Pool
 from ._log import log_event
-from ._pool import Pool
 
 __all__ = ["DEFAULT_DISCOVER_INTERVAL", "Discovery"]
 
