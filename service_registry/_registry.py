@@ -439,9 +439,10 @@ class Registry:
             # would go to every primary of a cluster.
             return await self._execute("EVAL", script, len(keys), *keys, *args)
 
-    async def _call(self, operation: Awaitable[T]) -> T:
+    def _call(self, operation: Awaitable[T]) -> Awaitable[T]:
         # The one seam where redis-py's errors (and its lost cancels) become ours.
-        return await call(
+        # A plain function that hands back call()'s coroutine: one frame less a command.
+        return call(
             operation,
             unavailable=RegistryUnavailable,
             refused=RegistryError,

@@ -310,9 +310,10 @@ class RedisStore:
     def key(self, session_id: str) -> str:
         return f"{self.prefix}{{{session_id}}}"
 
-    async def _call(self, operation: Awaitable[T]) -> T:
+    def _call(self, operation: Awaitable[T]) -> Awaitable[T]:
         # The one seam where redis-py's errors become ours (redis_plumbing.call).
-        return await call(
+        # A plain function that hands back call()'s coroutine: one frame less a command.
+        return call(
             operation,
             unavailable=StoreUnavailable,
             refused=SessionStoreError,
