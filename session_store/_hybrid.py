@@ -223,7 +223,9 @@ class HybridStore:
                 fields = _apply(current.record, changes)
                 version = await self._write_back(session_id, fields, changes, created, ttl)
                 if version is not None:
-                    record = SessionRecord(fields, created, version, ttl)
+                    # Not current: another request or instance may have written it back
+                    # first, and then Redis holds theirs plus these changes, not ours.
+                    record = SessionRecord(fields, created, _UNKNOWN, ttl)
                     self._remember(session_id, record, ttl)
                     return version
         if version is None:

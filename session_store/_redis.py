@@ -4,7 +4,9 @@ Layout, for a session id ``S`` and the default prefix ``session:``::
 
     session:{S}          a hash; the braces make it one Redis Cluster slot
       m:c                created, milliseconds since the epoch
-      m:v                version, bumped by every save
+      m:v                version, bumped by every save; a create starts it at the server's
+                         clock in milliseconds, not 0, so that a session written back into an
+                         empty Redis never reuses a version a cache holds from before
       m:x                present only in a tombstone: the session was destroyed
       d:<key>            the JSON text of session[key]
 
@@ -65,7 +67,8 @@ n = tonumber(n)
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if mode == 'create' then
   if exists then return false end
-  redis.call('HSET', KEYS[1], 'm:c', created)
+  local now = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'm:c', created, 'm:v', now[1] * 1000 + math.floor(now[2] / 1000))
 elseif not exists or redis.call('HEXISTS', KEYS[1], 'm:x') == 1 then
   return false
 end

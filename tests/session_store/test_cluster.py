@@ -57,7 +57,7 @@ async def test_sessions_spread_over_the_shards(cluster: Cluster) -> None:
             version = await store.save(
                 session_id, Changes({"n": session_id}), created=time.time(), ttl=60, create=True
             )
-            assert version == 1
+            assert version is not None
         owners = _slot_owners(cluster)
         per_primary = Counter(owners[key_slot(store.key(s).encode())] for s in ids)
         assert set(per_primary) == {node.port for node in cluster.primaries}
@@ -80,7 +80,8 @@ async def test_store_operations_and_script_reload_on_a_cluster(cluster: Cluster)
     store = RedisStore.from_url(cluster.url, prefix="ops:")
     try:
         created = time.time()
-        assert await store.save("a", Changes({"x": "1"}), created=created, ttl=60, create=True)
+        first = await store.save("a", Changes({"x": "1"}), created=created, ttl=60, create=True)
+        assert first is not None
         # A node that lost its script cache (a restart, a promoted replica) loads it again.
         for node in cluster.primaries:
             with redis.Redis("127.0.0.1", node.port) as client:
@@ -88,7 +89,7 @@ async def test_store_operations_and_script_reload_on_a_cluster(cluster: Cluster)
         version = await store.save(
             "a", Changes({"y": "2"}, frozenset({"x"})), created=created, ttl=60, create=False
         )
-        assert version == 2
+        assert version == first + 1
         record = await store.load("a")
         assert record is not None
         assert record.fields == {"y": "2"}

@@ -222,3 +222,25 @@ async def test_hybrid_serves_from_memory_after_interleaved_writes_when_redis_goe
     assert record is not None
     assert dict(record.fields) == {"a": "1", "c": "3"}
     await store.aclose()
+
+
+async def test_hybrid_never_serves_a_stale_copy_across_a_redis_restart(
+    own_redis: RedisServer,
+) -> None:
+    # Versions must not start again at 1 when a session is written back into an empty
+    # Redis: A's copy of the old version 1 would then pass for the new version 1.
+    a = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5))
+    b = HybridStore(RedisStore.from_url(own_redis.url, timeout=0.5))
+    now = time.time()
+    assert await a.save("s", Changes({"a": "1"}), created=now, ttl=60, create=True)
+    assert await b.load("s") is not None
+    assert await b.save("s", Changes({"b": "2"}), created=now, ttl=60, create=False)
+    own_redis.restart()  # empty
+    # B writes the session back whole (with b), then A, which never saw b, writes too.
+    assert await b.save("s", Changes({"c": "3"}), created=now, ttl=60, create=False)
+    assert await a.save("s", Changes({"d": "4"}), created=now, ttl=60, create=False)
+    record = await a.load("s")
+    await a.aclose()
+    await b.aclose()
+    assert record is not None
+    assert dict(record.fields) == {"a": "1", "b": "2", "c": "3", "d": "4"}
