@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from ._balancer import Balancer, restart_policy
 from ._config import Settings, load_or_exit
+from .control._events import NO_AFFINITY_SECRET
 from .control._log import configure_logging, log_event
 from .datapath._affinity import generate_secret
 from .datapath._proxy import tune_gc
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if settings.sticky.mode == "cookie":
             # Before any fork: one line, however many --workers share the secret.
             log_event(
-                "no_affinity_secret",
+                NO_AFFINITY_SECRET,
                 level=logging.WARNING,
                 hint="no --affinity-secret given: this balancer signs its pins with a secret "
                 "of its own, so replicas will not agree on them (a client sent to another "

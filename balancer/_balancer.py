@@ -20,7 +20,15 @@ from ._exceptions import ListenError
 from .control._admin import create_admin_app
 from .control._dashboard import Dashboard, RedisStatus
 from .control._discovery import Discovery
-from .control._events import EventFeed
+from .control._events import (
+    ADMIN_LISTENING,
+    DISCOVERING,
+    LISTENING,
+    ROUTING_TABLE,
+    SHUTTING_DOWN,
+    STOPPED,
+    EventFeed,
+)
 from .control._health import HealthChecker
 from .control._log import log_event, log_state_change
 from .datapath._metrics import Metrics
@@ -203,7 +211,7 @@ class Balancer:
             self.pool, registry, interval=self.settings.discover_interval, clock=self.clock
         )
         await self.discovery.refresh()
-        log_event("discovering", registry=str(target), backends=len(self.pool))
+        log_event(DISCOVERING, registry=str(target), backends=len(self.pool))
         return asyncio.create_task(self.discovery.run(), name="discovery")
 
     async def _start_workers(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
@@ -239,7 +247,7 @@ class Balancer:
         except OSError as exc:
             raise _listen_error("--listen", listen.host, listen.port, exc) from exc
         log_event(
-            "listening",
+            LISTENING,
             address=f"{listen.host}:{self.proxy.port}",
             backends=len(self.pool),
             sticky=str(self.settings.sticky),
@@ -253,7 +261,7 @@ class Balancer:
         fingerprint = self.router.fingerprint()
         if self._fingerprint and fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
-            log_event("routing_table", fingerprint=fingerprint, backends=len(self.pool))
+            log_event(ROUTING_TABLE, fingerprint=fingerprint, backends=len(self.pool))
 
     def _bind_admin(self) -> socket.socket | None:
         """The admin app's socket, bound (not yet listening); None without --admin.
@@ -301,7 +309,7 @@ class Balancer:
         self._admin_task = asyncio.create_task(self.admin.serve(sockets=[sock]), name="admin")
         self._dashboard_task = asyncio.create_task(self.dashboard.run(), name="dashboard")
         self.admin_port: int = sock.getsockname()[1]
-        log_event("admin listening", address=f"{address.host}:{self.admin_port}")
+        log_event(ADMIN_LISTENING, address=f"{address.host}:{self.admin_port}")
 
     def _dashboard(self) -> Dashboard:
         """The dashboard, its event feed on the `balancer` logger, and what it shows."""
@@ -336,7 +344,7 @@ class Balancer:
     async def _shutdown(
         self, health: asyncio.Task[None], discovery: asyncio.Task[None] | None = None
     ) -> None:
-        log_event("shutting down", in_flight=sum(b.in_flight for b in self.pool))
+        log_event(SHUTTING_DOWN, in_flight=sum(b.in_flight for b in self.pool))
         await self.proxy.shutdown()
         if self.supervisor is not None:
             await self.supervisor.shutdown()
@@ -357,4 +365,4 @@ class Balancer:
             await self._admin_task
             if dashboard.redis is not None:
                 await dashboard.redis.aclose()
-        log_event("stopped")
+        log_event(STOPPED)

@@ -29,23 +29,32 @@ import ipaddress
 import json
 import time
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
 from .._exceptions import BackendExists, InvalidTransition, UnknownBackend
 from ..datapath._backend import Backend, check_backend_name
 from ..datapath._metrics import Metrics
 from ..datapath._pool import Pool
-from ._dashboard import OPEN_PATHS, Dashboard, dashboard_routes
+from ._dashboard import DASHBOARD_ROUTES, OPEN_PATHS, Dashboard
+from ._events import (
+    BACKEND_ADDED,
+    BACKEND_DRAINED,
+    BACKEND_ENABLED,
+    BACKEND_REMOVED,
+    ROLLING_RESTART_REQUESTED,
+)
 from ._log import log_event
 
-__all__ = ["WorkerControl", "create_admin_app", "describe_backend"]
+__all__ = ["ROUTES", "WORKER_ROUTES", "WorkerControl", "create_admin_app", "describe_backend"]
 
 # A request body larger than this is refused: the only body is {"url": ...}.
 _MAX_BODY = 4096
@@ -193,6 +202,151 @@ def _is_name(name: str) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class _Admin:
+    """What the endpoints read, as `request.app.state.admin` (set by `create_admin_app`)."""
+
+    pool: Pool
+    metrics: Metrics
+    clock: Callable[[], float]
+    workers: WorkerControl | None
+    fingerprint: Callable[[], str] | None
+
+
+def _admin(request: Request) -> _Admin:
+    admin: _Admin = request.app.state.admin
+    return admin
+
+
+def _workers(request: Request) -> WorkerControl:
+    workers = _admin(request).workers
+    assert workers is not None  # the /workers routes exist only with a supervisor
+    return workers
+
+
+def _describe(request: Request, backend: Backend, status_code: int = 200) -> JSONResponse:
+    return JSONResponse(describe_backend(backend, _admin(request).clock()), status_code)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def list_backends(request: Request) -> Response:
+    admin = _admin(request)
+    now = admin.clock()
+    body: dict[str, object] = {"pool": repr(admin.pool)}
+    if admin.fingerprint is not None:
+        body["fingerprint"] = admin.fingerprint()
+    body["backends"] = [describe_backend(b, now) for b in admin.pool]
+    return JSONResponse(body)
+
+
+async def add_backend(request: Request) -> Response:
+    data = await _json_object(request, '{"url": "http://..."}')
+    if isinstance(data, JSONResponse):
+        return data
+    url = data.get("url")
+    if not isinstance(url, str):
+        return _error(400, "missing_url", 'the body must be {"url": "http://host:port"}')
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        return _error(400, "invalid_name", '"name", if given, must be a string')
+    try:
+        backend = _admin(request).pool.add(url, name=name)
+    except BackendExists as exc:  # a ValueError too: caught first
+        return _error(409, "exists", str(exc))
+    except ValueError as exc:
+        reason = "invalid_url" if name is None or _is_name(name) else "invalid_name"
+        return _error(400, reason, str(exc))
+    log_event(BACKEND_ADDED, backend=backend.id, url=backend.url)
+    return _describe(request, backend, 201)
+
+
+async def drain(request: Request) -> Response:
+    backend = _admin(request).pool.drain(request.path_params["backend_id"])
+    log_event(BACKEND_DRAINED, backend=backend.id, in_flight=backend.in_flight)
+    return _describe(request, backend)
+
+
+async def enable(request: Request) -> Response:
+    backend = _admin(request).pool.enable(request.path_params["backend_id"])
+    log_event(BACKEND_ENABLED, backend=backend.id)
+    return _describe(request, backend)
+
+
+async def remove(request: Request) -> Response:
+    pool = _admin(request).pool
+    backend = pool[request.path_params["backend_id"]]
+    pool.remove(backend.id)
+    log_event(BACKEND_REMOVED, backend=backend.id, in_flight=backend.in_flight)
+    return _describe(request, backend)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body, content_type = _admin(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def list_workers(request: Request) -> Response:
+    return JSONResponse(_workers(request).describe())
+
+
+async def scale_workers(request: Request) -> Response:
+    data = await _json_object(request, '{"delta": 1}')
+    if isinstance(data, JSONResponse):
+        return data
+    delta = data.get("delta")
+    if delta not in (1, -1) or isinstance(delta, bool):
+        return _error(400, "invalid_delta", 'the body must be {"delta": 1} or {"delta": -1}')
+    desired = _workers(request).scale(delta)  # InvalidTransition below one worker: 409
+    return JSONResponse({"desired": desired}, status_code=202)
+
+
+async def restart_workers(request: Request) -> Response:
+    _workers(request).request_restart()
+    log_event(ROLLING_RESTART_REQUESTED, source="admin")
+    return JSONResponse({"restart": "requested"}, status_code=202)
+
+
+async def unknown_backend(request: Request, exc: Exception) -> Response:
+    return _error(404, "unknown_backend", str(exc))
+
+
+async def invalid_transition(request: Request, exc: Exception) -> Response:
+    return _error(409, "invalid_transition", str(exc))
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+    response = _error(exc.status_code, reason, exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/backends", list_backends, methods=["GET"]),
+    Route("/backends", add_backend, methods=["POST"]),
+    Route("/backends/{backend_id}/drain", drain, methods=["POST"]),
+    Route("/backends/{backend_id}/enable", enable, methods=["POST"]),
+    Route("/backends/{backend_id}", remove, methods=["DELETE"]),
+    Route("/metrics", metrics_endpoint, methods=["GET"]),
+]
+# With a supervisor (`workers`).
+WORKER_ROUTES: list[BaseRoute] = [
+    Route("/workers", list_workers, methods=["GET"]),
+    Route("/workers/scale", scale_workers, methods=["POST"]),
+    Route("/workers/restart", restart_workers, methods=["POST"]),
+]
+_EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
+    UnknownBackend: unknown_backend,
+    InvalidTransition: invalid_transition,
+    HTTPException: http_error,
+}
+
+
 def create_admin_app(
     *,
     pool: Pool,
@@ -206,126 +360,18 @@ def create_admin_app(
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
     `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /;
     `fingerprint`, the router's, is in /backends (equal on replicas that route alike)."""
-
-    def backends_body() -> dict[str, object]:
-        now = clock()
-        body: dict[str, object] = {"pool": repr(pool)}
-        if fingerprint is not None:
-            body["fingerprint"] = fingerprint()
-        body["backends"] = [describe_backend(b, now) for b in pool]
-        return body
-
-    def lookup(request: Request) -> Backend:
-        return pool[request.path_params["backend_id"]]
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def list_backends(request: Request) -> Response:
-        return JSONResponse(backends_body())
-
-    async def add_backend(request: Request) -> Response:
-        data = await _json_object(request, '{"url": "http://..."}')
-        if isinstance(data, JSONResponse):
-            return data
-        url = data.get("url")
-        if not isinstance(url, str):
-            return _error(400, "missing_url", 'the body must be {"url": "http://host:port"}')
-        name = data.get("name")
-        if name is not None and not isinstance(name, str):
-            return _error(400, "invalid_name", '"name", if given, must be a string')
-        try:
-            backend = pool.add(url, name=name)
-        except BackendExists as exc:  # a ValueError too: caught first
-            return _error(409, "exists", str(exc))
-        except ValueError as exc:
-            reason = "invalid_url" if name is None or _is_name(name) else "invalid_name"
-            return _error(400, reason, str(exc))
-        log_event("backend_added", backend=backend.id, url=backend.url)
-        return JSONResponse(describe_backend(backend, clock()), status_code=201)
-
-    async def drain(request: Request) -> Response:
-        backend = pool.drain(request.path_params["backend_id"])
-        log_event("backend_drained", backend=backend.id, in_flight=backend.in_flight)
-        return JSONResponse(describe_backend(backend, clock()))
-
-    async def enable(request: Request) -> Response:
-        backend = pool.enable(request.path_params["backend_id"])
-        log_event("backend_enabled", backend=backend.id)
-        return JSONResponse(describe_backend(backend, clock()))
-
-    async def remove(request: Request) -> Response:
-        backend = lookup(request)
-        pool.remove(backend.id)
-        log_event("backend_removed", backend=backend.id, in_flight=backend.in_flight)
-        return JSONResponse(describe_backend(backend, clock()))
-
-    async def metrics_endpoint(request: Request) -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
-    async def list_workers(request: Request) -> Response:
-        assert workers is not None
-        return JSONResponse(workers.describe())
-
-    async def scale_workers(request: Request) -> Response:
-        assert workers is not None
-        data = await _json_object(request, '{"delta": 1}')
-        if isinstance(data, JSONResponse):
-            return data
-        delta = data.get("delta")
-        if delta not in (1, -1) or isinstance(delta, bool):
-            return _error(400, "invalid_delta", 'the body must be {"delta": 1} or {"delta": -1}')
-        desired = workers.scale(delta)  # InvalidTransition below one worker: 409
-        return JSONResponse({"desired": desired}, status_code=202)
-
-    async def restart_workers(request: Request) -> Response:
-        assert workers is not None
-        workers.request_restart()
-        log_event("rolling_restart_requested", source="admin")
-        return JSONResponse({"restart": "requested"}, status_code=202)
-
-    async def unknown_backend(request: Request, exc: Exception) -> Response:
-        return _error(404, "unknown_backend", str(exc))
-
-    async def invalid_transition(request: Request, exc: Exception) -> Response:
-        return _error(409, "invalid_transition", str(exc))
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        response = _error(exc.status_code, reason, exc.detail)
-        response.headers.update(exc.headers or {})
-        return response
-
-    routes: list[BaseRoute] = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/backends", list_backends, methods=["GET"]),
-        Route("/backends", add_backend, methods=["POST"]),
-        Route("/backends/{backend_id}/drain", drain, methods=["POST"]),
-        Route("/backends/{backend_id}/enable", enable, methods=["POST"]),
-        Route("/backends/{backend_id}", remove, methods=["DELETE"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-    ]
-    if workers is not None:
-        routes += [
-            Route("/workers", list_workers, methods=["GET"]),
-            Route("/workers/scale", scale_workers, methods=["POST"]),
-            Route("/workers/restart", restart_workers, methods=["POST"]),
-        ]
+    routes = list(ROUTES)
     open_paths = {"/healthz"}
+    if workers is not None:
+        routes += WORKER_ROUTES
     if dashboard is not None:
-        routes += dashboard_routes(dashboard)
+        routes += DASHBOARD_ROUTES
         open_paths |= OPEN_PATHS
-    app = Starlette(
-        routes=routes,
-        exception_handlers={
-            UnknownBackend: unknown_backend,
-            InvalidTransition: invalid_transition,
-            HTTPException: http_error,
-        },
-    )
+    # The first is the outermost: a cross-site request is refused before its token is read.
+    middleware = [Middleware(_SameOrigin, loopback_only=token is None)]
     if token is not None:
-        app.add_middleware(_BearerAuth, token=token, open_paths=frozenset(open_paths))
-    app.add_middleware(_SameOrigin, loopback_only=token is None)
+        middleware.append(Middleware(_BearerAuth, token=token, open_paths=frozenset(open_paths)))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
+    app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint)
+    app.state.dashboard = dashboard
     return app

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -39,10 +40,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import redis.asyncio
 import redis.exceptions
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -54,17 +56,21 @@ from ..datapath._affinity import Sticky, cookie_value
 from ..datapath._metrics import BUCKETS, BackendCounts, Metrics
 from ..datapath._pool import Pool
 from ..datapath._router import Decision
-from ._events import EventFeed
+from ._events import DASHBOARD_SUBSCRIBER_DROPPED, FAILOVER, SESSIONS_MOVED, Event, EventFeed
 from ._log import log_event
 
 __all__ = [
+    "DASHBOARD_ROUTES",
     "HISTORY",
     "SESSIONS_MAX",
     "SESSION_TTL",
     "WINDOW",
+    "BackendRow",
     "Dashboard",
+    "Hello",
     "RedisStatus",
-    "dashboard_routes",
+    "Snapshot",
+    "Totals",
     "quantile",
 ]
 
@@ -100,6 +106,61 @@ _ASSETS = {
 # The paths that need no token: the page and its assets hold no data, and the page must
 # load before it can ask for the token. The stream and every action need it.
 OPEN_PATHS = frozenset(_ASSETS)
+
+
+class BackendRow(TypedDict):
+    """One backend's row of the page's table."""
+
+    id: str
+    url: str
+    state: str  # BackendState's value
+    reason: str | None  # why it is down: a check's reason, "ejected", or None
+    since: float  # wall-clock seconds (epoch) it has been in `state` since, to a tick
+    in_flight: int
+    rps: float  # requests/s over the last tick
+    error_rate: float | None  # errors / requests over the last WINDOW ticks; None: idle
+    p50_ms: float | None  # latency quantiles over the last WINDOW ticks; None: idle
+    p99_ms: float | None
+    requests_total: int
+    sessions: int | None  # sessions placed on it (module docstring); None: not counted
+    worker: dict[str, Any] | None  # the supervisor's worker at that URL, as /workers shows it
+
+
+class Totals(TypedDict):
+    rps: float
+    failovers: int
+    repins: int
+    connections: int
+    sessions: int | None  # None: not counted (no session cookie to count by)
+
+
+class Snapshot(TypedDict):
+    """What each tick sends (`event: tick`): the page's view of everything."""
+
+    time: float  # wall-clock seconds (epoch)
+    uptime: float  # seconds
+    info: dict[str, object]  # shown as is: mode, listen address, ...
+    pool: str  # the pool's repr
+    redis: dict[str, object] | None  # RedisStatus.state; None without --dashboard-redis
+    totals: Totals
+    backends: list[BackendRow]
+    workers: dict[str, object] | None  # as /workers shows them; None without a supervisor
+    subscribers: int
+    rps: dict[str, float]  # by backend id
+    events: list[dict[str, object]]  # Event.as_json of those since the last tick
+
+
+class History(TypedDict):
+    times: list[float]  # wall-clock seconds (epoch) of the ticks
+    rps: dict[str, list[float]]  # by backend id, one a tick
+
+
+class Hello(Snapshot):
+    """What a new page gets first (`event: hello`): a snapshot with the recent events, the
+    chart's history, and the tick's interval."""
+
+    history: History
+    interval: float  # seconds
 
 
 class WorkerView(Protocol):
@@ -225,7 +286,7 @@ class _Subscriber:
         self.wake.set()
 
 
-def _sse(kind: str, data: Mapping[str, object]) -> bytes:
+def _sse(kind: str, data: Mapping[str, Any]) -> bytes:
     body = json.dumps(data, separators=(",", ":"), default=str)
     return f"event: {kind}\ndata: {body}\n\n".encode()
 
@@ -316,7 +377,7 @@ class Dashboard:
                 next_at = now + self.interval
             await asyncio.sleep(next_at - now)  # the tick's schedule
 
-    def tick(self) -> dict[str, object]:
+    def tick(self) -> Snapshot | None:
         """Sample; with subscribers, queue the snapshot for each of them and return it."""
         now = self._clock()
         self.ticks += 1
@@ -337,19 +398,18 @@ class Dashboard:
         self._track_states(wall)
         if not self._subscribers:
             self._last_seq = self.feed.last_seq  # a new page gets them in its hello
-            return {}
+            return None
         self._announce(self._scan_sessions(now))
-        snapshot = self._snapshot(now)
         events = self.feed.after(self._last_seq, limit=_TICK_EVENTS)
         if events:
             self._last_seq = events[-1].seq
-        snapshot["events"] = [event.as_json() for event in events]
+        snapshot = self._snapshot(now, events)
         message = _sse("tick", snapshot)
         for subscriber in list(self._subscribers):
             if len(subscriber.messages) >= self.max_queue:
                 self._drop(subscriber, "dropped")
                 log_event(
-                    "dashboard_subscriber_dropped", level=logging.WARNING, behind=self.max_queue
+                    DASHBOARD_SUBSCRIBER_DROPPED, level=logging.WARNING, behind=self.max_queue
                 )
                 continue
             subscriber.messages.append(message)
@@ -448,15 +508,13 @@ class Dashboard:
         new_failovers, new_repins = failovers - self._failovers, repins - self._repins
         self._failovers, self._repins = failovers, repins
         if new_failovers or new_repins:
-            self.feed.add(
-                "failover", {"requests": new_failovers, "repinned": new_repins}, "WARNING"
-            )
+            self.feed.add(FAILOVER, {"requests": new_failovers, "repinned": new_repins}, "WARNING")
         by_source: dict[str, dict[str, int]] = {}
         for (source, target), count in moved.items():
             by_source.setdefault(source, {})[self._label(target)] = count
         for source, targets in by_source.items():
             self.feed.add(
-                "sessions_moved",
+                SESSIONS_MOVED,
                 {"from": self._label(source), "sessions": sum(targets.values()), "to": targets},
             )
 
@@ -466,7 +524,7 @@ class Dashboard:
 
     # -- the snapshot ----------------------------------------------------------------------
 
-    def _snapshot(self, now: float) -> dict[str, object]:
+    def _snapshot(self, now: float, events: list[Event]) -> Snapshot:
         """The page's view of everything, from the last tick's numbers."""
         wall = self._wall()
         counts = self._window[-1][1] if self._window else {}
@@ -479,7 +537,7 @@ class Dashboard:
                 by_url[worker["url"]] = worker
         per_backend = self._per_backend
         sessions_on = self.router is not None and bool(self.router.sticky.cookie)
-        rows = []
+        rows: list[BackendRow] = []
         for backend in self.pool:
             state = backend.state.value
             known = self._states.get(backend.id)
@@ -527,18 +585,17 @@ class Dashboard:
             "workers": workers,
             "subscribers": len(self._subscribers),
             "rps": {backend_id: round(value, 2) for backend_id, value in rps.items()},
+            "events": [event.as_json() for event in events],
         }
 
-    def hello(self) -> dict[str, object]:
+    def hello(self) -> Hello:
         """What a new page gets first: the last snapshot, the chart's history, recent events."""
-        snapshot = self._snapshot(self._clock())
-        snapshot["history"] = {
+        snapshot = self._snapshot(self._clock(), self.feed.after(0, limit=_HELLO_EVENTS))
+        history: History = {
             "times": list(self._times),
             "rps": {k: [round(v, 2) for v in series] for k, series in self._history.items()},
         }
-        snapshot["events"] = [e.as_json() for e in self.feed.after(0, limit=_HELLO_EVENTS)]
-        snapshot["interval"] = self.interval
-        return snapshot
+        return Hello(**snapshot, history=history, interval=self.interval)
 
     # -- subscribers -----------------------------------------------------------------------
 
@@ -619,22 +676,31 @@ class Dashboard:
                 await watcher
 
 
+@functools.cache
 def _asset(name: str) -> bytes:
     return resources.files("balancer.control").joinpath(name).read_bytes()
 
 
-def dashboard_routes(dashboard: Dashboard) -> list[BaseRoute]:
-    """The page, its assets and the stream, for the admin app."""
-    assets = {path: (_asset(name), media) for path, (name, media) in _ASSETS.items()}
+def _dashboard(app: Starlette) -> Dashboard:
+    dashboard: Dashboard = app.state.dashboard  # set by `create_admin_app`
+    return dashboard
 
-    async def asset(request: Request) -> Response:
-        body, media = assets[request.url.path]
-        return Response(body, media_type=media, headers=_PAGE_HEADERS)
 
-    class _Stream:
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await dashboard.stream(scope, receive, send)
+async def asset(request: Request) -> Response:
+    name, media = _ASSETS[request.url.path]
+    return Response(_asset(name), media_type=media, headers=_PAGE_HEADERS)
 
-    routes: list[BaseRoute] = [Route(path, asset, methods=["GET"]) for path in _ASSETS]
-    routes.append(Route("/dashboard/stream", _Stream(), methods=["GET"]))
-    return routes
+
+class _Stream:
+    """The ASGI app of /dashboard/stream: the app's `Dashboard.stream` (pure ASGI, so a
+    class: Starlette treats a plain function as a request endpoint)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _dashboard(scope["app"]).stream(scope, receive, send)
+
+
+# The page, its assets and the stream, for the admin app (with a dashboard).
+DASHBOARD_ROUTES: list[BaseRoute] = [
+    *(Route(path, asset, methods=["GET"]) for path in _ASSETS),
+    Route("/dashboard/stream", _Stream(), methods=["GET"]),
+]

@@ -36,6 +36,14 @@ from service_registry import (
 )
 
 from ..datapath._pool import Pool
+from ._events import (
+    BACKEND_DISCOVERED,
+    BACKEND_UNDISCOVERED,
+    REGISTRY_BAD_ADDRESS,
+    REGISTRY_ERROR,
+    REGISTRY_RECOVERED,
+    REGISTRY_UNREACHABLE,
+)
 from ._log import log_event
 
 __all__ = ["DEFAULT_DISCOVER_INTERVAL", "Discovery"]
@@ -102,7 +110,7 @@ class Discovery:
             if not self._unreachable:
                 self._unreachable = True
                 log_event(
-                    "registry_unreachable",
+                    REGISTRY_UNREACHABLE,
                     level=logging.WARNING,
                     service=self.registry.service,
                     error=str(exc),
@@ -110,11 +118,11 @@ class Discovery:
                 )
             return Changes()
         except RegistryError as exc:
-            log_event("registry_error", level=logging.ERROR, error=str(exc))
+            log_event(REGISTRY_ERROR, level=logging.ERROR, error=str(exc))
             return Changes()
         if self._unreachable:
             self._unreachable = False
-            log_event("registry_recovered", service=self.registry.service)
+            log_event(REGISTRY_RECOVERED, service=self.registry.service)
         changes = self.membership.update(snapshot, self._clock(), gone)
         self._apply(changes)
         self.synced.set()
@@ -125,7 +133,7 @@ class Discovery:
             backend_id = self._mine.pop(instance.id, None)
             if backend_id is not None and backend_id in self.pool:
                 self.pool.remove(backend_id)
-                log_event("backend_undiscovered", instance=instance.id, url=instance.address)
+                log_event(BACKEND_UNDISCOVERED, instance=instance.id, url=instance.address)
         for instance in changes.added:
             self._add(instance)
 
@@ -136,7 +144,7 @@ class Discovery:
             backend = self.pool.add(instance.address)
         except ValueError as exc:  # a bad address, or BackendExists
             log_event(
-                "registry_bad_address",
+                REGISTRY_BAD_ADDRESS,
                 level=logging.WARNING,
                 instance=instance.id,
                 error=str(exc),
@@ -147,7 +155,7 @@ class Discovery:
             # A new instance starts cold (empty caches, a JIT-less warm-up of its imports):
             # ramp its share as for a backend that comes back UP.
             backend.ramp_from = self._clock()
-        log_event("backend_discovered", instance=instance.id, url=backend.url, id=backend.id)
+        log_event(BACKEND_DISCOVERED, instance=instance.id, url=backend.url, id=backend.id)
 
     async def _listen(self) -> None:
         """Wake the reader on every notice; resubscribe after a failure, forever."""

@@ -22,12 +22,137 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-__all__ = ["Event", "EventFeed"]
+__all__ = [
+    "ADMIN_LISTENING",
+    "BACKEND_ADDED",
+    "BACKEND_DISCOVERED",
+    "BACKEND_DRAINED",
+    "BACKEND_ENABLED",
+    "BACKEND_REMOVED",
+    "BACKEND_STATE",
+    "BACKEND_UNDISCOVERED",
+    "BALANCER_PROCESSES_GONE",
+    "BALANCER_PROCESSES_STARTED",
+    "BALANCER_PROCESSES_STOPPING",
+    "BALANCER_PROCESS_CRASHED",
+    "BALANCER_PROCESS_EXITED",
+    "BALANCER_PROCESS_FORK_FAILED",
+    "BALANCER_PROCESS_HELD",
+    "BALANCER_PROCESS_KILLED",
+    "BALANCER_PROCESS_RESTARTED",
+    "DASHBOARD_SUBSCRIBER_DROPPED",
+    "DISCOVERING",
+    "DRAIN_DEADLINE",
+    "FAILOVER",
+    "LISTENING",
+    "NO_AFFINITY_SECRET",
+    "REGISTRY_BAD_ADDRESS",
+    "REGISTRY_ERROR",
+    "REGISTRY_RECOVERED",
+    "REGISTRY_UNREACHABLE",
+    "ROLLING_RESTART_ABORTED",
+    "ROLLING_RESTART_DONE",
+    "ROLLING_RESTART_REQUESTED",
+    "ROLLING_RESTART_STARTED",
+    "ROUTING_TABLE",
+    "SCALE_REFUSED",
+    "SESSIONS_MOVED",
+    "SHUTTING_DOWN",
+    "STOPPED",
+    "WORKERS_KILLED",
+    "WORKERS_SCALED",
+    "WORKERS_STOPPED",
+    "WORKERS_STOPPING",
+    "WORKER_ADDED",
+    "WORKER_CRASHED",
+    "WORKER_DRAINING",
+    "WORKER_EXITED",
+    "WORKER_HELD",
+    "WORKER_HUNG",
+    "WORKER_KILLED",
+    "WORKER_NOT_READY",
+    "WORKER_READY",
+    "WORKER_REMOVING",
+    "WORKER_REPLACING",
+    "WORKER_RESTARTED",
+    "WORKER_SPAWN_FAILED",
+    "Event",
+    "EventFeed",
+]
 
 _EVENT = "balancer_event"  # the record attributes `_log.log_event` sets
 _FIELDS = "balancer_fields"
 _MAX_TEXT = 300  # characters of one field's value: events are one line, not a dump
+
+# -- The event names: every `log_event` and `EventFeed.add` names one of these (snake_case;
+# the dashboard's page and log searches match them). ------------------------------------
+
+# The balancer process (`_balancer`, `__main__`).
+LISTENING: Final = "listening"
+ADMIN_LISTENING: Final = "admin_listening"
+DISCOVERING: Final = "discovering"
+ROUTING_TABLE: Final = "routing_table"
+NO_AFFINITY_SECRET: Final = "no_affinity_secret"
+SHUTTING_DOWN: Final = "shutting_down"
+STOPPED: Final = "stopped"
+
+# Backends: state changes (`_log.log_state_change`), the admin API, discovery.
+BACKEND_STATE: Final = "backend_state"
+BACKEND_ADDED: Final = "backend_added"
+BACKEND_DRAINED: Final = "backend_drained"
+BACKEND_ENABLED: Final = "backend_enabled"
+BACKEND_REMOVED: Final = "backend_removed"
+BACKEND_DISCOVERED: Final = "backend_discovered"
+BACKEND_UNDISCOVERED: Final = "backend_undiscovered"
+
+# The service registry, as discovery reads it.
+REGISTRY_UNREACHABLE: Final = "registry_unreachable"
+REGISTRY_ERROR: Final = "registry_error"
+REGISTRY_RECOVERED: Final = "registry_recovered"
+REGISTRY_BAD_ADDRESS: Final = "registry_bad_address"
+
+# The dashboard's own (`EventFeed.add`: not log lines).
+FAILOVER: Final = "failover"
+SESSIONS_MOVED: Final = "sessions_moved"
+DASHBOARD_SUBSCRIBER_DROPPED: Final = "dashboard_subscriber_dropped"
+
+# App workers (`--spawn`, `supervisors._supervisor`).
+WORKER_ADDED: Final = "worker_added"
+WORKER_READY: Final = "worker_ready"
+WORKER_NOT_READY: Final = "worker_not_ready"
+WORKER_HUNG: Final = "worker_hung"
+WORKER_EXITED: Final = "worker_exited"
+WORKER_CRASHED: Final = "worker_crashed"
+WORKER_HELD: Final = "worker_held"
+WORKER_RESTARTED: Final = "worker_restarted"
+WORKER_SPAWN_FAILED: Final = "worker_spawn_failed"
+WORKER_DRAINING: Final = "worker_draining"
+WORKER_REMOVING: Final = "worker_removing"
+WORKER_KILLED: Final = "worker_killed"
+WORKER_REPLACING: Final = "worker_replacing"
+WORKERS_SCALED: Final = "workers_scaled"
+SCALE_REFUSED: Final = "scale_refused"
+WORKERS_STOPPING: Final = "workers_stopping"
+WORKERS_KILLED: Final = "workers_killed"
+WORKERS_STOPPED: Final = "workers_stopped"
+DRAIN_DEADLINE: Final = "drain_deadline"
+ROLLING_RESTART_REQUESTED: Final = "rolling_restart_requested"
+ROLLING_RESTART_STARTED: Final = "rolling_restart_started"
+ROLLING_RESTART_ABORTED: Final = "rolling_restart_aborted"
+ROLLING_RESTART_DONE: Final = "rolling_restart_done"
+
+# Balancer processes (`--workers`, `supervisors._processes`).
+BALANCER_PROCESSES_STARTED: Final = "balancer_processes_started"
+BALANCER_PROCESS_EXITED: Final = "balancer_process_exited"
+BALANCER_PROCESS_CRASHED: Final = "balancer_process_crashed"
+BALANCER_PROCESS_HELD: Final = "balancer_process_held"
+BALANCER_PROCESS_RESTARTED: Final = "balancer_process_restarted"
+BALANCER_PROCESS_FORK_FAILED: Final = "balancer_process_fork_failed"
+BALANCER_PROCESS_KILLED: Final = "balancer_process_killed"
+BALANCER_PROCESSES_STOPPING: Final = "balancer_processes_stopping"
+BALANCER_PROCESSES_GONE: Final = "balancer_processes_gone"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 """One log line per event worth knowing (state change, failover, rejection), plain or JSON.
 
-    log_event("backend_state", backend="3f2a...", old="up", new="down", reason="timeout")
+    log_event(BACKEND_STATE, backend="3f2a...", old="up", new="down", reason="timeout")
+
+Every event's name is a constant of `_events` (snake_case, the one list of them).
 
 plain: `2026-11-25T12:00:00.123Z WARNING backend_state backend=3f2a old=up new=down ...`
 (logfmt: values with spaces or quotes are JSON-quoted); json: one object per line with
@@ -17,6 +19,7 @@ import time
 from typing import IO, Any, Literal
 
 from ..datapath._backend import Backend, BackendState
+from ._events import BACKEND_STATE
 
 __all__ = ["JsonFormatter", "PlainFormatter", "configure_logging", "log_event", "log_state_change"]
 
@@ -41,7 +44,7 @@ def log_state_change(backend: Backend, old: BackendState) -> None:
         fields["reason"] = backend.down_reason or (
             "ejected" if backend.ejected_until is not None else None
         )
-    log_event("backend_state", level=level, **fields)
+    log_event(BACKEND_STATE, level=level, **fields)
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -36,6 +36,17 @@ from collections.abc import Callable
 
 from redis_plumbing import die_with_parent
 
+from ..control._events import (
+    BALANCER_PROCESS_CRASHED,
+    BALANCER_PROCESS_EXITED,
+    BALANCER_PROCESS_FORK_FAILED,
+    BALANCER_PROCESS_HELD,
+    BALANCER_PROCESS_KILLED,
+    BALANCER_PROCESS_RESTARTED,
+    BALANCER_PROCESSES_GONE,
+    BALANCER_PROCESSES_STARTED,
+    BALANCER_PROCESSES_STOPPING,
+)
 from ..control._log import log_event
 from ._workers import Exit, RestartPolicy, Worker, WorkerState
 
@@ -95,7 +106,7 @@ class BalancerProcesses:
                 worker = Worker(index, index, 0, now=now)  # port 0: they all share --listen
                 self._processes.append(worker)
                 self._fork(worker, now)
-            log_event("balancer_processes_started", pids=[w.pid for w in self._processes])
+            log_event(BALANCER_PROCESSES_STARTED, pids=[w.pid for w in self._processes])
             while not self._done():
                 self._sleep()
                 self._turn(self._clock())
@@ -125,7 +136,7 @@ class BalancerProcesses:
             if signum == signal.SIGCHLD or self._stopping is not None:
                 continue
             self._stopping = signum
-            log_event("balancer_processes_stopping", signal=signal.Signals(signum).name)
+            log_event(BALANCER_PROCESSES_STOPPING, signal=signal.Signals(signum).name)
             for worker in self._processes:
                 if worker.alive:
                     worker.stop(now, retire=True)
@@ -149,7 +160,7 @@ class BalancerProcesses:
         for worker in self._processes:
             if worker.stop_overdue(now, self.stop_timeout):
                 log_event(
-                    "balancer_process_killed",
+                    BALANCER_PROCESS_KILLED,
                     level=logging.WARNING,
                     index=worker.index,
                     pid=worker.pid,
@@ -166,7 +177,7 @@ class BalancerProcesses:
                 if worker.pid is None:
                     continue  # the fork failed: logged, and counted as a crash
                 log_event(
-                    "balancer_process_restarted",
+                    BALANCER_PROCESS_RESTARTED,
                     index=worker.index,
                     pid=worker.pid,
                     restarts=worker.restarts,
@@ -181,7 +192,7 @@ class BalancerProcesses:
         if any(w.restart_at is not None and not w.retiring for w in self._processes):
             return False
         log_event(
-            "balancer_processes_gone",
+            BALANCER_PROCESSES_GONE,
             level=logging.ERROR,
             reason="every balancer process is held (a crash loop) or could not serve",
         )
@@ -200,10 +211,10 @@ class BalancerProcesses:
             if code != 0:
                 self._status = 1
             level = logging.INFO if code == 0 else logging.WARNING
-            log_event("balancer_process_exited", level=level, **fields)
+            log_event(BALANCER_PROCESS_EXITED, level=level, **fields)
         elif outcome is Exit.HELD:
             log_event(
-                "balancer_process_held",
+                BALANCER_PROCESS_HELD,
                 level=logging.ERROR,
                 crashes=worker.crashes,
                 hint="the others still serve; fix the cause, then restart the balancer",
@@ -212,7 +223,7 @@ class BalancerProcesses:
         else:
             assert worker.restart_at is not None
             log_event(
-                "balancer_process_crashed",
+                BALANCER_PROCESS_CRASHED,
                 level=logging.WARNING,
                 restart_in=round(worker.restart_at - now, 3),
                 crashes=worker.crashes,
@@ -228,7 +239,7 @@ class BalancerProcesses:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-            log_event("balancer_process_fork_failed", level=logging.ERROR, error=str(exc))
+            log_event(BALANCER_PROCESS_FORK_FAILED, level=logging.ERROR, error=str(exc))
             self._exited(worker, -1, now)  # an early crash: retried after the backoff
             return
         if pid == 0:

@@ -36,6 +36,30 @@ import httpx
 from redis_plumbing import free_port, parent_death_hook
 
 from .._exceptions import InvalidTransition
+from ..control._events import (
+    DRAIN_DEADLINE,
+    ROLLING_RESTART_ABORTED,
+    ROLLING_RESTART_DONE,
+    ROLLING_RESTART_STARTED,
+    SCALE_REFUSED,
+    WORKER_ADDED,
+    WORKER_CRASHED,
+    WORKER_DRAINING,
+    WORKER_EXITED,
+    WORKER_HELD,
+    WORKER_HUNG,
+    WORKER_KILLED,
+    WORKER_NOT_READY,
+    WORKER_READY,
+    WORKER_REMOVING,
+    WORKER_REPLACING,
+    WORKER_RESTARTED,
+    WORKER_SPAWN_FAILED,
+    WORKERS_KILLED,
+    WORKERS_SCALED,
+    WORKERS_STOPPED,
+    WORKERS_STOPPING,
+)
 from ..control._log import log_event
 from ..datapath._backend import backend_id
 from ..datapath._pool import Pool
@@ -150,7 +174,7 @@ class Supervisor:
                 f"cannot scale to {self.desired + delta} workers: at least 1 must run"
             )
         self.desired += delta
-        log_event("workers_scaled", desired=self.desired, delta=delta)
+        log_event(WORKERS_SCALED, desired=self.desired, delta=delta)
         self._wake.set()
         return self.desired
 
@@ -191,20 +215,20 @@ class Supervisor:
             await asyncio.wait([self._loop_task])
         for probe in list(self._probes.values()):
             probe.cancel()
-        log_event("workers_stopping", workers=len(self._processes))
+        log_event(WORKERS_STOPPING, workers=len(self._processes))
         # Phase 1: SIGTERM, and wait for graceful exits.
         for key in list(self._processes):
             self._signal(key, signal.SIGTERM)
         await self._wait_exits(self.options.stop_timeout)
         # Phase 2: SIGKILL whatever ignored it.
         if self._processes:
-            log_event("workers_killed", level=logging.WARNING, pids=self._pids())
+            log_event(WORKERS_KILLED, level=logging.WARNING, pids=self._pids())
             for key in list(self._processes):
                 self._signal(key, signal.SIGKILL)
             await self._wait_exits(_KILL_WAIT)
         for worker in self._workers.values():
             self._leave_pool(worker)
-        log_event("workers_stopped")
+        log_event(WORKERS_STOPPED)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -246,11 +270,11 @@ class Supervisor:
             fields |= {"code": returncode, "was": was.value, "outcome": outcome.value}
             if outcome is Exit.RETIRED:
                 del self._workers[key]
-                log_event("worker_exited", **fields)
+                log_event(WORKER_EXITED, **fields)
             elif outcome is Exit.HELD:
                 # Reported, not retried: a worker that cannot stay up needs a person.
                 log_event(
-                    "worker_held",
+                    WORKER_HELD,
                     level=logging.ERROR,
                     crashes=worker.crashes,
                     hint="fix the worker, then SIGHUP or POST /workers/restart",
@@ -259,7 +283,7 @@ class Supervisor:
             else:
                 assert worker.restart_at is not None
                 log_event(
-                    "worker_crashed",
+                    WORKER_CRASHED,
                     level=logging.WARNING,
                     restart_in=round(worker.restart_at - now, 3),
                     crashes=worker.crashes,
@@ -276,11 +300,11 @@ class Supervisor:
             url = self._url(worker)
             if backend_id(url) not in self.pool:
                 self.pool.add(url)
-            log_event("worker_ready", index=worker.index, pid=worker.pid, url=url)
+            log_event(WORKER_READY, index=worker.index, pid=worker.pid, url=url)
         for worker in self._live(_STARTING):
             if worker.ready_overdue(now, self.options.ready_timeout):
                 log_event(
-                    "worker_not_ready",
+                    WORKER_NOT_READY,
                     level=logging.WARNING,
                     index=worker.index,
                     pid=worker.pid,
@@ -296,7 +320,7 @@ class Supervisor:
             healthy = backend is None or backend.healthy
             if worker.hung(healthy=healthy, now=now, timeout=self.options.hang_timeout):
                 log_event(
-                    "worker_hung",
+                    WORKER_HUNG,
                     level=logging.WARNING,
                     index=worker.index,
                     pid=worker.pid,
@@ -315,7 +339,7 @@ class Supervisor:
             try:
                 self.scale(1 if command is Command.SCALE_UP else -1)
             except InvalidTransition as exc:
-                log_event("scale_refused", level=logging.WARNING, reason=str(exc))
+                log_event(SCALE_REFUSED, level=logging.WARNING, reason=str(exc))
 
     async def _advance_rollout(self, now: float) -> None:
         if self.rollout is None:
@@ -332,7 +356,7 @@ class Supervisor:
                 assert old is not None
                 new = await self._spawn_new(old.index, now)
                 rollout.spawned(new.key)
-                log_event("worker_replacing", index=old.index, old_pid=old.pid, new_pid=new.pid)
+                log_event(WORKER_REPLACING, index=old.index, old_pid=old.pid, new_pid=new.pid)
                 return
             if step.action == "retire":
                 if old is not None:
@@ -345,21 +369,21 @@ class Supervisor:
                 if replacement is not None:
                     self._retire(replacement, now)  # held, never served: not an extra worker
                 log_event(
-                    "rolling_restart_aborted",
+                    ROLLING_RESTART_ABORTED,
                     level=logging.ERROR,
                     index=None if old is None else old.index,
                     replaced=rollout.replaced,
                     reason="the replacement never became ready; the old worker still serves",
                 )
             else:
-                log_event("rolling_restart_done", replaced=rollout.replaced)
+                log_event(ROLLING_RESTART_DONE, replaced=rollout.replaced)
             self.rollout = None
             return
 
     async def _start_rollout(self, now: float) -> None:
         serving = [w for w in self.workers if not w.retiring]
         targets = [w.key for w in serving if w.state in (_STARTING, _READY)]
-        log_event("rolling_restart_started", workers=len(targets))
+        log_event(ROLLING_RESTART_STARTED, workers=len(targets))
         self.rollout = Rollout(targets)
         for worker in serving:
             if worker.state is _HELD:
@@ -371,13 +395,13 @@ class Supervisor:
         serving = [w for w in self.workers if not w.retiring]
         for _ in range(self.desired - len(serving)):
             worker = await self._spawn_new(self._free_index(), now)
-            log_event("worker_added", index=worker.index, pid=worker.pid)
+            log_event(WORKER_ADDED, index=worker.index, pid=worker.pid)
         if len(serving) > self.desired:
             # Those not serving go first (held, crashed, starting), then the newest: the
             # highest indices, so `{index}` stays 0..N-1.
             ranked = sorted(serving, key=lambda w: (w.state is not _READY, w.index, w.key))
             for worker in ranked[self.desired :]:
-                log_event("worker_removing", index=worker.index, pid=worker.pid)
+                log_event(WORKER_REMOVING, index=worker.index, pid=worker.pid)
                 self._retire(worker, now)
 
     def _stop_drained(self, now: float) -> None:
@@ -387,7 +411,7 @@ class Supervisor:
             if worker.drained(in_flight=in_flight, now=now, deadline=self.options.drain_deadline):
                 if in_flight:
                     log_event(
-                        "drain_deadline",
+                        DRAIN_DEADLINE,
                         level=logging.WARNING,
                         index=worker.index,
                         in_flight=in_flight,
@@ -399,7 +423,7 @@ class Supervisor:
     def _escalate(self, now: float) -> None:
         for worker in self._live(_STOPPING):
             if worker.stop_overdue(now, self.options.stop_timeout):
-                log_event("worker_killed", level=logging.WARNING, index=worker.index)
+                log_event(WORKER_KILLED, level=logging.WARNING, index=worker.index)
                 worker.escalate()
                 self._signal(worker.key, signal.SIGKILL)
 
@@ -426,7 +450,7 @@ class Supervisor:
             if backend is not None and not backend.draining:
                 backend.drain()
             worker.drain(now)
-            log_event("worker_draining", index=worker.index, pid=worker.pid)
+            log_event(WORKER_DRAINING, index=worker.index, pid=worker.pid)
         elif state is _STARTING:
             self._cancel_probe(worker.key)
             worker.stop(now, retire=True)
@@ -441,7 +465,7 @@ class Supervisor:
         # and its restart gets another port.
         worker.restarted(free_port(self.options.host), now)
         await self._spawn(worker)
-        log_event("worker_restarted", index=worker.index, pid=worker.pid, restarts=worker.restarts)
+        log_event(WORKER_RESTARTED, index=worker.index, pid=worker.pid, restarts=worker.restarts)
 
     async def _spawn_new(self, index: int, now: float) -> Worker:
         worker = Worker(self._next_key, index, free_port(self.options.host), now=now)
@@ -463,7 +487,7 @@ class Supervisor:
                 preexec_fn=parent_death_hook(),
             )
         except OSError as exc:
-            log_event("worker_spawn_failed", level=logging.ERROR, index=worker.index, error=exc)
+            log_event(WORKER_SPAWN_FAILED, level=logging.ERROR, index=worker.index, error=exc)
             self._exits.append((worker.key, _NOT_SPAWNED))
             self._wake.set()
             return

@@ -5,9 +5,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from balancer import BackendState, Pool
-from balancer.control._admin import create_admin_app
-from balancer.datapath._metrics import Metrics
+from balancer import BackendState, Metrics, Pool, create_admin_app
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 TOKEN = "s3cret-token"

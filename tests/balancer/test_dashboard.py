@@ -13,23 +13,32 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
 
-from balancer import AffinityCookie, ConfigError, Pool, Router, Sticky, load_settings
-from balancer.control._admin import create_admin_app
+from balancer import (
+    AffinityCookie,
+    ConfigError,
+    Metrics,
+    Pool,
+    Router,
+    Sticky,
+    create_admin_app,
+    load_settings,
+)
 from balancer.control._dashboard import (
     HISTORY,
     SESSIONS_MAX,
     WINDOW,
+    BackendRow,
     Dashboard,
     RedisStatus,
+    Snapshot,
     quantile,
 )
 from balancer.control._events import EventFeed
-from balancer.datapath._metrics import BUCKETS, Metrics
+from balancer.datapath._metrics import BUCKETS
 from redis_plumbing import RedisServer
 from tests.helpers import FakeClock, Stream, free_port, wait_for
 from tests.processes import balancer
@@ -144,11 +153,15 @@ def make_dashboard(
     return dashboard, pool, metrics, router, clock
 
 
-def row(snapshot: dict[str, object], backend_id: str) -> dict[str, object]:
-    backends = snapshot["backends"]
-    assert isinstance(backends, list)
-    found: dict[str, object] = next(b for b in backends if b["id"] == backend_id)
-    return found
+def ticked(dashboard: Dashboard) -> Snapshot:
+    """`dashboard.tick()`, with a subscriber: a snapshot (None without one)."""
+    snapshot = dashboard.tick()
+    assert snapshot is not None
+    return snapshot
+
+
+def row(snapshot: Snapshot, backend_id: str) -> BackendRow:
+    return next(b for b in snapshot["backends"] if b["id"] == backend_id)
 
 
 def test_rates_error_rate_and_percentiles_come_from_counter_deltas() -> None:
@@ -162,7 +175,7 @@ def test_rates_error_rate_and_percentiles_come_from_counter_deltas() -> None:
         for _ in range(9):
             metrics.request_done(one.id, 200, 0.0008)
         metrics.request_done(one.id, 502, 0.2)
-        snapshot = dashboard.tick()
+        snapshot = ticked(dashboard)
     first = row(snapshot, one.id)
     assert first["rps"] == 10.0
     assert first["error_rate"] == 0.1
@@ -177,7 +190,7 @@ def test_rates_error_rate_and_percentiles_come_from_counter_deltas() -> None:
         clock.advance(1.0)
         for _ in range(10):
             metrics.request_done(one.id, 200, 0.0008)
-        snapshot = dashboard.tick()
+        snapshot = ticked(dashboard)
     assert row(snapshot, one.id)["error_rate"] == 0.0
     # The chart's history: one point a tick, bounded.
     hello = dashboard.hello()
@@ -186,7 +199,7 @@ def test_rates_error_rate_and_percentiles_come_from_counter_deltas() -> None:
     assert history["rps"][one.id][-1] == 10.0
     for _ in range(HISTORY + 5):
         dashboard.tick()
-    assert len(dashboard.hello()["history"]["rps"][one.id]) == HISTORY  # type: ignore[index]
+    assert len(dashboard.hello()["history"]["rps"][one.id]) == HISTORY
 
 
 def test_state_since_follows_changes() -> None:
@@ -195,12 +208,12 @@ def test_state_since_follows_changes() -> None:
     assert dashboard.subscribe() is not None
     clock.advance(5.0)
     one.mark_down("connection refused", clock())
-    snapshot = dashboard.tick()
+    snapshot = ticked(dashboard)
     first = row(snapshot, one.id)
     assert (first["state"], first["reason"]) == ("down", "connection refused")
     assert first["since"] == 105.0
     clock.advance(3.0)
-    assert row(dashboard.tick(), one.id)["since"] == 105.0
+    assert row(ticked(dashboard), one.id)["since"] == 105.0
 
 
 def test_sessions_are_counted_per_backend_and_their_moves_reported() -> None:
@@ -215,14 +228,14 @@ def test_sessions_are_counted_per_backend_and_their_moves_reported() -> None:
         assert router.decide(client_ip="1.2.3.4", cookie_header=header).backend is pinned
     router.decide(client_ip="1.2.3.4", cookie_header=b"other=1")  # no session: not counted
     assert dashboard.subscribe() is not None
-    snapshot = dashboard.tick()
+    snapshot = ticked(dashboard)
     assert (row(snapshot, one.id)["sessions"], row(snapshot, two.id)["sessions"]) == (4, 2)
     # `one` goes down: its clients come back, are re-pinned to `two`, and that is an event.
     one.mark_down("timeout", clock())
     for i in range(4):
         assert router.decide(client_ip="1.2.3.4", cookie_header=headers[i]).backend is two
     clock.advance(1.0)
-    snapshot = dashboard.tick()
+    snapshot = ticked(dashboard)
     # Sessions 4 and 5 were not seen again, but are remembered where they were.
     assert (row(snapshot, one.id)["sessions"], row(snapshot, two.id)["sessions"]) == (0, 6)
     moved = [e for e in dashboard.feed.after(0) if e.name == "sessions_moved"]
@@ -231,17 +244,17 @@ def test_sessions_are_counted_per_backend_and_their_moves_reported() -> None:
     pool.add("http://127.0.0.1:9003")  # a new generation empties the cache
     router.decide(client_ip="1.2.3.4", cookie_header=b"x=1")
     clock.advance(1.0)
-    assert row(dashboard.tick(), two.id)["sessions"] == 6  # seen until now
+    assert row(ticked(dashboard), two.id)["sessions"] == 6  # seen until now
     clock.advance(301.0)
-    assert row(dashboard.tick(), two.id)["sessions"] == 0
+    assert row(ticked(dashboard), two.id)["sessions"] == 0
 
 
 def test_sessions_are_not_shown_without_cookie_stickiness() -> None:
     dashboard, pool, *_ = make_dashboard(sticky=Sticky("none"))
     assert dashboard.subscribe() is not None
-    snapshot = dashboard.tick()
+    snapshot = ticked(dashboard)
     assert row(snapshot, next(iter(pool)).id)["sessions"] is None
-    assert snapshot["totals"]["sessions"] is None  # type: ignore[index]
+    assert snapshot["totals"]["sessions"] is None
 
 
 def test_failovers_and_repins_become_one_event_per_tick() -> None:
@@ -251,13 +264,13 @@ def test_failovers_and_repins_become_one_event_per_tick() -> None:
     for _ in range(3):
         metrics.failover()
     metrics.repinned()
-    snapshot = dashboard.tick()
+    snapshot = ticked(dashboard)
     events = snapshot["events"]
     assert isinstance(events, list)
     assert [(e["name"], e["fields"]) for e in events] == [
         ("failover", {"requests": 3, "repinned": 1})
     ]
-    assert dashboard.tick()["events"] == []
+    assert ticked(dashboard)["events"] == []
 
 
 def test_a_slow_subscriber_is_dropped_and_close_ends_every_stream() -> None:
@@ -439,12 +452,12 @@ def test_forged_session_cookies_are_not_counted_and_the_map_is_bounded() -> None
     subscriber = dashboard.subscribe()
     assert subscriber is not None
 
-    def tick() -> dict[str, Any]:
+    def tick() -> Snapshot:
         clock.advance(1.0)
         subscriber.messages.clear()  # read, as a page would: a stalled one is dropped
-        return dashboard.tick()
+        return ticked(dashboard)
 
-    def forge(numbers: range) -> dict[str, Any]:
+    def forge(numbers: range) -> Snapshot:
         for n in numbers:
             router.decide(client_ip="1.2.3.4", cookie_header=f"sid=forged{n}".encode() + pin)
             if n % 4000 == 0:  # the router's cache holds 4096 headers: read it before
