@@ -49,7 +49,7 @@ from service_registry import Instance, Registry, RegistryError, Snapshot
 
 from .datapath._affinity import cookie_value
 from .datapath._backend import Backend
-from .datapath._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
+from .datapath._maglev import DEFAULT_TABLE_SIZE, TableCache, is_prime, key_hash, walk
 
 __all__ = [
     "BalancePolicy",
@@ -61,7 +61,6 @@ __all__ = [
 
 BalancePolicy = Literal["round-robin", "least-inflight", "p2c", "hash"]
 _POLICIES = ("round-robin", "least-inflight", "p2c", "hash")
-_TABLES_KEPT = 8  # Maglev tables kept for recent sets: an ejection flapping costs no rebuild
 _URLS_KEPT = 1024  # rewritten URLs kept per transport
 _EWMA_DECAY = 0.3  # weight of the newest latency sample
 _DEFAULT_LATENCY = 0.001  # seconds: what an instance is assumed to take before measured
@@ -127,16 +126,16 @@ class _Picker:
         rng: random.Random,
     ) -> None:
         self.balance = balance
-        self.table_size = table_size
+        self.tables = TableCache(table_size)  # the router's cache, of the same tables
         self.eject_after = eject_after
         self.ejection_time = ejection_time
         self.rng = rng
         self.members: dict[str, _Member] = {}  # by backend id
         self._sorted: list[_Member] = []  # the members by backend id, as the router sorts
+        self._sorted_ids: tuple[str, ...] = ()  # of `_sorted`
         self._sorted_table: list[int] | None = None  # the Maglev table of `_sorted`
         self.ejected = 0  # members with an ejection running
         self._rr = 0
-        self._tables: dict[tuple[str, ...], list[int]] = {}
 
     def update(self, instances: Iterable[Instance]) -> None:
         """Replace the live set; members that stay keep their counters."""
@@ -149,6 +148,7 @@ class _Picker:
             fresh[member.backend_id] = old if old is not None else member
         self.members = fresh
         self._sorted = sorted(fresh.values(), key=lambda m: m.backend_id)
+        self._sorted_ids = tuple(m.backend_id for m in self._sorted)
         self._sorted_table = None
         self.ejected = sum(1 for m in self._sorted if m.ejected_until is not None)
 
@@ -183,31 +183,20 @@ class _Picker:
         return up[self._rr]
 
     def _hashed(self, h: int, up: list[_Member], now: float, exclude: frozenset[str]) -> _Member:
-        # As the balancer's router: the table over the healthy set (sorted ids), and for a
-        # retry, forward past the excluded ones.
+        # As the balancer's router, with its code (`_maglev.TableCache` and `walk`): the
+        # table over the healthy set (sorted ids), and for a retry, forward past the
+        # excluded ones.
         healthy = self._usable(now, frozenset())
-        table = self._sorted_table if healthy is self._sorted else None
-        if table is None:
-            ids = tuple(m.backend_id for m in healthy)
-            table = self._tables.get(ids)
+        if healthy is self._sorted:
+            ids = self._sorted_ids
+            table = self._sorted_table
             if table is None:
-                table = build_table(ids, self.table_size)
-                if len(self._tables) >= _TABLES_KEPT:
-                    self._tables.pop(next(iter(self._tables)))
-                self._tables[ids] = table
-            if healthy is self._sorted:
-                self._sorted_table = table
-        slot = h % self.table_size
-        member = healthy[table[slot]]
-        if not exclude:
-            return member  # then `up` is `healthy`
-        allowed = {m.backend_id for m in up}
-        for _ in range(self.table_size):
-            member = healthy[table[slot]]
-            if member.backend_id in allowed:
-                return member
-            slot = slot + 1 if slot + 1 < self.table_size else 0
-        return up[0]  # every healthy member excluded: any other one
+                table = self._sorted_table = self.tables.get(ids)
+        else:
+            ids = tuple(m.backend_id for m in healthy)
+            table = self.tables.get(ids)
+        index = walk(table, ids, h, exclude)
+        return healthy[index] if index >= 0 else up[0]  # every healthy one excluded: any other
 
     def started(self, member: _Member) -> None:
         member.in_flight += 1
@@ -316,7 +305,39 @@ class _TrackedStream(httpx.AsyncByteStream):
                 done()
 
 
-class BalancedTransport(httpx.AsyncBaseTransport):
+class _Balancing:
+    """What both transports are built from, in one place: the checks (ValueError naming
+    the parameter), the hash key reader, the picker, the URL rewriter, the clock."""
+
+    def __init__(
+        self,
+        *,
+        balance: BalancePolicy,
+        hash_on: str | None,
+        table_size: int,
+        refresh: float,
+        max_attempts: int,
+        eject_after: int,
+        ejection_time: float,
+        clock: Callable[[], float],
+        rng: random.Random | None,
+    ) -> None:
+        _check(balance, table_size, max_attempts)
+        self.refresh = refresh
+        self.max_attempts = max_attempts
+        self._key = _key_reader(hash_on)
+        self._picker = _Picker(
+            balance=balance,
+            table_size=table_size,
+            eject_after=eject_after,
+            ejection_time=ejection_time,
+            rng=rng if rng is not None else random.Random(),
+        )
+        self._router = _Router()
+        self._clock = clock
+
+
+class BalancedTransport(_Balancing, httpx.AsyncBaseTransport):
     """An `httpx.AsyncBaseTransport` that balances over a service's live instances.
 
     `source` is a `Registry` (the service it was built for) or `StaticInstances`; the caller
@@ -341,22 +362,20 @@ class BalancedTransport(httpx.AsyncBaseTransport):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        _check(balance, table_size, max_attempts)
-        self.source = source
-        self.refresh = refresh
-        self.max_attempts = max_attempts
-        self._key = _key_reader(hash_on)
-        self._picker = _Picker(
+        super().__init__(
             balance=balance,
+            hash_on=hash_on,
             table_size=table_size,
+            refresh=refresh,
+            max_attempts=max_attempts,
             eject_after=eject_after,
             ejection_time=ejection_time,
-            rng=rng if rng is not None else random.Random(),
+            clock=clock,
+            rng=rng,
         )
-        self._router = _Router()
+        self.source = source
         self._owns_inner = inner is None
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport(retries=0)
-        self._clock = clock
         self._loaded_at: float | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._first: asyncio.Lock | None = None
@@ -444,7 +463,7 @@ class BalancedTransport(httpx.AsyncBaseTransport):
 # -- the sync transport ------------------------------------------------------------------
 
 
-class BalancedSyncTransport(httpx.BaseTransport):
+class BalancedSyncTransport(_Balancing, httpx.BaseTransport):
     """The sync twin of `BalancedTransport`, for `httpx.Client`.
 
     `instances` is a static list of URLs, or `registry_url` + `service` names a registry,
@@ -469,23 +488,21 @@ class BalancedSyncTransport(httpx.BaseTransport):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        _check(balance, table_size, max_attempts)
-        self.service = service
-        self.refresh = refresh
-        self.max_attempts = max_attempts
-        self._key = _key_reader(hash_on)
-        self._picker = _Picker(
+        super().__init__(
             balance=balance,
+            hash_on=hash_on,
             table_size=table_size,
+            refresh=refresh,
+            max_attempts=max_attempts,
             eject_after=eject_after,
             ejection_time=ejection_time,
-            rng=rng if rng is not None else random.Random(),
+            clock=clock,
+            rng=rng,
         )
+        self.service = service
         self._lock = threading.Lock()  # the picker is shared by the caller's threads
-        self._router = _Router()
         self._owns_inner = inner is None
         self._inner = inner if inner is not None else httpx.HTTPTransport(retries=0)
-        self._clock = clock
         self._stop = threading.Event()
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None

@@ -12,11 +12,14 @@ import hashlib
 import zlib
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_TABLE_SIZE", "build_table", "is_prime", "key_hash"]
+__all__ = ["DEFAULT_TABLE_SIZE", "TableCache", "build_table", "is_prime", "key_hash", "walk"]
 
 # A prime well above 100 x the number of backends, as the paper advises (section 3.4):
 # a bigger table makes the shares more even and costs only memory.
 DEFAULT_TABLE_SIZE = 65537
+# Tables kept for recent sets of names, so a flapping backend (or an ejection ending) does
+# not cost a rebuild each time.
+TABLES_KEPT = 8
 
 
 def is_prime(n: int) -> bool:
@@ -80,3 +83,48 @@ def build_table(names: Sequence[str], size: int = DEFAULT_TABLE_SIZE) -> list[in
             filled += 1
             if filled == size:
                 return entry
+
+
+class TableCache:
+    """The Maglev tables of the last `kept` sets of names (one `size`), the least recently
+    used forgotten first. The router's and the client transport's one cache."""
+
+    def __init__(self, size: int = DEFAULT_TABLE_SIZE, kept: int = TABLES_KEPT) -> None:
+        if not is_prime(size):
+            raise ValueError(f"table_size must be a prime, not {size!r}")
+        self.size = size
+        self._kept = kept
+        self._tables: dict[tuple[str, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def get(self, names: tuple[str, ...]) -> list[int]:
+        """`build_table(names, size)`, built at most once while it stays among the kept."""
+        tables = self._tables
+        table = tables.pop(names, None)
+        if table is None:
+            table = build_table(names, self.size)
+            if len(tables) >= self._kept:
+                del tables[next(iter(tables))]
+        tables[names] = table  # the most recently used last
+        return table
+
+
+def walk(table: list[int], names: Sequence[str], h: int, exclude: frozenset[str]) -> int:
+    """The index into `names` that `table` (`build_table(names)`) gives hash `h`, moving
+    forward slot by slot past names in `exclude` (a retry's next choice, the same in every
+    process); -1 when the table is empty or every name is excluded."""
+    size = len(table)
+    if size == 0:
+        return -1
+    slot = h % size
+    index = table[slot]
+    if not exclude or names[index] not in exclude:
+        return index
+    if all(name in exclude for name in names):
+        return -1
+    while names[index] in exclude:
+        slot = slot + 1 if slot + 1 < size else 0
+        index = table[slot]
+    return index

@@ -44,7 +44,7 @@ from typing import Final, Literal
 from .._exceptions import NoBackendAvailable
 from ._affinity import AffinityCookie, Sticky, cookie_value, set_cookie_value
 from ._backend import Backend, BackendState
-from ._maglev import DEFAULT_TABLE_SIZE, build_table, is_prime, key_hash
+from ._maglev import DEFAULT_TABLE_SIZE, TableCache, key_hash, walk
 from ._pool import Pool
 
 __all__ = ["DEFAULT_BALANCE", "DEFAULT_HASH_BALANCE_FACTOR", "Balance", "Decision", "Router"]
@@ -56,8 +56,6 @@ DEFAULT_BALANCE: Final[Balance] = "least-inflight"
 DEFAULT_HASH_BALANCE_FACTOR: Final = 0.25  # epsilon of bounded load; 0 turns it off
 
 _UP = BackendState.UP
-# Tables kept for recent UP sets, so a flapping backend does not cost a rebuild each time.
-_TABLES_KEPT = 8
 # The decision cache of mode `cookie` (see `Router._decided`): at most this many Cookie
 # headers, each at most this long, so a stream of distinct or huge headers bounds it
 # (~2 MiB at worst).
@@ -104,8 +102,7 @@ class Router:
             raise ValueError(
                 f"hash_balance_factor must be a finite number >= 0, not {hash_balance_factor!r}"
             )
-        if not is_prime(table_size):
-            raise ValueError(f"table_size must be a prime, not {table_size!r}")
+        self._tables = TableCache(table_size)  # raises ValueError: not a prime
         self._pool = pool
         self._sticky = sticky
         self._affinity = affinity
@@ -118,8 +115,9 @@ class Router:
         self._affinity_name = affinity.name_bytes if affinity is not None else b""
         self._generation = -1
         self._up: tuple[Backend, ...] = ()
-        self._table: list[Backend] = []
-        self._tables: dict[tuple[str, ...], list[int]] = {}
+        self._ids: tuple[str, ...] = ()  # of `_up`
+        self._indexes: list[int] = []  # the Maglev table of `_ids`
+        self._table: list[Backend] = []  # the same, resolved: one lookup a request
         self._rr_current: dict[str, float] = {}
         self._rr_next = 0
         # Least in-flight's tie rule: per position in `_up`, when it was last picked.
@@ -261,17 +259,13 @@ class Router:
         table = self._table
         if not table:
             raise NoBackendAvailable("no backend is up")
-        size = self._size
-        slot = h % size
-        backend = table[slot]
+        backend = table[h % self._size]
         if not exclude or backend.id not in exclude:
             return backend
-        if all(b.id in exclude for b in self._up):
+        index = walk(self._indexes, self._ids, h, exclude)
+        if index < 0:
             raise NoBackendAvailable("every backend that is up was excluded")
-        while backend.id in exclude:
-            slot = slot + 1 if slot + 1 < size else 0
-            backend = table[slot]
-        return backend
+        return self._up[index]
 
     def _placed(self, exclude: frozenset[str]) -> Backend:
         """A new client: a random slot, then forward past backends at their bounded load."""
@@ -384,13 +378,8 @@ class Router:
 
     def _rebuild(self) -> None:
         up = self._pool.selectable()  # sorted by id: the same table in every process
-        ids = tuple(b.id for b in up)
-        indexes = self._tables.pop(ids, None)
-        if indexes is None:
-            indexes = build_table(ids, self._size)
-        if len(self._tables) >= _TABLES_KEPT:
-            del self._tables[next(iter(self._tables))]
-        self._tables[ids] = indexes
+        self._ids = ids = tuple(b.id for b in up)
+        self._indexes = indexes = self._tables.get(ids)
         self._table = [up[i] for i in indexes]
         self._up = up
         self._rr_current = {}

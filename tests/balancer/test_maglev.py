@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from balancer.datapath._maglev import build_table, is_prime, key_hash
+from balancer.datapath._maglev import TableCache, build_table, is_prime, key_hash, walk
 
 NAMES = [f"backend-{i:02d}" for i in range(10)]
 
@@ -50,3 +50,37 @@ def test_key_hash_is_stable() -> None:
     # A constant: the same in every process and on every machine (CRC-32).
     assert key_hash(b"session-1") == 0x23C0BE2E
     assert key_hash(b"a") == 0xE8B7BE43
+
+
+def test_the_table_cache_builds_each_set_once_and_forgets_the_least_recently_used() -> None:
+    cache = TableCache(251, kept=2)
+    a, b, c = ("x", "y"), ("x",), ("y",)
+    first = cache.get(a)
+    assert first == build_table(a, 251)
+    assert cache.get(a) is first  # kept: not built again
+    cache.get(b)
+    cache.get(a)  # used again: now b is the least recent
+    cache.get(c)  # one over `kept`: b goes
+    assert len(cache) == 2
+    assert cache.get(a) is first
+    assert cache.get(b) == build_table(b, 251)
+    with pytest.raises(ValueError, match="table_size must be a prime, not 250"):
+        TableCache(250)
+
+
+@pytest.mark.parametrize(
+    "excluded", [(), ("backend-03",), ("backend-00", "backend-05", "backend-09")]
+)
+def test_walk_moves_forward_past_the_excluded_names(excluded: tuple[str, ...]) -> None:
+    table = build_table(NAMES, 251)
+    exclude = frozenset(excluded)
+    for h in range(0, 2**32, 2**32 // 997):
+        slot = h % 251
+        while NAMES[table[slot]] in exclude:  # the rule, spelled out slot by slot
+            slot = (slot + 1) % 251
+        assert walk(table, NAMES, h, exclude) == table[slot]
+
+
+def test_walk_finds_nothing_when_every_name_is_excluded_or_none_is_left() -> None:
+    assert walk(build_table(NAMES, 251), NAMES, 7, frozenset(NAMES)) == -1
+    assert walk([], [], 7, frozenset()) == -1
