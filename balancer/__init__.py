@@ -11,7 +11,10 @@ from __future__ import annotations
 from . import _build  # noqa: F401
 
 # isort: split
-from ._config import Address, LogFormat, Settings, load_or_exit, load_settings
+# Exported: what applications and the project's own tests and benchmarks use. The
+# supervisors (driven by the command line), the data path's upstream errors (translated at
+# the proxy, never raised to a caller) and type aliases nobody imports stay private.
+from ._config import Address, Settings, load_or_exit, load_settings
 from ._exceptions import (
     BackendExists,
     BalancerError,
@@ -19,32 +22,20 @@ from ._exceptions import (
     InvalidTransition,
     NoBackendAvailable,
     UnknownBackend,
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
 )
 from .control._admin import create_admin_app
 from .control._discovery import Discovery
 from .control._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker
 from .control._log import configure_logging, log_event, log_state_change
-from .datapath._affinity import (
-    DEFAULT_AFFINITY_COOKIE,
-    AffinityCookie,
-    Sticky,
-    StickyMode,
-    generate_secret,
-)
+from .datapath._affinity import AffinityCookie, Sticky, generate_secret
 from .datapath._backend import Backend, BackendPolicy, BackendState
 from .datapath._maglev import DEFAULT_TABLE_SIZE
 from .datapath._metrics import Metrics
-from .datapath._pool import Pool, StateListener
+from .datapath._pool import Pool
+from .datapath._proxy import ProxyOptions, ProxyServer
 from .datapath._router import Balance, Decision, Router
-from .supervisors._supervisor import Supervisor, SupervisorOptions
-from .supervisors._workers import RestartPolicy, Worker, WorkerState
 
 __all__ = [
-    "DEFAULT_AFFINITY_COOKIE",
     "DEFAULT_TABLE_SIZE",
     "Address",
     "AffinityCookie",
@@ -62,25 +53,15 @@ __all__ = [
     "HealthPolicy",
     "HealthTracker",
     "InvalidTransition",
-    "LogFormat",
     "Metrics",
     "NoBackendAvailable",
     "Pool",
-    "RestartPolicy",
+    "ProxyOptions",
+    "ProxyServer",
     "Router",
     "Settings",
-    "StateListener",
     "Sticky",
-    "StickyMode",
-    "Supervisor",
-    "SupervisorOptions",
     "UnknownBackend",
-    "UpstreamConnectError",
-    "UpstreamError",
-    "UpstreamProtocolError",
-    "UpstreamTimeout",
-    "Worker",
-    "WorkerState",
     "configure_logging",
     "create_admin_app",
     "generate_secret",

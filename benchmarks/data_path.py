@@ -23,10 +23,9 @@ import types
 from typing import Any
 
 import balancer.datapath._proxy
-from balancer import AffinityCookie, Pool, Router, Sticky
+from balancer import AffinityCookie, Metrics, Pool, ProxyOptions, ProxyServer, Router, Sticky
 from balancer._build import compiled
-from balancer.datapath._metrics import Metrics
-from balancer.datapath._proxy import ProxyOptions, ProxyServer, tune_gc
+from balancer.datapath._proxy import tune_gc
 from balancer.datapath._upstream import UpstreamConnection
 
 _RESPONSE = (

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancer import AffinityCookie, Pool, Router, Sticky
-from balancer.datapath._maglev import DEFAULT_TABLE_SIZE, build_table, key_hash
+from balancer import DEFAULT_TABLE_SIZE, AffinityCookie, Pool, Router, Sticky
+from balancer.datapath._maglev import build_table, key_hash
 
 
 def urls(n: int) -> list[str]:

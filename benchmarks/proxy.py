@@ -61,9 +61,8 @@ end
 _BALANCER = """
 import asyncio, sys
 import uvloop
-from balancer import AffinityCookie, Pool, Router, Sticky
-from balancer.datapath._metrics import Metrics
-from balancer.datapath._proxy import ProxyOptions, ProxyServer, tune_gc
+from balancer import AffinityCookie, Metrics, Pool, ProxyOptions, ProxyServer, Router, Sticky
+from balancer.datapath._proxy import tune_gc
 
 async def main() -> None:
     pool = Pool(sys.argv[2:])

@@ -35,8 +35,7 @@ import pytest
 import redis
 import yaml
 
-from balancer._config import Settings, load_settings
-from balancer.datapath._affinity import Sticky
+from balancer import Settings, Sticky, load_settings
 from demo_app import AppSettings, create_app
 from demo_app.__main__ import parse_args as parse_demo_app_args
 from demo_app.stack import MODES, STICKY_OF_MODE, STORE_OF_MODE, discover_url

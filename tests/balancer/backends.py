@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from balancer import Backend, Decision, NoBackendAvailable
-from balancer.datapath._proxy import ProxyOptions, ProxyServer
+from balancer import Backend, Decision, NoBackendAvailable, ProxyOptions, ProxyServer
 
 __all__ = [
     "Client",

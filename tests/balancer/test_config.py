@@ -7,15 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from balancer import AffinityCookie, ConfigError, Sticky
+from balancer import (
+    DEFAULT_TABLE_SIZE,
+    Address,
+    AffinityCookie,
+    BackendPolicy,
+    ConfigError,
+    HealthPolicy,
+    ProxyOptions,
+    Settings,
+    Sticky,
+    load_or_exit,
+    load_settings,
+)
 from balancer._balancer import proxy_options, supervisor_options
-from balancer._config import Address, Settings, load_or_exit, load_settings
 from balancer.control._discovery import DEFAULT_DISCOVER_INTERVAL
-from balancer.control._health import HealthPolicy
 from balancer.datapath import _router
-from balancer.datapath._backend import BackendPolicy
-from balancer.datapath._maglev import DEFAULT_TABLE_SIZE
-from balancer.datapath._proxy import ProxyOptions
 from balancer.supervisors._supervisor import SupervisorOptions
 from balancer.supervisors._workers import RestartPolicy
 from service_registry import RegistryTarget

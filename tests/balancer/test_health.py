@@ -12,14 +12,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from balancer import Backend, BackendPolicy, BackendState, Pool
-from balancer.control._health import (
+from balancer import (
+    Backend,
+    BackendPolicy,
+    BackendState,
     CheckResult,
     HealthChecker,
     HealthPolicy,
     HealthTracker,
-    apply_result,
+    Pool,
 )
+from balancer.control._health import apply_result
 from tests.helpers import async_wait_until, free_port
 
 # -- the pure part ---------------------------------------------------------------------------

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer import Pool
-from balancer.datapath._metrics import Metrics
+from balancer import Metrics, Pool
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

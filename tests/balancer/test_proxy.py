@@ -10,7 +10,7 @@ import pytest
 import websockets.asyncio.client
 import websockets.asyncio.server
 
-from balancer.datapath._proxy import ProxyOptions
+from balancer import ProxyOptions
 from tests.balancer.backends import (
     Client,
     HttpBackend,

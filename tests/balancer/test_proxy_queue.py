@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from balancer import Pool, Router, Sticky
-from balancer.datapath._proxy import ProxyOptions, ProxyServer
+from balancer import Pool, ProxyOptions, ProxyServer, Router, Sticky
 from tests.balancer.backends import Client, HttpBackend, RecordingMetrics, silent_port
 from tests.helpers import async_wait_until
 

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from balancer._config import Address, load_settings
-from balancer.datapath._affinity import Sticky
+from balancer import Address, Sticky, load_settings
 from demo_app.__main__ import parse_args as parse_demo_app_args
 from demo_app.stack import (
     MODES,
