@@ -7,7 +7,9 @@ while reading is paused. Bodies are streamed both ways as they arrive (re-framed
 chunked), never collected: a side that produces is paused while the other side's transport
 buffer is above its high-water mark. Timeouts are deadlines checked by one loop timer per
 server, so a request allocates no timer and no Task (only opening a backend connection runs
-a Task). HTTP status codes are chosen here and nowhere else.
+a Task). The status codes the balancer answers itself are chosen here, except those for a
+request head that breaks a rule, which `_http` reads and checks; whether a failed attempt is
+tried again is `_retry`'s decision.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import asyncio
 import gc
 import logging
 import math
-import re
 import socket
 import time
 from collections import deque
@@ -39,14 +40,22 @@ from ._http import (
     BODY_LENGTH,
     BODY_NONE,
     BODY_UNTIL_CLOSE,
+    Rejected,
+    RequestHead,
     TrustedProxies,
+    add_upgrade,
+    check_version,
     chunk,
-    connection_tokens,
+    classify,
     error_response,
+    finish_head,
     forwarded_for,
+    forwarding_block,
     new_request_id,
+    read_field,
 )
 from ._pool import Pool
+from ._retry import CUT, FAILOVER, IDEMPOTENT, STALE_RETRY, RetryBudget, after_failure
 from ._router import Decision
 from ._upstream import UpstreamConnection, UpstreamPool
 
@@ -142,48 +151,6 @@ class ProxyOptions:
         TrustedProxies(self.trusted_proxies)  # raises ValueError naming trusted_proxies
 
 
-class _RetryBudget:
-    """Finagle's retry budget: each request earns `ratio` of a retry and each second earns
-    `floor` retries; a retry spends one. A dead cluster so sees at most `ratio` extra load
-    plus the floor, not a multiple of its load."""
-
-    __slots__ = ("_balance", "_cap", "_clock", "_counted", "_floor", "_last", "_ratio", "requests")
-
-    def __init__(self, ratio: float, floor: float, clock: Callable[[], float]) -> None:
-        self._ratio = ratio
-        self._floor = floor
-        self._clock = clock
-        # A burst of failures can spend at most ten seconds of the floor (100 by default).
-        self._cap = max(1.0, 10 * floor)
-        self._balance = floor
-        self._last = clock()
-        # Requests made: the data path only counts (`budget.requests += 1`); the deposit
-        # for them is made when a retry asks, which is rare.
-        self.requests = 0
-        self._counted = 0
-
-    def withdraw(self) -> bool:
-        """Spend one retry if the budget has it."""
-        now = self._clock()
-        earned = (self.requests - self._counted) * self._ratio + (now - self._last) * self._floor
-        self._balance = min(self._cap, self._balance + earned)
-        self._counted = self.requests
-        self._last = now
-        if self._balance >= 1:
-            self._balance -= 1
-            return True
-        return False
-
-
-class _Rejected(Exception):
-    """Raised in a parser callback: answer `status`, count `reason`, close."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-
-
 # Why reading from a client is paused; reading resumes when no reason is left.
 _PAUSE_UPSTREAM: Final = 1  # the backend connection's write buffer is full
 _PAUSE_BUFFER: Final = 2  # the body held while no backend connection is ready is full
@@ -201,8 +168,6 @@ _LINGER: Final = 2.0  # seconds: how long a closing connection reads and discard
 _UP: Final = BackendState.UP
 _QUEUE_TICK: Final = 0.05  # seconds between routing attempts of queued requests
 _HELD_LIMIT: Final = 65536  # bytes of request body held before a backend takes it; replay limit
-_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_METHOD_TOKEN: Final = re.compile(rb"[A-Z][A-Z-]{0,23} ")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _ERRORS: Final = {
@@ -211,83 +176,16 @@ _ERRORS: Final = {
     for keep_alive in (True, False)
 }
 
-# Request headers the data path reads; any other is forwarded as is.
-_H_FORWARD: Final = 0  # end-to-end, not read: forwarded as is
-_H_HOST: Final = 1
-_H_COOKIE: Final = 2
-_H_CONTENT_LENGTH: Final = 3
-_H_TRANSFER_ENCODING: Final = 4
-_H_CONNECTION: Final = 5
-_H_UPGRADE: Final = 6
-_H_EXPECT: Final = 7
-_H_XFF: Final = 8
-_H_XFP: Final = 9
-_H_XFH: Final = 10
-_H_FORWARDED: Final = 11
-_H_REQUEST_ID: Final = 12
-_H_DROP: Final = 13  # the other hop-by-hop headers
-_HEADERS: Final = {
-    b"host": _H_HOST,
-    b"cookie": _H_COOKIE,
-    b"content-length": _H_CONTENT_LENGTH,
-    b"transfer-encoding": _H_TRANSFER_ENCODING,
-    b"connection": _H_CONNECTION,
-    b"upgrade": _H_UPGRADE,
-    b"expect": _H_EXPECT,
-    b"x-forwarded-for": _H_XFF,
-    b"x-forwarded-proto": _H_XFP,
-    b"x-forwarded-host": _H_XFH,
-    b"forwarded": _H_FORWARDED,
-    b"x-request-id": _H_REQUEST_ID,
-    b"keep-alive": _H_DROP,
-    b"te": _H_DROP,
-    b"trailer": _H_DROP,
-}
-# Kinds by a name's exact bytes, filled as names are seen: clients send the same few names,
-# so a field costs one dict lookup instead of lower() and a prefix test.
-_HEADER_KINDS: Final[dict[bytes, int]] = {}
-_CACHED_NAMES: Final = 1024
 
+class _Request(RequestHead):
+    """One request on a client connection, from its first byte to its answer: its head
+    (`RequestHead`, read by `_http`) and its relaying.
 
-def _header_kind(name: bytes) -> int:
-    lname = name.lower()
-    kind = _HEADERS.get(lname)
-    if kind is None:
-        kind = _H_DROP if lname.startswith(b"proxy-") else _H_FORWARD
-    if len(_HEADER_KINDS) < _CACHED_NAMES:
-        _HEADER_KINDS[name] = kind
-    return kind
+    Defaults are class attributes, so that a request costs only the fields it changes."""
 
-
-class _Request:
-    """One request on a client connection, from its first byte to its answer.
-
-    Defaults are class attributes, so that a request costs only the fields it changes
-    (no __slots__ on purpose: a plain GET sets about a dozen of these forty)."""
-
-    # The head to forward, as pieces; [0] and [2] become the method and the target.
-    head: list[bytes]
     wire = b""  # the joined head, once complete
-    method = b""
-    header_size = 0
-    headers_done = False
     complete = False  # the whole request (body included) was read
-    http10 = False
-    keep_alive = True
-    upgrade = False
-    upgrade_value: bytes | None = None
-    expect_continue = False
     continue_sent = False
-    host: bytes | None = None
-    cookie: bytes | None = None
-    xff: bytes | None = None
-    xfp: bytes | None = None
-    xfh: bytes | None = None
-    forwarded: bytes | None = None
-    request_id: bytes | None = None
-    options: list[bytes] | None = None  # headers named by Connection
-    transfer_encoding: bytes | None = None
-    body_kind = BODY_NONE
     # Body bytes as framed on the wire: held until a backend connection is ready, and
     # kept for a replay while they total at most _HELD_LIMIT; None once that is passed.
     body: list[bytes] | None
@@ -307,7 +205,7 @@ class _Request:
     answered = False  # the response was written in full
 
     def __init__(self, started: float) -> None:
-        self.head = [b"", b" ", b"", b" HTTP/1.1\r\n"]
+        super().__init__()
         self.body = []
         self.started = started
         # Set here, not as a class default: mypyc (scripts/build-fast) takes only literal
@@ -331,7 +229,7 @@ class _ClientConnection(asyncio.Protocol):
         self._peer = "unknown"
         self._trusted = False
         self._local_host = b"localhost"
-        self._fwd_static = b""  # X-Forwarded-For and -Proto for an untrusted peer
+        self._peer_b = b"unknown"  # the peer's address, as bytes
         self._for_node = b""  # `for=...;proto=http` of Forwarded
         self._block_host: bytes | None = None  # the Host that `_block` was built for
         self._block = b""  # the forwarding header lines for an untrusted peer
@@ -353,7 +251,7 @@ class _ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._begun = 0  # messages begun during the current feed
         self._http11_hint = False  # see data_received
-        self._reject_after: tuple[int, str] | None = None
+        self._reject_after = 0  # the status to answer once the requests before are answered
         self._starting = False  # `_next` is starting a queued request
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -369,8 +267,7 @@ class _ClientConnection(asyncio.Protocol):
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
             self._local_host = f"{host}:{local[1]}".encode("ascii")
         self._trusted = self._peer in self._server.trusted
-        peer_b = self._peer.encode("ascii", "replace")
-        self._fwd_static = b"X-Forwarded-For: " + peer_b + b"\r\nX-Forwarded-Proto: http\r\n"
+        self._peer_b = self._peer.encode("ascii", "replace")
         self._for_node = b"for=" + forwarded_for(self._peer) + b";proto=http"
         self._server.connection_made(self)
         self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
@@ -452,12 +349,12 @@ class _ClientConnection(asyncio.Protocol):
             self._upgrade_requested(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
             rejected = exc.__context__
-            if not isinstance(rejected, _Rejected):
+            if not isinstance(rejected, Rejected):
                 raise
             self._reject(rejected.status, rejected.reason)
         except httptools.HttpParserError as exc:
             # Only a message that began at the chunk's start can be matched against it.
-            self._reject(*_classify(exc, data if self._begun == 1 else b""))
+            self._reject(*classify(exc, data if self._begun == 1 else b""))
 
     # -- httptools callbacks --------------------------------------------------------------
 
@@ -478,56 +375,12 @@ class _ClientConnection(asyncio.Protocol):
         assert req is not None
         req.head[2] += url
         if len(req.head[2]) > self._options.max_request_line:
-            raise _Rejected(414, "uri_too_long")
+            raise Rejected(414, "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._parsing
         assert req is not None
-        if req.headers_done:
-            return  # a trailer field: dropped (Trailer is hop-by-hop; bodies are re-framed)
-        req.header_size += len(name) + len(value) + 4
-        if req.header_size > self._options.max_header_bytes:
-            raise _Rejected(431, "headers_too_large")
-        kind = _HEADER_KINDS.get(name)
-        if kind is None:
-            kind = _header_kind(name)
-        if kind == _H_FORWARD:
-            req.head += (name, b": ", value, b"\r\n")
-        elif kind == _H_COOKIE:
-            req.cookie = value if req.cookie is None else req.cookie + b"; " + value
-            req.head += (name, b": ", value, b"\r\n")
-        elif kind == _H_HOST:
-            if req.host is not None:
-                raise _Rejected(400, "bad_request")  # RFC 9112 section 3.2
-            req.host = value
-            req.head += (name, b": ", value, b"\r\n")
-        elif kind == _H_CONTENT_LENGTH:
-            # llhttp rejects a second, a list and Content-Length with Transfer-Encoding.
-            req.body_kind = BODY_LENGTH
-            req.head += (name, b": ", value, b"\r\n")
-        elif kind == _H_TRANSFER_ENCODING:
-            req.transfer_encoding = value
-        elif kind == _H_CONNECTION:
-            for option in connection_tokens(value):
-                if option not in (b"close", b"keep-alive", b"upgrade"):
-                    req.options = [*(req.options or ()), option]
-        elif kind == _H_UPGRADE:
-            req.upgrade_value = value
-        elif kind == _H_EXPECT:
-            if value.strip().lower() != b"100-continue":
-                raise _Rejected(417, "expectation")
-            req.expect_continue = True
-        elif kind == _H_XFF:
-            req.xff = value if req.xff is None else req.xff + b", " + value
-        elif kind == _H_XFP:
-            req.xfp = value
-        elif kind == _H_XFH:
-            req.xfh = value
-        elif kind == _H_FORWARDED:
-            req.forwarded = value if req.forwarded is None else req.forwarded + b", " + value
-        elif kind == _H_REQUEST_ID:
-            req.request_id = value
-            req.head += (name, b": ", value, b"\r\n")
+        read_field(req, name, value, self._options.max_header_bytes)
 
     def on_headers_complete(self) -> None:
         req = self._parsing
@@ -535,39 +388,15 @@ class _ClientConnection(asyncio.Protocol):
         req.headers_done = True
         parser = self._parser
         if self._begun != 1 or not self._http11_hint:
-            version = parser.get_http_version()
-            if version == "1.0":
-                req.http10 = True
-            elif version != "1.1":
-                raise _Rejected(505, "version")
-        method = parser.get_method()
-        if method == b"CONNECT":
-            raise _Rejected(501, "method")  # a tunnel, not a request to route
-        req.method = method
-        if req.options:
-            self._drop_named(req, req.options)
-        head = req.head
-        head[0] = method
-        if req.transfer_encoding is not None:
-            # Only chunked is relayed: another coding could not be re-framed (RFC 9112 6.1).
-            if req.transfer_encoding.strip().lower() != b"chunked":
-                raise _Rejected(501, "transfer_encoding")
-            req.body_kind = BODY_CHUNKED
-            head.append(b"Transfer-Encoding: chunked\r\n")
-        if req.host is None:
-            if not req.http10:
-                raise _Rejected(400, "bad_request")  # RFC 9112 section 3.2
-            head += (b"Host: ", self._local_host, b"\r\n")
+            req.http10 = check_version(parser.get_http_version())
+        finish_head(req, parser.get_method(), self._local_host)
         req.keep_alive = parser.should_keep_alive()
         # llhttp sees an upgrade only in a request with an Upgrade field (CONNECT is
-        # refused above): without one, the call is not needed.
+        # refused by finish_head): without one, the call is not needed.
         if req.upgrade_value is not None and parser.should_upgrade():
-            # After an upgrade request the parser stops: one request per such connection.
-            req.upgrade = True
-            req.keep_alive = False
-            head += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade_value or b"", b"\r\n")
+            add_upgrade(req)
         self._add_forwarding(req)
-        req.wire = b"".join(head)
+        req.wire = b"".join(req.head)
         self._deadline = math.inf
         if self._active is None:
             self._begin(req, req.started)
@@ -745,41 +574,34 @@ class _ClientConnection(asyncio.Protocol):
         assert backend is not None
         self._upstream = None
         now = self._clock()
-        replayable = req.body is not None
-        idempotent = req.method in _IDEMPOTENT
-        # The keep-alive race: the backend closed an idle connection as we reused it. Not
-        # a failure of the backend's; retried once, on a fresh connection to it.
-        race = stale and not req.stale_retried and replayable and idempotent
-        self._end_attempt(req, now, failed=not race)
-        req.last_error = error
         transport = self.transport
-        if response_started or transport is None or transport.is_closing():
+        action, backend_failed, req.attempts = after_failure(
+            idempotent=req.method in IDEMPOTENT,
+            replayable=req.body is not None,
+            sent=sent,
+            stale=stale,
+            stale_retried=req.stale_retried,
+            refused=isinstance(error, UpstreamConnectError),
+            timed_out=isinstance(error, UpstreamTimeout),
+            too_late=response_started or transport is None or transport.is_closing(),
+            attempts=req.attempts,
+            max_attempts=self._options.max_attempts,
+        )
+        self._end_attempt(req, now, failed=backend_failed)
+        req.last_error = error
+        if action == CUT:
             # Too late for another answer: cutting the connection is the only honest signal.
             logger.warning("backend %s failed mid-response: %s", backend.id, error)
             req.status = req.status or 502
             self._record(req, now)
             self._close()
             return
-        if race:
+        if action == STALE_RETRY:
             req.stale_retried = True
-            # Not one of --max-attempts: the backend never saw the request, and spending
-            # an attempt here left a GET one try short when workers were crashing.
-            req.attempts -= 1
             self._metrics.retried(backend.id)
             self._attempt(req, backend, now, fresh=True)
             return
-        if isinstance(error, UpstreamConnectError):
-            # Refused: the backend never saw it, so not one of --max-attempts (nginx, too,
-            # tries every server on an error). Bounded all the same: the backend is now
-            # excluded. Counted, three crashed workers not yet reaped took a GET's three
-            # attempts, and it got a 502 that the queue would have spared it.
-            req.attempts -= 1
-        may_retry = (
-            replayable
-            and req.attempts < self._options.max_attempts
-            and (not sent or (idempotent and not isinstance(error, UpstreamTimeout)))
-        )
-        if may_retry and self._server.budget.withdraw():
+        if action == FAILOVER and self._server.budget.withdraw():
             req.excluded = req.excluded | {backend.id}
             req.sent = False
             self._metrics.retried(backend.id)
@@ -845,9 +667,8 @@ class _ClientConnection(asyncio.Protocol):
                 self._starting = False
             if self._active is not None:
                 return  # in flight: its end calls `_next` again
-        if self._reject_after is not None:
-            status, _ = self._reject_after
-            self._write(_ERRORS[status, False])
+        if self._reject_after:
+            self._write(_ERRORS[self._reject_after, False])
             self._linger()
             return
         if self._paused:
@@ -1090,54 +911,27 @@ class _ClientConnection(asyncio.Protocol):
         host = req.host
         if self._trusted:
             req.client_ip = self._server.trusted.client_ip(self._peer, req.xff)
-            head.append(self._forwarding_block(req, host))
+            block = forwarding_block(
+                self._peer_b,
+                self._for_node,
+                host,
+                xff=req.xff,
+                xfp=req.xfp,
+                xfh=req.xfh,
+                forwarded=req.forwarded,
+            )
+            head.append(block)
         else:
             req.client_ip = self._peer
             # The same for every request with this Host on this connection: built once.
             if host != self._block_host or not self._block:
                 self._block_host = host
-                self._block = self._forwarding_block(req, host)
+                self._block = forwarding_block(self._peer_b, self._for_node, host)
             head.append(self._block)
         if req.request_id is None:
             head += (b"X-Request-Id: ", new_request_id(), b"\r\n\r\n")
         else:
             head.append(b"\r\n")
-
-    def _forwarding_block(self, req: _Request, host: bytes | None) -> bytes:
-        """The forwarding header lines: appended to what a trusted peer sent, else fresh."""
-        if self._trusted:
-            peer = self._peer.encode("ascii")
-            lines = [
-                b"X-Forwarded-For: ",
-                req.xff + b", " + peer if req.xff else peer,
-                b"\r\nX-Forwarded-Proto: ",
-                req.xfp or b"http",
-                b"\r\n",
-            ]
-            xfh = req.xfh or host
-            prior = req.forwarded + b", " if req.forwarded else b""
-        else:
-            lines = [self._fwd_static]
-            xfh = host
-            prior = b""
-        if xfh:
-            lines += (b"X-Forwarded-Host: ", xfh, b"\r\n")
-        lines += (b"Forwarded: ", prior, self._for_node)
-        if host and b'"' not in host and b"\\" not in host:
-            lines += (b';host="', host, b'"')
-        lines.append(b"\r\n")
-        return b"".join(lines)
-
-    @staticmethod
-    def _drop_named(req: _Request, options: list[bytes]) -> None:
-        """Remove the headers that `Connection` names (RFC 9110 section 7.6.1). Runs before
-        anything but whole `name: value` fields (four pieces each) is in the head."""
-        head = req.head
-        kept = head[:4]
-        for i in range(4, len(head), 4):
-            if head[i].lower() not in options:
-                kept += head[i : i + 4]
-        req.head = kept
 
     def _reject(self, status: int, reason: str) -> None:
         """Answer bad input with `status` (after any request before it), count it, close."""
@@ -1149,7 +943,7 @@ class _ClientConnection(asyncio.Protocol):
         active = self._active
         if active is not None and active is not req:
             # Earlier requests on this connection are answered first.
-            self._reject_after = (status, reason)
+            self._reject_after = status
             if req is not None and req in self._pending:
                 self._pending.remove(req)
             return
@@ -1219,22 +1013,6 @@ def _status_for(error: UpstreamError) -> int:
     return 504 if isinstance(error, UpstreamTimeout) else 502
 
 
-def _classify(exc: httptools.HttpParserError, data: bytes) -> tuple[int, str]:
-    """The status and the rejection reason for a request httptools refused."""
-    message = str(exc)
-    if isinstance(exc, httptools.HttpParserInvalidMethodError):
-        if _METHOD_TOKEN.match(data):
-            return 501, "method"  # a well-formed method we do not know
-        return 400, "bad_request"
-    if "chunk" in message:
-        return 400, "bad_chunk"
-    if "Content-Length" in message or "Transfer-Encoding" in message:
-        return 400, "smuggling"
-    if "version" in message or "PRI" in message:
-        return 505, "version"
-    return 400, "bad_request"
-
-
 class ProxyServer:
     """The balancer's HTTP/1.1 listener: routes each request with `router`, reports to
     `metrics`, applies `options`. `clock` (seconds, monotonic) is injectable for tests.
@@ -1258,7 +1036,7 @@ class ProxyServer:
         self.options = options if options is not None else ProxyOptions()
         self.clock = clock
         self.trusted = TrustedProxies(self.options.trusted_proxies)
-        self.budget = _RetryBudget(self.options.retry_ratio, self.options.retry_floor, clock)
+        self.budget = RetryBudget(self.options.retry_ratio, self.options.retry_floor, clock)
         self.shutting_down = False
         self._pools: dict[str, UpstreamPool] = {}
         self._connections: set[_ClientConnection] = set()
