@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import balancer
 import balancer.transport
@@ -40,3 +42,24 @@ def test_what_tests_and_benchmarks_need_is_public_and_the_supervisors_are_not() 
     assert {"ProxyServer", "ProxyOptions", "Router", "Pool", "create_admin_app"} <= exported
     # Driven by the command line, or translated at the proxy: no caller meets them.
     assert not {n for n in exported if n.startswith(("Supervisor", "Upstream", "Worker"))}
+
+
+def test_tests_benchmarks_and_the_demo_import_public_names_from_balancer() -> None:
+    # A name `balancer` exports, imported from a private module instead.
+    root = Path(__file__).resolve().parents[2]
+    exported = set(balancer.__all__)
+    private: list[str] = []
+    for folder in ("tests", "benchmarks", "demo_app"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and (node.module or "").startswith("balancer.")
+                    and node.module != "balancer.transport"
+                ):
+                    private += [
+                        f"{path.relative_to(root)}: {a.name} from {node.module}"
+                        for a in node.names
+                        if a.name in exported
+                    ]
+    assert private == []
