@@ -133,6 +133,12 @@ class Router:
         # (docs/architecture.md, "Measured facts"). The key is the whole header, so
         # a tampered value is another key, verified afresh.
         self._decided: dict[bytes, Decision] = {}
+        # The same for rule 3 (a session cookie, no valid pin), apart: `decisions` (the
+        # dashboard's count of pinned sessions) must not count values nobody signed. A
+        # decision cached before `learn` saw its session is no worry: the app sets a new
+        # session's cookie before any client can send it. Without this cache a client that
+        # keeps no affinity cookie (wrk in benchmarks/proxy.py) cost 3 us more a request.
+        self._unpinned_decided: dict[bytes, Decision] = {}
         # Session cookie value -> the id of the backend that set it (module docstring).
         self._sessions: dict[bytes, str] = {}
         self._fingerprint_of: tuple[str, ...] | None = None
@@ -164,16 +170,20 @@ class Router:
         if mode == "cookie":
             if exclude or not cookie_header:
                 decided = self._by_cookie(cookie_header, exclude)
-            else:
-                decided = self._decided.get(cookie_header)
                 if decided is None:
-                    decided = self._by_cookie(cookie_header, exclude)
-                    if decided is not None and len(cookie_header) <= _DECIDED_KEY_MAX:
-                        if len(self._decided) >= _DECIDED_MAX:
-                            self._decided.clear()
-                        self._decided[cookie_header] = decided
+                    decided = self._unpinned(cookie_header, exclude)
+                return decided
+            decided = self._decided.get(cookie_header)
             if decided is None:
-                decided = self._unpinned(cookie_header, exclude)
+                decided = self._unpinned_decided.get(cookie_header)
+            if decided is None:
+                decided = self._by_cookie(cookie_header, exclude)
+                if decided is not None:
+                    _remember(self._decided, cookie_header, decided)
+                else:
+                    decided = self._unpinned(cookie_header, exclude)
+                    if not decided.learn:  # rule 3; a new client's placement is random
+                        _remember(self._unpinned_decided, cookie_header, decided)
             return decided
         if mode == "ip":
             backend = self._hashed(key_hash(client_ip.encode()), exclude)
@@ -388,6 +398,7 @@ class Router:
         self._stay = {k: v for k, v in self._stay.items() if k in live}
         self._set_cookie = {k: v for k, v in self._set_cookie.items() if k in live}
         self._decided = {}
+        self._unpinned_decided = {}
         self._generation = self._pool.generation
 
     def _stay_decision(self, backend: Backend) -> Decision:
@@ -402,3 +413,11 @@ class Router:
             assert self._affinity is not None
             value = self._set_cookie[backend.id] = self._affinity.set_cookie(backend.id)
         return value
+
+
+def _remember(cache: dict[bytes, Decision], cookie_header: bytes, decided: Decision) -> None:
+    """Cache a decision by its Cookie header, within _DECIDED_MAX and _DECIDED_KEY_MAX."""
+    if len(cookie_header) <= _DECIDED_KEY_MAX:
+        if len(cache) >= _DECIDED_MAX:
+            cache.clear()
+        cache[cookie_header] = decided

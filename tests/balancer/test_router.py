@@ -435,10 +435,21 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(100):
         key = b"s%d" % i
         assert decide(router, b"sid=" + key).backend.id == expected_hashed(pool, key)
-        assert len(router.decisions) <= 16
+        assert len(router._unpinned_decided) <= 16
     long_header = b"sid=" + b"x" * 600
     decide(router, long_header)
-    assert long_header not in router.decisions
+    assert long_header not in router._unpinned_decided
+
+
+def test_a_session_cookie_without_a_pin_is_decided_once_but_never_counted_as_pinned() -> None:
+    pool, router = make()
+    header = b"sid=k"
+    first = decide(router, header)
+    assert decide(router, header) is first  # from the cache: no cookie scan, no hash
+    assert first.backend.id == expected_hashed(pool, b"k")
+    assert header not in router.decisions  # the dashboard counts signed pins only
+    first.backend.mark_down("refused", 0.0)
+    assert decide(router, header).backend is not first.backend  # follows backend state
 
 
 def test_key_hash_drives_cookie_placement() -> None:
