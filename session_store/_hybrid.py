@@ -182,15 +182,13 @@ class HybridStore:
         """Redis lost a session we hold a live copy of: write it back, unless it was destroyed."""
         ttl = cached.expires - self._clock()
         record = cached.record
-        version = await self.redis.save(
-            session_id, Changes(record.fields), created=record.created, ttl=ttl, create=True
-        )
+        fields = dict(record.fields)
+        version = await self._write_back(session_id, fields, None, record.created, ttl)
         if version is None:  # a tombstone, or another instance restored it first
             self._cache.pop(session_id, None)
             return await self.load(session_id)
-        restored = SessionRecord(record.fields, record.created, version, ttl)
+        restored = SessionRecord(fields, record.created, version, ttl)
         self._remember(session_id, restored, ttl)
-        logger.info("restored session into redis from the local copy")
         return restored
 
     async def save(
@@ -252,19 +250,22 @@ class HybridStore:
         self,
         session_id: str,
         fields: dict[str, str],
-        changes: Changes,
+        changes: Changes | None,
         created: float,
         ttl: float,
     ) -> int | None:
         """Write a session Redis does not have (``fields``, the whole local copy), unless a
         tombstone says it was destroyed. If another request or instance wrote it back
-        first, apply only ``changes`` on top of theirs. None: it was destroyed."""
+        first, apply only ``changes`` on top of theirs (None: nothing to apply). None: it
+        was destroyed, or written back by another and ``changes`` is None."""
         version = await self.redis.save(
             session_id, Changes(fields), created=created, ttl=ttl, create=True
         )
         if version is not None:
             logger.info("restored session into redis from the local copy")
             return version
+        if changes is None:
+            return None
         # Create refused: the key exists, as a tombstone or as someone else's write-back.
         return await self.redis.save(session_id, changes, created=created, ttl=ttl, create=False)
 
@@ -283,8 +284,8 @@ class HybridStore:
         fields = _apply(dict(base), changes)
         self._remember(session_id, SessionRecord(fields, created, version, ttl), ttl)
         if pending is None:
-            self._pending[session_id] = pending = _Pending(dict(fields), created, ttl)
-        pending.merge(changes, dict(fields), created, ttl)
+            self._pending[session_id] = pending = _Pending(fields, created, ttl)
+        pending.merge(changes, fields, created, ttl)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_until_done())
         return version
