@@ -21,6 +21,7 @@ from ._exceptions import (
     ConfigError,
     InvalidTransition,
     NoBackendAvailable,
+    PinnedBackendDown,
     UnknownBackend,
 )
 from .control._admin import create_admin_app
@@ -28,9 +29,10 @@ from .control._discovery import Discovery
 from .control._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker
 from .control._log import configure_logging, log_event, log_state_change
 from .datapath._affinity import AffinityCookie, Sticky, generate_secret
-from .datapath._backend import Backend, BackendPolicy, BackendState
+from .datapath._backend import Backend, BackendPolicy, BackendState, DrainPolicy
 from .datapath._maglev import DEFAULT_TABLE_SIZE
 from .datapath._metrics import Metrics
+from .datapath._pins import PinTable
 from .datapath._pool import Pool
 from .datapath._proxy import ProxyOptions, ProxyServer
 from .datapath._router import Balance, Decision, Router
@@ -49,12 +51,15 @@ __all__ = [
     "ConfigError",
     "Decision",
     "Discovery",
+    "DrainPolicy",
     "HealthChecker",
     "HealthPolicy",
     "HealthTracker",
     "InvalidTransition",
     "Metrics",
     "NoBackendAvailable",
+    "PinTable",
+    "PinnedBackendDown",
     "Pool",
     "ProxyOptions",
     "ProxyServer",

@@ -7,7 +7,8 @@ starts and supervises its app workers: SIGHUP or SIGUSR2 restarts them one at a 
 SIGTTIN and SIGTTOU add and remove one, SIGTERM and SIGINT stop everything.
 
 With ``--workers N`` this process forks N balancer processes sharing the port and
-supervises them (`_processes.BalancerProcesses`); SIGTERM and SIGINT stop them all.
+supervises them (`_processes.BalancerProcesses`); SIGTERM and SIGINT stop them all. With
+``--admin`` too, it reserves the one admin address's sockets first (`_cluster.reserve`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ._balancer import Balancer, restart_policy
+from ._balancer import Balancer, _listen_error, restart_policy
 from ._config import Settings, load_or_exit
+from .control._cluster import ClusterMember, ClusterSockets, reserve
 from .control._events import NO_AFFINITY_SECRET
 from .control._log import configure_logging, log_event
 from .datapath._affinity import generate_secret
@@ -32,13 +34,13 @@ from .supervisors._supervisor import Command
 __all__ = ["main"]
 
 
-def _run_loop(settings: Settings, *, reuse_port: bool, admin_port_offset: int) -> None:
+def _run_loop(settings: Settings, *, reuse_port: bool, cluster: ClusterMember | None) -> None:
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)  # the handler only sets a flag
-        balancer = Balancer(settings, admin_port_offset=admin_port_offset)
+        balancer = Balancer(settings, cluster=cluster)
         supervisor = balancer.supervisor
         if supervisor is not None:
             # The handlers only enqueue; the supervisor's loop does the work.
@@ -60,10 +62,13 @@ def _run_loop(settings: Settings, *, reuse_port: bool, admin_port_offset: int) -
         uvloop.run(serve())
 
 
-def _serve_process(settings: Settings, index: int) -> int:
+def _serve_process(
+    settings: Settings, sockets: ClusterSockets | None, index: int, restarts: int
+) -> int:
     """Balancer process `index` of `--workers N`, in its forked child: its exit code."""
+    cluster = None if sockets is None else sockets.member(index, restarts)
     try:
-        _run_loop(settings, reuse_port=True, admin_port_offset=index)
+        _run_loop(settings, reuse_port=True, cluster=cluster)
     except OSError as exc:
         print(f"balancer: balancer process {index}: {exc}", file=sys.stderr)
         return CANNOT_SERVE
@@ -72,14 +77,27 @@ def _serve_process(settings: Settings, index: int) -> int:
 
 def _supervise(settings: Settings) -> int:
     """``--workers N``: N balancer processes on one port, restarted when they crash."""
+    sockets = None
+    admin = settings.admin
+    if admin is not None:
+        try:
+            sockets = reserve(admin.host, admin.port, settings.workers)
+        except OSError as exc:
+            error = _listen_error("--admin", admin.host, admin.port, exc)
+            print(f"balancer: error: {error}", file=sys.stderr)
+            return 1
     processes = BalancerProcesses(
         settings.workers,
-        functools.partial(_serve_process, settings),
+        functools.partial(_serve_process, settings, sockets),
         policy=restart_policy(settings),
         # Each drains for up to --shutdown-deadline itself; SIGKILL only past that.
         stop_timeout=settings.shutdown_deadline + settings.worker_stop_timeout,
     )
-    return processes.run()
+    try:
+        return processes.run()
+    finally:
+        if sockets is not None:
+            sockets.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -99,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.workers > 1:
         sys.exit(_supervise(settings))
     try:
-        _run_loop(settings, reuse_port=False, admin_port_offset=0)
+        _run_loop(settings, reuse_port=False, cluster=None)
     except OSError as exc:
         # Binding is the one runtime failure a user causes: say which address.
         print(f"balancer: error: {exc}", file=sys.stderr)

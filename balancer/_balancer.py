@@ -8,18 +8,30 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import httpx
 import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from service_registry import Registry
 
 from ._config import Settings
 from ._exceptions import ListenError
 from .control._admin import create_admin_app
+from .control._cluster import (
+    FRONT_ROUTES,
+    AdminLog,
+    ClusterMember,
+    Peers,
+    catch_up,
+    internal_app,
+    log_route,
+)
 from .control._dashboard import Dashboard, RedisStatus
 from .control._discovery import Discovery
+from .control._drains import PINNED_WINDOW, DrainWatch
 from .control._events import (
     ADMIN_LISTENING,
     DISCOVERING,
@@ -35,6 +47,7 @@ from .datapath._metrics import Metrics
 from .datapath._pool import Pool
 from .datapath._proxy import ProxyOptions, ProxyServer
 from .datapath._router import Router
+from .supervisors._autoscale import AutoscalePolicy
 from .supervisors._supervisor import Supervisor, SupervisorOptions
 from .supervisors._workers import RestartPolicy
 
@@ -72,22 +85,37 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         shutdown_deadline=settings.shutdown_deadline,
         queue_timeout=settings.queue_timeout,
         access_log=settings.access_log,
+        repin_header=settings.repin_header,
     )
 
 
 def supervisor_options(settings: Settings) -> SupervisorOptions | None:
     """The supervisor's share of the settings; None without --spawn."""
-    if settings.spawn is None:
+    spawn = settings.spawn
+    if spawn is None:
         return None
+    autoscale = None
+    if isinstance(spawn, int):
+        count = spawn
+    else:
+        count = spawn[0]
+        autoscale = AutoscalePolicy(
+            minimum=spawn[0],
+            maximum=spawn[1],
+            target=settings.autoscale_target,
+            window=settings.autoscale_window,
+            cooldown=settings.autoscale_cooldown,
+        )
     return SupervisorOptions(
         command=settings.worker_command(),
-        count=settings.spawn,
+        count=count,
         ready_path=settings.worker_ready_path,
         ready_timeout=settings.worker_ready_timeout,
         hang_timeout=settings.worker_hang_timeout,
         drain_deadline=settings.drain_deadline,
         stop_timeout=settings.worker_stop_timeout,
         restart=restart_policy(settings),
+        autoscale=autoscale,
     )
 
 
@@ -126,22 +154,26 @@ class Balancer:
     opens (bounded by the registry's timeout: an unreachable Redis only means starting
     with the configured backends), then follows the registry; it stops after the proxy has
     finished its requests, and its Redis client is closed last.
+
+    With ``cluster`` (`--workers N` and `--admin`), it serves its internal admin endpoint,
+    and process 0 the admin address for all of them (`control._cluster`); a restarted one
+    replays its peers' admin log before the listener opens.
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        admin_port_offset: int = 0,
+        cluster: ClusterMember | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.admin_port_offset = admin_port_offset
+        self.cluster = cluster  # with --workers N and --admin: this process's place in it
+        self.peers: Peers | None = None  # with `cluster`, once serve() started
         self.pool = Pool(policy=settings.backend_policy(), on_change=log_state_change)
         for name, url in settings.backend_specs():
             self.pool.add(url, name=name)
-        self.metrics = Metrics(pool=self.pool)
         self.router = Router(
             self.pool,
             sticky=settings.sticky,
@@ -149,8 +181,12 @@ class Balancer:
             balance=settings.balance,
             hash_balance_factor=settings.hash_balance_factor,
             table_size=settings.hash_table_size,
+            on_pinned_down=settings.on_pinned_down,
+            strict_window=settings.strict_window,
             clock=clock,
         )
+        self.metrics = Metrics(pool=self.pool, sessions=self._pinned_sessions)
+        self.drains = DrainWatch(self.pool, self.router.pins, clock=clock)
         self._fingerprint = ""
         self.pool.on_members = self._log_fingerprint
         self.proxy = ProxyServer(
@@ -162,6 +198,9 @@ class Balancer:
         self.dashboard: Dashboard | None = None  # with --admin, once serve() started
         self.discovery: Discovery | None = None  # with --discover, once serve() started
         self.ready = asyncio.Event()
+
+    def _pinned_sessions(self) -> dict[str, int]:
+        return self.router.sessions(self.clock() - PINNED_WINDOW)
 
     @property
     def port(self) -> int:
@@ -184,6 +223,7 @@ class Balancer:
                 self.pool, client, self.settings.health_policy(), clock=self.clock
             )
             discovery = await self._start_discovery(stack)
+            await self._join_cluster(stack)
             if self.supervisor is None:
                 await self._listen(reuse_port)
                 self._start_admin(admin_sock)
@@ -194,11 +234,12 @@ class Balancer:
                 await self._listen(reuse_port)
                 await self._start_workers(client, stop)
             health = asyncio.create_task(checker.run(), name="health-checks")
+            drains = asyncio.create_task(self.drains.run(), name="drains")
             self.ready.set()
             try:
                 await stop.wait()
             finally:
-                await self._shutdown(health, discovery)
+                await self._shutdown(health, discovery, drains)
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack) -> asyncio.Task[None] | None:
         """With --discover: the registry (closed by `stack`), one first read, the watcher."""
@@ -271,7 +312,9 @@ class Balancer:
         address = self.settings.admin
         if address is None:
             return None
-        port = address.port + self.admin_port_offset if address.port else 0
+        if self.cluster is not None:
+            return self.cluster.admin  # reserved by the parent; process 0's only
+        port = address.port
         sock = socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -281,21 +324,58 @@ class Balancer:
             raise _listen_error("--admin", address.host, port, exc) from exc
         return sock
 
+    def _admin_app(self, dashboard: Dashboard | None, front: Sequence[BaseRoute]) -> Starlette:
+        return create_admin_app(
+            pool=self.pool,
+            metrics=self.metrics,
+            token=self.settings.admin_token,
+            clock=self.clock,
+            workers=self.supervisor,
+            dashboard=dashboard,
+            fingerprint=self.router.fingerprint,
+            pins=self.router.pins,
+            front=front,
+        )
+
+    async def _join_cluster(self, stack: contextlib.AsyncExitStack) -> None:
+        """With --workers N and --admin: this process's internal admin endpoint on its
+        loopback socket, and `peers`, the calls to every process's; a restarted process
+        first replays its peers' admin log (`_cluster`), before it listens."""
+        member = self.cluster
+        if member is None:
+            return
+        client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+        self.peers = Peers(member.addresses, client, token=self.settings.admin_token)
+        log = AdminLog()
+        app = self._admin_app(None, [log_route()])
+        app.state.admin_log = log
+        if member.restarts:
+            await catch_up(member, self.peers, app, log)
+        config = uvicorn.Config(
+            internal_app(app, log),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=_ADMIN_EXIT_TIMEOUT,
+        )
+        server = _AdminServer(config)
+        task = asyncio.create_task(server.serve(sockets=[member.internal]), name="admin-internal")
+
+        async def stop() -> None:  # after _shutdown, before the client is closed
+            server.should_exit = True
+            await task
+
+        stack.push_async_callback(stop)
+
     def _start_admin(self, sock: socket.socket | None) -> None:
         """Serve the admin app and the dashboard on ``sock`` (from `_bind_admin`)."""
         address = self.settings.admin
         if address is None or sock is None:
             return
         assert self.dashboard is not None  # made by serve() with --admin
-        app = create_admin_app(
-            pool=self.pool,
-            metrics=self.metrics,
-            token=self.settings.admin_token,
-            clock=self.clock,
-            workers=self.supervisor,
-            dashboard=self.dashboard,
-            fingerprint=self.router.fingerprint,
-        )
+        # With --workers N, this is the front: the whole balancer's admin address.
+        app = self._admin_app(self.dashboard, () if self.peers is None else FRONT_ROUTES)
+        app.state.peers = self.peers
         # The dashboard's streams are ended before the server is told to exit; the
         # timeout is the backstop for any other response that would hold the exit up.
         config = uvicorn.Config(
@@ -342,13 +422,16 @@ class Balancer:
         )
 
     async def _shutdown(
-        self, health: asyncio.Task[None], discovery: asyncio.Task[None] | None = None
+        self,
+        health: asyncio.Task[None],
+        discovery: asyncio.Task[None] | None = None,
+        drains: asyncio.Task[None] | None = None,
     ) -> None:
         log_event(SHUTTING_DOWN, in_flight=sum(b.in_flight for b in self.pool))
         await self.proxy.shutdown()
         if self.supervisor is not None:
             await self.supervisor.shutdown()
-        for task in (health, discovery):
+        for task in (health, discovery, drains):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

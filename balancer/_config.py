@@ -36,7 +36,7 @@ import re
 import shlex
 import sys
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast
@@ -54,10 +54,18 @@ from .datapath._affinity import (
     generate_secret,
     is_cookie_name,
 )
-from .datapath._backend import Backend, BackendPolicy, backend_id
+from .datapath._backend import Backend, BackendPolicy, DrainPolicy, DrainSessions, backend_id
 from .datapath._maglev import DEFAULT_TABLE_SIZE, is_prime
 from .datapath._proxy import ProxyOptions
-from .datapath._router import DEFAULT_BALANCE, DEFAULT_HASH_BALANCE_FACTOR, Balance
+from .datapath._router import (
+    DEFAULT_BALANCE,
+    DEFAULT_HASH_BALANCE_FACTOR,
+    DEFAULT_ON_PINNED_DOWN,
+    DEFAULT_STRICT_WINDOW,
+    Balance,
+    OnPinnedDown,
+)
+from .supervisors._autoscale import MAX_WINDOW, AutoscalePolicy
 from .supervisors._supervisor import SupervisorOptions
 
 __all__ = ["Address", "LogFormat", "Network", "Settings", "load_or_exit", "load_settings"]
@@ -94,8 +102,10 @@ class Address:
 _PROXY = ProxyOptions()
 _HEALTH = HealthPolicy()
 _BACKEND = BackendPolicy()
+_DRAIN = _BACKEND.drain
 _SUPERVISOR = SupervisorOptions(command=(), count=1)
 _RESTART = _SUPERVISOR.restart
+_AUTOSCALE = AutoscalePolicy(minimum=1, maximum=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +137,12 @@ class Settings:
     affinity_max_age: int = 86400
     affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # newest first
     balance: Balance = DEFAULT_BALANCE  # for --sticky none
+    # A client whose pinned backend is down: re-pinned at once, or 503 + Retry-After for
+    # strict_window seconds first.
+    on_pinned_down: OnPinnedDown = DEFAULT_ON_PINNED_DOWN
+    strict_window: float = DEFAULT_STRICT_WINDOW
+    # A response header naming why the client was re-pinned (REPIN_REASONS); None: none.
+    repin_header: str | None = None
     hash_balance_factor: float = DEFAULT_HASH_BALANCE_FACTOR
     hash_table_size: int = DEFAULT_TABLE_SIZE  # Maglev table entries, a prime
     health_path: str = _HEALTH.path
@@ -152,18 +168,26 @@ class Settings:
     queue_timeout: float = _PROXY.queue_timeout
     # The local cluster supervisor: with `spawn`, the balancer starts that many workers
     # from `worker_cmd` (or `app` under uvicorn) and balances over them too.
-    spawn: int | None = None  # workers to start; None: no supervisor
+    # Workers to start: N, or (MIN, MAX) to autoscale between them; None: no supervisor.
+    spawn: int | tuple[int, int] | None = None
     worker_cmd: str | None = None  # command template with {port} and {index}
     app: str | None = None  # MODULE:ATTR, an ASGI app run under uvicorn
     worker_ready_path: str = _SUPERVISOR.ready_path
     worker_ready_timeout: float = _SUPERVISOR.ready_timeout
     worker_hang_timeout: float = _SUPERVISOR.hang_timeout
     worker_stop_timeout: float = _SUPERVISOR.stop_timeout
-    drain_deadline: float = _SUPERVISOR.drain_deadline
+    # A drain (the admin API's, a rolling restart's, a scale-down's, a deregistration's):
+    # pinned clients kept or moved, and when it ends by itself (DrainPolicy).
+    drain_sessions: DrainSessions = _DRAIN.sessions
+    drain_idle: float = _DRAIN.idle
+    drain_deadline: float = _DRAIN.deadline
     restart_backoff: float = _RESTART.backoff
     restart_backoff_max: float = _RESTART.backoff_max
     min_uptime: float = _RESTART.min_uptime
     max_crashes: int = _RESTART.max_crashes
+    autoscale_target: float = _AUTOSCALE.target
+    autoscale_window: float = _AUTOSCALE.window
+    autoscale_cooldown: float = _AUTOSCALE.cooldown
     # The service registry (docs/registry.md): backends are also the live instances of
     # this service, added and removed as they register and leave or die.
     discover: RegistryTarget | None = None  # redis://HOST:PORT[/DB]/SERVICE
@@ -183,6 +207,9 @@ class Settings:
             ejection_time=self.ejection_time,
             max_ejection_percent=self.max_ejection_percent,
             slow_start=self.slow_start,
+            drain=DrainPolicy(
+                sessions=self.drain_sessions, idle=self.drain_idle, deadline=self.drain_deadline
+            ),
         )
 
     def health_policy(self) -> HealthPolicy:
@@ -271,10 +298,31 @@ def _integer(minimum: int) -> Parser:
 
 
 def _worker_count(value: object) -> object:
-    """N >= 1, or "auto": one per CPU, as Node's cluster examples and gunicorn advise."""
+    """N >= 1, "auto": one per CPU, as Node's cluster examples and gunicorn advise, or
+    MIN:MAX (1 <= MIN < MAX), a range to autoscale in."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return os.cpu_count() or 1
+    if isinstance(value, str) and ":" in value:
+        low, _, high = value.strip().partition(":")
+        try:
+            minimum, maximum = int(low), int(high)
+        except ValueError:
+            raise _Invalid(f"expected N, auto or MIN:MAX, got {value!r}") from None
+        if not 1 <= minimum < maximum:
+            raise _Invalid(
+                f"MIN:MAX needs 1 <= MIN < MAX (for a fixed count, give N), got {value!r}"
+            )
+        return (minimum, maximum)
     return _integer(1)(value)
+
+
+def _window(value: object) -> float:
+    number = cast(float, _number(zero=False)(value))
+    if not _AUTOSCALE.interval <= number <= MAX_WINDOW:
+        raise _Invalid(
+            f"must be between {_AUTOSCALE.interval:g} and {MAX_WINDOW:g} seconds, got {value!r}"
+        )
+    return number
 
 
 def _number(*, zero: bool) -> Parser:
@@ -327,6 +375,13 @@ def _boolean(value: object) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise _Invalid(f"expected true or false, got {value!r}")
+
+
+def _header_name(value: object) -> str:
+    text = _text(value)
+    if not is_cookie_name(text):  # a field name is a token too (RFC 9110 section 5.1)
+        raise _Invalid(f"{text!r} is not a header field name")
+    return text
 
 
 def _choice(*choices: str) -> Parser:
@@ -524,6 +579,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "policy of --sticky none (default least-inflight)",
     ),
     _Option(
+        "on_pinned_down",
+        _choice("failover", "strict"),
+        "pinned backend down: re-pin now, or 503 for --strict-window first",
+        None,
+        "failover|strict",
+    ),
+    _Option("strict_window", _number(zero=True), "seconds strict mode answers 503", None, "S"),
+    _Option("repin_header", _header_name, "response header naming a re-pin's reason", None, "NAME"),
+    _Option(
         "hash_balance_factor", _number(zero=True), "bounded-load epsilon; 0 = off", None, "EPS"
     ),
     _Option("hash_table_size", _prime, "Maglev table size, a prime", None, "N"),
@@ -549,7 +613,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("shutdown_deadline", _number(zero=True), "seconds to finish on SIGTERM", None, "S"),
     _Option("queue_timeout", _number(zero=True), "seconds to wait for a backend", None, "S"),
     _Option(
-        "spawn", _worker_count, "start and supervise N workers, or auto: one per CPU", None, "N"
+        "spawn",
+        _worker_count,
+        "start and supervise N workers, auto: one per CPU, or MIN:MAX: autoscale",
+        None,
+        "N",
     ),
     _Option(
         "worker_cmd", _command_template, "a worker's command, with {port} {index}", None, "TEMPLATE"
@@ -559,11 +627,28 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("worker_ready_timeout", _number(zero=False), "seconds to get ready", None, "S"),
     _Option("worker_hang_timeout", _number(zero=False), "seconds unhealthy, then kill", None, "S"),
     _Option("worker_stop_timeout", _number(zero=False), "seconds SIGTERM to SIGKILL", None, "S"),
-    _Option("drain_deadline", _number(zero=True), "seconds a drained worker finishes", None, "S"),
+    _Option(
+        "drain_sessions",
+        _choice("keep", "move"),
+        "a drain keeps or moves pinned clients",
+        None,
+        "keep|move",
+    ),
+    _Option("drain_idle", _number(zero=True), "seconds without a request end a drain", None, "S"),
+    _Option("drain_deadline", _number(zero=True), "seconds at most a drain lasts", None, "S"),
     _Option("restart_backoff", _number(zero=True), "seconds before a restart", None, "S"),
     _Option("restart_backoff_max", _number(zero=True), "most seconds before a restart", None, "S"),
     _Option("min_uptime", _number(zero=True), "seconds up to not count as a crash loop", None, "S"),
     _Option("max_crashes", _integer(0), "early crashes in a row to hold; 0 = never", None, "N"),
+    _Option(
+        "autoscale_target",
+        _number(zero=False),
+        "with --spawn MIN:MAX: requests in flight per worker to grow above",
+        None,
+        "N",
+    ),
+    _Option("autoscale_window", _window, "seconds the load is averaged over", None, "S"),
+    _Option("autoscale_cooldown", _number(zero=True), "seconds between two changes", None, "S"),
     _Option(
         "discover",
         _registry_target,
@@ -680,7 +765,7 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
             where = f" (from {source})" if source else ""
             raise ConfigError(option.flag, f"{exc}{where}") from None
     settings = Settings(**values)
-    _validate_spawn(settings)
+    _validate_spawn(settings, given=raw.keys())
     if not settings.backends and settings.spawn is None and settings.discover is None:
         raise ConfigError("--backend", "at least one backend is needed (or --discover URL)")
     urls = [url for _, url in settings.backend_specs()]
@@ -713,8 +798,9 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
     return settings
 
 
-def _validate_spawn(settings: Settings) -> None:
-    """The supervisor's options against each other (see `_validate`)."""
+def _validate_spawn(settings: Settings, *, given: Collection[str]) -> None:
+    """The supervisor's options against each other (see `_validate`); `given`: the
+    settings set by any source."""
     # The restart policy is --workers N's too.
     if settings.restart_backoff_max < settings.restart_backoff:
         raise ConfigError(
@@ -722,6 +808,10 @@ def _validate_spawn(settings: Settings) -> None:
             f"{settings.restart_backoff_max} s is less than --restart-backoff "
             f"({settings.restart_backoff} s)",
         )
+    if not isinstance(settings.spawn, tuple):
+        for name in ("autoscale_target", "autoscale_window", "autoscale_cooldown"):
+            if name in given:
+                raise ConfigError(_BY_FIELD[name].flag, "needs --spawn MIN:MAX (a range)")
     if settings.spawn is None:
         for name, flag in (("worker_cmd", "--worker-cmd"), ("app", "--app")):
             if getattr(settings, name) is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "InvalidTransition",
     "ListenError",
     "NoBackendAvailable",
+    "PinnedBackendDown",
     "UnknownBackend",
     "UpstreamConnectError",
     "UpstreamError",
@@ -69,6 +70,17 @@ class ListenError(BalancerError, OSError):
 
 class NoBackendAvailable(BalancerError):
     """No backend can take this request (none is UP, or every UP one was excluded)."""
+
+
+class PinnedBackendDown(NoBackendAvailable):
+    """`--on-pinned-down strict`: the client's pinned backend is down, and its strict window
+    (`retry_after` seconds more, at least 1) is not over: answer 503 with Retry-After
+    rather than move the session."""
+
+    def __init__(self, backend_id: str, retry_after: int) -> None:
+        super().__init__(f"the pinned backend {backend_id} is down (strict)")
+        self.backend_id = backend_id
+        self.retry_after = retry_after
 
 
 class InvalidTransition(BalancerError, RuntimeError):

@@ -3,8 +3,10 @@
     GET    /healthz                  200 {"status": "ok"} (no token needed: for probes)
     GET    /backends                 every backend: state, in-flight, totals, errors
     POST   /backends                 {"url": "http://host:port", "name": optional}: 201, 400, 409
-    POST   /backends/{id}/drain      200, 404 unknown, 409 already draining
-    POST   /backends/{id}/enable     200, 404 unknown, 409 not draining
+    POST   /backends/{id}/drain      200, 404 unknown, 409 already draining; ?sessions=keep|move
+                                     (pinned clients stay or move; default --drain-sessions),
+                                     ?now=1 ends it at once (DRAINED), started or not
+    POST   /backends/{id}/enable     200, 404 unknown, 409 not draining (or drained)
     DELETE /backends/{id}            200, 404 unknown
     GET    /metrics                  Prometheus text format
 
@@ -28,7 +30,7 @@ import hmac
 import ipaddress
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,13 +43,15 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
 from .._exceptions import BackendExists, InvalidTransition, UnknownBackend
-from ..datapath._backend import Backend, check_backend_name
+from ..datapath._backend import DRAIN_SESSIONS, Backend, DrainSessions, check_backend_name
 from ..datapath._metrics import Metrics
+from ..datapath._pins import PinTable
 from ..datapath._pool import Pool
 from ._dashboard import DASHBOARD_ROUTES, OPEN_PATHS, Dashboard
+from ._drains import report_drained
 from ._events import (
     BACKEND_ADDED,
-    BACKEND_DRAINED,
+    BACKEND_DRAINING,
     BACKEND_ENABLED,
     BACKEND_REMOVED,
     ROLLING_RESTART_REQUESTED,
@@ -58,6 +62,7 @@ __all__ = ["ROUTES", "WORKER_ROUTES", "WorkerControl", "create_admin_app", "desc
 
 # A request body larger than this is refused: the only body is {"url": ...}.
 _MAX_BODY = 4096
+_DRAIN_SESSIONS: dict[str, DrainSessions] = {s: s for s in DRAIN_SESSIONS}
 
 
 class WorkerControl(Protocol):
@@ -86,6 +91,9 @@ def describe_backend(backend: Backend, now: float) -> dict[str, object]:
         "ejections_total": backend.ejections_total,
         "healthy": backend.healthy,
         "draining": backend.draining,
+        "drained_reason": backend.drained_reason,
+        "keep_pinned": backend.keep_pinned,
+        "drain_for": now - backend.drain_since if backend.draining else None,
         "down_reason": backend.down_reason,
         "ejected_for": None if ejected_until is None else max(0.0, ejected_until - now),
         "weight": backend.weight(now),
@@ -211,6 +219,7 @@ class _Admin:
     clock: Callable[[], float]
     workers: WorkerControl | None
     fingerprint: Callable[[], str] | None
+    pins: PinTable | None
 
 
 def _admin(request: Request) -> _Admin:
@@ -264,8 +273,27 @@ async def add_backend(request: Request) -> Response:
 
 
 async def drain(request: Request) -> Response:
-    backend = _admin(request).pool.drain(request.path_params["backend_id"])
-    log_event(BACKEND_DRAINED, backend=backend.id, in_flight=backend.in_flight)
+    admin = _admin(request)
+    backend = admin.pool[request.path_params["backend_id"]]
+    query = request.query_params
+    given = query.get("sessions")
+    sessions = None if given is None else _DRAIN_SESSIONS.get(given)
+    if given is not None and sessions is None:
+        return _error(400, "invalid_sessions", "?sessions= must be keep or move")
+    now_flag = query.get("now", "0")
+    if now_flag not in ("0", "1"):
+        return _error(400, "invalid_now", "?now= must be 0 or 1")
+    if not (backend.draining and now_flag == "1"):
+        admin.pool.drain(backend.id, admin.clock(), sessions=sessions)
+        log_event(
+            BACKEND_DRAINING,
+            backend=backend.id,
+            in_flight=backend.in_flight,
+            sessions="keep" if backend.keep_pinned else "move",
+        )
+    if now_flag == "1" and backend.drained_reason is None:
+        backend.finish_drain("now")
+        report_drained(backend, admin.pins, admin.clock())
     return _describe(request, backend)
 
 
@@ -356,11 +384,16 @@ def create_admin_app(
     workers: WorkerControl | None = None,
     dashboard: Dashboard | None = None,
     fingerprint: Callable[[], str] | None = None,
+    pins: PinTable | None = None,
+    front: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
     `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /;
-    `fingerprint`, the router's, is in /backends (equal on replicas that route alike)."""
-    routes = list(ROUTES)
+    `fingerprint`, the router's, is in /backends (equal on replicas that route alike);
+    `pins`, the router's pin table, gives a drain's report its pinned sessions; `front`,
+    routes that come first and shadow the API's own (`_cluster.FRONT_ROUTES`, and the
+    internal endpoints' GET /internal/log, with `--workers N`)."""
+    routes = [*front, *ROUTES]
     open_paths = {"/healthz"}
     if workers is not None:
         routes += WORKER_ROUTES
@@ -372,6 +405,6 @@ def create_admin_app(
     if token is not None:
         middleware.append(Middleware(_BearerAuth, token=token, open_paths=frozenset(open_paths)))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
-    app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint)
+    app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint, pins)
     app.state.dashboard = dashboard
     return app

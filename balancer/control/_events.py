@@ -26,9 +26,16 @@ from typing import Final
 
 __all__ = [
     "ADMIN_LISTENING",
+    "ADMIN_LOG_REPLAYED",
+    "ADMIN_LOG_UNAVAILABLE",
+    "ADMIN_PROCESS_UNANSWERED",
+    "AUTOSCALE_AT_MAX",
+    "AUTOSCALE_DOWN",
+    "AUTOSCALE_UP",
     "BACKEND_ADDED",
     "BACKEND_DISCOVERED",
     "BACKEND_DRAINED",
+    "BACKEND_DRAINING",
     "BACKEND_ENABLED",
     "BACKEND_REMOVED",
     "BACKEND_STATE",
@@ -96,12 +103,18 @@ DISCOVERING: Final = "discovering"
 ROUTING_TABLE: Final = "routing_table"
 NO_AFFINITY_SECRET: Final = "no_affinity_secret"
 SHUTTING_DOWN: Final = "shutting_down"
+
+# One admin address for `--workers N` (`_cluster`).
+ADMIN_PROCESS_UNANSWERED: Final = "admin_process_unanswered"
+ADMIN_LOG_REPLAYED: Final = "admin_log_replayed"
+ADMIN_LOG_UNAVAILABLE: Final = "admin_log_unavailable"
 STOPPED: Final = "stopped"
 
 # Backends: state changes (`_log.log_state_change`), the admin API, discovery.
 BACKEND_STATE: Final = "backend_state"
 BACKEND_ADDED: Final = "backend_added"
-BACKEND_DRAINED: Final = "backend_drained"
+BACKEND_DRAINING: Final = "backend_draining"  # a drain began
+BACKEND_DRAINED: Final = "backend_drained"  # a drain ended: why, and the sessions still pinned
 BACKEND_ENABLED: Final = "backend_enabled"
 BACKEND_REMOVED: Final = "backend_removed"
 BACKEND_DISCOVERED: Final = "backend_discovered"
@@ -142,6 +155,11 @@ ROLLING_RESTART_REQUESTED: Final = "rolling_restart_requested"
 ROLLING_RESTART_STARTED: Final = "rolling_restart_started"
 ROLLING_RESTART_ABORTED: Final = "rolling_restart_aborted"
 ROLLING_RESTART_DONE: Final = "rolling_restart_done"
+# Autoscaling (`--spawn MIN:MAX`, `supervisors._autoscale`): each with the load, the target,
+# the window and the reason.
+AUTOSCALE_UP: Final = "autoscale_up"
+AUTOSCALE_DOWN: Final = "autoscale_down"
+AUTOSCALE_AT_MAX: Final = "autoscale_at_max"
 
 # Balancer processes (`--workers`, `supervisors._processes`).
 BALANCER_PROCESSES_STARTED: Final = "balancer_processes_started"

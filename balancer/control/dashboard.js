@@ -438,7 +438,8 @@
   const DESCRIBE = {
     backend_state: (f) => `${f.url || f.backend}: ${String(f.old).toUpperCase()} → ${String(f.new).toUpperCase()}${f.reason ? ` (${f.reason})` : ""}`,
     backend_added: (f) => `${f.url} added`,
-    backend_drained: (f) => `${backendLabel(f.backend)} draining (${f.in_flight} in flight)`,
+    backend_draining: (f) => `${backendLabel(f.backend)} draining, ${f.sessions === "keep" ? "keeping" : "moving"} its pinned sessions (${f.in_flight} in flight)`,
+    backend_drained: (f) => `${backendLabel(f.backend)} drained after ${f.after}s (${f.reason}): ${f.pinned} session(s) still pinned`,
     backend_enabled: (f) => `${backendLabel(f.backend)} enabled`,
     backend_removed: (f) => `${f.backend} removed (${f.in_flight} in flight)`,
     backend_discovered: (f) => `${f.url} found in the registry (instance ${f.instance})`,

@@ -1,4 +1,4 @@
-"""One backend and its state machine: UP, DRAINING, DOWN. Pure: no I/O, no clock.
+"""One backend and its state machine: UP, DRAINING, DRAINED, DOWN. Pure: no I/O, no clock.
 
 Two independent causes feed the state, as in HAProxy (administrative and operational state)
 and Envoy (health checks and outlier detection):
@@ -12,9 +12,20 @@ and Envoy (health checks and outlier detection):
   that saw the fault and then its end know better than a fixed time. An ejection of a
   backend whose checks never failed (it answers them, not the requests) runs its full time.
 
-`state` is derived from them: DOWN if unhealthy or ejected, else DRAINING if drained, else
-UP. Keeping the causes apart means a backend drained by the operator stays drained when it
-fails and recovers, and an ejection ending does not undo a failed active check.
+`state` is derived from them: DOWN if unhealthy or ejected, else DRAINED if its drain has
+ended, else DRAINING if it is draining, else UP. Keeping the causes apart means a backend
+drained by the operator stays drained when it fails and recovers, and an ejection ending
+does not undo a failed active check.
+
+A drain ends by itself (issue 15; HAProxy's and nginx's never do). A DRAINING backend takes
+no new clients; with `keep_pinned` (the default, `DrainPolicy.sessions == "keep"`) the
+clients pinned to it keep reaching it while it is healthy, so their sessions live on. The
+drain ends, and the backend is DRAINED (safe to remove: nothing reaches it any more), when
+nothing is in flight and no request has reached it for `idle` seconds ("idle"; without
+`keep_pinned`, as soon as nothing is in flight: "empty"), or `deadline` seconds after it
+began ("deadline"), or when the operator says so ("now"). `drain_tick(now)` is how the
+caller's clock reaches it: it compares `requests_total` with what it saw last, so the data
+path pays nothing for the idle timer.
 
 Times are seconds on one monotonic clock that the caller owns and passes in (`now`).
 """
@@ -27,17 +38,54 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from .._exceptions import InvalidTransition
 
-__all__ = ["Backend", "BackendPolicy", "BackendState", "backend_id", "check_backend_name"]
+__all__ = [
+    "DRAIN_SESSIONS",
+    "Backend",
+    "BackendPolicy",
+    "BackendState",
+    "DrainPolicy",
+    "DrainSessions",
+    "backend_id",
+    "check_backend_name",
+]
 
 
 class BackendState(enum.Enum):
     UP = "up"  # selectable
-    DRAINING = "draining"  # finishes in-flight requests, gets no new ones
+    DRAINING = "draining"  # no new clients; its pinned clients stay (keep_pinned)
+    DRAINED = "drained"  # its drain ended: gets nothing, safe to remove
     DOWN = "down"  # failed active checks or passively ejected; gets nothing
+
+
+DrainSessions = Literal["keep", "move"]
+DRAIN_SESSIONS: Final[tuple[DrainSessions, ...]] = ("keep", "move")
+
+
+@dataclass(frozen=True, slots=True)
+class DrainPolicy:
+    """How a drain treats pinned clients and when it ends (module docstring). Raises
+    ValueError, naming the field, for a time that is negative or not finite."""
+
+    # "keep": pinned clients stay until the drain ends; "move": they are re-pinned at their
+    # next request. Keep is the default in every mode: the balancer cannot tell whether an
+    # app keeps its sessions in Redis (hybrid, shared) or in memory (sticky), and keeping
+    # costs only time, bounded by `deadline`, where moving loses in-memory sessions.
+    sessions: DrainSessions = "keep"
+    idle: float = 10.0  # seconds with no request to the backend that end a drain
+    deadline: float = 60.0  # seconds after which a drain ends whatever comes
+
+    def __post_init__(self) -> None:
+        for name in ("idle", "deadline"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+        if self.sessions not in DRAIN_SESSIONS:
+            raise ValueError(f"sessions must be 'keep' or 'move', not {self.sessions!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +102,7 @@ class BackendPolicy:
     # Envoy's min_weight_percent: a returning backend takes at least this share at once,
     # so that it gets some traffic to prove itself.
     min_weight: float = 0.1
+    drain: DrainPolicy = DrainPolicy()
 
 
 def backend_id(url: str) -> str:
@@ -114,6 +163,11 @@ class Backend:
         "_draining",
         "_unhealthy",
         "down_reason",
+        "down_since",
+        "drain_active",
+        "drain_seen",
+        "drain_since",
+        "drained_reason",
         "ejected_until",
         "ejections_total",
         "failures_in_a_row",
@@ -121,6 +175,7 @@ class Backend:
         "host",
         "id",
         "in_flight",
+        "keep_pinned",
         "may_eject",
         "on_change",
         "policy",
@@ -145,7 +200,15 @@ class Backend:
         self.ejections_total = 0
         self.failures_in_a_row = 0
         self.down_reason: str | None = None
+        self.down_since = 0.0  # when it last became DOWN
         self.ejected_until: float | None = None
+        # The drain (module docstring): when it began, the last time a request was seen to
+        # reach the backend, requests_total then, and why it ended (None while it runs).
+        self.drain_since = 0.0
+        self.drain_active = 0.0
+        self.drain_seen = 0
+        self.drained_reason: str | None = None
+        self.keep_pinned = False  # while DRAINING: its pinned clients still reach it
         # When the slow-start ramp began (the backend came back UP), or None: full weight.
         self.ramp_from: float | None = None
         # Called with (backend, old_state) after every change of `state`; the pool sets it.
@@ -206,18 +269,57 @@ class Backend:
 
     # -- the operator ---------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """Stop sending new requests; in-flight ones finish."""
+    def drain(self, now: float, *, sessions: DrainSessions | None = None) -> None:
+        """Stop sending new clients; pinned ones stay or move by `sessions` (default: the
+        policy's); the drain ends as the module docstring says."""
         if self._draining:
             raise InvalidTransition(f"cannot drain backend {self.id}: it is already draining")
         self._draining = True
+        self.drained_reason = None
+        self.keep_pinned = (sessions or self.policy.drain.sessions) == "keep"
+        self.drain_since = self.drain_active = now
+        self.drain_seen = self.requests_total
         self._update(None)
 
+    def drain_tick(self, now: float) -> str | None:
+        """End the drain if its time has come; returns the reason it ended ("idle",
+        "empty", "deadline"), or None while it goes on (or no drain runs)."""
+        if not self._draining or self.drained_reason is not None:
+            return None
+        if self.requests_total != self.drain_seen:
+            self.drain_seen = self.requests_total
+            self.drain_active = now
+        policy = self.policy.drain
+        reason: str | None = None
+        if now - self.drain_since >= policy.deadline:
+            reason = "deadline"
+        elif self.in_flight == 0:
+            if not self.keep_pinned:
+                reason = "empty"
+            elif now - self.drain_active >= policy.idle:
+                reason = "idle"
+        if reason is not None:
+            self.finish_drain(reason)
+        return reason
+
+    def finish_drain(self, reason: str) -> None:
+        """End the drain now (the operator's `?now=1`: "now"): DRAINED."""
+        if not self._draining:
+            raise InvalidTransition(
+                f"cannot end the drain of backend {self.id}: it is not draining"
+            )
+        if self.drained_reason is None:
+            self.drained_reason = reason
+            self.keep_pinned = False
+            self._update(None)
+
     def enable(self) -> None:
-        """Undo `drain`."""
+        """Undo `drain`, whether it runs or has ended."""
         if not self._draining:
             raise InvalidTransition(f"cannot enable backend {self.id}: it is not draining")
         self._draining = False
+        self.drained_reason = None
+        self.keep_pinned = False
         self._update(None)
 
     # -- health ---------------------------------------------------------------------------
@@ -271,6 +373,8 @@ class Backend:
         old = self.state
         if self._unhealthy or self.ejected_until is not None:
             new = BackendState.DOWN
+        elif self.drained_reason is not None:
+            new = BackendState.DRAINED
         elif self._draining:
             new = BackendState.DRAINING
         else:
@@ -283,5 +387,7 @@ class Backend:
             self.ramp_from = now
         elif new is BackendState.DOWN:
             self.ramp_from = None
+        if new is BackendState.DOWN and now is not None:
+            self.down_since = now
         if self.on_change is not None:
             self.on_change(self, old)

@@ -175,8 +175,9 @@ def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
     return (b"%x\r\n" % len(data), data, b"\r\n")
 
 
-def error_response(status: int, *, keep_alive: bool) -> bytes:
-    """A complete plain-text response for an error the balancer answers itself."""
+def error_response(status: int, *, keep_alive: bool, retry_after: int = 0) -> bytes:
+    """A complete plain-text response for an error the balancer answers itself, with
+    `Retry-After: retry_after` (seconds) when that is not 0."""
     phrase = HTTPStatus(status).phrase
     body = f"{status} {phrase}\n".encode("ascii")
     head = [
@@ -184,6 +185,8 @@ def error_response(status: int, *, keep_alive: bool) -> bytes:
         "Content-Type: text/plain; charset=utf-8",
         f"Content-Length: {len(body)}",
     ]
+    if retry_after:
+        head.append(f"Retry-After: {retry_after}")
     if not keep_alive:
         head.append("Connection: close")
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body

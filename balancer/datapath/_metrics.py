@@ -11,7 +11,7 @@ sees that worker's only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,6 +26,10 @@ from prometheus_client.registry import Collector
 
 from ._backend import BackendState
 from ._pool import Pool
+
+# Why a client was re-pinned; `_router.REPIN_REASONS` (imported from there would make the
+# metrics depend on the router; test_metrics checks they are equal).
+REPIN_REASONS: Final = ("down", "drain", "failed", "removed", "lost_pin", "admin")
 
 __all__ = ["BUCKETS", "BackendCounts", "Metrics"]
 
@@ -75,15 +79,20 @@ class _Backend:
 class Metrics:
     """Counters, a latency histogram and gauges; `render()` is the /metrics body.
 
-    With a `pool`, each scrape also reports every backend's state and in-flight count.
+    With a `pool`, each scrape also reports every backend's state and in-flight count; with
+    `sessions` (per backend id, its sessions seen recently: `Router.sessions`, the window
+    bound in), its pinned sessions.
     """
 
-    def __init__(self, pool: Pool | None = None) -> None:
+    def __init__(
+        self, pool: Pool | None = None, sessions: Callable[[], dict[str, int]] | None = None
+    ) -> None:
         self._backends: dict[str, _Backend] = {}
         self._retries: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
         self._failovers = 0
-        self._repins = 0
+        self._repins: dict[str, int] = {}  # by reason
+        self.sessions = sessions
         self._connections = 0
         self._active = 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -114,9 +123,9 @@ class Metrics:
         """A request went to another backend than its key's, because that one failed."""
         self._failovers += 1
 
-    def repinned(self) -> None:
-        """A pinned client was moved (Decision.repinned)."""
-        self._repins += 1
+    def repinned(self, reason: str) -> None:
+        """A client was re-pinned, for `reason` (Decision.reason)."""
+        self._repins[reason] = self._repins.get(reason, 0) + 1
 
     def rejected(self, reason: str) -> None:
         """Bad client input was refused: "smuggling", "header_too_large", "timeout", ..."""
@@ -150,8 +159,12 @@ class Metrics:
 
     @property
     def repins(self) -> int:
-        """Pinned clients moved to another backend, so far."""
-        return self._repins
+        """Clients re-pinned, so far, whatever the reason."""
+        return sum(self._repins.values())
+
+    def repins_by_reason(self) -> dict[str, int]:
+        """Clients re-pinned so far, by reason (a copy)."""
+        return dict(self._repins)
 
     @property
     def connections_active(self) -> int:
@@ -193,15 +206,18 @@ class Metrics:
         )  # fmt: skip
         for reason, count in list(self._rejected.items()):
             rejected.add_metric([reason], count)
-        families: list[Metric] = [requests, latency, retries, rejected]
+        repins = CounterMetricFamily(
+            "balancer_repins", "Clients re-pinned to another backend, by reason.",
+            labels=["reason"],
+        )  # fmt: skip
+        for reason in REPIN_REASONS:
+            repins.add_metric([reason], self._repins.get(reason, 0))
+        families: list[Metric] = [requests, latency, retries, rejected, repins]
         families += [
             CounterMetricFamily(
                 "balancer_failovers",
                 "Requests sent elsewhere because their backend failed.",
                 value=self._failovers,
-            ),
-            CounterMetricFamily(
-                "balancer_repins", "Pinned clients moved to another backend.", value=self._repins
             ),
             CounterMetricFamily(
                 "balancer_connections", "Client connections accepted.", value=self._connections
@@ -212,6 +228,17 @@ class Metrics:
         ]
         if pool is not None:
             families += _pool_families(pool)
+        if self.sessions is not None:
+            pinned = GaugeMetricFamily(
+                "balancer_pinned_sessions",
+                "Sessions pinned to each backend and seen in the last 300 seconds.",
+                labels=["backend"],
+            )
+            counts = self.sessions()
+            ids = [b.id for b in pool] if pool is not None else sorted(counts)
+            for backend_id in ids:
+                pinned.add_metric([backend_id], float(counts.get(backend_id, 0)))
+            families.append(pinned)
         return families
 
 

@@ -1,7 +1,9 @@
 """The backend pool: the set of backends, changed at runtime, with a generation counter.
 
-The generation changes whenever the set of UP backends changes (a backend added, removed,
-or moving in or out of UP), so the router rebuilds its lookup table lazily, only then.
+The generation changes whenever the pool's membership or a backend's state changes (a
+backend added, removed, drained, down...), so the router rebuilds its lookup table and
+drops its cached decisions lazily, only then: a decision that keeps a client on a DRAINING
+backend must not outlive the drain.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from .._exceptions import BackendExists, UnknownBackend
-from ._backend import Backend, BackendPolicy, BackendState
+from ._backend import Backend, BackendPolicy, BackendState, DrainSessions
 
 __all__ = ["Pool", "StateListener"]
 
@@ -101,10 +103,22 @@ class Pool:
                 return backend
         return None
 
-    def drain(self, backend_id: str) -> Backend:
+    def drain(
+        self, backend_id: str, now: float, *, sessions: DrainSessions | None = None
+    ) -> Backend:
         backend = self[backend_id]
-        backend.drain()
+        backend.drain(now, sessions=sessions)
         return backend
+
+    def drain_tick(self, now: float) -> list[tuple[Backend, str]]:
+        """End the drains whose time has come (`Backend.drain_tick`); those that ended,
+        each with its reason."""
+        ended = []
+        for backend in list(self._backends.values()):
+            reason = backend.drain_tick(now)
+            if reason is not None:
+                ended.append((backend, reason))
+        return ended
 
     def enable(self, backend_id: str) -> Backend:
         backend = self[backend_id]
@@ -129,7 +143,6 @@ class Pool:
         return ejected < max(1, limit)
 
     def _changed(self, backend: Backend, old: BackendState) -> None:
-        if (old is BackendState.UP) != (backend.state is BackendState.UP):
-            self.generation += 1
+        self.generation += 1
         if self._on_change is not None:
             self._on_change(backend, old)

@@ -30,6 +30,7 @@ import httptools
 
 from .._exceptions import (
     NoBackendAvailable,
+    PinnedBackendDown,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
@@ -85,7 +86,12 @@ class RequestRouter(Protocol):
     """The routing decision the data path needs (`balancer.Router`)."""
 
     def decide(
-        self, *, client_ip: str, cookie_header: bytes | None, exclude: frozenset[str] = frozenset()
+        self,
+        *,
+        client_ip: str,
+        cookie_header: bytes | None,
+        exclude: frozenset[str] = frozenset(),
+        now: float = -1.0,
     ) -> Decision: ...
 
     def learn(self, head: bytes, backend_id: str) -> None: ...
@@ -97,7 +103,7 @@ class ProxyMetrics(Protocol):
     def request_done(self, backend_id: str, status: int, seconds: float) -> None: ...
     def retried(self, backend_id: str) -> None: ...
     def failover(self) -> None: ...
-    def repinned(self) -> None: ...
+    def repinned(self, reason: str) -> None: ...
     def rejected(self, reason: str) -> None: ...
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
@@ -130,6 +136,9 @@ class ProxyOptions:
     # (HAProxy's `timeout queue`): a worker restarting is then a delay, not a 503.
     # 0 = 503 at once.
     queue_timeout: float = 3.0
+    # A response header naming why its client was re-pinned (`Decision.reason`), added to
+    # re-pinned responses only; None: no header (--repin-header).
+    repin_header: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_request_line", "max_header_bytes", "max_attempts"):
@@ -434,9 +443,9 @@ class _ClientConnection(asyncio.Protocol):
     def _route(self, req: _Request, now: float) -> None:
         try:
             decision = self._router.decide(
-                client_ip=req.client_ip, cookie_header=req.cookie, exclude=req.excluded
+                client_ip=req.client_ip, cookie_header=req.cookie, exclude=req.excluded, now=now
             )
-        except NoBackendAvailable:
+        except NoBackendAvailable as exc:
             if now - req.started < self._options.queue_timeout and not self._server.shutting_down:
                 # None can take it now; one may in a moment (a worker restarting, a
                 # backend coming back): wait in the queue rather than fail.
@@ -445,11 +454,15 @@ class _ClientConnection(asyncio.Protocol):
             error = req.last_error
             if error is not None:
                 self._edge_error(req, _status_for(error), error.backend_id, str(error))
+            elif isinstance(exc, PinnedBackendDown):
+                # --on-pinned-down strict: the session's backend is down; come back later.
+                self._edge_error(req, 503, exc.backend_id, str(exc), exc.retry_after)
             else:
                 self._edge_error(req, 503, "", "no backend available")
             return
-        if decision.repinned and req.decision is None:  # its first decision
-            self._metrics.repinned()
+        reason = decision.reason
+        if reason is not None and req.decision is None:  # its first decision
+            self._metrics.repinned(reason)
         if req.last_error is not None:
             logger.info(
                 "retrying %s on backend %s after: %s",
@@ -610,8 +623,11 @@ class _ClientConnection(asyncio.Protocol):
             return
         self._edge_error(req, _status_for(error), backend.id, str(error))
 
-    def _edge_error(self, req: _Request, status: int, backend_id: str, message: str) -> None:
-        """Answer a request the balancer could not get answered, with a plain-text body."""
+    def _edge_error(
+        self, req: _Request, status: int, backend_id: str, message: str, retry_after: int = 0
+    ) -> None:
+        """Answer a request the balancer could not get answered, with a plain-text body
+        (and `Retry-After: retry_after` when that is not 0)."""
         logger.warning(
             "%d for %s %s: backend %s: %s",
             status,
@@ -626,7 +642,10 @@ class _ClientConnection(asyncio.Protocol):
             req.keep_alive = False  # the client may be holding its body back: do not wait
         keep_alive = req.keep_alive and not self._closing and not self._server.shutting_down
         req.keep_alive = keep_alive
-        self._write(_ERRORS[status, keep_alive])
+        if retry_after:
+            self._write(error_response(status, keep_alive=keep_alive, retry_after=retry_after))
+        else:
+            self._write(_ERRORS[status, keep_alive])
         now = self._clock()
         self._record(req, now)
         self._answered(req, now)
@@ -721,7 +740,7 @@ class _ClientConnection(asyncio.Protocol):
         else:
             self._chunked_out = False
         if set_cookie is not None:
-            parts += (b"Set-Cookie: ", set_cookie, b"\r\n")
+            parts += (b"Set-Cookie: ", set_cookie, b"\r\n", self._repin_line(req.decision))
         if status != 101:
             if not keep_alive:
                 parts.append(b"Connection: close\r\n")
@@ -732,6 +751,14 @@ class _ClientConnection(asyncio.Protocol):
         # Held back to go out with the body's first piece: one write (one system call)
         # for a short response instead of two; upstream_flush writes it otherwise.
         self._head_out = b"".join(parts)
+
+    def _repin_line(self, decision: Decision) -> bytes:
+        """The --repin-header line for a response that re-pins its client, else b""."""
+        prefix = self._server.repin_prefix
+        reason = decision.reason
+        if not prefix or reason is None:
+            return b""
+        return prefix + reason.encode() + b"\r\n"
 
     def _learn(self, req: _Request, head: bytes) -> None:
         """A request without a session cookie: the router remembers who sets one."""
@@ -787,7 +814,10 @@ class _ClientConnection(asyncio.Protocol):
             if set_cookie is None:
                 self._write(b"".join((head, b"\r\n", body)))
             else:
-                self._write(b"".join((head, b"Set-Cookie: ", set_cookie, b"\r\n\r\n", body)))
+                extra = self._repin_line(req.decision)
+                self._write(
+                    b"".join((head, b"Set-Cookie: ", set_cookie, b"\r\n", extra, b"\r\n", body))
+                )
         else:
             self.upstream_head(status, head, BODY_LENGTH)
             if body:
@@ -806,11 +836,12 @@ class _ClientConnection(asyncio.Protocol):
             self._write(_LAST_CHUNK)
         self._chunked_out = False
         backend = req.backend
-        if req.complete and (backend is None or backend.state is _UP):
+        if req.complete and (backend is None or backend.state is _UP or backend.keep_pinned):
             conn.release()
         else:
             # The backend answered early (the request's rest was never sent), or it is
-            # draining or down: a kept connection would only hold its drain back.
+            # down, drained, or draining without its pinned clients: a kept connection
+            # would only hold its drain back.
             conn.close()
         now = self._clock()
         if backend is not None:
@@ -1036,6 +1067,8 @@ class ProxyServer:
         self.options = options if options is not None else ProxyOptions()
         self.clock = clock
         self.trusted = TrustedProxies(self.options.trusted_proxies)
+        header = self.options.repin_header
+        self.repin_prefix = b"" if header is None else header.encode("ascii") + b": "
         self.budget = RetryBudget(self.options.retry_ratio, self.options.retry_floor, clock)
         self.shutting_down = False
         self._pools: dict[str, UpstreamPool] = {}

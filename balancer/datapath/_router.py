@@ -4,26 +4,36 @@
 client IP and Cookie header) and returns a Decision; the data path does the I/O. It is
 called once per request, and again with `exclude={failed.id}` for a retry.
 
-Stickiness, mode `cookie:NAME`:
+Stickiness, mode `cookie:NAME`. A backend *keeps* its pinned clients when it is UP, or
+DRAINING with `keep_pinned` (a drain that keeps sessions, `_backend`); the lookup order is
+a valid signed pin, then the pin table, then the hash:
 
-1. A valid affinity cookie naming a backend that is UP (and not excluded): that backend.
-   Bounded load never moves a pinned client: in `sticky` mode that would lose its session.
-2. A valid pin to a backend that is DOWN, DRAINING or excluded: failover to the backend the
-   Maglev table over the UP set gives for the client's key (the session cookie's value if
-   present, else the pinned id), the same on every replica; repinned, new cookie.
-3. No valid pin (none, tampered, malformed, unknown id), with a session cookie: the backend
-   that set that session cookie, if this process saw it do so and it is UP (the session
-   table, below); else Maglev of its value, which every replica computes alike. Repinned.
+1. A valid affinity cookie naming a backend that keeps its clients (and not excluded): that
+   backend. Bounded load never moves a pinned client: in `sticky` mode that would lose its
+   session.
+2. A valid pin to a backend that does not keep it (DOWN, DRAINING with `move`, DRAINED) or
+   is excluded (a retry): failover to the backend the Maglev table over the UP set gives
+   for the client's key (the session cookie's value if present, else the pinned id), the
+   same on every replica; repinned, new cookie. With `on_pinned_down="strict"` a pin to a
+   DOWN backend is refused instead (`PinnedBackendDown`, a 503 with Retry-After) for
+   `strict_window` seconds after it went down, then fails over (Envoy's `strict`, HAProxy's
+   `persist`).
+3. No valid pin (none, tampered, malformed, a removed backend's id), with a session cookie:
+   the backend the pin table names for it, if it keeps its clients; else Maglev of its
+   value, which every replica computes alike. Repinned ("lost_pin", or "removed").
 4. Neither cookie (the request that may create the session): a random table slot, moving
    forward past backends over their bounded-load capacity; then pin.
 
-The session table: a request without a session cookie has a Decision with `learn` set; the
-data path hands its response head to `learn`, which remembers the backend that set the
-session cookie, by the cookie's value. A new session is placed by load, so the hash of its
-cookie (known only once the app answers) names its backend for only 1 in N sessions: the
-table is what finds the others when their pin is lost. It is in memory, bounded
-(_SESSIONS_MAX, oldest out first), per process: it does not survive a restart nor span
-replicas or `--workers`, where the hash is the fallback (docs/balancer.md).
+An operator's order (`move`, `forget`) comes first of all, once: the session's next request
+goes where it was told (or is placed anew), re-pinned ("admin").
+
+Every re-pin has a `reason` (`REPIN_REASONS`): the metrics count them, and a response can
+name it. The pin table (`_pins`) learns a session's backend from the response that creates
+it (a Decision with `learn` set: the data path hands its head to `learn`) and on every
+re-pin; a new session is placed by load, so the hash of its cookie (known only once the app
+answers) names its backend for only 1 in N sessions: the table finds the others when their
+pin is lost. With a shared store behind it (`PinTable.remote`), a miss here is a Decision
+with `lookup` set: the data path asks the store, tells `looked_up`, and decides again.
 
 `fingerprint()` hashes what makes two processes route alike, for an operator to compare.
 
@@ -41,38 +51,63 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .._exceptions import NoBackendAvailable
+from .._exceptions import NoBackendAvailable, PinnedBackendDown
 from ._affinity import AffinityCookie, Sticky, cookie_value, set_cookie_value
 from ._backend import Backend, BackendState
 from ._maglev import DEFAULT_TABLE_SIZE, TableCache, key_hash, walk
+from ._pins import Pin, PinTable
 from ._pool import Pool
 
-__all__ = ["DEFAULT_BALANCE", "DEFAULT_HASH_BALANCE_FACTOR", "Balance", "Decision", "Router"]
+__all__ = [
+    "DEFAULT_BALANCE",
+    "DEFAULT_HASH_BALANCE_FACTOR",
+    "DEFAULT_ON_PINNED_DOWN",
+    "DEFAULT_STRICT_WINDOW",
+    "ON_PINNED_DOWN",
+    "REPIN_REASONS",
+    "Balance",
+    "Decision",
+    "OnPinnedDown",
+    "Router",
+]
 
 Balance = Literal["round-robin", "least-inflight"]
 # For --sticky none: least in-flight steers around a hung backend within a request or two
 # (issue 13); round robin kept sending it every Nth request until its checks failed.
 DEFAULT_BALANCE: Final[Balance] = "least-inflight"
 DEFAULT_HASH_BALANCE_FACTOR: Final = 0.25  # epsilon of bounded load; 0 turns it off
+OnPinnedDown = Literal["failover", "strict"]
+ON_PINNED_DOWN: Final[tuple[OnPinnedDown, ...]] = ("failover", "strict")
+DEFAULT_ON_PINNED_DOWN: Final[OnPinnedDown] = "failover"  # today's behaviour: re-pin at once
+DEFAULT_STRICT_WINDOW: Final = 30.0  # seconds strict mode refuses before it fails over
+# Why a client was re-pinned: its backend was down, drained, failed this request (a retry),
+# removed from the pool; it brought a session cookie without a valid pin; an operator
+# moved it. (Bounded load never moves a pinned client, so there is no "overload".)
+REPIN_REASONS: Final = ("down", "drain", "failed", "removed", "lost_pin", "admin")
 
 _UP = BackendState.UP
+_DOWN = BackendState.DOWN
+_DRAINING = BackendState.DRAINING
 # The decision cache of mode `cookie` (see `Router._decided`): at most this many Cookie
 # headers, each at most this long, so a stream of distinct or huge headers bounds it
 # (~2 MiB at worst).
 _DECIDED_MAX = 4096
 _DECIDED_KEY_MAX = 512
-# The session table (module docstring): at most this many session cookie values, each at
-# most _SESSION_KEY_MAX bytes (~20 MiB at worst; ~100 bytes an entry for a typical id).
-_SESSIONS_MAX = 65536
-_SESSION_KEY_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     backend: Backend
     set_cookie: bytes | None  # a complete Set-Cookie header VALUE to append, or None
-    repinned: bool  # the client had a pin to a backend that could not serve it and was moved
+    reason: str | None = None  # why the client was re-pinned (REPIN_REASONS), or None
     learn: bool = False  # no session cookie: pass the response head to Router.learn
+    pin: Pin | None = None  # the session's pin table entry: each request marks it seen
+    lookup: bytes | None = None  # ask the shared pin store for this session, then decide again
+
+    @property
+    def repinned(self) -> bool:
+        """The client was moved off a pin (or found again without one): `reason` says why."""
+        return self.reason is not None
 
 
 class Router:
@@ -81,7 +116,8 @@ class Router:
     `affinity` is required in mode `cookie`. `hash_balance_factor` is epsilon of
     "consistent hashing with bounded loads" (HAProxy's hash-balance-factor / 100): an
     unpinned client is not placed on a backend whose in-flight count would exceed
-    ceil((1 + epsilon) x mean); 0 turns it off. `rng` and `clock` are injectable for tests.
+    ceil((1 + epsilon) x mean); 0 turns it off. `pins` is the pin table (a new in-memory
+    one by default). `rng` and `clock` are injectable for tests.
     """
 
     def __init__(
@@ -93,6 +129,9 @@ class Router:
         balance: Balance = DEFAULT_BALANCE,
         hash_balance_factor: float = DEFAULT_HASH_BALANCE_FACTOR,
         table_size: int = DEFAULT_TABLE_SIZE,
+        pins: PinTable | None = None,
+        on_pinned_down: OnPinnedDown = DEFAULT_ON_PINNED_DOWN,
+        strict_window: float = DEFAULT_STRICT_WINDOW,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -102,6 +141,10 @@ class Router:
             raise ValueError(
                 f"hash_balance_factor must be a finite number >= 0, not {hash_balance_factor!r}"
             )
+        if on_pinned_down not in ON_PINNED_DOWN:
+            raise ValueError(f"on_pinned_down must be failover or strict, not {on_pinned_down!r}")
+        if not 0 <= strict_window < math.inf:
+            raise ValueError(f"strict_window must be a finite number >= 0, not {strict_window!r}")
         self._tables = TableCache(table_size)  # raises ValueError: not a prime
         self._pool = pool
         self._sticky = sticky
@@ -111,6 +154,9 @@ class Router:
         self._size = table_size
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
+        self._strict = on_pinned_down == "strict"
+        self._strict_window = strict_window
+        self.pins = pins if pins is not None else PinTable()
         self._session_name = (sticky.cookie or "").encode()
         self._affinity_name = affinity.name_bytes if affinity is not None else b""
         self._generation = -1
@@ -139,8 +185,6 @@ class Router:
         # session's cookie before any client can send it. Without this cache a client that
         # keeps no affinity cookie (wrk in benchmarks/proxy.py) cost 3 us more a request.
         self._unpinned_decided: dict[bytes, Decision] = {}
-        # Session cookie value -> the id of the backend that set it (module docstring).
-        self._sessions: dict[bytes, str] = {}
         self._fingerprint_of: tuple[str, ...] | None = None
         self._fingerprint = ""
 
@@ -162,28 +206,38 @@ class Router:
         client_ip: str,
         cookie_header: bytes | None,
         exclude: frozenset[str] = frozenset(),
+        now: float = -1.0,
     ) -> Decision:
-        """The backend for this request; raises NoBackendAvailable when none can take it."""
+        """The backend for this request (`now`: the caller's clock, read here if < 0);
+        raises NoBackendAvailable when none can take it, PinnedBackendDown in strict mode."""
         if self._pool.generation != self._generation:
             self._rebuild()
         mode = self._sticky.mode
         if mode == "cookie":
+            if now < 0:
+                now = self._clock()
             if exclude or not cookie_header:
-                decided = self._by_cookie(cookie_header, exclude)
+                decided = self._by_cookie(cookie_header, exclude, now)
                 if decided is None:
-                    decided = self._unpinned(cookie_header, exclude)
+                    decided = self._unpinned(cookie_header, exclude, now, None)
                 return decided
             decided = self._decided.get(cookie_header)
             if decided is None:
                 decided = self._unpinned_decided.get(cookie_header)
             if decided is None:
-                decided = self._by_cookie(cookie_header, exclude)
+                decided = self._by_cookie(cookie_header, exclude, now)
                 if decided is not None:
-                    _remember(self._decided, cookie_header, decided)
+                    if decided.reason != "admin":
+                        _remember(self._decided, cookie_header, decided)
                 else:
-                    decided = self._unpinned(cookie_header, exclude)
-                    if not decided.learn:  # rule 3; a new client's placement is random
+                    decided = self._unpinned(cookie_header, exclude, now, None)
+                    if not decided.learn and decided.lookup is None:
+                        # rule 3; a new client's placement is random
                         _remember(self._unpinned_decided, cookie_header, decided)
+            else:
+                pin = decided.pin
+                if pin is not None:
+                    pin.seen = now
             return decided
         if mode == "ip":
             backend = self._hashed(key_hash(client_ip.encode()), exclude)
@@ -192,16 +246,35 @@ class Router:
 
     def learn(self, head: bytes, backend_id: str) -> None:
         """A response head from `backend_id` to a request whose Decision had `learn` set:
-        if it sets the session cookie, remember that backend for the cookie's value."""
+        if it sets the session cookie, pin that session to that backend."""
         session = set_cookie_value(head, self._session_name)
-        if session is None or len(session) > _SESSION_KEY_MAX:
-            return
-        sessions = self._sessions
-        if sessions.get(session) == backend_id:
-            return
-        if len(sessions) >= _SESSIONS_MAX and session not in sessions:
-            del sessions[next(iter(sessions))]  # the oldest
-        sessions[session] = backend_id
+        if session is not None:
+            self.pins.learn(session, backend_id, self._clock())
+
+    def looked_up(self, session: bytes, backend_id: str | None) -> None:
+        """The shared pin store's answer for `session` (None: it has none): kept in the pin
+        table (unshared: it came from the store), so the next decision finds it. A miss is
+        kept as an entry naming no backend, so it is not asked again; the hash decides."""
+        self.pins.learn(session, backend_id or "", self._clock(), share=False)
+
+    def move(self, name: str, backend_id: str | None) -> Pin:
+        """An operator's order for the session whose handle is `name`: its next request goes
+        to `backend_id` (None: placed anew) and is re-pinned ("admin"). Raises LookupError
+        for an unknown session, UnknownBackend for an unknown backend."""
+        pin = self.pins.find(name)
+        if pin is None:
+            raise LookupError(name)
+        if backend_id is not None:
+            self._pool[backend_id]  # raises UnknownBackend
+        pin.backend_id = backend_id or ""
+        pin.moved = True
+        self._decided = {}  # the session's cached decision would ignore the order
+        self._unpinned_decided = {}
+        return pin
+
+    def sessions(self, since: float) -> dict[str, int]:
+        """Per backend id, the sessions seen at `since` or later (the pin table's)."""
+        return self.pins.counts(since)
 
     def fingerprint(self) -> str:
         """12 hex digits that are equal on two processes that route alike: a hash of the
@@ -221,46 +294,95 @@ class Router:
 
     # -- cookie stickiness ------------------------------------------------------------------
 
-    def _by_cookie(self, cookie_header: bytes | None, exclude: frozenset[str]) -> Decision | None:
-        """Rules 1-2 of the module docstring; None without a valid pin (rules 3 and 4,
-        whose decisions depend on more than the Cookie header and the pool's generation:
-        the session table, a random placement)."""
+    def _keeps(self, backend: Backend) -> bool:
+        """Whether `backend` keeps the clients pinned to it (module docstring)."""
+        state = backend.state
+        return state is _UP or (state is _DRAINING and backend.keep_pinned)
+
+    def _by_cookie(
+        self, cookie_header: bytes | None, exclude: frozenset[str], now: float
+    ) -> Decision | None:
+        """Rules 1-2 of the module docstring, and an operator's order; None without a valid
+        pin (rules 3 and 4, whose decisions depend on more than the Cookie header and the
+        pool's generation: the pin table, a random placement)."""
         affinity = self._affinity
         assert affinity is not None  # checked in __init__
         pin = affinity.verify(cookie_value(cookie_header, self._affinity_name))
-        pinned = self._pool.get(pin[0]) if pin is not None else None
-        if pin is None or pinned is None:
+        if pin is None:
             return None
         # Looked for once per Cookie header (the decision is cached by it).
         session = cookie_value(cookie_header, self._session_name)
-        if pinned.state is _UP and pinned.id not in exclude:
+        pinned = self._pool.get(pin[0])
+        if pinned is None:
+            return self._unpinned(cookie_header, exclude, now, "removed")
+        entry: Pin | None = None
+        if session is not None:
+            pins = self.pins
+            entry = pins.get(session)
+            if entry is not None and entry.moved:
+                return self._ordered(entry, exclude, now)
+            if entry is None or entry.backend_id != pinned.id:
+                # The signed pin comes first; the table follows it (unshared: nothing moved).
+                entry = pins.learn(session, pinned.id, now, share=False)
+            else:
+                entry.seen = now
+        if self._keeps(pinned) and pinned.id not in exclude:
             if not pin[1]:
                 # Signed by an older secret: re-sign with the newest, same backend.
-                return Decision(pinned, self._cookie_for(pinned), False, session is None)
+                return Decision(pinned, self._cookie_for(pinned), None, session is None, entry)
             if session is None:
-                return Decision(pinned, None, False, True)
-            return self._stay_decision(pinned)
+                return Decision(pinned, None, None, True)
+            return Decision(pinned, None, None, False, entry)
+        state = pinned.state
+        if self._strict and state is _DOWN and pinned.id not in exclude:
+            left = self._strict_window - (now - pinned.down_since)
+            if left > 0:
+                raise PinnedBackendDown(pinned.id, max(1, math.ceil(left)))
+        if pinned.id in exclude:
+            reason = "failed"
+        elif state is _DOWN:
+            reason = "down"
+        else:
+            reason = "drain"
         key = session if session is not None else pinned.id.encode()
         backend = self._hashed(key_hash(key), exclude)
-        return Decision(backend, self._cookie_for(backend), True, session is None)
+        if session is not None:
+            entry = self.pins.learn(session, backend.id, now)
+        return Decision(backend, self._cookie_for(backend), reason, session is None, entry)
 
-    def _unpinned(self, cookie_header: bytes | None, exclude: frozenset[str]) -> Decision:
-        """Rules 3 and 4 of the module docstring: no valid pin."""
+    def _ordered(self, entry: Pin, exclude: frozenset[str], now: float) -> Decision:
+        """An operator's order for this session (`move`), carried out once."""
+        entry.moved = False
+        target = self._pool.get(entry.backend_id) if entry.backend_id else None
+        if target is None or not self._keeps(target) or target.id in exclude:
+            target = self._placed(exclude)
+        self.pins.learn(entry.session, target.id, now)
+        return Decision(target, self._cookie_for(target), "admin", False, entry)
+
+    def _unpinned(
+        self, cookie_header: bytes | None, exclude: frozenset[str], now: float, reason: str | None
+    ) -> Decision:
+        """Rules 3 and 4 of the module docstring: no valid pin (`reason`: "removed" for a
+        pin to a backend no longer in the pool, else "lost_pin")."""
         session = cookie_value(cookie_header, self._session_name)
         if session is None:
             backend = self._placed(exclude)
-            return Decision(backend, self._cookie_for(backend), False, True)
-        known = self._sessions.get(session)
-        backend_or_none = self._pool.get(known) if known is not None else None
-        if (
-            backend_or_none is None
-            or backend_or_none.state is not _UP
-            or backend_or_none.id in exclude
-        ):
+            return Decision(backend, self._cookie_for(backend), reason, True)
+        pins = self.pins
+        entry = pins.get(session)
+        if entry is None and pins.remote and not exclude:
+            # The backend is a placeholder: the data path looks the session up first.
+            backend = self._hashed(key_hash(session), exclude)
+            return Decision(backend, None, None, False, None, session)
+        if entry is not None and entry.moved:
+            return self._ordered(entry, exclude, now)
+        known = self._pool.get(entry.backend_id) if entry is not None and entry.backend_id else None
+        if known is None or not self._keeps(known) or known.id in exclude:
             backend = self._hashed(key_hash(session), exclude)
         else:
-            backend = backend_or_none
-        return Decision(backend, self._cookie_for(backend), False)
+            backend = known
+        entry = pins.learn(session, backend.id, now, share=known is not backend)
+        return Decision(backend, self._cookie_for(backend), reason or "lost_pin", False, entry)
 
     # -- selection ----------------------------------------------------------------------------
 
@@ -404,7 +526,7 @@ class Router:
     def _stay_decision(self, backend: Backend) -> Decision:
         decision = self._stay.get(backend.id)
         if decision is None or decision.backend is not backend:
-            decision = self._stay[backend.id] = Decision(backend, None, False)
+            decision = self._stay[backend.id] = Decision(backend, None)
         return decision
 
     def _cookie_for(self, backend: Backend) -> bytes:

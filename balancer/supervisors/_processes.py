@@ -4,7 +4,9 @@
 
 Each balancer process is a whole balancer, forked from the parent after the settings are
 loaded (same backends, same affinity secret, so they agree on every pin), accepting on the
-same port (SO_REUSEPORT); process i serves its admin API on the admin port + i.
+same port (SO_REUSEPORT). With `--admin`, the parent also reserves the sockets of the one
+admin address (`control._cluster.reserve`: the public one, and a loopback one a process)
+before the first fork, so a process restarted as i serves the same ones.
 
 The decisions are those of `--spawn`'s app workers, made by the same pure objects
 (`_workers.Worker`, `RestartPolicy`): a balancer process that exits unasked is restarted as
@@ -58,19 +60,20 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
 
 class BalancerProcesses:
-    """Runs `count` balancer processes, each `serve(index)` in a forked child, until told
-    to stop; `run()` returns the parent's exit code.
+    """Runs `count` balancer processes, each `serve(index, restarts)` in a forked child,
+    until told to stop; `run()` returns the parent's exit code.
 
-    `serve(index)` is the child's whole life and returns its exit code (`CANNOT_SERVE`: do
-    not restart it). `run()` returns 0 when SIGTERM or SIGINT stopped every process and
-    each exited 0; 1 when one of them did not, could not serve, or when none is left
-    running (every one held or unable to serve).
+    `serve(index, restarts)` is the child's whole life (`restarts`: how many times process
+    `index` was restarted before this one; 0 at the first start) and returns its exit code
+    (`CANNOT_SERVE`: do not restart it). `run()` returns 0 when SIGTERM or SIGINT stopped
+    every process and each exited 0; 1 when one of them did not, could not serve, or when
+    none is left running (every one held or unable to serve).
     """
 
     def __init__(
         self,
         count: int,
-        serve: Callable[[int], int],
+        serve: Callable[[int, int], int],
         *,
         policy: RestartPolicy,
         stop_timeout: float,
@@ -243,12 +246,12 @@ class BalancerProcesses:
             self._exited(worker, -1, now)  # an early crash: retried after the backoff
             return
         if pid == 0:
-            self._child(worker.index, parent)  # never returns
+            self._child(worker.index, worker.restarts, parent)  # never returns
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         worker.pid = pid
         worker.ready(now)  # no ready path: --min-uptime counts from the fork
 
-    def _child(self, index: int, parent: int) -> None:
+    def _child(self, index: int, restarts: int, parent: int) -> None:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -258,7 +261,7 @@ class BalancerProcesses:
             os.close(self._wake_w)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             die_with_parent(parent)
-            code = self._serve(index)
+            code = self._serve(index, restarts)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # whatever happens, the child must not return into the loop

@@ -37,6 +37,9 @@ from redis_plumbing import free_port, parent_death_hook
 
 from .._exceptions import InvalidTransition
 from ..control._events import (
+    AUTOSCALE_AT_MAX,
+    AUTOSCALE_DOWN,
+    AUTOSCALE_UP,
     DRAIN_DEADLINE,
     ROLLING_RESTART_ABORTED,
     ROLLING_RESTART_DONE,
@@ -61,8 +64,9 @@ from ..control._events import (
     WORKERS_STOPPING,
 )
 from ..control._log import log_event
-from ..datapath._backend import backend_id
+from ..datapath._backend import DrainPolicy, backend_id
 from ..datapath._pool import Pool
+from ._autoscale import Action, AutoscalePolicy, Autoscaler
 from ._workers import Exit, RestartPolicy, Rollout, Worker, WorkerState
 
 __all__ = ["Command", "Supervisor", "SupervisorOptions", "worker_argv"]
@@ -74,6 +78,7 @@ _PROBE_INTERVAL = 0.05  # seconds between ready-path probes of a starting worker
 _PROBE_TIMEOUT = 1.0  # seconds for one probe
 _KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed process to be reaped at shutdown
 _NOT_SPAWNED = 127  # the returncode recorded for a command that could not be executed
+_DRAIN_BACKSTOP = 1.0  # seconds past drain_deadline the supervisor stops a worker anyway
 
 _STARTING, _READY, _DRAINING = WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING
 _STOPPING, _EXITED, _HELD = WorkerState.STOPPING, WorkerState.EXITED, WorkerState.HELD
@@ -90,14 +95,19 @@ class SupervisorOptions:
     """What to run and the supervisor's timeouts (all in seconds)."""
 
     command: tuple[str, ...]  # argv template: each part formatted with {port} and {index}
-    count: int  # workers to start with
+    count: int  # workers to start with (with `autoscale`: its minimum)
     ready_path: str = "/readyz"  # a starting worker joins the pool once this answers 2xx
     ready_timeout: float = 30.0  # a worker not ready by then is killed (a crash)
     hang_timeout: float = 10.0  # a ready worker failing its health checks this long is killed
-    drain_deadline: float = 30.0  # a draining worker is stopped by then, in flight or not
+    # A retired worker's drain (`DrainPolicy`) ends by this, whatever comes; its pinned
+    # clients stay until then (or until none has made a request for the drain's idle time).
+    drain_deadline: float = DrainPolicy().deadline
     stop_timeout: float = 15.0  # after SIGTERM, then SIGKILL
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     host: str = "127.0.0.1"  # where the workers listen
+    # With a policy, the count follows the load between its minimum and maximum
+    # (`_autoscale.py`); manual scaling stays within them too.
+    autoscale: AutoscalePolicy | None = None
 
 
 def worker_argv(command: Sequence[str], *, port: int, index: int) -> list[str]:
@@ -106,7 +116,8 @@ def worker_argv(command: Sequence[str], *, port: int, index: int) -> list[str]:
 
 
 class Supervisor:
-    """Keeps `options.count` workers (changed by `scale`) running and in `pool`.
+    """Keeps `options.count` workers (changed by `scale`, and with `options.autoscale` by
+    the load) running and in `pool`.
 
     `start(client)` spawns the workers and runs the loop (`client` probes ready paths);
     `started` is set once every worker is ready, or after `ready_timeout` seconds anyway.
@@ -142,6 +153,8 @@ class Supervisor:
         self._loop_task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._began = 0.0
+        policy = options.autoscale
+        self.autoscaler = None if policy is None else Autoscaler(policy, now=clock())
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
@@ -168,12 +181,22 @@ class Supervisor:
 
     def scale(self, delta: int) -> int:
         """Change the desired count by `delta`; returns it. The loop converges to it (after
-        a rolling restart in progress). Raises InvalidTransition below one worker."""
-        if self.desired + delta < 1:
-            raise InvalidTransition(
-                f"cannot scale to {self.desired + delta} workers: at least 1 must run"
-            )
-        self.desired += delta
+        a rolling restart in progress). Raises InvalidTransition below one worker, and
+        when autoscaling, outside its minimum..maximum; an operator's change starts the
+        autoscaler's cooldown, as its own would."""
+        wanted = self.desired + delta
+        if wanted < 1:
+            raise InvalidTransition(f"cannot scale to {wanted} workers: at least 1 must run")
+        autoscaler = self.autoscaler
+        if autoscaler is not None:
+            policy = autoscaler.policy
+            if policy.clamp(wanted) != wanted:
+                raise InvalidTransition(
+                    f"cannot scale to {wanted} workers: autoscaling keeps "
+                    f"{policy.minimum} to {policy.maximum}"
+                )
+            autoscaler.changed(self._clock())
+        self.desired = wanted
         log_event(WORKERS_SCALED, desired=self.desired, delta=delta)
         self._wake.set()
         return self.desired
@@ -184,10 +207,28 @@ class Supervisor:
         rollout = self.rollout
         return {
             "desired": self.desired,
+            "autoscale": self._describe_autoscale(),
             "rolling_restart": None
             if rollout is None
             else {"phase": rollout.phase.value, "replaced": rollout.replaced},
             "workers": [worker.describe(now) for worker in self.workers],
+        }
+
+    def _describe_autoscale(self) -> dict[str, object] | None:
+        autoscaler = self.autoscaler
+        if autoscaler is None:
+            return None
+        policy, last, load = autoscaler.policy, autoscaler.last, autoscaler.load()
+        return {
+            "min": policy.minimum,
+            "max": policy.maximum,
+            "target": policy.target,
+            "window": policy.window,
+            "cooldown": policy.cooldown,
+            "load": None if load is None else round(load, 3),
+            "last": None
+            if last is None
+            else {"action": last.action.value, "desired": last.desired, "reason": last.reason},
         }
 
     # -- life -------------------------------------------------------------------------------
@@ -249,6 +290,7 @@ class Supervisor:
         self._kill_hung(now)  # failing health checks too long: SIGKILL (then restarted)
         self._take_commands()  # what signals and the admin API asked for
         await self._advance_rollout(now)  # the rolling restart, one worker at a time
+        self._autoscale(now)  # with --spawn MIN:MAX: the load sets the desired count
         await self._converge(now)  # scale up or down to the desired count
         self._stop_drained(now)  # drained (or out of time): SIGTERM
         self._escalate(now)  # ignored SIGTERM for too long: SIGKILL
@@ -389,6 +431,42 @@ class Supervisor:
             if worker.state is _HELD:
                 await self._restart(worker, now)  # a restart is how an operator retries it
 
+    def _autoscale(self, now: float) -> None:
+        autoscaler = self.autoscaler
+        if autoscaler is None:
+            return
+        serving = [w for w in self._workers.values() if not w.retiring]
+        ready = [w for w in serving if w.state is _READY]
+        in_flight = 0
+        for worker in ready:
+            backend = self.pool.get(backend_id(self._url(worker)))
+            in_flight += 0 if backend is None else backend.in_flight
+        settled = (
+            self.rollout is None
+            and not self._restart_requested
+            and len(serving) == self.desired
+            and all(w.state in (_READY, _HELD) for w in serving)
+        )
+        decision = autoscaler.sample(
+            now, in_flight=in_flight, ready=len(ready), desired=self.desired, settled=settled
+        )
+        if decision.action is Action.HOLD:
+            return
+        policy = autoscaler.policy
+        fields: dict[str, Any] = {"workers": self.desired, "desired": decision.desired}
+        fields |= {"load": round(decision.load or 0.0, 2), "target": policy.target}
+        fields |= {"window": policy.window, "reason": decision.reason}
+        if decision.action is Action.AT_MAX:
+            log_event(AUTOSCALE_AT_MAX, level=logging.WARNING, **fields)
+            return
+        if decision.action is Action.UP:
+            log_event(AUTOSCALE_UP, **fields)
+        else:
+            log_event(AUTOSCALE_DOWN, **fields)
+        # _converge, next in this turn, spawns the new workers or retires the newest one
+        # (drained, then stopped), as for an operator's scale.
+        self.desired = decision.desired
+
     async def _converge(self, now: float) -> None:
         if self.rollout is not None:
             return  # one change at a time: scaling waits for the rolling restart
@@ -408,7 +486,11 @@ class Supervisor:
         for worker in self._live(_DRAINING):
             backend = self.pool.get(backend_id(self._url(worker)))
             in_flight = 0 if backend is None else backend.in_flight
-            if worker.drained(in_flight=in_flight, now=now, deadline=self.options.drain_deadline):
+            # The pool's drain (`control._drains`) ends it: idle, empty or at its deadline;
+            # the supervisor's own deadline, a little later, is the backstop.
+            ended = backend is None or backend.drained_reason is not None
+            deadline = self.options.drain_deadline + _DRAIN_BACKSTOP
+            if worker.drained(ended=ended, now=now, deadline=deadline):
                 if in_flight:
                     log_event(
                         DRAIN_DEADLINE,
@@ -448,7 +530,7 @@ class Supervisor:
         if state is _READY:
             backend = self.pool.get(backend_id(self._url(worker)))
             if backend is not None and not backend.draining:
-                backend.drain()
+                backend.drain(now)
             worker.drain(now)
             log_event(WORKER_DRAINING, index=worker.index, pid=worker.pid)
         elif state is _STARTING:

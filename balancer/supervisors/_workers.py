@@ -250,9 +250,10 @@ class Worker:
             self.unhealthy_since = now
         return now - self.unhealthy_since >= timeout
 
-    def drained(self, *, in_flight: int, now: float, deadline: float) -> bool:
-        """DRAINING with nothing in flight, or for `deadline` seconds: time to stop it."""
-        return self.state is _DRAINING and (in_flight == 0 or now - self.state_since >= deadline)
+    def drained(self, *, ended: bool, now: float, deadline: float) -> bool:
+        """DRAINING, and its backend's drain `ended` (DRAINED: it keeps pinned clients
+        until then, `_backend`), or for `deadline` seconds: time to stop it."""
+        return self.state is _DRAINING and (ended or now - self.state_since >= deadline)
 
     def stop_overdue(self, now: float, timeout: float) -> bool:
         """STOPPING after SIGTERM for `timeout` seconds: time for SIGKILL."""

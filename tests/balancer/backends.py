@@ -68,11 +68,12 @@ class ListRouter:
         client_ip: str,
         cookie_header: bytes | None,
         exclude: frozenset[str] = frozenset(),
+        now: float = -1.0,
     ) -> Decision:
         self.calls.append((client_ip, cookie_header, exclude))
         for backend in self.backends:
             if backend.id not in exclude:
-                return Decision(backend, self.set_cookie, False)
+                return Decision(backend, self.set_cookie)
         raise NoBackendAvailable("every backend is excluded")
 
     def learn(self, head: bytes, backend_id: str) -> None:
@@ -84,7 +85,7 @@ class RecordingMetrics:
     done: list[tuple[str, int]] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
     failovers: int = 0
-    repins: int = 0
+    repins: list[str] = field(default_factory=list)
     rejections: list[str] = field(default_factory=list)
     opened: int = 0
     closed: int = 0
@@ -99,8 +100,8 @@ class RecordingMetrics:
     def failover(self) -> None:
         self.failovers += 1
 
-    def repinned(self) -> None:
-        self.repins += 1
+    def repinned(self, reason: str) -> None:
+        self.repins.append(reason)
 
     def rejected(self, reason: str) -> None:
         self.rejections.append(reason)

@@ -49,7 +49,7 @@ async def test_list_backends(client: httpx.AsyncClient, pool: Pool) -> None:
     response = await client.get("/backends")
     assert response.status_code == 200
     body = response.json()
-    assert body["pool"] == "<Pool [up: 1, draining: 0, down: 1]>"
+    assert body["pool"] == "<Pool [up: 1, draining: 0, drained: 0, down: 1]>"
     first, second = body["backends"]
     assert first["id"] == a.id
     assert first["url"] == B1
@@ -132,6 +132,26 @@ async def test_drain_enable_remove(client: httpx.AsyncClient, pool: Pool) -> Non
     response = await client.delete(f"/backends/{backend.id}")
     assert response.status_code == 200
     assert backend.id not in pool
+
+
+async def test_drain_keeps_or_moves_sessions_and_ends_now_when_told(
+    client: httpx.AsyncClient, pool: Pool
+) -> None:
+    first, second = list(pool)[:2]
+    kept = (await client.post(f"/backends/{first.id}/drain")).json()
+    assert (kept["state"], kept["keep_pinned"], kept["drained_reason"]) == ("draining", True, None)
+    moved = (await client.post(f"/backends/{second.id}/drain?sessions=move")).json()
+    assert moved["keep_pinned"] is False
+    # ?now=1 on a running drain ends it: DRAINED, safe to remove.
+    ended = (await client.post(f"/backends/{first.id}/drain?now=1")).json()
+    assert (ended["state"], ended["drained_reason"]) == ("drained", "now")
+    assert (await client.post(f"/backends/{first.id}/enable")).json()["state"] == "up"
+    # ... and on an UP backend it drains and ends at once.
+    at_once = (await client.post(f"/backends/{first.id}/drain?now=1")).json()
+    assert at_once["state"] == "drained"
+    for query, reason in (("sessions=drop", "invalid_sessions"), ("now=yes", "invalid_now")):
+        bad = await client.post(f"/backends/{second.id}/drain?{query}")
+        assert (bad.status_code, bad.json()["reason"]) == (400, reason)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,14 @@ from collections.abc import Callable
 
 import pytest
 
-from balancer import Backend, BackendPolicy, BackendState, ConfigError, InvalidTransition
+from balancer import (
+    Backend,
+    BackendPolicy,
+    BackendState,
+    ConfigError,
+    DrainPolicy,
+    InvalidTransition,
+)
 
 URL = "http://127.0.0.1:9001"
 UP, DRAINING, DOWN = BackendState.UP, BackendState.DRAINING, BackendState.DOWN
@@ -57,19 +64,19 @@ def test_bad_urls_raise_value_error_naming_the_url(url: str, why: str) -> None:
 Step = Callable[[Backend], object]
 TRANSITIONS: list[tuple[str, list[Step], BackendState]] = [
     ("new", [], UP),
-    ("drain", [lambda b: b.drain()], DRAINING),
-    ("drain, enable", [lambda b: b.drain(), lambda b: b.enable()], UP),
+    ("drain", [lambda b: b.drain(0.0)], DRAINING),
+    ("drain, enable", [lambda b: b.drain(0.0), lambda b: b.enable()], UP),
     ("down", [lambda b: b.mark_down("timeout", 0.0)], DOWN),
     ("down, up", [lambda b: b.mark_down("timeout", 0.0), lambda b: b.mark_up(1.0)], UP),
-    ("drain, down", [lambda b: b.drain(), lambda b: b.mark_down("x", 0.0)], DOWN),
+    ("drain, down", [lambda b: b.drain(0.0), lambda b: b.mark_down("x", 0.0)], DOWN),
     (
         "drain, down, up: stays drained",
-        [lambda b: b.drain(), lambda b: b.mark_down("x", 0.0), lambda b: b.mark_up(1.0)],
+        [lambda b: b.drain(0.0), lambda b: b.mark_down("x", 0.0), lambda b: b.mark_up(1.0)],
         DRAINING,
     ),
     (
         "down, drain, enable: still down",
-        [lambda b: b.mark_down("x", 0.0), lambda b: b.drain(), lambda b: b.enable()],
+        [lambda b: b.mark_down("x", 0.0), lambda b: b.drain(0.0), lambda b: b.enable()],
         DOWN,
     ),
 ]
@@ -89,8 +96,8 @@ INVALID: list[tuple[str, list[Step], Step, str]] = [
     ("enable an UP backend", [], lambda b: b.enable(), "cannot enable backend {id}: it is not"),
     (
         "drain twice",
-        [lambda b: b.drain()],
-        lambda b: b.drain(),
+        [lambda b: b.drain(0.0)],
+        lambda b: b.drain(0.0),
         "cannot drain backend {id}: it is already draining",
     ),
     ("up when up", [], lambda b: b.mark_up(0.0), "cannot mark backend {id} up: it is not down"),
@@ -180,7 +187,7 @@ EJECTION: list[tuple[str, list[Step], BackendState, bool]] = [
         [
             _fail,
             _fail,
-            lambda b: b.drain(),
+            lambda b: b.drain(0.0),
             lambda b: b.mark_down("x", 1.0),
             lambda b: b.mark_up(2.0),
         ],
@@ -245,7 +252,7 @@ def test_slow_start_ramps_weight_after_down(elapsed: float, weight: float) -> No
 
 def test_no_slow_start_after_drain() -> None:
     backend = Backend(URL, policy=BackendPolicy(slow_start=10.0))
-    backend.drain()
+    backend.drain(0.0)
     backend.enable()
     assert backend.weight(0.0) == 1.0
 
@@ -254,8 +261,84 @@ def test_on_change_sees_old_and_new_state() -> None:
     seen: list[tuple[BackendState, BackendState]] = []
     backend = Backend(URL)
     backend.on_change = lambda b, old: seen.append((old, b.state))
-    backend.drain()
+    backend.drain(0.0)
     backend.mark_down("x", 0.0)
     backend.mark_up(1.0)
     backend.enable()
     assert seen == [(UP, DRAINING), (DRAINING, DOWN), (DOWN, DRAINING), (DRAINING, UP)]
+
+
+# -- a drain that keeps sessions and ends (issue 15) ----------------------------------------
+
+
+def _draining(sessions: str = "keep", idle: float = 10.0, deadline: float = 60.0) -> Backend:
+    policy = BackendPolicy(drain=DrainPolicy(sessions=sessions, idle=idle, deadline=deadline))  # type: ignore[arg-type]
+    backend = Backend("http://127.0.0.1:9001", policy=policy)
+    backend.drain(100.0)
+    return backend
+
+
+def test_a_kept_drain_ends_idle_seconds_after_the_last_request() -> None:
+    backend = _draining()
+    assert backend.keep_pinned
+    assert backend.state is DRAINING
+    backend.request_started()
+    assert backend.drain_tick(105.0) is None  # a request came: the idle time starts again
+    backend.request_finished(failed=False, now=106.0)
+    assert backend.drain_tick(114.9) is None  # 9.9 s since the request was seen
+    assert backend.drain_tick(115.0) == "idle"
+    assert backend.state is BackendState.DRAINED
+    assert not backend.keep_pinned
+    assert backend.drained_reason == "idle"
+    assert backend.drain_tick(200.0) is None  # ended once
+
+
+def test_a_kept_drain_never_ends_idle_with_a_request_in_flight() -> None:
+    backend = _draining()
+    backend.request_started()
+    assert backend.drain_tick(150.0) is None
+    assert backend.drain_tick(160.0) == "deadline"  # 60 s after it began, whatever comes
+
+
+def test_a_moving_drain_ends_when_nothing_is_in_flight() -> None:
+    backend = _draining(sessions="move")
+    assert not backend.keep_pinned
+    backend.request_started()
+    assert backend.drain_tick(101.0) is None
+    backend.request_finished(failed=False, now=101.5)
+    assert backend.drain_tick(101.5) == "empty"
+
+
+def test_an_operator_ends_a_drain_now_and_enable_undoes_it() -> None:
+    backend = _draining()
+    backend.finish_drain("now")
+    assert (backend.state, backend.drained_reason) == (BackendState.DRAINED, "now")
+    backend.enable()
+    assert backend.state is UP
+    assert backend.drained_reason is None
+    assert not backend.draining
+    with pytest.raises(InvalidTransition, match="it is not draining"):
+        backend.finish_drain("now")
+
+
+def test_a_drained_backend_that_fails_is_down_and_drained_again_when_it_recovers() -> None:
+    backend = _draining(idle=0.0)
+    assert backend.drain_tick(100.0) == "idle"
+    backend.mark_down("refused", 101.0)
+    assert backend.state is DOWN
+    assert backend.down_since == 101.0
+    backend.mark_up(102.0)
+    assert backend.state is BackendState.DRAINED
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("idle", -1.0, "idle must be a finite number of seconds >= 0"),
+        ("deadline", float("inf"), "deadline must be a finite number of seconds >= 0"),
+        ("sessions", "drop", "sessions must be 'keep' or 'move'"),
+    ],
+)
+def test_a_bad_drain_policy_names_its_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DrainPolicy(**{field: value})  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from balancer import (
 from balancer._balancer import proxy_options, supervisor_options
 from balancer.control._discovery import DEFAULT_DISCOVER_INTERVAL
 from balancer.datapath import _router
+from balancer.supervisors._autoscale import AutoscalePolicy
 from balancer.supervisors._supervisor import SupervisorOptions
 from balancer.supervisors._workers import RestartPolicy
 from service_registry import RegistryTarget
@@ -133,6 +134,16 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
      "worker_stop_timeout = 2", "worker_stop_timeout", 2.0),
     (["--drain-deadline", "0"], {"BALANCER_DRAIN_DEADLINE": "0"}, "drain_deadline = 0",
      "drain_deadline", 0.0),
+    (["--drain-idle", "2.5"], {"BALANCER_DRAIN_IDLE": "2.5"}, "drain_idle = 2.5",
+     "drain_idle", 2.5),
+    (["--drain-sessions", "move"], {"BALANCER_DRAIN_SESSIONS": "move"},
+     'drain_sessions = "move"', "drain_sessions", "move"),
+    (["--on-pinned-down", "strict"], {"BALANCER_ON_PINNED_DOWN": "strict"},
+     'on_pinned_down = "strict"', "on_pinned_down", "strict"),
+    (["--strict-window", "5"], {"BALANCER_STRICT_WINDOW": "5"}, "strict_window = 5",
+     "strict_window", 5.0),
+    (["--repin-header", "X-Repin"], {"BALANCER_REPIN_HEADER": "X-Repin"},
+     'repin_header = "X-Repin"', "repin_header", "X-Repin"),
     (["--restart-backoff", "0"], {"BALANCER_RESTART_BACKOFF": "0"}, "restart_backoff = 0",
      "restart_backoff", 0.0),
     (["--restart-backoff-max", "60"], {"BALANCER_RESTART_BACKOFF_MAX": "60"},
@@ -140,6 +151,15 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
     (["--min-uptime", "0.5"], {"BALANCER_MIN_UPTIME": "0.5"}, "min_uptime = 0.5",
      "min_uptime", 0.5),
     (["--max-crashes", "0"], {"BALANCER_MAX_CRASHES": "0"}, "max_crashes = 0", "max_crashes", 0),
+    (["--spawn", "1:3", "--app", "m:a", "--autoscale-target", "2"],
+     {"BALANCER_SPAWN": "1:3", "BALANCER_APP": "m:a", "BALANCER_AUTOSCALE_TARGET": "2"},
+     'spawn = "1:3"\napp = "m:a"\nautoscale_target = 2', "autoscale_target", 2.0),
+    (["--spawn", "1:3", "--app", "m:a", "--autoscale-window", "3"],
+     {"BALANCER_SPAWN": "1:3", "BALANCER_APP": "m:a", "BALANCER_AUTOSCALE_WINDOW": "3"},
+     'spawn = "1:3"\napp = "m:a"\nautoscale_window = 3', "autoscale_window", 3.0),
+    (["--spawn", "1:3", "--app", "m:a", "--autoscale-cooldown", "0"],
+     {"BALANCER_SPAWN": "1:3", "BALANCER_APP": "m:a", "BALANCER_AUTOSCALE_COOLDOWN": "0"},
+     'spawn = "1:3"\napp = "m:a"\nautoscale_cooldown = 0', "autoscale_cooldown", 0.0),
     (["--discover", DISCOVER], {"BALANCER_DISCOVER": DISCOVER}, f'discover = "{DISCOVER}"',
      "discover", RegistryTarget("redis://127.0.0.1:6379/2", "demo")),
     (["--discover-interval", "0.25"], {"BALANCER_DISCOVER_INTERVAL": "0.25"},
@@ -273,6 +293,24 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--spawn", "1", "--app", "m:a", "--restart-backoff", "20"], "--restart-backoff-max", "less"),
     (["--min-uptime", "nan"], "--min-uptime", ">= 0"),
     (["--max-crashes", "-1"], "--max-crashes", "at least 0"),
+    (["--spawn", "3:1", "--app", "m:a"], "--spawn", "1 <= MIN < MAX"),
+    (["--spawn", "2:2", "--app", "m:a"], "--spawn", "for a fixed count, give N"),
+    (["--spawn", "0:2", "--app", "m:a"], "--spawn", "1 <= MIN < MAX"),
+    (["--spawn", "1:many", "--app", "m:a"], "--spawn", "expected N, auto or MIN:MAX"),
+    (["--spawn", "1:3", "--app", "m:a", "--autoscale-target", "0"], "--autoscale-target", "> 0"),
+    (["--spawn", "1:3", "--app", "m:a", "--autoscale-window", "0.01"], "--autoscale-window", "0.1"),
+    (
+        ["--spawn", "1:3", "--app", "m:a", "--autoscale-window", "4000"],
+        "--autoscale-window",
+        "3600",
+    ),
+    (
+        ["--spawn", "1:3", "--app", "m:a", "--autoscale-cooldown", "-1"],
+        "--autoscale-cooldown",
+        ">=",
+    ),
+    (["--spawn", "2", "--app", "m:a", "--autoscale-target", "3"], "--autoscale-target", "MIN:MAX"),
+    (["--autoscale-window", "3"], "--autoscale-window", "needs --spawn MIN:MAX"),
     (["--discover", "http://127.0.0.1:6379/demo"], "--discover", "expected redis://"),
     (["--discover", "redis://127.0.0.1:6379/0"], "--discover", "names no service"),
     (["--discover", "redis://127.0.0.1:6379"], "--discover", "names no service"),
@@ -474,6 +512,7 @@ _PROXY, _HEALTH, _BACKEND, _RESTART = (
     RestartPolicy(),
 )
 _SUPERVISOR = SupervisorOptions(command=(), count=1)
+_AUTOSCALE = AutoscalePolicy(minimum=1, maximum=2)
 # Each setting that a library class also takes, with that class's own default: the one
 # place it lives (issue 14: queue_timeout was 3 s in Settings and 0 in ProxyOptions).
 LIBRARY_DEFAULTS: dict[str, object] = {
@@ -504,11 +543,19 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "worker_ready_timeout": _SUPERVISOR.ready_timeout,
     "worker_hang_timeout": _SUPERVISOR.hang_timeout,
     "worker_stop_timeout": _SUPERVISOR.stop_timeout,
-    "drain_deadline": _SUPERVISOR.drain_deadline,
+    "drain_deadline": _BACKEND.drain.deadline,
+    "drain_idle": _BACKEND.drain.idle,
+    "drain_sessions": _BACKEND.drain.sessions,
+    "on_pinned_down": _router.DEFAULT_ON_PINNED_DOWN,
+    "strict_window": _router.DEFAULT_STRICT_WINDOW,
+    "repin_header": _PROXY.repin_header,
     "restart_backoff": _RESTART.backoff,
     "restart_backoff_max": _RESTART.backoff_max,
     "min_uptime": _RESTART.min_uptime,
     "max_crashes": _RESTART.max_crashes,
+    "autoscale_target": _AUTOSCALE.target,
+    "autoscale_window": _AUTOSCALE.window,
+    "autoscale_cooldown": _AUTOSCALE.cooldown,
     "balance": _router.DEFAULT_BALANCE,
     "hash_balance_factor": _router.DEFAULT_HASH_BALANCE_FACTOR,
     "hash_table_size": DEFAULT_TABLE_SIZE,
@@ -592,3 +639,40 @@ def test_spawn_auto_is_one_worker_per_cpu() -> None:
     assert settings.spawn == (os.cpu_count() or 1)
     from_env = load_settings(MIN, {"BALANCER_SPAWN": "AUTO", "BALANCER_APP": "m:a"})
     assert from_env.spawn == settings.spawn
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml"),
+    [
+        (["--spawn", "1:3", "--autoscale-target", "2.5", "--autoscale-window", "3"], {}, None),
+        (
+            [],
+            {
+                "BALANCER_SPAWN": "1:3",
+                "BALANCER_AUTOSCALE_TARGET": "2.5",
+                "BALANCER_AUTOSCALE_WINDOW": "3",
+            },
+            None,
+        ),
+        ([], {}, 'spawn = "1:3"\nautoscale_target = 2.5\nautoscale-window = 3'),
+    ],
+)
+def test_spawn_min_max_autoscales_in_that_range(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], toml: str | None
+) -> None:
+    if toml is not None:
+        path = tmp_path / "balancer.toml"
+        path.write_text(toml + "\n")
+        argv = ["--config", str(path)]
+    settings = load_settings([*MIN, *argv, "--app", "m:a"], environ)
+    assert settings.spawn == (1, 3)
+    options = supervisor_options(settings)
+    assert options is not None
+    assert options.count == 1  # it starts at the minimum
+    assert options.autoscale == AutoscalePolicy(minimum=1, maximum=3, target=2.5, window=3.0)
+
+
+def test_a_fixed_spawn_count_does_not_autoscale() -> None:
+    options = supervisor_options(load_settings([*MIN, "--spawn", "2", "--app", "m:a"], {}))
+    assert options is not None
+    assert (options.count, options.autoscale) == (2, None)

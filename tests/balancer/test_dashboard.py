@@ -263,7 +263,7 @@ def test_failovers_and_repins_become_one_event_per_tick() -> None:
     dashboard.tick()
     for _ in range(3):
         metrics.failover()
-    metrics.repinned()
+    metrics.repinned("down")
     snapshot = ticked(dashboard)
     events = snapshot["events"]
     assert isinstance(events, list)

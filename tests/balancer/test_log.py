@@ -65,7 +65,7 @@ def test_state_changes_are_logged(stream: io.StringIO) -> None:
     pool = Pool(["http://127.0.0.1:9001"], on_change=log_state_change)
     backend = next(iter(pool))
     backend.mark_down("status 503", 0.0)
-    pool.drain(backend.id)
+    pool.drain(backend.id, 0.0)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(d["level"], d["old"], d["new"]) for d in lines] == [("WARNING", "up", "down")]
     assert lines[0]["reason"] == "status 503"

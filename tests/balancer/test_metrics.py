@@ -22,8 +22,9 @@ def test_counters_by_label() -> None:
     metrics.request_done("def", 200, 3.0)
     metrics.retried("abc")
     metrics.failover()
-    metrics.repinned()
-    metrics.repinned()
+    metrics.repinned("down")
+    metrics.repinned("down")
+    metrics.repinned("admin")
     metrics.rejected("smuggling")
     metrics.rejected("header_too_large")
     metrics.rejected("smuggling")
@@ -33,7 +34,9 @@ def test_counters_by_label() -> None:
     assert got["balancer_requests_total", (("backend", "def"), ("status", "200"))] == 1
     assert got["balancer_retries_total", (("backend", "abc"),)] == 1
     assert got["balancer_failovers_total", ()] == 1
-    assert got["balancer_repins_total", ()] == 2
+    assert got["balancer_repins_total", (("reason", "down"),)] == 2
+    assert got["balancer_repins_total", (("reason", "admin"),)] == 1
+    assert got["balancer_repins_total", (("reason", "lost_pin"),)] == 0  # every reason shows
     assert got["balancer_rejected_requests_total", (("reason", "smuggling"),)] == 2
     assert got["balancer_rejected_requests_total", (("reason", "header_too_large"),)] == 1
     assert got["balancer_request_duration_seconds_count", (("backend", "abc"),)] == 3

@@ -16,11 +16,11 @@ URLS = ["http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003
 
 def test_repr_counts_states() -> None:
     pool = Pool(URLS)
-    assert repr(pool) == "<Pool [up: 3, draining: 0, down: 0]>"
+    assert repr(pool) == "<Pool [up: 3, draining: 0, drained: 0, down: 0]>"
     a, b, _ = list(pool)
-    pool.drain(a.id)
+    pool.drain(a.id, 0.0)
     b.mark_down("refused", 0.0)
-    assert repr(pool) == "<Pool [up: 1, draining: 1, down: 1]>"
+    assert repr(pool) == "<Pool [up: 1, draining: 1, drained: 0, down: 1]>"
 
 
 def test_add_remove_get() -> None:
@@ -40,7 +40,7 @@ def test_add_remove_get() -> None:
         pool.remove(backend.id)
     assert str(info.value) == f"no backend with id {backend.id!r}"
     with pytest.raises(UnknownBackend):
-        pool.drain("nope")
+        pool.drain("nope", 0.0)
 
 
 def test_bad_url_is_a_value_error() -> None:
@@ -48,11 +48,12 @@ def test_bad_url_is_a_value_error() -> None:
         Pool(["ftp://x"])
 
 
-# Each row: an operation, and whether it changes the set of UP backends (the generation).
+# Each row: an operation, and whether it changes the generation: membership or any state
+# (a decision that keeps a client on a DRAINING backend must not outlive the drain).
 OPS: list[tuple[str, bool]] = [
     ("drain", True),
     ("mark_down", True),
-    ("drain_then_mark_down", True),  # UP -> DRAINING counts; DRAINING -> DOWN adds nothing
+    ("drain_then_mark_down", True),  # UP -> DRAINING, and DRAINING -> DOWN, each count
     ("request", False),
     ("add", True),
     ("remove", True),
@@ -60,19 +61,19 @@ OPS: list[tuple[str, bool]] = [
 
 
 @pytest.mark.parametrize(("op", "changes"), OPS)
-def test_generation_changes_only_with_the_up_set(op: str, changes: bool) -> None:
+def test_generation_changes_with_membership_and_state(op: str, changes: bool) -> None:
     pool = Pool(URLS)
     backend = next(iter(pool))
     before = pool.generation
     if op == "drain":
-        pool.drain(backend.id)
+        pool.drain(backend.id, 0.0)
     elif op == "mark_down":
         backend.mark_down("x", 0.0)
     elif op == "drain_then_mark_down":
-        pool.drain(backend.id)
+        pool.drain(backend.id, 0.0)
         after_drain = pool.generation
         backend.mark_down("x", 0.0)
-        assert pool.generation == after_drain
+        assert pool.generation == after_drain + 1
     elif op == "request":
         backend.request_started()
         backend.request_finished(failed=False, now=0.0)
@@ -115,7 +116,7 @@ def test_removed_backend_no_longer_reports() -> None:
     seen: list[Backend] = []
     pool = Pool(URLS, on_change=lambda b, old: seen.append(b))
     backend = pool.remove(next(iter(pool)).id)
-    backend.drain()
+    backend.drain(0.0)
     assert seen == []
 
 

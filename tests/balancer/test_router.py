@@ -16,11 +16,15 @@ from balancer import (
     Balance,
     Decision,
     NoBackendAvailable,
+    PinnedBackendDown,
+    PinTable,
     Pool,
     Router,
     Sticky,
+    UnknownBackend,
 )
 from balancer.datapath._maglev import key_hash
+from balancer.datapath._pins import handle
 
 URLS = [f"http://127.0.0.1:{9001 + i}" for i in range(5)]
 SECRETS = ["s1"]
@@ -102,10 +106,12 @@ def test_valid_pin_is_kept_and_costs_no_cookie() -> None:
     pool, router = make()
     for backend in pool:
         decision = decide(router, pin(backend.id) + b"; sid=whatever")
-        assert decision == Decision(backend, None, False)
-        assert decide(router, pin(backend.id) + b"; sid=other") is decision  # shared
+        assert (decision.backend, decision.set_cookie, decision.reason) == (backend, None, None)
+        assert decision.pin is router.pins.get(b"whatever")  # the table follows the pin
+        assert decision.pin is not None
+        assert decision.pin.backend_id == backend.id
         # No session cookie yet: the same backend, and its answer is learned from.
-        assert decide(router, pin(backend.id)) == Decision(backend, None, False, True)
+        assert decide(router, pin(backend.id)) == Decision(backend, None, None, True)
 
 
 def test_pin_signed_by_an_old_secret_is_kept_and_resigned() -> None:
@@ -131,14 +137,16 @@ def test_pin_signed_by_an_old_secret_is_kept_and_resigned() -> None:
 )
 def test_tampered_malformed_or_stale_pin_means_no_pin(affinity: bytes) -> None:
     pool, router = make()
+    stale = affinity.endswith(b"0123456789ab") or b"0123456789ab." in affinity
     with_session = decide(router, affinity + b"; sid=session-42")
-    assert with_session.repinned is False
+    # Found again by its session (the hash here: the table has never seen it), re-pinned.
+    assert with_session.reason == ("removed" if stale else "lost_pin")
     assert with_session.backend.id == expected_hashed(pool, b"session-42")
     assert with_session.set_cookie == AffinityCookie(secrets=SECRETS).set_cookie(
         with_session.backend.id
     )
     without = decide(router, affinity)
-    assert without.repinned is False
+    assert without.reason == ("removed" if stale else None)  # else a new client, placed
     assert without.set_cookie is not None
 
 
@@ -152,15 +160,27 @@ def test_tampered_pin_for_a_real_backend_is_no_pin() -> None:
     assert decision.backend.id == expected_hashed(pool, b"k")
 
 
-@pytest.mark.parametrize("how", ["down", "draining", "excluded", "ejected"])
-def test_failover_of_a_pinned_client(how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("down", "down"),
+        ("draining, move", "drain"),
+        ("drained", "drain"),
+        ("excluded", "failed"),
+        ("ejected", "down"),
+    ],
+)
+def test_failover_of_a_pinned_client(how: str, reason: str) -> None:
     pool, router = make(policy=BackendPolicy(eject_after=1))
     pinned = list(pool)[2]
     exclude: frozenset[str] = frozenset()
     if how == "down":
         pinned.mark_down("refused", 0.0)
-    elif how == "draining":
-        pool.drain(pinned.id)
+    elif how == "draining, move":
+        pool.drain(pinned.id, 0.0, sessions="move")
+    elif how == "drained":
+        pool.drain(pinned.id, 0.0)
+        pinned.finish_drain("now")
     elif how == "ejected":
         pinned.request_started()
         pinned.request_finished(failed=True, now=0.0)
@@ -172,7 +192,7 @@ def test_failover_of_a_pinned_client(how: str) -> None:
     ]:
         decision = decide(router, cookie, exclude)
         assert decision.backend is not pinned
-        assert decision.repinned is True
+        assert decision.reason == reason
         assert decision.set_cookie == AffinityCookie(secrets=SECRETS).set_cookie(
             decision.backend.id
         )
@@ -305,7 +325,7 @@ def test_round_robin_cycles_over_up_backends() -> None:
     counts = Counter(decide(router, pin(next(iter(pool)).id)).backend.id for _ in range(500))
     assert set(counts.values()) == {100}
     drained = next(iter(pool))
-    pool.drain(drained.id)
+    pool.drain(drained.id, 0.0)
     counts = Counter(decide(router).backend.id for _ in range(400))
     assert drained.id not in counts
     assert set(counts.values()) == {100}
@@ -393,7 +413,7 @@ def test_cached_decision_never_vouches_for_a_tampered_pin() -> None:
     value = AffinityCookie(secrets=SECRETS).sign(target.id)
     valid = b"lb_affinity=" + value + b"; sid=k"
     for _ in range(3):  # the valid header's decision is cached now
-        assert decide(router, valid) == Decision(target, None, False)
+        assert decide(router, valid).backend is target
     for tampered in (
         b"lb_affinity=" + value[:-2] + (b"AA" if value[-2:] != b"AA" else b"BB") + b"; sid=k",
         b"lb_affinity=" + value + b"x; sid=k",
@@ -403,7 +423,8 @@ def test_cached_decision_never_vouches_for_a_tampered_pin() -> None:
             decision = decide(router, tampered)
             assert decision.set_cookie is not None  # no pin: a fresh one is issued
             assert decision.backend.id == expected_hashed(pool, b"k")
-    assert decide(router, valid) == Decision(target, None, False)
+    kept = decide(router, valid)
+    assert (kept.backend, kept.set_cookie, kept.reason) == (target, None, None)
 
 
 def test_cached_decision_follows_backend_state() -> None:
@@ -417,7 +438,11 @@ def test_cached_decision_follows_backend_state() -> None:
     assert moved.repinned is True
     assert moved.backend.id == expected_hashed(pool, b"s")
     pinned.mark_up(1.0)
-    assert decide(router, header) == Decision(pinned, None, False)
+    assert (decide(router, header).backend, decide(router, header).set_cookie) == (pinned, None)
+    pool.drain(pinned.id, 2.0)  # keeps its pinned clients
+    assert decide(router, header).backend is pinned
+    pinned.finish_drain("now")  # the cached decision must not outlive the drain
+    assert decide(router, header).reason == "drain"
     pool.remove(pinned.id)
     assert decide(router, header).backend is not pinned
 
@@ -511,21 +536,25 @@ def test_a_session_the_table_does_not_know_falls_back_to_its_hash() -> None:
     router.learn(_set_cookie_head(b"known"), created.backend.id)
     other_pool, other = make()
     for each in (pool, other_pool):
-        each.drain(created.backend.id)  # the creator cannot take it: the hash does
+        each.drain(created.backend.id, 0.0, sessions="move")  # the hash takes it
     assert decide(router, b"sid=known").backend.id == decide(other, b"sid=known").backend.id
     assert decide(router, b"sid=unknown").backend.id == decide(other, b"sid=unknown").backend.id
 
 
-def test_the_session_table_is_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("balancer.datapath._router._SESSIONS_MAX", 3)
-    pool, router = make()
+def test_the_session_table_is_bounded_oldest_out() -> None:
+    pool = Pool(URLS)
+    router = Router(
+        pool, sticky=COOKIE, affinity=AffinityCookie(secrets=SECRETS), pins=PinTable(max_entries=3)
+    )
     target = next(iter(pool))
     for n in range(4):
         router.learn(_set_cookie_head(b"s%d" % n), target.id)
     hashed = make()[1]
+    assert router.pins.get(b"s0") is None
+    assert len(router.pins) == 3
+    assert all(decide(router, b"sid=s%d" % n).backend is target for n in (1, 2, 3))
     # s0 went out first: it is hashed again, like on a router that never saw it.
     assert decide(router, b"sid=s0").backend.id == decide(hashed, b"sid=s0").backend.id
-    assert all(decide(router, b"sid=s%d" % n).backend is target for n in (1, 2, 3))
 
 
 def test_a_response_without_the_session_cookie_teaches_nothing() -> None:
@@ -557,7 +586,121 @@ def test_fingerprint_is_equal_where_routing_is() -> None:
     assert fingerprint(respelled) == fingerprint(named) != base
     pool, router = make()
     before = router.fingerprint()
-    next(iter(pool)).drain()  # a state change is not a change of the table's members
+    next(iter(pool)).drain(0.0)  # a state change is not a change of the table's members
     assert router.fingerprint() == before
     pool.add("http://127.0.0.1:9100")
     assert router.fingerprint() != before
+
+
+# -- issue 15: drains that keep sessions, strict mode, operators' orders, the pin table ----
+
+
+def test_a_draining_backend_keeps_its_pinned_clients_and_takes_no_new_one() -> None:
+    pool, router = make()
+    draining = list(pool)[1]
+    pool.drain(draining.id, 0.0)
+    header = pin(draining.id) + b"; sid=kept"
+    for _ in range(3):
+        decision = decide(router, header)
+        assert (decision.backend, decision.set_cookie, decision.reason) == (draining, None, None)
+    # A lost pin of a session the table knows still finds it during the drain.
+    assert decide(router, b"sid=kept").backend is draining
+    # A new client never lands on it, nor does a session it does not hold.
+    assert all(decide(router).backend is not draining for _ in range(300))
+    assert all(decide(router, b"sid=other-%d" % n).backend is not draining for n in range(300))
+
+
+def test_strict_mode_refuses_for_its_window_then_fails_over() -> None:
+    now = [100.0]
+    pool = Pool(URLS)
+    router = Router(
+        pool,
+        sticky=COOKIE,
+        affinity=AffinityCookie(secrets=SECRETS),
+        on_pinned_down="strict",
+        strict_window=30.0,
+        clock=lambda: now[0],
+    )
+    pinned = next(iter(pool))
+    header = pin(pinned.id) + b"; sid=s"
+    pinned.mark_down("refused", 100.0)
+    now[0] = 110.2
+    with pytest.raises(PinnedBackendDown) as refused:
+        decide(router, header)
+    assert (refused.value.backend_id, refused.value.retry_after) == (pinned.id, 20)
+    assert isinstance(refused.value, NoBackendAvailable)  # the proxy's queue waits on it
+    now[0] = 129.5
+    with pytest.raises(PinnedBackendDown) as refused:
+        decide(router, header)
+    assert refused.value.retry_after == 1
+    now[0] = 130.0
+    moved = decide(router, header)
+    assert moved.backend is not pinned
+    assert moved.reason == "down"
+    # Strict is about pinned clients only: a new one is placed at once.
+    assert decide(router).backend is not pinned
+
+
+def test_an_operator_moves_one_session_and_forgets_another() -> None:
+    pool, router = make()
+    a, b, c = list(pool)[:3]
+    decide(router, pin(a.id) + b"; sid=one")
+    decide(router, pin(a.id) + b"; sid=two")
+    router.move(handle(b"one"), b.id)
+    moved = decide(router, pin(a.id) + b"; sid=one")  # its old pin is overruled, once
+    assert (moved.backend, moved.reason) == (b, "admin")
+    assert moved.set_cookie == AffinityCookie(secrets=SECRETS).set_cookie(b.id)
+    again = decide(router, pin(b.id) + b"; sid=one")
+    assert (again.backend, again.reason) == (b, None)
+    router.move(handle(b"two"), None)  # forget: placed anew, by load
+    placed = decide(router, pin(a.id) + b"; sid=two")
+    assert placed.reason == "admin"
+    assert placed.set_cookie is not None
+    assert router.pins.get(b"two") is not None
+    with pytest.raises(LookupError):
+        router.move("0" * 16, c.id)
+    with pytest.raises(UnknownBackend):
+        router.move(handle(b"one"), "nope")
+
+
+def test_pinned_sessions_are_counted_by_when_they_were_last_seen() -> None:
+    pool, router = make()
+    a, b = list(pool)[:2]
+    router.decide(client_ip="x", cookie_header=pin(a.id) + b"; sid=old", now=10.0)
+    router.decide(client_ip="x", cookie_header=pin(a.id) + b"; sid=new", now=20.0)
+    router.decide(client_ip="x", cookie_header=pin(b.id) + b"; sid=other", now=20.0)
+    assert router.sessions(15.0) == {a.id: 1, b.id: 1}
+    # A cached decision still marks its session seen.
+    router.decide(client_ip="x", cookie_header=pin(a.id) + b"; sid=old", now=30.0)
+    assert router.sessions(25.0) == {a.id: 1}
+    recent = router.pins.recent(a.id, 0.0, 10)
+    assert [p.session for p in recent] == [b"old", b"new"]
+
+
+def test_a_remote_pin_table_is_asked_before_the_hash() -> None:
+    pool, router = make()
+    router.pins.remote = True
+    target = list(pool)[4]
+    first = decide(router, b"sid=elsewhere")
+    assert first.lookup == b"elsewhere"  # the data path asks the shared store
+    router.looked_up(b"elsewhere", target.id)
+    found = decide(router, b"sid=elsewhere")
+    assert (found.backend, found.reason, found.lookup) == (target, "lost_pin", None)
+    router.looked_up(b"nowhere", None)  # the store has none: the hash, and no second ask
+    hashed = decide(router, b"sid=nowhere")
+    assert hashed.lookup is None
+    assert hashed.backend.id == expected_hashed(pool, b"nowhere")
+
+
+def test_learned_pins_are_shared_and_merely_seen_ones_are_not() -> None:
+    _pool, router = make()
+    shared: list[tuple[bytes, str]] = []
+    router.pins.on_learn = lambda session, backend_id: shared.append((session, backend_id))
+    created = decide(router)
+    router.learn(_set_cookie_head(b"fresh"), created.backend.id)
+    assert shared == [(b"fresh", created.backend.id)]
+    decide(router, pin(created.backend.id) + b"; sid=fresh")  # seen: nothing to share
+    assert len(shared) == 1
+    created.backend.mark_down("refused", 1.0)
+    moved = decide(router, pin(created.backend.id) + b"; sid=fresh")
+    assert shared[-1] == (b"fresh", moved.backend.id)  # a re-pin is shared

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,18 @@ from tests.helpers import free_port, wait_for
 
 # A worker that starts in ~30 ms, for the tests of the supervisor itself: `port mode`.
 # serve: 200 on every path; exit: exit 3 at once; unready: 503 on /readyz;
-# exit-if:PATH: exit 3 at once if PATH exists, else serve.
+# exit-if:PATH: exit 3 at once if PATH exists, else serve. In every mode that serves,
+# GET /sleep/MS answers after MS milliseconds (at most 2000): a request that stays in flight.
 STUB_WORKER = r"""
-import http.server, os, sys
+import http.server, os, sys, time
 port, mode = int(sys.argv[1]), sys.argv[2]
 if mode == "exit" or mode.startswith("exit-if:") and os.path.exists(mode[8:]):
     sys.exit(3)
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path.startswith("/sleep/"):
+            time.sleep(min(int(self.path[7:]), 2000) / 1000)
         status = 503 if mode == "unready" and self.path == "/readyz" else 200
         body = str(os.getpid()).encode()
         self.send_response(status)
@@ -376,3 +381,112 @@ def test_sigint_stops_everything_and_exits_0(tmp_path: Path) -> None:
         running.signal(signal.SIGINT)
         assert running.popen.wait(30) == 0
         assert gone(pid)
+
+
+class _Load:
+    """Closed-loop clients on threads, each sending GET `url` again as soon as it has its
+    answer, counting answers and failures (an exception or a status other than 200)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+        self._clients: list[tuple[threading.Thread, threading.Event]] = []
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def add(self) -> None:
+        stop = threading.Event()
+        thread = threading.Thread(target=self._client, args=(stop,), daemon=True)
+        thread.start()
+        self._clients.append((thread, stop))
+
+    def remove(self) -> None:
+        thread, stop = self._clients.pop()
+        stop.set()
+        thread.join(10)
+
+    def _client(self, stop: threading.Event) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    ok = client.get(self.url).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with self._lock:
+                    if ok:
+                        self.ok += 1
+                    else:
+                        self.failed += 1
+
+
+def test_autoscaling_follows_a_load_ramp_up_and_down_and_fails_no_request(
+    tmp_path: Path,
+) -> None:
+    # 1 to 3 workers; more than 2 requests in flight per worker over 1 s grows them, and
+    # 1 s between changes. Each request stays 100 ms in the worker: in flight = clients.
+    autoscale = ("--spawn", "1:3", "--autoscale-target", "2", "--autoscale-window", "1")
+    extra = (*autoscale, "--autoscale-cooldown", "1", "--drain-deadline", "5")
+    with cluster(tmp_path, 1, stub_command(), "--sticky", "none", *extra) as running:
+        load = _Load(running.url + "/sleep/100")
+        began = time.monotonic()
+        timeline: list[tuple[float, int, int, float | None, int, int]] = []
+
+        def sample() -> int:
+            """One line of the timeline; returns the ready workers."""
+            state = httpx.get(running.admin + "/workers", timeout=5).json()
+            backends = httpx.get(running.admin + "/backends", timeout=5).json()["backends"]
+            ready: int = sum(w["state"] == "ready" for w in state["workers"])
+            in_flight = sum(b["in_flight"] for b in backends)
+            moment = round(time.monotonic() - began, 2)
+            line = (moment, load.clients, in_flight, state["autoscale"]["load"], ready)
+            timeline.append((*line, load.failed))
+            return ready
+
+        def watch(seconds: float, until: Callable[[int], bool] | None = None) -> None:
+            """Sample every 0.25 s for `seconds`; with `until` (of the ready workers), until
+            it holds, failing after `seconds`."""
+            deadline = time.monotonic() + seconds
+            while not (until is not None and until(sample())):
+                if time.monotonic() >= deadline:
+                    assert until is None, f"{until} did not hold within {seconds} s"
+                    return
+                threading.Event().wait(0.25)  # the timeline's period, not a synchronisation
+                if until is None:
+                    sample()
+
+        try:
+            for _ in range(8):  # ramp up: one more client every 0.5 s
+                load.add()
+                watch(0.5)
+            watch(15, until=lambda ready: ready == 3)
+            grown = max(line[4] for line in timeline)
+            while load.clients:  # ramp down: one client fewer every 0.25 s
+                load.remove()
+                watch(0.25)
+            workers = running.wait_workers(
+                lambda ws: len(ws) == 1 and ws[0]["state"] == "ready", "back to 1 worker", 20
+            )
+            sample()
+        finally:
+            while load.clients:
+                load.remove()
+        print("\n  time  clients  in_flight  load/worker  ready  failed")
+        for moment, clients, in_flight, per_worker, ready, failed in timeline:
+            shown = "-" if per_worker is None else f"{per_worker:.2f}"
+            print(f"{moment:6.2f}  {clients:7}  {in_flight:9}  {shown:>11}  {ready:5}  {failed:6}")
+        print(f"requests: {load.ok} answered, {load.failed} failed")
+        assert grown == 3
+        assert workers[0]["index"] == 0  # the newest ones went
+        assert load.failed == 0
+        assert load.ok > 100
+    log = running.output()
+    decisions = [line for line in log.splitlines() if "autoscale_" in line]
+    assert [line.split()[2] for line in decisions[:1]] == ["autoscale_up"]
+    assert [line.split()[2] for line in decisions[-2:]] == ["autoscale_down"] * 2
+    assert all("target=2.0" in line and "window=1.0" in line for line in decisions)  # why
+    assert log.count("worker_draining") >= 2  # each scale-down drained its worker
+    assert log.count("outcome=retired") >= 2

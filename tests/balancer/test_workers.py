@@ -221,13 +221,15 @@ def test_hung_counts_from_the_first_failed_check_and_a_pass_resets_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("in_flight", "after", "drained"), [(0, 0.0, True), (2, 29.0, False), (2, 30.0, True)]
+    ("ended", "after", "drained"), [(True, 0.0, True), (False, 29.0, False), (False, 30.0, True)]
 )
-def test_drained_when_idle_or_at_the_deadline(in_flight: int, after: float, drained: bool) -> None:
+def test_drained_when_its_drain_ended_or_at_the_deadline(
+    ended: bool, after: float, drained: bool
+) -> None:
     clock = FakeClock()
     worker = _worker(clock, S.DRAINING)
     clock.advance(after)
-    assert worker.drained(in_flight=in_flight, now=clock(), deadline=30.0) is drained
+    assert worker.drained(ended=ended, now=clock(), deadline=30.0) is drained
 
 
 def test_stop_overdue_then_escalate_once() -> None:
