@@ -185,7 +185,7 @@ class Autoscaler:
                     Decision(
                         Action.DOWN,
                         desired - 1,
-                        f"{figures}; {desired - 1} workers would carry {after:.2f} each "
+                        f"{figures}; {desired - 1} worker(s) would carry {after:.2f} each "
                         f"< {floor:g} ({policy.scale_down_at:g} x target {policy.target:g})",
                         load,
                     ),

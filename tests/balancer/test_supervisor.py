@@ -429,14 +429,14 @@ def test_autoscaling_follows_a_load_ramp_up_and_down_and_fails_no_request(
     # 1 to 3 workers; more than 2 requests in flight per worker over 1 s grows them, and
     # 1 s between changes. Each request stays 100 ms in the worker: in flight = clients.
     autoscale = ("--spawn", "1:3", "--autoscale-target", "2", "--autoscale-window", "1")
-    extra = (*autoscale, "--autoscale-cooldown", "1", "--drain-deadline", "5")
+    extra = (*autoscale, "--autoscale-cooldown", "1", "--drain-idle", "0.5")
     with cluster(tmp_path, 1, stub_command(), "--sticky", "none", *extra) as running:
         load = _Load(running.url + "/sleep/100")
         began = time.monotonic()
         timeline: list[tuple[float, int, int, float | None, int, int]] = []
 
-        def sample() -> int:
-            """One line of the timeline; returns the ready workers."""
+        def sample() -> tuple[int, int]:
+            """One line of the timeline; returns the ready workers and all of them."""
             state = httpx.get(running.admin + "/workers", timeout=5).json()
             backends = httpx.get(running.admin + "/backends", timeout=5).json()["backends"]
             ready: int = sum(w["state"] == "ready" for w in state["workers"])
@@ -444,11 +444,11 @@ def test_autoscaling_follows_a_load_ramp_up_and_down_and_fails_no_request(
             moment = round(time.monotonic() - began, 2)
             line = (moment, load.clients, in_flight, state["autoscale"]["load"], ready)
             timeline.append((*line, load.failed))
-            return ready
+            return ready, len(state["workers"])
 
-        def watch(seconds: float, until: Callable[[int], bool] | None = None) -> None:
-            """Sample every 0.25 s for `seconds`; with `until` (of the ready workers), until
-            it holds, failing after `seconds`."""
+        def watch(seconds: float, until: Callable[[tuple[int, int]], bool] | None = None) -> None:
+            """Sample every 0.25 s for `seconds`; with `until` (of `sample()`), until it
+            holds, failing after `seconds`."""
             deadline = time.monotonic() + seconds
             while not (until is not None and until(sample())):
                 if time.monotonic() >= deadline:
@@ -462,15 +462,14 @@ def test_autoscaling_follows_a_load_ramp_up_and_down_and_fails_no_request(
             for _ in range(8):  # ramp up: one more client every 0.5 s
                 load.add()
                 watch(0.5)
-            watch(15, until=lambda ready: ready == 3)
+            watch(15, until=lambda workers: workers[0] == 3)
             grown = max(line[4] for line in timeline)
             while load.clients:  # ramp down: one client fewer every 0.25 s
                 load.remove()
                 watch(0.25)
-            workers = running.wait_workers(
-                lambda ws: len(ws) == 1 and ws[0]["state"] == "ready", "back to 1 worker", 20
-            )
-            sample()
+            # Down one at a time, each drained then stopped: back to the minimum.
+            watch(20, until=lambda workers: workers == (1, 1))
+            workers = running.workers()
         finally:
             while load.clients:
                 load.remove()
