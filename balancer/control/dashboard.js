@@ -332,7 +332,11 @@
     const workers = snap.workers;
     panel.hidden = !workers;
     if (!workers) return;
-    setText($("desired"), `desired ${workers.desired}`);
+    // With --spawn MIN:MAX the count moves by itself: show its range and the load it follows.
+    const auto = workers.autoscale;
+    setText($("desired"), auto
+      ? `desired ${workers.desired} of ${auto.min}..${auto.max} (autoscaling: ${auto.load === null ? "–" : auto.load.toFixed(2)} in flight per worker, target ${auto.target})`
+      : `desired ${workers.desired}`);
     const rollout = workers.rolling_restart;
     setText($("rollout"), rollout ? `rolling restart: ${rollout.phase}, ${rollout.replaced} replaced` : "");
     const tbody = $("workers").tBodies[0];
@@ -457,6 +461,9 @@
     worker_added: (f) => `worker #${f.index} added (pid ${f.pid})`,
     worker_removing: (f) => `worker #${f.index} (pid ${f.pid}) removed`,
     workers_scaled: (f) => `desired workers: ${f.desired} (${f.delta > 0 ? "+" : ""}${f.delta})`,
+    autoscale_up: (f) => `autoscale: ${f.workers} → ${f.desired} workers (${f.reason})`,
+    autoscale_down: (f) => `autoscale: ${f.workers} → ${f.desired} workers (${f.reason})`,
+    autoscale_at_max: (f) => `autoscale: at the maximum, ${f.workers} workers (${f.reason})`,
     rolling_restart_done: (f) => `rolling restart done: ${f.replaced} replaced`,
   };
 

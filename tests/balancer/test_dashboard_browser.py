@@ -24,7 +24,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, sync_play
 
 from balancer.datapath._backend import backend_id
 from redis_plumbing import RedisServer
-from tests.balancer.test_supervisor import cluster, demo_app_command
+from tests.balancer.test_supervisor import cluster, demo_app_command, stub_command
 from tests.helpers import free_port, wait_for
 from tests.processes import Process, balancer, demo_app_args
 
@@ -388,4 +388,18 @@ def test_a_crashed_worker_shows_its_restart_count_going_up(
         page.wait_for_selector('#outcome[data-ok="true"]', timeout=STEP)
         assert "desired 3" in page.inner_text("#outcome")
         assert httpx.get(running.admin + "/workers", timeout=5).json()["desired"] == 3
+        assert watched.errors == []
+
+
+def test_the_workers_panel_shows_the_autoscaling_range_and_load(
+    watched: Watched, tmp_path: Path
+) -> None:
+    with cluster(tmp_path, 1, stub_command(), "--spawn", "1:3", *FAST_HEALTH) as running:
+        open_dashboard(watched, running.admin, 1)
+        page = watched.page
+        page.wait_for_selector("#workers-panel:not([hidden])", timeout=STEP)
+        wait_for(lambda: "in flight per worker" in page.inner_text("#desired"), 10, "the load")
+        text = page.inner_text("#desired")
+        assert text.startswith("desired 1 of 1..3 (autoscaling: ")
+        assert text.endswith("in flight per worker, target 4)")
         assert watched.errors == []
