@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -37,6 +38,7 @@ __all__ = [
     "MAX_CART_ITEMS",
     "MAX_ITEM_LENGTH",
     "MAX_ITERATIONS",
+    "MAX_WAIT_MS",
     "STORE_TIMEOUT",
     "AppSettings",
     "create_app",
@@ -47,6 +49,7 @@ logger = logging.getLogger("demo_app")
 StoreKind = Literal["memory", "redis", "hybrid"]
 
 MAX_ITERATIONS = 20_000_000  # about a second of one core in CPython
+MAX_WAIT_MS = 2000  # milliseconds /work?wait_ms= may wait
 MAX_CART_ITEMS = 100
 MAX_ITEM_LENGTH = 100  # characters
 STORE_TIMEOUT = 1.0  # seconds: bounds each Redis call of the session store
@@ -94,6 +97,11 @@ def _make_store(settings: AppSettings) -> SessionStore:
         ack_timeout_ms=settings.ack_timeout_ms,
     )
     return redis if settings.store == "redis" else HybridStore(redis)
+
+
+def _spin(iterations: int) -> None:
+    while iterations > 0:  # the classic Node cluster example's busy loop
+        iterations -= 1
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -148,20 +156,32 @@ def create_app(settings: AppSettings) -> Starlette:
         (await load_session(request)).destroy()
         return JSONResponse({**identity(), "session": {}})
 
-    def work(request: Request) -> Response:
-        # A plain `def`: Starlette runs it in a thread, so /healthz still answers
-        # while it burns CPU (the GIL is handed over every few milliseconds).
-        raw = request.query_params.get("iterations", "1000000")
+    async def work(request: Request) -> Response:
+        # wait_ms: time spent without CPU, as on a slow database: it builds requests in
+        # flight (what --spawn MIN:MAX scales on) even on a 2-core machine. Given alone,
+        # it burns no CPU (iterations defaults to 0 then).
+        params = request.query_params
+        raw = params.get("iterations", "0" if "wait_ms" in params else "1000000")
         try:
             iterations = int(raw)
         except ValueError:
             return _error(400, f"iterations must be an integer, not {raw[:32]!r}")
         if not 0 <= iterations <= MAX_ITERATIONS:
             return _error(400, f"iterations must be between 0 and {MAX_ITERATIONS}")
-        i = iterations
-        while i > 0:  # the classic Node cluster example's busy loop
-            i -= 1
-        return JSONResponse({**identity(), "iterations": iterations})
+        raw = params.get("wait_ms", "0")
+        try:
+            wait_ms = int(raw)
+        except ValueError:
+            return _error(400, f"wait_ms must be an integer, not {raw[:32]!r}")
+        if not 0 <= wait_ms <= MAX_WAIT_MS:
+            return _error(400, f"wait_ms must be between 0 and {MAX_WAIT_MS}")
+        if wait_ms:
+            await asyncio.sleep(wait_ms / 1000)
+        if iterations:
+            # In a thread, so /healthz still answers while it burns CPU (the GIL is
+            # handed over every few milliseconds).
+            await run_in_threadpool(_spin, iterations)
+        return JSONResponse({**identity(), "iterations": iterations, "wait_ms": wait_ms})
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")

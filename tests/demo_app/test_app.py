@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from demo_app import AppSettings, create_app
-from demo_app._app import MAX_CART_ITEMS, MAX_ITERATIONS
+from demo_app._app import MAX_CART_ITEMS, MAX_ITERATIONS, MAX_WAIT_MS
 from redis_plumbing import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -71,6 +72,24 @@ async def test_work_bounds_its_input(client: httpx.AsyncClient, query: str, stat
         assert response.json()["iterations"] == int(query)
     else:
         assert "iterations" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [("0", 200), ("50", 200), ("abc", 400), ("-1", 400), (str(MAX_WAIT_MS + 1), 400)],
+)
+async def test_work_waits_without_cpu_within_bounds(
+    client: httpx.AsyncClient, query: str, status: int
+) -> None:
+    started = time.monotonic()
+    response = await client.get("/work", params={"wait_ms": query})
+    assert response.status_code == status
+    if status == 200:
+        assert time.monotonic() - started >= int(query) / 1000
+        assert response.json()["wait_ms"] == int(query)
+        assert response.json()["iterations"] == 0  # a wait alone burns no CPU
+    else:
+        assert "wait_ms" in response.json()["error"]
 
 
 async def test_page_escapes_what_it_shows(client: httpx.AsyncClient) -> None:
