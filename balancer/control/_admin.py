@@ -10,6 +10,16 @@
     DELETE /backends/{id}            200, 404 unknown
     GET    /metrics                  Prometheus text format
 
+With the router (`router=`, the balancer's), one session at a time, named by its handle
+(`datapath._pins.handle`: a digest, never the session cookie's value, a bearer credential):
+
+    GET    /backends/{id}/sessions   the sessions pinned to it, most recent first: ?limit=N
+                                     (default 100, at most 1000; 400 beyond), and how many
+                                     were seen in the last PINNED_WINDOW seconds; 404 unknown
+    DELETE /sessions/{handle}        forget its pin: its next request is placed anew; 404
+    POST   /sessions/{handle}/move   {"backend": "<id>"}: its next request goes there; 404
+                                     unknown session or backend, 409 a backend not up
+
 With a supervisor (`--spawn`):
 
     GET    /workers                  the workers: state, pid, port, restarts, held ones
@@ -29,6 +39,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,26 +54,47 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
 from .._exceptions import BackendExists, InvalidTransition, UnknownBackend
-from ..datapath._backend import DRAIN_SESSIONS, Backend, DrainSessions, check_backend_name
+from ..datapath._backend import (
+    DRAIN_SESSIONS,
+    Backend,
+    BackendState,
+    DrainSessions,
+    check_backend_name,
+)
 from ..datapath._metrics import Metrics
-from ..datapath._pins import PinTable
+from ..datapath._pins import Pin, PinTable, handle
 from ..datapath._pool import Pool
 from ._dashboard import DASHBOARD_ROUTES, OPEN_PATHS, Dashboard
-from ._drains import report_drained
+from ._drains import PINNED_WINDOW, report_drained
 from ._events import (
     BACKEND_ADDED,
     BACKEND_DRAINING,
     BACKEND_ENABLED,
     BACKEND_REMOVED,
     ROLLING_RESTART_REQUESTED,
+    SESSION_FORGOTTEN,
+    SESSION_MOVED,
 )
 from ._log import log_event
 
-__all__ = ["ROUTES", "WORKER_ROUTES", "WorkerControl", "create_admin_app", "describe_backend"]
+__all__ = [
+    "MAX_SESSIONS_LIMIT",
+    "ROUTES",
+    "SESSIONS_LIMIT",
+    "SESSION_ROUTES",
+    "WORKER_ROUTES",
+    "SessionControl",
+    "WorkerControl",
+    "create_admin_app",
+    "describe_backend",
+]
 
 # A request body larger than this is refused: the only body is {"url": ...}.
 _MAX_BODY = 4096
 _DRAIN_SESSIONS: dict[str, DrainSessions] = {s: s for s in DRAIN_SESSIONS}
+SESSIONS_LIMIT = 100  # sessions GET /backends/{id}/sessions lists without ?limit=
+MAX_SESSIONS_LIMIT = 1000  # the most it lists: the answer stays small (~100 KB)
+_HANDLE = re.compile(r"[0-9a-f]{16}")  # what `handle` gives
 
 
 class WorkerControl(Protocol):
@@ -76,6 +108,18 @@ class WorkerControl(Protocol):
 
     def request_restart(self) -> None:
         """Ask for a rolling restart."""
+
+
+class SessionControl(Protocol):
+    """What the admin API needs of the router (`datapath._router.Router`) for one session."""
+
+    @property
+    def pins(self) -> PinTable:
+        """The pin table: session -> backend, last seen."""
+
+    def move(self, name: str, backend_id: str | None) -> Pin:
+        """Order the session whose handle is `name` to `backend_id` (None: placed anew) on
+        its next request; LookupError for an unknown session."""
 
 
 def describe_backend(backend: Backend, now: float) -> dict[str, object]:
@@ -220,6 +264,7 @@ class _Admin:
     workers: WorkerControl | None
     fingerprint: Callable[[], str] | None
     pins: PinTable | None
+    router: SessionControl | None = None
 
 
 def _admin(request: Request) -> _Admin:
@@ -337,6 +382,94 @@ async def restart_workers(request: Request) -> Response:
     return JSONResponse({"restart": "requested"}, status_code=202)
 
 
+def _router(request: Request) -> SessionControl:
+    router = _admin(request).router
+    assert router is not None  # the session routes exist only with a router
+    return router
+
+
+def _describe_pin(pin: Pin, now: float) -> dict[str, object]:
+    """The JSON shape of a session in the admin API: its handle, never its value."""
+    return {
+        "session": handle(pin.session),
+        "seen_ago": round(max(0.0, now - pin.seen), 3),  # seconds
+        "backend": pin.backend_id or None,  # None: to be placed anew (forgotten)
+        "moving": pin.moved,  # an order waits for the session's next request
+    }
+
+
+def _session_name(request: Request) -> str | JSONResponse:
+    """The path's session handle, or the 400 that says what one looks like."""
+    name = request.path_params["session"]
+    if not isinstance(name, str) or not _HANDLE.fullmatch(name):
+        return _error(400, "invalid_session", "a session is named by 16 hex digits (its handle)")
+    return name
+
+
+async def list_sessions(request: Request) -> Response:
+    admin = _admin(request)
+    backend = admin.pool[request.path_params["backend_id"]]  # UnknownBackend: 404
+    given = request.query_params.get("limit", str(SESSIONS_LIMIT))
+    limit = int(given) if given.isdigit() else 0
+    if not 1 <= limit <= MAX_SESSIONS_LIMIT:
+        return _error(
+            400, "invalid_limit", f"?limit= must be a whole number from 1 to {MAX_SESSIONS_LIMIT}"
+        )
+    pins = _router(request).pins
+    now = admin.clock()
+    since = now - PINNED_WINDOW
+    return JSONResponse(
+        {
+            "backend": backend.id,
+            "window": PINNED_WINDOW,
+            "pinned": pins.counts(since).get(backend.id, 0),
+            "sessions": [_describe_pin(p, now) for p in pins.recent(backend.id, since, limit)],
+        }
+    )
+
+
+async def forget_session(request: Request) -> Response:
+    name = _session_name(request)
+    if isinstance(name, JSONResponse):
+        return name
+    try:
+        pin = _router(request).move(name, None)
+    except LookupError:
+        return _error(404, "unknown_session", f"no session has the handle {name}")
+    log_event(SESSION_FORGOTTEN, session=name)
+    return JSONResponse(_describe_pin(pin, _admin(request).clock()))
+
+
+async def move_session(request: Request) -> Response:
+    name = _session_name(request)
+    if isinstance(name, JSONResponse):
+        return name
+    data = await _json_object(request, '{"backend": "<id>"}')
+    if isinstance(data, JSONResponse):
+        return data
+    target = data.get("backend")
+    if not isinstance(target, str):
+        return _error(400, "missing_backend", 'the body must be {"backend": "<backend id>"}')
+    backend = _admin(request).pool[target]  # UnknownBackend: 404
+    if backend.state is not BackendState.UP:
+        # The router would place the session elsewhere: say so now instead.
+        return _error(
+            409,
+            "backend_not_up",
+            f"backend {backend.id} is {backend.state.value}: a session moves only to one up",
+        )
+    try:
+        # One scan of the pin table (a digest an entry): a second to learn where the
+        # session was would double the admin call's hold on the event loop.
+        pin = _router(request).move(name, backend.id)
+    except UnknownBackend:
+        raise  # a LookupError too, but not this one: checked above
+    except LookupError:
+        return _error(404, "unknown_session", f"no session has the handle {name}")
+    log_event(SESSION_MOVED, session=name, backend=backend.id)
+    return JSONResponse(_describe_pin(pin, _admin(request).clock()))
+
+
 async def unknown_backend(request: Request, exc: Exception) -> Response:
     return _error(404, "unknown_backend", str(exc))
 
@@ -368,6 +501,12 @@ WORKER_ROUTES: list[BaseRoute] = [
     Route("/workers/scale", scale_workers, methods=["POST"]),
     Route("/workers/restart", restart_workers, methods=["POST"]),
 ]
+# With the router (`router`).
+SESSION_ROUTES: list[BaseRoute] = [
+    Route("/backends/{backend_id}/sessions", list_sessions, methods=["GET"]),
+    Route("/sessions/{session}", forget_session, methods=["DELETE"]),
+    Route("/sessions/{session}/move", move_session, methods=["POST"]),
+]
 _EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
     UnknownBackend: unknown_backend,
     InvalidTransition: invalid_transition,
@@ -385,18 +524,23 @@ def create_admin_app(
     dashboard: Dashboard | None = None,
     fingerprint: Callable[[], str] | None = None,
     pins: PinTable | None = None,
+    router: SessionControl | None = None,
     front: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
     `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /;
     `fingerprint`, the router's, is in /backends (equal on replicas that route alike);
-    `pins`, the router's pin table, gives a drain's report its pinned sessions; `front`,
+    `pins`, the router's pin table, gives a drain's report its pinned sessions (the
+    router's, when only `router` is given); `router` adds the session routes; `front`,
     routes that come first and shadow the API's own (`_cluster.FRONT_ROUTES`, and the
     internal endpoints' GET /internal/log, with `--workers N`)."""
     routes = [*front, *ROUTES]
     open_paths = {"/healthz"}
     if workers is not None:
         routes += WORKER_ROUTES
+    if router is not None:
+        routes += SESSION_ROUTES
+        pins = router.pins if pins is None else pins
     if dashboard is not None:
         routes += DASHBOARD_ROUTES
         open_paths |= OPEN_PATHS
@@ -405,6 +549,6 @@ def create_admin_app(
     if token is not None:
         middleware.append(Middleware(_BearerAuth, token=token, open_paths=frozenset(open_paths)))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
-    app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint, pins)
+    app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint, pins, router=router)
     app.state.dashboard = dashboard
     return app

@@ -55,6 +55,10 @@ __all__ = [
     "FAILOVER",
     "LISTENING",
     "NO_AFFINITY_SECRET",
+    "PIN_STORE",
+    "PIN_STORE_AVAILABLE",
+    "PIN_STORE_DROPPING",
+    "PIN_STORE_UNAVAILABLE",
     "REGISTRY_BAD_ADDRESS",
     "REGISTRY_ERROR",
     "REGISTRY_RECOVERED",
@@ -66,6 +70,8 @@ __all__ = [
     "ROUTING_TABLE",
     "SCALE_REFUSED",
     "SESSIONS_MOVED",
+    "SESSION_FORGOTTEN",
+    "SESSION_MOVED",
     "SHUTTING_DOWN",
     "STOPPED",
     "WORKERS_KILLED",
@@ -119,6 +125,16 @@ BACKEND_ENABLED: Final = "backend_enabled"
 BACKEND_REMOVED: Final = "backend_removed"
 BACKEND_DISCOVERED: Final = "backend_discovered"
 BACKEND_UNDISCOVERED: Final = "backend_undiscovered"
+
+# One session, by an operator (the admin API's /sessions routes): its handle, never its value.
+SESSION_MOVED: Final = "session_moved"
+SESSION_FORGOTTEN: Final = "session_forgotten"
+
+# The shared pin table (`--pin-store`, `_pin_store`).
+PIN_STORE: Final = "pin_store"  # its URL (no password) and TTL, at start
+PIN_STORE_UNAVAILABLE: Final = "pin_store_unavailable"
+PIN_STORE_AVAILABLE: Final = "pin_store_available"
+PIN_STORE_DROPPING: Final = "pin_store_dropping"  # pins not written: queue full, or Redis down
 
 # The service registry, as discovery reads it.
 REGISTRY_UNREACHABLE: Final = "registry_unreachable"

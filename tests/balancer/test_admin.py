@@ -5,7 +5,17 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from balancer import BackendState, Metrics, Pool, create_admin_app
+from balancer import (
+    AffinityCookie,
+    BackendState,
+    Metrics,
+    Pool,
+    Router,
+    Sticky,
+    create_admin_app,
+)
+from tests.helpers import FakeClock
+from tests.processes import balancer, demo_app
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 TOKEN = "s3cret-token"
@@ -236,3 +246,237 @@ async def test_without_a_token_only_a_loopback_host_is_served(
 async def test_with_a_token_any_host_is_served(guarded: httpx.AsyncClient) -> None:
     headers = {"Host": "balancer.example:8081", "Authorization": f"Bearer {TOKEN}"}
     assert (await guarded.get("/backends", headers=headers)).status_code == 200
+
+
+# -- sessions, one at a time -------------------------------------------------------------
+
+
+class Sessions:
+    """A router over `pool` with clients pinned through it, and its admin app."""
+
+    def __init__(self, pool: Pool, token: str | None = None) -> None:
+        self.clock = FakeClock(1000.0)
+        self.affinity = AffinityCookie(secrets=["s" * 16])
+        self.router = Router(
+            pool, sticky=Sticky.parse("cookie:sid"), affinity=self.affinity, clock=self.clock
+        )
+        app = create_admin_app(
+            pool=pool, metrics=Metrics(pool), clock=self.clock, token=token, router=self.router
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8081"
+        )
+
+    def header(self, session: str, backend_id: str) -> bytes:
+        return f"sid={session}; lb_affinity=".encode() + self.affinity.sign(backend_id)
+
+    def visit(self, session: str, backend_id: str) -> str:
+        """A request of `session` pinned to `backend_id`; the backend it reached."""
+        decision = self.router.decide(
+            client_ip="1.2.3.4", cookie_header=self.header(session, backend_id)
+        )
+        return decision.backend.id
+
+
+@pytest.fixture
+async def sessions(pool: Pool) -> AsyncIterator[Sessions]:
+    made = Sessions(pool)
+    async with made.client:
+        yield made
+
+
+async def test_sessions_of_a_backend_most_recent_first_bounded_by_limit(
+    sessions: Sessions, pool: Pool
+) -> None:
+    one, two = list(pool)
+    for i in range(5):
+        sessions.visit(f"s{i}", one.id)
+        sessions.clock.advance(10.0)
+    sessions.visit("t0", two.id)
+    sessions.clock.advance(400.0)  # past PINNED_WINDOW for the first ones...
+    sessions.visit("s3", one.id)  # ... but not for the two seen again
+    sessions.visit("s4", one.id)
+    sessions.clock.advance(2.5)
+    response = await sessions.client.get(f"/backends/{one.id}/sessions?limit=1")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["backend"], body["window"], body["pinned"]) == (one.id, 300.0, 2)
+    # The handle, never the cookie's value: "s4" appears nowhere.
+    assert "s4" not in response.text
+    assert body["sessions"] == [
+        {"session": body["sessions"][0]["session"], "seen_ago": 2.5, "backend": one.id,
+         "moving": False}
+    ]  # fmt: skip
+    assert len(body["sessions"][0]["session"]) == 16
+    both = (await sessions.client.get(f"/backends/{one.id}/sessions")).json()["sessions"]
+    assert [s["seen_ago"] for s in both] == [2.5, 2.5]
+    assert both[0]["session"] == body["sessions"][0]["session"]
+    other = (await sessions.client.get(f"/backends/{two.id}/sessions")).json()
+    assert (other["pinned"], other["sessions"]) == (0, [])  # t0: seen too long ago
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "reason"),
+    [
+        ("/backends/nope/sessions", 404, "unknown_backend"),
+        ("/backends/{id}/sessions?limit=0", 400, "invalid_limit"),
+        ("/backends/{id}/sessions?limit=1001", 400, "invalid_limit"),
+        ("/backends/{id}/sessions?limit=-1", 400, "invalid_limit"),
+        ("/backends/{id}/sessions?limit=ten", 400, "invalid_limit"),
+    ],
+)
+async def test_listing_sessions_bad_input(
+    sessions: Sessions, pool: Pool, path: str, status: int, reason: str
+) -> None:
+    response = await sessions.client.get(path.format(id=next(iter(pool)).id))
+    assert (response.status_code, response.json()["reason"]) == (status, reason)
+    assert response.json()["error"]
+    ok = await sessions.client.get(f"/backends/{next(iter(pool)).id}/sessions?limit=1000")
+    assert ok.status_code == 200
+
+
+async def handle_of(sessions: Sessions, backend_id: str) -> str:
+    listed = await sessions.client.get(f"/backends/{backend_id}/sessions")
+    name: str = listed.json()["sessions"][0]["session"]
+    return name
+
+
+async def test_move_a_session_its_next_request_lands_there_repinned_admin(
+    sessions: Sessions, pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = list(pool)
+    assert sessions.visit("alice", one.id) == one.id
+    name = await handle_of(sessions, one.id)
+    with caplog.at_level("INFO", logger="balancer"):
+        response = await sessions.client.post(f"/sessions/{name}/move", json={"backend": two.id})
+    assert response.status_code == 200
+    assert response.json() == {"session": name, "seen_ago": 0.0, "backend": two.id, "moving": True}
+    events = [r for r in caplog.records if getattr(r, "balancer_event", None) == "session_moved"]
+    assert [e.balancer_fields for e in events] == [{"session": name, "backend": two.id}]  # type: ignore[attr-defined]
+    # Its next request, still carrying the pin to `one`, goes to `two`: re-pinned, "admin".
+    decision = sessions.router.decide(
+        client_ip="1.2.3.4", cookie_header=sessions.header("alice", one.id)
+    )
+    assert (decision.backend.id, decision.reason) == (two.id, "admin")
+    assert decision.set_cookie is not None
+    assert sessions.visit("alice", two.id) == two.id  # and stays there
+    listed = (await sessions.client.get(f"/backends/{two.id}/sessions")).json()["sessions"]
+    assert [(s["session"], s["moving"]) for s in listed] == [(name, False)]
+
+
+async def test_forget_a_session_its_next_request_is_placed_anew(
+    sessions: Sessions, pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    one = next(iter(pool))
+    sessions.visit("bob", one.id)
+    name = await handle_of(sessions, one.id)
+    with caplog.at_level("INFO", logger="balancer"):
+        response = await sessions.client.delete(f"/sessions/{name}")
+    assert response.status_code == 200
+    assert (response.json()["backend"], response.json()["moving"]) == (None, True)
+    assert any(getattr(r, "balancer_event", None) == "session_forgotten" for r in caplog.records)
+    assert (await sessions.client.get(f"/backends/{one.id}/sessions")).json()["pinned"] == 0
+    decision = sessions.router.decide(
+        client_ip="1.2.3.4", cookie_header=sessions.header("bob", one.id)
+    )
+    assert decision.reason == "admin"  # placed anew, whichever backend that is
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "reason"),
+    [
+        ("DELETE", "/sessions/0123456789abcdef", None, 404, "unknown_session"),
+        ("POST", "/sessions/0123456789abcdef/move", {"backend": "{one}"}, 404, "unknown_session"),
+        ("DELETE", "/sessions/alice", None, 400, "invalid_session"),
+        ("POST", "/sessions/ABC/move", {"backend": "{one}"}, 400, "invalid_session"),
+        ("POST", "/sessions/{name}/move", {"backend": "nope"}, 404, "unknown_backend"),
+        ("POST", "/sessions/{name}/move", {"backend": 7}, 400, "missing_backend"),
+        ("POST", "/sessions/{name}/move", {}, 400, "missing_backend"),
+        ("POST", "/sessions/{name}/move", {"backend": "{two}"}, 409, "backend_not_up"),
+    ],
+)
+async def test_session_changes_bad_input(
+    sessions: Sessions,
+    pool: Pool,
+    *,
+    method: str,
+    path: str,
+    body: dict[str, object] | None,
+    status: int,
+    reason: str,
+) -> None:
+    one, two = list(pool)
+    two.mark_down("timeout", 0.0)
+    sessions.visit("carol", one.id)
+    name = await handle_of(sessions, one.id)
+    if body is not None and isinstance(body.get("backend"), str):
+        body = {"backend": str(body["backend"]).format(one=one.id, two=two.id)}
+    response = await sessions.client.request(method, path.format(name=name), json=body)
+    assert (response.status_code, response.json()["reason"]) == (status, reason)
+    assert response.json()["error"]
+    listed = (await sessions.client.get(f"/backends/{one.id}/sessions")).json()["sessions"]
+    assert [(s["session"], s["moving"]) for s in listed] == [(name, False)]  # unchanged
+
+
+async def test_session_routes_need_the_token_and_the_same_origin(pool: Pool) -> None:
+    guarded = Sessions(pool, token=TOKEN)
+    one, two = list(pool)
+    guarded.visit("dave", one.id)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with guarded.client as client:
+        assert (await client.get(f"/backends/{one.id}/sessions")).status_code == 401
+        listed = await client.get(f"/backends/{one.id}/sessions", headers=auth)
+        handle = listed.json()["sessions"][0]["session"]
+        for method, path in (
+            ("POST", f"/sessions/{handle}/move"),
+            ("DELETE", f"/sessions/{handle}"),
+        ):
+            assert (await client.request(method, path, json={"backend": two.id})).status_code == 401
+            cross = {**auth, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+            refused = await client.request(method, path, json={"backend": two.id}, headers=cross)
+            assert (refused.status_code, refused.json()["reason"]) == (403, "cross_origin")
+        listed = await client.get(f"/backends/{one.id}/sessions", headers=auth)
+        assert listed.json()["sessions"][0]["moving"] is False  # nothing changed
+
+
+def test_a_moved_session_lands_on_its_new_backend_through_a_real_balancer() -> None:
+    # Real processes: two demo_app instances behind `python -m balancer`, a client with a
+    # session on one; the operator lists it, moves it; its next request is answered by the
+    # other instance, with the re-pin's reason in --repin-header's header.
+    with (
+        demo_app("app0") as a,
+        demo_app("app1") as b,
+        balancer([a.url, b.url], "--sticky", "cookie:sid", "--repin-header", "X-Repin") as (
+            lb,
+            admin,
+        ),
+        httpx.Client(timeout=5) as client,
+        httpx.Client(base_url=str(admin), timeout=5) as api,
+    ):
+        first = client.post(lb.url + "/api/counter")
+        assert first.status_code == 200
+        assert "x-repin" not in first.headers  # a new session is placed, not re-pinned
+        here = first.json()["instance"]
+        second = client.post(lb.url + "/api/counter").json()
+        assert (second["instance"], second["count"]) == (here, 2)
+        ids = {b["url"]: b["id"] for b in api.get("/backends").json()["backends"]}
+        source = ids[a.url] if here == "app0" else ids[b.url]
+        target = ids[b.url] if here == "app0" else ids[a.url]
+        listed = api.get(f"/backends/{source}/sessions").json()
+        assert listed["pinned"] == 1
+        (session,) = listed["sessions"]
+        assert session["seen_ago"] < 5
+        moved = api.post(f"/sessions/{session['session']}/move", json={"backend": target})
+        assert moved.status_code == 200, moved.text
+        after = client.post(lb.url + "/api/counter")
+        assert after.status_code == 200
+        assert after.json()["instance"] != here
+        assert after.headers["x-repin"] == "admin"
+        again = client.post(lb.url + "/api/counter")  # pinned there now: no re-pin
+        assert again.json()["instance"] == after.json()["instance"]
+        assert "x-repin" not in again.headers
+        # There now (with the app's memory store the session began afresh there, under a
+        # new cookie: pinned too), and no longer where it was.
+        there = api.get(f"/backends/{target}/sessions").json()["sessions"]
+        assert session["session"] in [s["session"] for s in there]
+        assert api.get(f"/backends/{source}/sessions").json()["pinned"] == 0
