@@ -334,6 +334,7 @@ class Balancer:
             dashboard=dashboard,
             fingerprint=self.router.fingerprint,
             pins=self.router.pins,
+            router=self.router,
             front=front,
         )
 
