@@ -37,7 +37,8 @@ def handle(session: bytes) -> str:
 
 class Pin:
     """One session's entry. `moved` is an operator's order waiting for the session's next
-    request: go to `backend_id` (or, when it is "", be placed anew), and re-pin."""
+    request: go to the backend of that id (or, when it is "", be placed anew), and re-pin;
+    None when there is none."""
 
     __slots__ = ("backend_id", "moved", "seen", "session")
 
@@ -45,7 +46,7 @@ class Pin:
         self.session = session
         self.backend_id = backend_id
         self.seen = seen
-        self.moved = False
+        self.moved: str | None = None
 
 
 class PinTable:
@@ -64,6 +65,11 @@ class PinTable:
 
     def __len__(self) -> int:
         return len(self._pins)
+
+    @property
+    def key_max(self) -> int:
+        """Bytes of the longest session cookie value kept: a longer one is never learned."""
+        return self._key_max
 
     def get(self, session: bytes) -> Pin | None:
         return self._pins.get(session)

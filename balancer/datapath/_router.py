@@ -266,8 +266,7 @@ class Router:
             raise LookupError(name)
         if backend_id is not None:
             self._pool[backend_id]  # raises UnknownBackend
-        pin.backend_id = backend_id or ""
-        pin.moved = True
+        pin.moved = backend_id or ""
         self._decided = {}  # the session's cached decision would ignore the order
         self._unpinned_decided = {}
         return pin
@@ -319,7 +318,7 @@ class Router:
         if session is not None:
             pins = self.pins
             entry = pins.get(session)
-            if entry is not None and entry.moved:
+            if entry is not None and entry.moved is not None:
                 return self._ordered(entry, exclude, now)
             if entry is None or entry.backend_id != pinned.id:
                 # The signed pin comes first; the table follows it (unshared: nothing moved).
@@ -352,8 +351,8 @@ class Router:
 
     def _ordered(self, entry: Pin, exclude: frozenset[str], now: float) -> Decision:
         """An operator's order for this session (`move`), carried out once."""
-        entry.moved = False
-        target = self._pool.get(entry.backend_id) if entry.backend_id else None
+        order, entry.moved = entry.moved, None
+        target = self._pool.get(order) if order else None
         if target is None or not self._keeps(target) or target.id in exclude:
             target = self._placed(exclude)
         self.pins.learn(entry.session, target.id, now)
@@ -370,11 +369,13 @@ class Router:
             return Decision(backend, self._cookie_for(backend), reason, True)
         pins = self.pins
         entry = pins.get(session)
-        if entry is None and pins.remote and not exclude:
-            # The backend is a placeholder: the data path looks the session up first.
+        if entry is None and pins.remote and not exclude and len(session) <= pins.key_max:
+            # The backend is a placeholder: the data path looks the session up first. (A
+            # value too long to keep is never looked up: its answer could not be kept, and
+            # the same request would ask again.)
             backend = self._hashed(key_hash(session), exclude)
             return Decision(backend, None, None, False, None, session)
-        if entry is not None and entry.moved:
+        if entry is not None and entry.moved is not None:
             return self._ordered(entry, exclude, now)
         known = self._pool.get(entry.backend_id) if entry is not None and entry.backend_id else None
         if known is None or not self._keeps(known) or known.id in exclude:

@@ -644,12 +644,15 @@ def test_strict_mode_refuses_for_its_window_then_fails_over() -> None:
 def test_an_operator_moves_one_session_and_forgets_another() -> None:
     pool, router = make()
     a, b, c = list(pool)[:3]
+    shared: list[tuple[bytes, str]] = []
+    router.pins.on_learn = lambda session, backend_id: shared.append((session, backend_id))
     decide(router, pin(a.id) + b"; sid=one")
     decide(router, pin(a.id) + b"; sid=two")
     router.move(handle(b"one"), b.id)
     moved = decide(router, pin(a.id) + b"; sid=one")  # its old pin is overruled, once
     assert (moved.backend, moved.reason) == (b, "admin")
     assert moved.set_cookie == AffinityCookie(secrets=SECRETS).set_cookie(b.id)
+    assert shared == [(b"one", b.id)]  # the move reaches the shared store
     again = decide(router, pin(b.id) + b"; sid=one")
     assert (again.backend, again.reason) == (b, None)
     router.move(handle(b"two"), None)  # forget: placed anew, by load
