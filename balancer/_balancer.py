@@ -24,10 +24,11 @@ from .control._cluster import (
     FRONT_ROUTES,
     AdminLog,
     ClusterMember,
+    OtherProcesses,
     Peers,
     catch_up,
     internal_app,
-    log_route,
+    internal_routes,
 )
 from .control._dashboard import Dashboard, RedisStatus
 from .control._discovery import Discovery
@@ -348,10 +349,12 @@ class Balancer:
         client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
         self.peers = Peers(member.addresses, client, token=self.settings.admin_token)
         log = AdminLog()
-        app = self._admin_app(None, [log_route()])
+        app = self._admin_app(None, internal_routes())
         app.state.admin_log = log
         if member.restarts:
             await catch_up(member, self.peers, app, log)
+        if self.dashboard is not None:  # process 0's: it shows the whole balancer
+            self.dashboard.others = OtherProcesses(self.peers, member.index)
         config = uvicorn.Config(
             internal_app(app, log),
             log_level="warning",

@@ -59,10 +59,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..datapath._metrics import BackendCounts
+from ._dashboard import add_counts
 from ._events import ADMIN_LOG_REPLAYED, ADMIN_LOG_UNAVAILABLE, ADMIN_PROCESS_UNANSWERED
 from ._log import log_event
 
 __all__ = [
+    "COUNTS_PATH",
     "FRONT_ROUTES",
     "LOG_MAX",
     "LOG_PATH",
@@ -70,10 +73,11 @@ __all__ = [
     "AdminLog",
     "ClusterMember",
     "ClusterSockets",
+    "OtherProcesses",
     "Peers",
     "catch_up",
     "internal_app",
-    "log_route",
+    "internal_routes",
     "merge_backends",
     "merge_metrics",
     "reserve",
@@ -266,7 +270,7 @@ class _Recorder:
 
 
 def internal_app(app: ASGIApp, log: AdminLog) -> ASGIApp:
-    """A process's internal admin endpoint: its admin app (built with `log_route`), each
+    """A process's internal admin endpoint: its admin app (built with `internal_routes`), each
     applied change noted in `log`."""
     return _Recorder(app, log)
 
@@ -274,12 +278,6 @@ def internal_app(app: ASGIApp, log: AdminLog) -> ASGIApp:
 async def _log_endpoint(request: Request) -> Response:
     log: AdminLog = request.app.state.admin_log
     return JSONResponse({"pid": os.getpid(), "entries": log.as_json()})
-
-
-def log_route() -> BaseRoute:
-    """GET /internal/log, for the admin app of a process's internal endpoint (its
-    `app.state.admin_log` set): the log, for a restarted peer."""
-    return Route(LOG_PATH, _log_endpoint, methods=["GET"])
 
 
 # -- calls to the processes ---------------------------------------------------------------------
@@ -416,6 +414,84 @@ async def catch_up(member: ClusterMember, peers: Peers, app: ASGIApp, log: Admin
         index=member.index,
         hint="no peer gave its admin log: this process starts with the configured backends",
     )
+
+
+# -- the dashboard's numbers of the other processes ------------------------------------------------
+
+COUNTS_PATH = "/internal/counts"
+
+
+async def _counts_endpoint(request: Request) -> Response:
+    """What process 0's dashboard adds of this process's numbers each tick."""
+    admin = request.app.state.admin  # the admin app's `_Admin`: its pool and metrics
+    metrics, pool = admin.metrics, admin.pool
+    return JSONResponse(
+        {
+            "counts": {
+                backend_id: [c.requests, c.errors, list(c.buckets)]
+                for backend_id, c in metrics.counts().items()
+            },
+            "in_flight": {b.id: b.in_flight for b in pool},
+            "requests_total": {b.id: b.requests_total for b in pool},
+            "failovers": metrics.failovers,
+            "repins": metrics.repins,
+            "connections": metrics.connections_active,
+        }
+    )
+
+
+def internal_routes() -> list[BaseRoute]:
+    """The internal endpoint's own routes, for its admin app (its `app.state.admin_log`
+    set): GET /internal/log (the log, for a restarted peer) and GET /internal/counts (its
+    numbers, for process 0's dashboard)."""
+    return [
+        Route(LOG_PATH, _log_endpoint, methods=["GET"]),
+        Route(COUNTS_PATH, _counts_endpoint, methods=["GET"]),
+    ]
+
+
+class OtherProcesses:
+    """The numbers of every balancer process but this one, summed, for the dashboard
+    (`_dashboard.OtherNumbers`): `sample()` fetches them once a tick; a process that does
+    not answer adds nothing that tick (and `missing` counts it)."""
+
+    def __init__(self, peers: Peers, index: int) -> None:
+        self._peers = peers
+        self._others = [i for i in range(len(peers.addresses)) if i != index]
+        self.counts: dict[str, BackendCounts] = {}
+        self.in_flight: dict[str, int] = {}
+        self.requests_total: dict[str, int] = {}
+        self.failovers = self.repins = self.connections = 0
+        self.missing = 0
+
+    async def sample(self) -> None:
+        replies = await asyncio.gather(
+            *(self._peers.call(i, "GET", COUNTS_PATH) for i in self._others)
+        )
+        counts: dict[str, BackendCounts] = {}
+        in_flight: dict[str, int] = {}
+        requests_total: dict[str, int] = {}
+        failovers = repins = connections = missing = 0
+        for reply in replies:
+            try:
+                if reply.status != 200:
+                    raise ValueError(reply.error or reply.status)
+                data = json.loads(reply.body)
+                for backend_id, (requests, errors, buckets) in data["counts"].items():
+                    theirs = BackendCounts(int(requests), int(errors), tuple(map(int, buckets)))
+                    ours = counts.get(backend_id)
+                    counts[backend_id] = theirs if ours is None else add_counts(ours, theirs)
+                for total, key in ((in_flight, "in_flight"), (requests_total, "requests_total")):
+                    for backend_id, value in data[key].items():
+                        total[backend_id] = total.get(backend_id, 0) + int(value)
+                failovers += int(data["failovers"])
+                repins += int(data["repins"])
+                connections += int(data["connections"])
+            except (KeyError, TypeError, ValueError):
+                missing += 1
+        self.counts, self.in_flight, self.requests_total = counts, in_flight, requests_total
+        self.failovers, self.repins, self.connections = failovers, repins, connections
+        self.missing = missing
 
 
 # -- the merges, pure ---------------------------------------------------------------------------

@@ -68,9 +68,11 @@ __all__ = [
     "BackendRow",
     "Dashboard",
     "Hello",
+    "OtherNumbers",
     "RedisStatus",
     "Snapshot",
     "Totals",
+    "add_counts",
     "quantile",
 ]
 
@@ -170,6 +172,21 @@ class WorkerView(Protocol):
         """The workers, as the admin API shows them."""
 
 
+class OtherNumbers(Protocol):
+    """With `--workers N`, the other balancer processes' numbers, summed
+    (`_cluster.OtherProcesses`): process 0's dashboard adds them to its own."""
+
+    counts: dict[str, BackendCounts]
+    in_flight: dict[str, int]
+    requests_total: dict[str, int]
+    failovers: int
+    repins: int
+    connections: int
+
+    async def sample(self) -> None:
+        """Fetch them again (once a tick); never raises."""
+
+
 class DecisionCache(Protocol):
     """The router, as far as the sessions count reads it (see `Dashboard._scan_sessions`)."""
 
@@ -199,6 +216,15 @@ def quantile(q: float, buckets: Sequence[int], bounds: Sequence[float] = BUCKETS
             return lower + (bounds[index] - lower) * (rank - seen) / count
         seen += count
     return bounds[-1]
+
+
+def add_counts(one: BackendCounts, other: BackendCounts) -> BackendCounts:
+    """Two balancer processes' totals for one backend, as one."""
+    return BackendCounts(
+        one.requests + other.requests,
+        one.errors + other.errors,
+        tuple(map(operator.add, one.buckets, other.buckets)),
+    )
 
 
 def _minus(new: BackendCounts, old: BackendCounts | None) -> BackendCounts:
@@ -348,6 +374,8 @@ class Dashboard:
         self._repins = metrics.repins
         self._rps: dict[str, float] = {}
         self.ticks = 0
+        # With --workers N, set on process 0's: every tick adds the other processes' numbers.
+        self.others: OtherNumbers | None = None
         self._track_states(wall())
 
     def __repr__(self) -> str:
@@ -366,6 +394,8 @@ class Dashboard:
             try:
                 if self.redis is not None and self._subscribers:
                     await self.redis.sample(self._clock())
+                if self.others is not None:
+                    await self.others.sample()
                 self.tick()
             except Exception:
                 # A page that stops updating is a bug to report, not a reason to stop
@@ -382,6 +412,10 @@ class Dashboard:
         now = self._clock()
         self.ticks += 1
         counts = self.metrics.counts()
+        if self.others is not None:
+            for backend_id, theirs in self.others.counts.items():
+                ours = counts.get(backend_id)
+                counts[backend_id] = theirs if ours is None else add_counts(ours, theirs)
         self._window.append((now, counts))
         self._rps = rps = self._rates(now, counts)
         wall = self._wall()
@@ -503,8 +537,18 @@ class Dashboard:
         backend_id = self._sessions.pop(key)[0]
         self._per_backend[backend_id] -= 1
 
+    def _totals(self) -> tuple[int, int, int]:
+        """Failovers, re-pins and open connections, of every balancer process."""
+        metrics, others = self.metrics, self.others
+        failovers, repins = metrics.failovers, metrics.repins
+        connections = metrics.connections_active
+        if others is not None:
+            failovers, repins = failovers + others.failovers, repins + others.repins
+            connections += others.connections
+        return failovers, repins, connections
+
     def _announce(self, moved: dict[tuple[str, str], int]) -> None:
-        failovers, repins = self.metrics.failovers, self.metrics.repins
+        failovers, repins, _ = self._totals()
         new_failovers, new_repins = failovers - self._failovers, repins - self._repins
         self._failovers, self._repins = failovers, repins
         if new_failovers or new_repins:
@@ -537,6 +581,10 @@ class Dashboard:
                 by_url[worker["url"]] = worker
         per_backend = self._per_backend
         sessions_on = self.router is not None and bool(self.router.sticky.cookie)
+        others = self.others
+        in_flight = {} if others is None else others.in_flight
+        requests_total = {} if others is None else others.requests_total
+        failovers, repins, connections = self._totals()
         rows: list[BackendRow] = []
         for backend in self.pool:
             state = backend.state.value
@@ -556,14 +604,14 @@ class Dashboard:
                     "reason": backend.down_reason
                     or ("ejected" if backend.ejected_until is not None else None),
                     "since": known[1],
-                    "in_flight": backend.in_flight,
+                    "in_flight": backend.in_flight + in_flight.get(backend.id, 0),
                     "rps": round(rps.get(backend.id, 0.0), 2),
                     "error_rate": None
                     if window is None or window.requests == 0
                     else round(window.errors / window.requests, 4),
                     "p50_ms": None if window is None else _ms(quantile(0.5, window.buckets)),
                     "p99_ms": None if window is None else _ms(quantile(0.99, window.buckets)),
-                    "requests_total": backend.requests_total,
+                    "requests_total": backend.requests_total + requests_total.get(backend.id, 0),
                     "sessions": per_backend.get(backend.id, 0) if sessions_on else None,
                     "worker": by_url.get(backend.url),
                 }
@@ -576,9 +624,9 @@ class Dashboard:
             "redis": None if self.redis is None else self.redis.state,
             "totals": {
                 "rps": round(sum(rps.values()), 2),
-                "failovers": self.metrics.failovers,
-                "repins": self.metrics.repins,
-                "connections": self.metrics.connections_active,
+                "failovers": failovers,
+                "repins": repins,
+                "connections": connections,
                 "sessions": len(self._sessions) if sessions_on else None,
             },
             "backends": rows,

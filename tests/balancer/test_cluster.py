@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from balancer.control._cluster import merge_backends, merge_metrics
-from tests.helpers import wait_for
+from tests.helpers import Stream, wait_for
 from tests.processes import Process, balancer, demo_app
 
 REQUESTS = 40  # through the proxy, one connection each: both processes take some
@@ -113,6 +113,20 @@ def test_backends_and_metrics_are_summed_over_the_balancer_processes(cluster: Cl
     )
     assert total == REQUESTS
     assert text.count("# TYPE balancer_requests_total counter") <= 1  # one family, not two
+
+
+def test_the_dashboard_shows_every_balancer_process(cluster: Cluster) -> None:
+    served = cluster.instances()
+    shown = -1
+    deadline = time.monotonic() + 10
+    with httpx.stream("GET", cluster.admin + "/dashboard/stream", timeout=5) as response:
+        assert response.status_code == 200
+        stream = Stream(response)
+        while shown != REQUESTS and time.monotonic() < deadline:  # a tick a second
+            _, snapshot = stream.next()
+            shown = sum(row["requests_total"] for row in snapshot["backends"])
+    # Before: process 0's share only (about half).
+    assert shown == REQUESTS, (shown, served)
 
 
 def test_a_restarted_balancer_process_gets_the_drains_made_before(cluster: Cluster) -> None:
