@@ -18,7 +18,9 @@ The front (its routes come before the admin API's own, in `FRONT_ROUTES`):
   query string, body, content type) to every process, its own included, so a route means
   the same through the front as on one process; the answer is process 0's (else the first
   that answered), with ``"processes"`` added: each one's status, or why it did not answer.
-- every other ``GET`` (``/healthz``, ``/workers``, the dashboard): process 0's own.
+- the dashboard: process 0's, each tick adding the others' numbers (`OtherProcesses`,
+  from each one's ``GET /internal/counts``).
+- every other ``GET`` (``/healthz``): process 0's own.
 
 Each call to a process is bounded by `PEER_TIMEOUT` in all (connect, send, answer): one
 that is stopped or restarting is named in the answer, never waited for. The calls share one
