@@ -17,6 +17,11 @@ With ``--balancers N`` it starts N balancer replicas on consecutive ports from `
 and the same affinity secret, and nothing else shared: a session created through one is
 pinned to the same instance by every other (docs/architecture.md, "Stickiness from the
 first request").
+
+With ``--autoscale`` the balancer starts the instances itself (``--spawn 1:N``, N from
+``--instances``) and follows the load: more requests in flight per instance than
+AUTOSCALE_TARGET for AUTOSCALE_WINDOW seconds add instances, a quiet spell drains and stops
+them, one at a time (README.md, "Autoscaling"; docs/balancer.md).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -50,9 +56,12 @@ __all__ = [
     "MODES",
     "STICKY_OF_MODE",
     "STORE_OF_MODE",
+    "autoscale_options",
     "balancer_command",
     "instance_command",
+    "load_command",
     "main",
+    "worker_template",
 ]
 
 # The one table of modes (docs/architecture.md, "The three modes"): each instance's session
@@ -66,6 +75,11 @@ READY_TIMEOUT = 20.0  # seconds for an instance to answer /readyz
 REDIS_TIMEOUT = 3.0
 STOP_TIMEOUT = 15.0  # seconds for every process together to stop gracefully, then SIGKILL
 SERVICE = "demo"  # the service name in the registry, with --discover
+# --autoscale: short enough to watch (the balancer's defaults are 4, 10 s and 30 s).
+AUTOSCALE_TARGET = 4  # requests in flight per instance above which one is added
+AUTOSCALE_WINDOW = 3.0  # seconds the load is averaged over
+AUTOSCALE_COOLDOWN = 5.0  # seconds between two changes
+AUTOSCALE_DRAIN_IDLE = 2.0  # seconds without a pinned client's request end a drain
 
 
 def _positive(text: str) -> int:
@@ -111,11 +125,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the instances register in the service registry and the balancer discovers "
         "them: start or stop instances by hand while it runs",
     )
+    parser.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="the balancer starts the instances itself, 1 to --instances of them, and adds "
+        "or drains them as the load goes up and down (--spawn 1:N)",
+    )
     args = parser.parse_args(argv)
+    if args.autoscale:
+        if args.discover or args.balancers > 1:
+            flag = "--discover" if args.discover else "--balancers"
+            parser.error(f"--autoscale: one balancer spawns the instances; not with {flag}")
+        if args.instances < 2:
+            parser.error("--autoscale: --instances is the most instances, at least 2")
     if args.admin_port is None:
         args.admin_port = args.port + args.balancers
-    ports = range(args.base_port, args.base_port + args.instances)
-    if ports[0] < 1024 or ports[-1] > 65535:
+    # With --autoscale the balancer picks free ports for the instances it starts.
+    ports = range(args.base_port, args.base_port + (0 if args.autoscale else args.instances))
+    if ports and (ports[0] < 1024 or ports[-1] > 65535):
         parser.error(f"--base-port: ports {ports[0]}-{ports[-1]} are out of 1024-65535")
     busy = [port for port in ports if not _port_free(args.host, port)]
     if busy:
@@ -231,6 +258,27 @@ def instance_command(
     return command
 
 
+def worker_template(mode: str, redis_url: str, *, host: str) -> str:
+    """The balancer's --worker-cmd for ``--spawn``: `instance_command` with ``{port}`` and
+    ``app{index}`` left for the balancer to fill in (anything else's braces doubled)."""
+    parts = instance_command(mode, redis_url, host=host, port=1, name="app")
+    parts = [part.replace("{", "{{").replace("}", "}}") for part in parts]
+    parts[parts.index("--port") + 1] = "{port}"
+    parts[parts.index("--instance-id") + 1] = "app{index}"
+    return shlex.join(parts)
+
+
+def autoscale_options(mode: str, redis_url: str, *, host: str, most: int) -> list[str]:
+    """The balancer's flags to start 1 to ``most`` instances and scale them with the load."""
+    return [
+        *("--spawn", f"1:{most}", "--worker-cmd", worker_template(mode, redis_url, host=host)),
+        *("--autoscale-target", str(AUTOSCALE_TARGET)),
+        *("--autoscale-window", str(AUTOSCALE_WINDOW)),
+        *("--autoscale-cooldown", str(AUTOSCALE_COOLDOWN)),
+        *("--drain-idle", str(AUTOSCALE_DRAIN_IDLE)),
+    ]
+
+
 def balancer_command(
     mode: str,
     redis_url: str,
@@ -257,12 +305,22 @@ def balancer_command(
     return [*command, *options]
 
 
+def load_command(url: str, clients: int = 12, seconds: int = 40) -> str:
+    """A shell command: ``clients`` curl loops asking for a 200 ms request for ``seconds``,
+    then a count of the answers by status (every one 200 when nothing failed)."""
+    loop = (
+        "end=$(($(date +%s)+" + str(seconds) + ")); while [ $(date +%s) -lt $end ]; do "
+        f'curl -s -o /dev/null -w "%{{http_code}}\\n" "{url}/work?wait_ms=200"; done'
+    )
+    return f"seq {clients} | xargs -P{clients} -I{{}} sh -c '{loop}' | sort | uniq -c"
+
+
 def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
     store = STORE_OF_MODE[args.mode]
     processes: list[subprocess.Popen[bytes]] = []
     urls: list[str] = []
     try:
-        for index in range(args.instances):
+        for index in range(0 if args.autoscale else args.instances):
             port = args.base_port + index
             command = instance_command(
                 args.mode,
@@ -282,6 +340,11 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
         env = {**os.environ, "BALANCER_AFFINITY_SECRETS": secrets.token_urlsafe(32)}
         balancer_urls = [f"http://{args.host}:{args.port + i}" for i in range(args.balancers)]
         admin_urls = [f"http://{args.host}:{args.admin_port + i}" for i in range(args.balancers)]
+        options = (
+            autoscale_options(args.mode, redis_url, host=args.host, most=args.instances)
+            if args.autoscale
+            else []
+        )
         for index in reversed(range(args.balancers)):
             command = balancer_command(
                 args.mode,
@@ -290,6 +353,7 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
                 admin=f"{args.host}:{args.admin_port + index}",
                 backends=backends,
                 discover=args.discover,
+                options=options,
             )
             # The balancers are stopped first (they are first in the list): no request
             # meets a stopped instance.
@@ -317,6 +381,14 @@ def run(args: argparse.Namespace, redis_url: str, stop: _Stop) -> int:
             print("\none more instance, by hand (it gets traffic within a second; Ctrl-C it and")
             print("it leaves the pool):")
             print("  " + " ".join(more))
+        if args.autoscale:
+            print(f"  instances       1 to {args.instances}, started by the balancer")
+            print(
+                f"\nautoscaling: more than {AUTOSCALE_TARGET} requests in flight per instance "
+                f"for {AUTOSCALE_WINDOW:g} s adds instances, {AUTOSCALE_COOLDOWN:g} s apart; "
+                'a quiet spell drains and stops them. Load it (README.md, "Autoscaling"):'
+            )
+            print(f"  {load_command(balancer_urls[0])}")
         print(f"\ntry:  curl -c jar -b jar -X POST {balancer_urls[0]}/api/counter")
         if args.balancers > 1:
             print(

@@ -17,9 +17,11 @@ from demo_app.stack import (
     MODES,
     STICKY_OF_MODE,
     STORE_OF_MODE,
+    autoscale_options,
     balancer_command,
     discover_url,
     instance_command,
+    parse_args,
 )
 from tests.helpers import free_port
 
@@ -69,6 +71,39 @@ def test_with_discover_the_instances_register_where_the_balancer_looks() -> None
     assert settings.discover is not None
     assert discover_url(args.registry, args.service) == discover_url(REDIS)
     assert (settings.discover.redis_url, settings.discover.service) == (REDIS, args.service)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_autoscale_the_balancer_spawns_the_instances_one_to_n(mode: str) -> None:
+    # A Redis URL with braces: the template must not take them for {port} or {index}.
+    redis = "redis://:p{w}d@127.0.0.1:6399/0"
+    options = autoscale_options(mode, redis, host="127.0.0.1", most=3)
+    command = balancer_command(mode, redis, listen="127.0.0.1:8080", admin="127.0.0.1:8081")
+    settings = load_settings([*command[3:], *options], environ={})
+    assert settings.spawn == (1, 3)
+    assert settings.backends == ()
+    argv = [part.format(port=9001, index=0) for part in settings.worker_command()]
+    assert argv[:3] == [sys.executable, "-m", "demo_app"]
+    args = parse_demo_app_args(argv[3:])
+    assert (args.store, args.port, args.instance_id) == (STORE_OF_MODE[mode], 9001, "app0")
+    assert args.redis_url == redis
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--autoscale", "--discover"], "--autoscale: one balancer spawns the instances"),
+        (["--autoscale", "--balancers", "2"], "not with --balancers"),
+        (["--autoscale", "--instances", "1"], "--instances is the most instances, at least 2"),
+    ],
+)
+def test_autoscale_refuses_what_it_cannot_do(
+    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args([*argv, "--port", str(free_port()), "--admin-port", str(free_port())])
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
 
 
 def test_an_unreachable_redis_url_fails_fast_naming_redis_and_the_url() -> None:
