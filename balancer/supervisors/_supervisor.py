@@ -185,8 +185,6 @@ class Supervisor:
         when autoscaling, outside its minimum..maximum; an operator's change starts the
         autoscaler's cooldown, as its own would."""
         wanted = self.desired + delta
-        if wanted < 1:
-            raise InvalidTransition(f"cannot scale to {wanted} workers: at least 1 must run")
         autoscaler = self.autoscaler
         if autoscaler is not None:
             policy = autoscaler.policy
@@ -196,6 +194,8 @@ class Supervisor:
                     f"{policy.minimum} to {policy.maximum}"
                 )
             autoscaler.changed(self._clock())
+        elif wanted < 1:
+            raise InvalidTransition(f"cannot scale to {wanted} workers: at least 1 must run")
         self.desired = wanted
         log_event(WORKERS_SCALED, desired=self.desired, delta=delta)
         self._wake.set()

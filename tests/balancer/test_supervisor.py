@@ -470,6 +470,10 @@ def test_autoscaling_follows_a_load_ramp_up_and_down_and_fails_no_request(
             # Down one at a time, each drained then stopped: back to the minimum.
             watch(20, until=lambda workers: workers == (1, 1))
             workers = running.workers()
+            # An operator's scale stays within MIN..MAX too.
+            refused = running.post("/workers/scale", {"delta": -1})
+            assert refused.status_code == 409
+            assert "autoscaling keeps 1 to 3" in refused.json()["error"]
         finally:
             while load.clients:
                 load.remove()
