@@ -28,6 +28,7 @@ from .control._admin import create_admin_app
 from .control._discovery import Discovery
 from .control._health import CheckResult, HealthChecker, HealthPolicy, HealthTracker
 from .control._log import configure_logging, log_event, log_state_change
+from .control._pin_store import PinStore
 from .datapath._affinity import AffinityCookie, Sticky, generate_secret
 from .datapath._backend import Backend, BackendPolicy, BackendState, DrainPolicy
 from .datapath._maglev import DEFAULT_TABLE_SIZE
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidTransition",
     "Metrics",
     "NoBackendAvailable",
+    "PinStore",
     "PinTable",
     "PinnedBackendDown",
     "Pool",

@@ -15,6 +15,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from redis_plumbing import redis_client
 from service_registry import Registry
 
 from ._config import Settings
@@ -44,6 +45,7 @@ from .control._events import (
 )
 from .control._health import HealthChecker
 from .control._log import log_event, log_state_change
+from .control._pin_store import SESSION_TTL, PinStore
 from .datapath._metrics import Metrics
 from .datapath._pool import Pool
 from .datapath._proxy import ProxyOptions, ProxyServer
@@ -198,6 +200,7 @@ class Balancer:
         self.admin: _AdminServer | None = None
         self.dashboard: Dashboard | None = None  # with --admin, once serve() started
         self.discovery: Discovery | None = None  # with --discover, once serve() started
+        self.pin_store: PinStore | None = None  # with --pin-store, once serve() started
         self.ready = asyncio.Event()
 
     def _pinned_sessions(self) -> dict[str, int]:
@@ -224,6 +227,7 @@ class Balancer:
                 self.pool, client, self.settings.health_policy(), clock=self.clock
             )
             discovery = await self._start_discovery(stack)
+            self._start_pin_store(stack)
             await self._join_cluster(stack)
             if self.supervisor is None:
                 await self._listen(reuse_port)
@@ -255,6 +259,26 @@ class Balancer:
         await self.discovery.refresh()
         log_event(DISCOVERING, registry=str(target), backends=len(self.pool))
         return asyncio.create_task(self.discovery.run(), name="discovery")
+
+    def _start_pin_store(self, stack: contextlib.AsyncExitStack) -> None:
+        """With --pin-store: the router's pin table shared in Redis (`control._pin_store`),
+        its writer started; closed by `stack` after the proxy has finished its requests."""
+        url = self.settings.pin_store
+        if url is None:
+            return
+        # The client's own timeouts bound the writer; a lookup has its own, shorter one.
+        store = PinStore(
+            redis_client(url),
+            ttl=self.settings.affinity_max_age or SESSION_TTL,
+            url=url,
+            clock=self.clock,
+        )
+        store.attach(self.router.pins)
+        self.proxy.pin_lookup = store.lookup
+        self.metrics.registry.register(store.collector())
+        store.start()
+        stack.push_async_callback(store.aclose)
+        self.pin_store = store
 
     async def _start_workers(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         """Spawn the workers; wait until they are ready (or the ready timeout, or `stop`)."""

@@ -143,6 +143,9 @@ class Settings:
     strict_window: float = DEFAULT_STRICT_WINDOW
     # A response header naming why the client was re-pinned (REPIN_REASONS); None: none.
     repin_header: str | None = None
+    # The pin table's shared copy (`control._pin_store`): a Redis URL, any form
+    # redis_plumbing reads; None: the in-memory table only. May hold a password.
+    pin_store: str | None = field(default=None, repr=False)
     hash_balance_factor: float = DEFAULT_HASH_BALANCE_FACTOR
     hash_table_size: int = DEFAULT_TABLE_SIZE  # Maglev table entries, a prime
     health_path: str = _HEALTH.path
@@ -587,6 +590,7 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("strict_window", _number(zero=True), "seconds strict mode answers 503", None, "S"),
     _Option("repin_header", _header_name, "response header naming a re-pin's reason", None, "NAME"),
+    _Option("pin_store", _redis_url, "a Redis every replica shares its pins in", None, "URL"),
     _Option(
         "hash_balance_factor", _number(zero=True), "bounded-load epsilon; 0 = off", None, "EPS"
     ),

@@ -96,6 +96,13 @@ class RequestRouter(Protocol):
 
     def learn(self, head: bytes, backend_id: str) -> None: ...
 
+    def looked_up(self, session: bytes, backend_id: str | None) -> None: ...
+
+
+# Asks the shared pin store (`--pin-store`) for a session's backend id and calls the second
+# argument with it, or with None (none, an error, a timeout): `control._pin_store.PinStore`.
+PinLookup = Callable[[bytes, Callable[[str | None], None]], None]
+
 
 class ProxyMetrics(Protocol):
     """The counters the data path reports to (`balancer.datapath._metrics.Metrics`)."""
@@ -459,6 +466,12 @@ class _ClientConnection(asyncio.Protocol):
                 self._edge_error(req, 503, exc.backend_id, str(exc), exc.retry_after)
             else:
                 self._edge_error(req, 503, "", "no backend available")
+            return
+        lookup = decision.lookup
+        if lookup is not None:
+            # A session cookie the pin table does not know: ask the shared store, then
+            # route again (`ProxyServer.look_up`); the request waits as a queued one does.
+            self._server.look_up(self, req, lookup)
             return
         reason = decision.reason
         if reason is not None and req.decision is None:  # its first decision
@@ -1049,7 +1062,9 @@ class ProxyServer:
     `metrics`, applies `options`. `clock` (seconds, monotonic) is injectable for tests.
 
     `backends` is the pool the router chooses from: the keep-alive connections to a backend
-    that leaves it are closed within a tick (its busy ones when their exchange ends)."""
+    that leaves it are closed within a tick (its busy ones when their exchange ends).
+    `pin_lookup` answers a Decision's `lookup` (the shared pin store, `--pin-store`); without
+    one, such a session is routed as one the store does not know."""
 
     def __init__(
         self,
@@ -1059,8 +1074,10 @@ class ProxyServer:
         *,
         clock: Callable[[], float] = time.monotonic,
         backends: Pool | None = None,
+        pin_lookup: PinLookup | None = None,
     ) -> None:
         self.router = router
+        self.pin_lookup = pin_lookup
         self.backends = backends
         self._backends_generation = -1  # of `backends`, when `_pools` was last pruned
         self.metrics = metrics
@@ -1202,6 +1219,21 @@ class ProxyServer:
         if self._timer is not None and self._tick > _QUEUE_TICK:
             self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(_QUEUE_TICK, self._check_deadlines)
+
+    def look_up(self, client: _ClientConnection, req: _Request, session: bytes) -> None:
+        """Ask `pin_lookup` for `session`'s backend; tell the router the answer and route
+        `req` again (at once without a `pin_lookup`: the store has nothing)."""
+        lookup = self.pin_lookup
+        if lookup is None:
+            self._looked_up(client, req, session, None)
+        else:
+            lookup(session, partial(self._looked_up, client, req, session))
+
+    def _looked_up(
+        self, client: _ClientConnection, req: _Request, session: bytes, backend_id: str | None
+    ) -> None:
+        self.router.looked_up(session, backend_id)
+        client.unpark(req, self.clock())
 
     def _prune_pools(self) -> None:
         """Close the upstream pools of backends no longer in `backends`."""

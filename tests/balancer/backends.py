@@ -79,6 +79,9 @@ class ListRouter:
     def learn(self, head: bytes, backend_id: str) -> None:
         raise AssertionError("no Decision of a ListRouter asks to learn")
 
+    def looked_up(self, session: bytes, backend_id: str | None) -> None:
+        raise AssertionError("no Decision of a ListRouter asks to look a session up")
+
 
 @dataclass
 class RecordingMetrics:

@@ -170,6 +170,10 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
      {"BALANCER_DASHBOARD_REDIS": "redis://127.0.0.1:6379/1"},
      'dashboard_redis = "redis://127.0.0.1:6379/1"', "dashboard_redis",
      "redis://127.0.0.1:6379/1"),
+    (["--pin-store", "redis+sentinel://127.0.0.1:26379/pins"],
+     {"BALANCER_PIN_STORE": "redis+sentinel://127.0.0.1:26379/pins"},
+     'pin_store = "redis+sentinel://127.0.0.1:26379/pins"', "pin_store",
+     "redis+sentinel://127.0.0.1:26379/pins"),
 ]  # fmt: skip
 
 
@@ -319,6 +323,7 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--discover-interval", "0"], "--discover-interval", "> 0"),
     (["--dashboard-mode", "cluster"], "--dashboard-mode", "expected one of sticky"),
     (["--dashboard-redis", "http://127.0.0.1:6379"], "--dashboard-redis", "http"),
+    (["--pin-store", "http://127.0.0.1:6379"], "--pin-store", "http"),
 ]
 
 
@@ -567,7 +572,7 @@ LIBRARY_DEFAULTS: dict[str, object] = {
 CONFIG_ONLY = {
     "listen", "backends", "sticky", "admin", "admin_token", "config", "workers", "log_format",
     "affinity_cookie", "affinity_max_age", "affinity_secrets", "spawn", "worker_cmd", "app",
-    "discover", "dashboard_mode", "dashboard_redis",
+    "discover", "dashboard_mode", "dashboard_redis", "pin_store",
 }  # fmt: skip
 
 
