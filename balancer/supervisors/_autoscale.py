@@ -35,7 +35,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["MAX_WINDOW", "Action", "AutoscalePolicy", "Autoscaler", "Decision"]
+__all__ = ["MAX_WINDOW", "Action", "AutoscalePolicy", "Autoscaler", "ScaleDecision"]
 
 MAX_WINDOW = 3600.0  # seconds: the longest window (it holds window / interval samples)
 
@@ -83,7 +83,7 @@ class Action(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class ScaleDecision:
     """What `Autoscaler.sample` decided: the action, the count wanted, and why."""
 
     action: Action
@@ -107,7 +107,7 @@ class Autoscaler:
         self._since: float | None = None  # when the current window began (settled)
         self._changed_at = now  # the last change of the count (the start counts)
         self._reported_at_max = False
-        self.last: Decision | None = None  # the last decision other than a plain hold
+        self.last: ScaleDecision | None = None  # the last decision other than a plain hold
 
     def __repr__(self) -> str:
         policy = self.policy
@@ -124,7 +124,7 @@ class Autoscaler:
 
     def sample(
         self, now: float, *, in_flight: int, ready: int, desired: int, settled: bool
-    ) -> Decision:
+    ) -> ScaleDecision:
         """Record one sample and decide.
 
         `in_flight`: requests in flight on the ready workers together; `ready`: how many
@@ -135,7 +135,7 @@ class Autoscaler:
         policy = self.policy
         if not settled or ready == 0:
             self._restart_window(None)
-            return Decision(Action.HOLD, desired, "settling: the workers are changing")
+            return ScaleDecision(Action.HOLD, desired, "settling: the workers are changing")
         if self._since is None:
             self._since = now
         # (1e-9: a clock in steps of `interval` is not held back by a rounding error.)
@@ -148,17 +148,17 @@ class Autoscaler:
         load = self.load()
         assert load is not None  # a sample was just kept, or one within interval is
         if now - self._changed_at < policy.cooldown:
-            return Decision(Action.HOLD, desired, "cooldown after the last change", load)
+            return ScaleDecision(Action.HOLD, desired, "cooldown after the last change", load)
         if now - self._since < policy.window:
-            return Decision(Action.HOLD, desired, "the window is not full yet", load)
+            return ScaleDecision(Action.HOLD, desired, "the window is not full yet", load)
         figures = f"{load:.2f} in flight per worker over {policy.window:g} s"
         if load > policy.target:
             if desired >= policy.maximum:
                 if self._reported_at_max:
-                    return Decision(Action.HOLD, desired, "at the maximum", load)
+                    return ScaleDecision(Action.HOLD, desired, "at the maximum", load)
                 self._reported_at_max = True
                 return self._decided(
-                    Decision(
+                    ScaleDecision(
                         Action.AT_MAX,
                         desired,
                         f"{figures} > target {policy.target:g}, but {desired} is the maximum",
@@ -168,7 +168,7 @@ class Autoscaler:
             wanted = policy.clamp(max(desired + 1, math.ceil(desired * load / policy.target)))
             return self._change(
                 now,
-                Decision(
+                ScaleDecision(
                     Action.UP,
                     wanted,
                     f"{figures} > target {policy.target:g}: {desired} -> {wanted} workers",
@@ -182,7 +182,7 @@ class Autoscaler:
             if after < floor:
                 return self._change(
                     now,
-                    Decision(
+                    ScaleDecision(
                         Action.DOWN,
                         desired - 1,
                         f"{figures}; {desired - 1} worker(s) would carry {after:.2f} each "
@@ -190,13 +190,13 @@ class Autoscaler:
                         load,
                     ),
                 )
-        return Decision(Action.HOLD, desired, "within the target's band", load)
+        return ScaleDecision(Action.HOLD, desired, "within the target's band", load)
 
-    def _change(self, now: float, decision: Decision) -> Decision:
+    def _change(self, now: float, decision: ScaleDecision) -> ScaleDecision:
         self.changed(now)
         return self._decided(decision)
 
-    def _decided(self, decision: Decision) -> Decision:
+    def _decided(self, decision: ScaleDecision) -> ScaleDecision:
         self.last = decision
         return decision
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from balancer.supervisors._autoscale import Action, AutoscalePolicy, Autoscaler, Decision
+from balancer.supervisors._autoscale import Action, AutoscalePolicy, Autoscaler, ScaleDecision
 
 STEP = 0.1  # seconds between samples, as the supervisor's loop gives them (at least)
 POLICY = AutoscalePolicy(minimum=1, maximum=3, target=4.0, window=1.0, cooldown=2.0)
@@ -151,7 +151,7 @@ def test_at_the_maximum_an_overload_is_reported_once_until_it_falls() -> None:
     policy = AutoscalePolicy(minimum=1, maximum=2, target=4.0, window=1.0, cooldown=0.0)
     scaler = Autoscaler(policy, now=0.0)
 
-    def feed(load: int, start: float) -> list[Decision]:
+    def feed(load: int, start: float) -> list[ScaleDecision]:
         return [
             scaler.sample(start + step * STEP, in_flight=load, ready=2, desired=2, settled=True)
             for step in range(30)
