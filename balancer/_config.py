@@ -211,7 +211,12 @@ class Settings:
             max_ejection_percent=self.max_ejection_percent,
             slow_start=self.slow_start,
             drain=DrainPolicy(
-                sessions=self.drain_sessions, idle=self.drain_idle, deadline=self.drain_deadline
+                # Only cookie stickiness pins clients: in modes none and ip nothing is kept,
+                # so a drain ends once nothing is in flight ("empty"), not after --drain-idle
+                # of nothing (a --sticky none rolling restart of 3 workers took 30 s more).
+                sessions=self.drain_sessions if self.sticky.mode == "cookie" else "move",
+                idle=self.drain_idle,
+                deadline=self.drain_deadline,
             ),
         )
 
