@@ -393,8 +393,11 @@ def _describe_pin(pin: Pin, now: float) -> dict[str, object]:
     return {
         "session": handle(pin.session),
         "seen_ago": round(max(0.0, now - pin.seen), 3),  # seconds
-        "backend": pin.backend_id or None,  # None: to be placed anew (forgotten)
-        "moving": pin.moved,  # an order waits for the session's next request
+        "backend": pin.backend_id or None,  # where it is pinned now
+        # An operator's order waits for the session's next request: to a backend ("to"),
+        # or, with "to" None, to be placed anew (forgotten).
+        "moving": pin.moved is not None,
+        "to": pin.moved or None,
     }
 
 

@@ -8,6 +8,7 @@ import pytest
 from balancer import (
     AffinityCookie,
     BackendState,
+    Decision,
     Metrics,
     Pool,
     Router,
@@ -272,10 +273,12 @@ class Sessions:
 
     def visit(self, session: str, backend_id: str) -> str:
         """A request of `session` pinned to `backend_id`; the backend it reached."""
-        decision = self.router.decide(
-            client_ip="1.2.3.4", cookie_header=self.header(session, backend_id)
-        )
-        return decision.backend.id
+        return self.decide(session, backend_id).backend.id
+
+    def decide(self, session: str, backend_id: str) -> Decision:
+        """The router's decision for a request of `session` carrying a pin to `backend_id`."""
+        header = self.header(session, backend_id)
+        return self.router.decide(client_ip="1.2.3.4", cookie_header=header, now=self.clock())
 
 
 @pytest.fixture
@@ -305,7 +308,7 @@ async def test_sessions_of_a_backend_most_recent_first_bounded_by_limit(
     assert "s4" not in response.text
     assert body["sessions"] == [
         {"session": body["sessions"][0]["session"], "seen_ago": 2.5, "backend": one.id,
-         "moving": False}
+         "moving": False, "to": None}
     ]  # fmt: skip
     assert len(body["sessions"][0]["session"]) == 16
     both = (await sessions.client.get(f"/backends/{one.id}/sessions")).json()["sessions"]
@@ -350,13 +353,18 @@ async def test_move_a_session_its_next_request_lands_there_repinned_admin(
     with caplog.at_level("INFO", logger="balancer"):
         response = await sessions.client.post(f"/sessions/{name}/move", json={"backend": two.id})
     assert response.status_code == 200
-    assert response.json() == {"session": name, "seen_ago": 0.0, "backend": two.id, "moving": True}
+    # Still pinned where it was until its next request carries the order out.
+    assert response.json() == {
+        "session": name,
+        "seen_ago": 0.0,
+        "backend": one.id,
+        "moving": True,
+        "to": two.id,
+    }
     events = [r for r in caplog.records if getattr(r, "balancer_event", None) == "session_moved"]
     assert [e.balancer_fields for e in events] == [{"session": name, "backend": two.id}]  # type: ignore[attr-defined]
     # Its next request, still carrying the pin to `one`, goes to `two`: re-pinned, "admin".
-    decision = sessions.router.decide(
-        client_ip="1.2.3.4", cookie_header=sessions.header("alice", one.id)
-    )
+    decision = sessions.decide("alice", one.id)
     assert (decision.backend.id, decision.reason) == (two.id, "admin")
     assert decision.set_cookie is not None
     assert sessions.visit("alice", two.id) == two.id  # and stays there
@@ -373,12 +381,12 @@ async def test_forget_a_session_its_next_request_is_placed_anew(
     with caplog.at_level("INFO", logger="balancer"):
         response = await sessions.client.delete(f"/sessions/{name}")
     assert response.status_code == 200
-    assert (response.json()["backend"], response.json()["moving"]) == (None, True)
+    assert response.json()["backend"] == one.id
+    assert (response.json()["moving"], response.json()["to"]) == (True, None)
     assert any(getattr(r, "balancer_event", None) == "session_forgotten" for r in caplog.records)
-    assert (await sessions.client.get(f"/backends/{one.id}/sessions")).json()["pinned"] == 0
-    decision = sessions.router.decide(
-        client_ip="1.2.3.4", cookie_header=sessions.header("bob", one.id)
-    )
+    listed = (await sessions.client.get(f"/backends/{one.id}/sessions")).json()["sessions"]
+    assert [(s["session"], s["moving"], s["to"]) for s in listed] == [(name, True, None)]
+    decision = sessions.decide("bob", one.id)
     assert decision.reason == "admin"  # placed anew, whichever backend that is
 
 
