@@ -436,6 +436,7 @@ class Balancer:
             "admin": str(settings.admin),
             "pid": os.getpid(),
             "spawn": self.supervisor is not None,
+            "drain_sessions": settings.drain_sessions,  # the drain button's default choice
             "discover": None if settings.discover is None else str(settings.discover),
         }
         return Dashboard(

@@ -25,6 +25,13 @@ does not hold the app's key), so at most `SESSIONS_MAX` are remembered, the one 
 decided on longest ago forgotten first: forged cookies cost a bounded map, not a growing one.
 A session seen on another backend than before was re-pinned: each tick reports those moves as
 a `sessions_moved` event (from, to, how many).
+
+"Pinned" per backend is the router's pin table (`Router.sessions`): the sessions seen on it
+in the last `PINNED_WINDOW` seconds, as `balancer_pinned_sessions` and the admin API's
+GET /backends/{id}/sessions count them; the page shows it in the sessions column. A DRAINING
+row also has `active`, those seen in the last `--drain-idle` seconds: a drain that keeps its
+sessions ends when that falls to 0 (and nothing is in flight), so the operator watches it
+fall; a DRAINED row has `drained_reason`, why its drain ended.
 """
 
 from __future__ import annotations
@@ -53,9 +60,11 @@ from starlette.types import Receive, Scope, Send
 from redis_plumbing import RedisClient, cancellable, redact_url, redis_client
 
 from ..datapath._affinity import Sticky, cookie_value
+from ..datapath._backend import Backend, BackendState
 from ..datapath._metrics import BUCKETS, BackendCounts, Metrics
 from ..datapath._pool import Pool
 from ..datapath._router import Decision
+from ._drains import PINNED_WINDOW
 from ._events import DASHBOARD_SUBSCRIBER_DROPPED, FAILOVER, SESSIONS_MOVED, Event, EventFeed
 from ._log import log_event
 
@@ -125,6 +134,11 @@ class BackendRow(TypedDict):
     p99_ms: float | None
     requests_total: int
     sessions: int | None  # sessions placed on it (module docstring); None: not counted
+    pinned: int | None  # pin table: seen in the last PINNED_WINDOW s; None: not counted
+    active: int | None  # DRAINING: pinned sessions seen in the last --drain-idle s
+    drain_for: float | None  # seconds since its drain began (DRAINING, DRAINED)
+    drain_sessions: str | None  # DRAINING: "keep" (pinned clients stay) or "move"
+    drained_reason: str | None  # DRAINED: why its drain ended (idle, empty, deadline, now)
     worker: dict[str, Any] | None  # the supervisor's worker at that URL, as /workers shows it
 
 
@@ -196,6 +210,9 @@ class DecisionCache(Protocol):
     @property
     def decisions(self) -> Mapping[bytes, Decision]: ...
 
+    def sessions(self, since: float) -> dict[str, int]:
+        """Per backend id, its pinned sessions seen at `since` or later."""
+
 
 def quantile(q: float, buckets: Sequence[int], bounds: Sequence[float] = BUCKETS) -> float | None:
     """The `q` quantile (0-1) of a non-cumulative histogram, in seconds; None if empty.
@@ -225,6 +242,13 @@ def add_counts(one: BackendCounts, other: BackendCounts) -> BackendCounts:
         one.errors + other.errors,
         tuple(map(operator.add, one.buckets, other.buckets)),
     )
+
+
+def _drain_sessions(backend: Backend) -> str | None:
+    """A DRAINING backend's pinned clients: "keep" (they stay) or "move"; else None."""
+    if backend.state is not BackendState.DRAINING:
+        return None
+    return "keep" if backend.keep_pinned else "move"
 
 
 def _minus(new: BackendCounts, old: BackendCounts | None) -> BackendCounts:
@@ -585,6 +609,10 @@ class Dashboard:
         in_flight = {} if others is None else others.in_flight
         requests_total = {} if others is None else others.requests_total
         failovers, repins, connections = self._totals()
+        pinned: dict[str, int] = {}
+        active: dict[float, dict[str, int]] = {}  # by --drain-idle: one scan for each
+        if sessions_on and self.router is not None:
+            pinned = self.router.sessions(now - PINNED_WINDOW)
         rows: list[BackendRow] = []
         for backend in self.pool:
             state = backend.state.value
@@ -613,6 +641,11 @@ class Dashboard:
                     "p99_ms": None if window is None else _ms(quantile(0.99, window.buckets)),
                     "requests_total": backend.requests_total + requests_total.get(backend.id, 0),
                     "sessions": per_backend.get(backend.id, 0) if sessions_on else None,
+                    "pinned": pinned.get(backend.id, 0) if sessions_on else None,
+                    "active": self._active(backend, now, active) if sessions_on else None,
+                    "drain_for": round(now - backend.drain_since, 3) if backend.draining else None,
+                    "drain_sessions": _drain_sessions(backend),
+                    "drained_reason": backend.drained_reason,
                     "worker": by_url.get(backend.url),
                 }
             )
@@ -635,6 +668,18 @@ class Dashboard:
             "rps": {backend_id: round(value, 2) for backend_id, value in rps.items()},
             "events": [event.as_json() for event in events],
         }
+
+    def _active(
+        self, backend: Backend, now: float, seen: dict[float, dict[str, int]]
+    ) -> int | None:
+        """A DRAINING backend's pinned sessions seen in the last --drain-idle seconds."""
+        if backend.state is not BackendState.DRAINING or self.router is None:
+            return None
+        idle = backend.policy.drain.idle
+        counts = seen.get(idle)
+        if counts is None:
+            counts = seen[idle] = self.router.sessions(now - idle)
+        return counts.get(backend.id, 0)
 
     def hello(self) -> Hello:
         """What a new page gets first: the last snapshot, the chart's history, recent events."""

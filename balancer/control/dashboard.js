@@ -259,8 +259,9 @@
       row.tr.dataset.state = state;
       setText(row.stateText, state.toUpperCase());
       row.state.className = `state ${state}`;
-      setText(row.reason, backend.reason || "");
-      row.reason.title = backend.reason || "";
+      const why = backend.reason || drainText(backend);
+      setText(row.reason, why);
+      row.reason.title = why;
       setText(row.sinceAgo, duration(snap.time - backend.since));
       setText(row.sinceAt, clock(backend.since));
       setText(row.inFlight, backend.in_flight);
@@ -268,13 +269,17 @@
       setText(row.errors, percent(backend.error_rate));
       setText(row.p50, ms(backend.p50_ms));
       setText(row.p99, ms(backend.p99_ms));
-      setText(row.sessions, backend.sessions === null ? "n/a" : backend.sessions);
+      setText(row.sessions, sessionsText(backend));
+      row.sessions.dataset.pinned = backend.pinned ?? "";
+      row.sessions.dataset.active = backend.active ?? "";
       const worker = backend.worker;
       setText(row.worker, worker
         ? `#${worker.index} pid ${worker.pid ?? "—"} · ${worker.restarts} restarts · up ${duration(worker.uptime)}`
         : showWorker ? "—" : "");
-      row.drain.disabled = state === "draining";
-      row.enable.disabled = state !== "draining";
+      row.drain.disabled = state === "drained";
+      setText(row.drain, state === "draining" ? "end drain" : "drain");
+      row.enable.disabled = state !== "draining" && state !== "drained";
+      row.view.disabled = backend.pinned === null || backend.pinned === undefined;
     });
     for (const [id, row] of rows) {
       if (!seen.has(id)) {
@@ -282,6 +287,25 @@
         rows.delete(id);
       }
     }
+  }
+
+  // A DRAINING row: how its pinned clients are treated and for how long; a DRAINED one: why
+  // its drain ended (idle, empty, deadline, now).
+  function drainText(backend) {
+    if (backend.state === "draining" && backend.drain_sessions) {
+      return `${backend.drain_sessions === "keep" ? "keeping" : "moving"} sessions · ${duration(backend.drain_for)}`;
+    }
+    if (backend.state === "drained" && backend.drained_reason) return `ended: ${backend.drained_reason}`;
+    return "";
+  }
+
+  // Pinned sessions (the pin table's, last 5 minutes); a DRAINING row adds those seen
+  // within --drain-idle, the count its drain waits to fall to 0.
+  function sessionsText(backend) {
+    const pinned = backend.pinned ?? backend.sessions;
+    if (pinned === null || pinned === undefined) return "n/a";
+    if (backend.active === null || backend.active === undefined) return String(pinned);
+    return `${pinned} · ${backend.active} active`;
   }
 
   function newBackendRow(backend) {
@@ -311,10 +335,20 @@
     const actions = el("td", "actions");
     const id = backend.id;
     const name = () => backendLabel(id);
-    cells.drain = button("drain", "drain", () => act(`Drain ${name()}? It gets no new requests; in-flight ones finish.`, `drain ${name()}`, "POST", `backends/${encodeURIComponent(id)}/drain`));
+    const drainPath = `backends/${encodeURIComponent(id)}/drain`;
+    cells.drain = button("drain", "drain", () => {
+      const now = latest && latest.backends.find((b) => b.id === id);
+      if (now && now.state === "draining") {
+        act(`End the drain of ${name()} now? It becomes DRAINED: safe to remove; its pinned sessions move.`, `end the drain of ${name()}`, "POST", `${drainPath}?now=1`);
+        return;
+      }
+      act(`Drain ${name()}? It gets no new clients; in-flight requests finish.`, `drain ${name()}`, "POST",
+        (choice) => (choice === "now" ? `${drainPath}?now=1` : `${drainPath}?sessions=${choice}`), undefined, DRAIN_CHOICES);
+    });
+    cells.view = button("sessions", "view-sessions", () => showSessions(id));
     cells.enable = button("enable", "enable", () => act(`Enable ${name()} again?`, `enable ${name()}`, "POST", `backends/${encodeURIComponent(id)}/enable`));
     cells.remove = button("remove", "remove danger", () => act(`Remove ${name()} from the pool?`, `remove ${name()}`, "DELETE", `backends/${encodeURIComponent(id)}`));
-    actions.append(cells.drain, cells.enable, cells.remove);
+    actions.append(cells.drain, cells.enable, cells.view, cells.remove);
     tr.append(url, state, cells.since, cells.inFlight, cells.rps, cells.errors, cells.p50,
       cells.p99, cells.sessions, cells.worker, actions);
     return cells;
@@ -448,6 +482,8 @@
     backend_removed: (f) => `${f.backend} removed (${f.in_flight} in flight)`,
     backend_discovered: (f) => `${f.url} found in the registry (instance ${f.instance})`,
     backend_undiscovered: (f) => `${f.url} left the registry (instance ${f.instance})`,
+    session_moved: (f) => `session ${f.session} moves to ${backendLabel(f.backend)} on its next request`,
+    session_forgotten: (f) => `session ${f.session} forgotten: placed anew on its next request`,
     failover: (f) => `${f.requests} request(s) failed over, ${f.repinned} client(s) re-pinned`,
     sessions_moved: (f) => `${f.sessions} session(s) moved from ${f.from} to ${Object.entries(f.to || {}).map(([url, n]) => `${url} (${n})`).join(", ")}`,
     worker_crashed: (f) => `worker #${f.index} (pid ${f.pid}) exited with ${f.code}; restart in ${f.restart_in}s (crash ${f.crashes} in a row)`,
@@ -503,9 +539,39 @@
 
   // -- actions ---------------------------------------------------------------------------
 
-  function confirmAction(question) {
+  // How a drain treats its pinned clients; the first is checked unless the balancer's
+  // --drain-sessions (info.drain_sessions) says otherwise.
+  const DRAIN_CHOICES = [
+    ["keep", "keep its pinned sessions until they go idle (--drain-idle), then DRAINED"],
+    ["move", "move its pinned sessions to other backends now"],
+    ["now", "end at once: DRAINED, safe to remove"],
+  ];
+
+  // Resolves to false (cancelled), or true, or with `choices` the value picked.
+  function confirmAction(question, choices) {
     const dialog = $("confirm");
     setText($("confirm-text"), question);
+    const box = $("confirm-choices");
+    box.replaceChildren();
+    box.hidden = !choices;
+    if (choices) {
+      const preferred = (latest && latest.info && latest.info.drain_sessions) || choices[0][0];
+      for (const [value, text] of choices) {
+        const label = el("label");
+        const input = el("input");
+        input.type = "radio";
+        input.name = "confirm-choice";
+        input.value = value;
+        input.checked = value === preferred;
+        label.append(input, el("span", null, ` ${value}: ${text}`));
+        box.append(label);
+      }
+    }
+    const picked = () => {
+      if (!choices) return true;
+      const input = box.querySelector("input:checked");
+      return input ? input.value : choices[0][0];
+    };
     return new Promise((resolve) => {
       const done = (answer) => {
         $("confirm-form").onsubmit = null;
@@ -516,7 +582,7 @@
       };
       $("confirm-form").onsubmit = (event) => {
         event.preventDefault();
-        done(true);
+        done(picked());
       };
       $("confirm-cancel").onclick = () => done(false);
       dialog.onclose = () => done(false);
@@ -537,8 +603,15 @@
   }
 
   // Confirm, call the admin API, show the outcome; resolves to whether it succeeded.
-  async function act(question, label, method, path, body) {
-    if (!(await confirmAction(question))) return false;
+  // `path` may be a function of the choice picked among `choices`.
+  async function act(question, label, method, path, body, choices) {
+    const answer = await confirmAction(question, choices);
+    if (!answer) return false;
+    return call(label, method, typeof path === "function" ? path(answer) : path, body);
+  }
+
+  // Call the admin API (asking for the token again once on a 401), show the outcome.
+  async function call(label, method, path, body) {
     for (let attempt = 0; attempt < 2; attempt++) {
       let response;
       try {
@@ -560,7 +633,8 @@
       try {
         const data = await response.json();
         detail = data.error || (data.state ? `now ${String(data.state).toUpperCase()}` : "");
-        if (response.ok && method === "DELETE") detail = "removed";
+        if (response.ok && method === "DELETE") detail = data.session ? "forgotten" : "removed";
+        if (response.ok && data.session && method === "POST") detail = `moves to ${backendLabel(data.to)} on its next request`;
         if (data.desired !== undefined) detail = `desired ${data.desired}`;
         if (data.restart !== undefined) detail = String(data.restart);
       } catch (error) {
@@ -571,6 +645,63 @@
     }
     return false;
   }
+
+  // -- one backend's sessions: forget or move one ----------------------------------------
+
+  let sessionsOf = null; // the backend whose sessions the dialog shows
+
+  async function showSessions(id) {
+    sessionsOf = id;
+    const dialog = $("sessions-dialog");
+    setText($("sessions-title"), `Sessions pinned to ${backendLabel(id)}`);
+    setText($("sessions-summary"), "loading…");
+    $("sessions-list").tBodies[0].replaceChildren();
+    if (!dialog.open) dialog.showModal();
+    let data;
+    try {
+      const response = await fetch(`backends/${encodeURIComponent(id)}/sessions?limit=50`, {
+        headers: headers(), cache: "no-store",
+      });
+      data = await response.json();
+      if (!response.ok) throw new Error(data.error || String(response.status));
+    } catch (error) {
+      setText($("sessions-summary"), `could not list them: ${error.message}`);
+      return;
+    }
+    if (sessionsOf !== id) return; // closed, or another backend's opened meanwhile
+    setText($("sessions-summary"), `${data.pinned} seen in the last ${duration(data.window)}; the ${data.sessions.length} most recent:`);
+    const targets = ((latest && latest.backends) || []).filter((b) => b.id !== id && b.state === "up");
+    const rowsOut = data.sessions.map((session) => {
+      const tr = el("tr");
+      tr.dataset.session = session.session;
+      const actions = el("td", "actions");
+      const select = el("select", "move-target");
+      for (const target of targets) {
+        const option = el("option", null, target.url);
+        option.value = target.id;
+        select.append(option);
+      }
+      const move = button("move", "move-session", async () => {
+        if (!select.value) return;
+        await call(`move session ${session.session}`, "POST", `sessions/${session.session}/move`, { backend: select.value });
+        showSessions(id);
+      });
+      move.disabled = !targets.length;
+      const forget = button("forget", "forget-session", async () => {
+        await call(`forget session ${session.session}`, "DELETE", `sessions/${session.session}`);
+        showSessions(id);
+      });
+      actions.append(select, move, forget);
+      tr.append(el("td", "handle", session.session), el("td", "num", `${duration(session.seen_ago)} ago${session.moving ? (session.to ? ` (moving to ${backendLabel(session.to)})` : " (forgotten)") : ""}`), actions);
+      return tr;
+    });
+    $("sessions-list").tBodies[0].replaceChildren(...rowsOut);
+  }
+
+  $("sessions-close").addEventListener("click", () => {
+    sessionsOf = null;
+    $("sessions-dialog").close();
+  });
 
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();

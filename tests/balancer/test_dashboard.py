@@ -249,11 +249,49 @@ def test_sessions_are_counted_per_backend_and_their_moves_reported() -> None:
     assert row(ticked(dashboard), two.id)["sessions"] == 0
 
 
+def test_a_draining_row_shows_its_pinned_sessions_falling_and_a_drained_one_why() -> None:
+    dashboard, pool, _, router, clock = make_dashboard()
+    one, two = list(pool)
+    affinity = AffinityCookie(secrets=["s" * 16])
+
+    def visit(session: str, backend_id: str) -> None:
+        header = f"sid={session}; lb_affinity=".encode() + affinity.sign(backend_id)
+        router.decide(client_ip="1.2.3.4", cookie_header=header, now=clock())
+
+    for i in range(3):
+        visit(f"s{i}", one.id)
+    visit("t0", two.id)
+    assert dashboard.subscribe() is not None
+    first = row(ticked(dashboard), one.id)
+    assert (first["pinned"], row(ticked(dashboard), two.id)["pinned"]) == (3, 1)
+    assert (first["active"], first["drain_for"], first["drain_sessions"]) == (None, None, None)
+    pool.drain(one.id, clock(), sessions="keep")  # --drain-idle: the policy's 10 s
+    clock.advance(6.0)
+    visit("s0", one.id)  # a pinned client keeps coming back
+    draining = row(ticked(dashboard), one.id)
+    assert (draining["state"], draining["drain_sessions"], draining["drain_for"]) == (
+        "draining",
+        "keep",
+        6.0,
+    )
+    assert (draining["pinned"], draining["active"]) == (3, 3)
+    clock.advance(6.0)  # s1 and s2 not seen for 12 s, s0 for 6
+    assert row(ticked(dashboard), one.id)["active"] == 1
+    clock.advance(5.0)
+    assert row(ticked(dashboard), one.id)["active"] == 0
+    assert [b.id for b, _ in pool.drain_tick(clock())] == [one.id]  # idle for 17 s
+    drained = row(ticked(dashboard), one.id)
+    assert (drained["state"], drained["drained_reason"]) == ("drained", "idle")
+    assert (drained["active"], drained["drain_sessions"]) == (None, None)
+    assert row(ticked(dashboard), two.id)["drained_reason"] is None
+
+
 def test_sessions_are_not_shown_without_cookie_stickiness() -> None:
     dashboard, pool, *_ = make_dashboard(sticky=Sticky("none"))
     assert dashboard.subscribe() is not None
     snapshot = ticked(dashboard)
     assert row(snapshot, next(iter(pool)).id)["sessions"] is None
+    assert row(snapshot, next(iter(pool)).id)["pinned"] is None
     assert snapshot["totals"]["sessions"] is None
 
 

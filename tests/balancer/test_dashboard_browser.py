@@ -23,6 +23,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, sync_playwright
 
 from balancer.datapath._backend import backend_id
+from balancer.datapath._pins import handle
 from redis_plumbing import RedisServer
 from tests.balancer.test_supervisor import cluster, demo_app_command, stub_command
 from tests.helpers import free_port, wait_for
@@ -196,26 +197,104 @@ def test_a_backend_named_with_html_shows_as_text(stack: Stack, watched: Watched)
         )
 
 
+def session_on(stack: Stack, client: httpx.Client) -> tuple[str, int]:
+    """One request of `client`'s session: the URL of the instance that answered, its count."""
+    answer = client.post(stack.lb.url + "/api/counter").json()
+    return stack.apps[int(answer["instance"].removeprefix("app")) - 1].url, answer["count"]
+
+
 def test_drain_and_enable_buttons(stack: Stack, watched: Watched) -> None:
     open_dashboard(watched, stack.admin, 3)
-    url = stack.apps[0].url
-    watched.row(url).locator("button.drain").click()
-    assert "Drain" in watched.page.inner_text("#confirm-text")
-    watched.confirm()
-    watched.wait_state(url, "draining")
-    assert stack.backends()[url]["state"] == "draining"  # the admin API agrees
-    outcome = watched.page.locator("#outcome")
-    outcome.wait_for(state="visible", timeout=STEP)
-    assert "200" in outcome.inner_text()
-    assert outcome.get_attribute("data-ok") == "true"
+    page = watched.page
+    with httpx.Client(timeout=5) as client:
+        url, _ = session_on(stack, client)  # a session pinned to the backend drained below
+        sessions = watched.row(url).locator(".sessions")
+        wait_for(lambda: sessions.get_attribute("data-pinned") not in (None, "", "0"), 5, "pins")
+        watched.row(url).locator("button.drain").click()
+        assert "Drain" in page.inner_text("#confirm-text")
+        # It offers keep (checked: the balancer's --drain-sessions), move and now.
+        choices = page.locator("#confirm-choices input")
+        assert [choices.nth(i).get_attribute("value") for i in range(3)] == ["keep", "move", "now"]
+        assert page.locator("#confirm-choices input:checked").get_attribute("value") == "keep"
+        watched.confirm()
+        watched.wait_state(url, "draining")
+        assert stack.backends()[url]["state"] == "draining"  # the admin API agrees
+        outcome = page.locator("#outcome")
+        outcome.wait_for(state="visible", timeout=STEP)
+        assert "200" in outcome.inner_text()
+        assert outcome.get_attribute("data-ok") == "true"
+        # The row says it keeps its sessions, for how long, and how many are still active.
+        reason = watched.row(url).locator(".reason")
+        wait_for(lambda: reason.inner_text().startswith("keeping sessions · "), 5, "the reason")
+        assert stack.backends()[url]["keep_pinned"] is True
+        wait_for(lambda: sessions.get_attribute("data-active") not in (None, ""), 5, "active")
+        assert int(sessions.get_attribute("data-active") or 0) >= 1
+        assert "active" in sessions.inner_text()
+        # The pinned client still reaches it while it drains.
+        assert session_on(stack, client)[0] == url
+        # The same button now ends the drain at once: DRAINED, and why.
+        watched.row(url).locator("button.drain").click()
+        assert "End the drain" in page.inner_text("#confirm-text")
+        assert page.locator("#confirm-choices").is_hidden()
+        watched.confirm()
+        watched.wait_state(url, "drained")
+        wait_for(lambda: reason.inner_text() == "ended: now", 5, "the drained reason")
+        assert stack.backends()[url]["drained_reason"] == "now"
+        assert watched.row(url).locator("button.drain").is_disabled()
+        watched.row(url).locator("button.enable").click()
+        watched.confirm()
+        watched.wait_state(url, "up")
+        # A drain that moves its sessions, picked in the dialog: with nothing in flight it
+        # ends at once ("empty").
+        watched.row(url).locator("button.drain").click()
+        page.check('#confirm-choices input[value="move"]')
+        watched.confirm()
+        watched.wait_state(url, "drained")
+        wait_for(lambda: reason.inner_text() == "ended: empty", 5, "the drained reason")
     # Cancel does nothing; enable brings it back.
     watched.row(url).locator("button.enable").click()
     watched.page.click("#confirm-cancel")
-    assert stack.backends()[url]["state"] == "draining"
+    assert stack.backends()[url]["state"] == "drained"
     watched.row(url).locator("button.enable").click()
     watched.confirm()
     watched.wait_state(url, "up")
     assert stack.backends()[url]["state"] == "up"
+    assert watched.errors == []
+
+
+def test_the_sessions_view_moves_and_forgets_one_session(stack: Stack, watched: Watched) -> None:
+    open_dashboard(watched, stack.admin, 3)
+    page = watched.page
+    with httpx.Client(timeout=5) as client:
+        url, count = session_on(stack, client)
+        name = handle(str(client.cookies["sid"]).encode())
+        ups = [a.url for a in stack.apps if stack.backends()[a.url]["state"] == "up"]
+        target = next(u for u in ups if u != url)
+        view = watched.row(url).locator("button.view-sessions")
+        wait_for(lambda: not view.is_disabled(), 5, "the sessions button")
+        view.click()
+        dialog = page.locator("#sessions-dialog")
+        dialog.wait_for(state="visible", timeout=STEP)
+        mine = page.locator(f'#sessions-list tr[data-session="{name}"]')
+        mine.wait_for(timeout=STEP)
+        assert "pinned to" in page.inner_text("#sessions-title")
+        assert str(client.cookies["sid"]) not in page.inner_text("#sessions-dialog")  # a digest
+        mine.locator("select.move-target").select_option(backend_id(target))
+        mine.locator("button.move-session").click()
+        page.wait_for_selector('#outcome[data-ok="true"]', timeout=STEP)
+        assert "moves to" in page.inner_text("#outcome")
+        page.click("#sessions-close")
+        # Its next request lands there, and in hybrid mode the session goes on (its count).
+        assert session_on(stack, client) == (target, count + 1)
+        page.wait_for_selector('#events li[data-event="session_moved"]', timeout=STEP)
+        # Forgotten from the target's list: placed anew on its next request.
+        watched.row(target).locator("button.view-sessions").click()
+        mine.wait_for(timeout=STEP)
+        mine.locator("button.forget-session").click()
+        wait_for(lambda: "forgotten" in page.inner_text("#outcome"), 5, "the outcome")
+        page.click("#sessions-close")
+        assert session_on(stack, client)[1] == count + 2  # placed anew, the session kept
+        page.wait_for_selector('#events li[data-event="session_forgotten"]', timeout=STEP)
     assert watched.errors == []
 
 
