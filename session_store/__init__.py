@@ -33,6 +33,7 @@ from ._redis import RedisStore
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionRecord, SessionStore
+from ._url import store_from_env, store_from_url
 
 __all__ = [
     "UNAVAILABLE_ERRORS",
@@ -60,4 +61,6 @@ __all__ = [
     "parse_redis_url",
     "redact_url",
     "redis_client",
+    "store_from_env",
+    "store_from_url",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -9,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import MutableHeaders, Secret
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,12 +23,36 @@ from ._exceptions import (
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionStore
+from ._url import store_from_env
 
 __all__ = ["SessionMiddleware", "load_session"]
 
 logger = logging.getLogger("session_store")
 
 Autoload = bool | Callable[[Scope], bool]
+
+STARLETTE_MAX_AGE = 14 * 24 * 60 * 60  # seconds: Starlette's default max_age, 14 days
+# How Starlette's middleware clears its cookie, spelled as it spells it.
+_EPOCH = "expires=Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+class _Unset(enum.Enum):
+    """The default of a parameter for which None means something (``max_age``)."""
+
+    UNSET = enum.auto()
+
+
+_UNSET = _Unset.UNSET
+
+
+_ONE_SETTING = "SessionMiddleware: {theirs} (Starlette's name) and {ours} are one setting; give one"
+
+
+def _one_of(ours: str, our_value: Any, theirs: str, their_value: Any) -> Any:
+    """The value of the one spelling given of a setting, or None; both is a TypeError."""
+    if our_value is not None and their_value is not None:
+        raise TypeError(_ONE_SETTING.format(theirs=theirs, ours=ours))
+    return our_value if our_value is not None else their_value
 
 
 # One encoder for all: json.dumps with options builds a new one per call.
@@ -54,17 +79,37 @@ async def load_session(connection: HTTPConnection) -> Session:
 class SessionMiddleware:
     """Server-side sessions for any ASGI app, in any `SessionStore`.
 
-    The cookie holds only a signed random id; the data stays in the store.
-    ``secret_keys`` is newest first: the first signs, all verify.
+    A drop-in for Starlette's ``SessionMiddleware``: it takes every keyword of
+    Starlette's (``secret_key``, ``session_cookie``, ``max_age``, ``path``,
+    ``same_site``, ``https_only``, ``domain``, ``partitioned``) with the same
+    meaning, writes the cookie's attributes as Starlette does, and sends the cookie
+    when the session changed, ``Vary: Cookie`` when the app used it. The cookie
+    holds only a signed random id; the data stays in ``store``. Without a store,
+    `store_from_env` picks one (``SESSION_STORE_URL``, then ``REDIS_URL``, else this
+    process's memory, with a warning) and the middleware closes it at lifespan's end.
 
-    Expiry: a session ends after ``idle_timeout`` seconds without a request,
-    and ``absolute_lifetime`` seconds after it was created, whichever is first.
+    Keys: ``secret_key`` (one key), or ``secret_keys``, newest first: the first
+    signs, all verify. Each at least 16 characters.
+
+    Expiry: a session ends after ``idle_timeout`` seconds without a request, and
+    ``absolute_lifetime`` seconds after it was created, whichever is first. Given
+    Starlette's ``max_age``, that is the lifetime and the cookie's Max-Age (None: a
+    browser-session cookie; 0 or less: a cookie the browser drops at once and a
+    session never kept). With ``secret_key`` or ``max_age``, the defaults are
+    Starlette's: 14 days, and no shorter idle expiry unless ``idle_timeout`` says so;
+    with ``secret_keys`` alone, 30 minutes idle and 24 hours in all.
+
+    Two spellings of one setting (``secret_key``/``secret_keys``,
+    ``session_cookie``/``cookie_name``, ``https_only``/``secure``,
+    ``max_age``/``absolute_lifetime`` or ``persistent``) given together raise
+    TypeError; settings that cannot work raise ValueError.
 
     Store calls: a request without a valid cookie makes none until it puts
     something in the session; a request with one loads it once (before the app
     runs when ``autoload`` says so, else on ``await load_session(request)``); an
     unchanged session is only touched to extend its idle expiry, at most once
-    per ``touch_interval`` seconds; a changed one writes only the changed keys.
+    per ``touch_interval`` seconds; a changed one writes only the changed keys; one
+    emptied by the app is destroyed and its cookie cleared, as Starlette clears it.
 
     When the store is unavailable the request gets ``503`` with ``Retry-After``
     (``on_unavailable="error"``), or goes on with an empty session that is not
@@ -74,36 +119,79 @@ class SessionMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        store: SessionStore,
-        secret_keys: Sequence[str | bytes],
+        store: SessionStore | None = None,
+        secret_keys: Sequence[str | bytes] | None = None,
         *,
-        cookie_name: str = "session",
-        idle_timeout: float = 30 * 60,  # seconds
-        absolute_lifetime: float = 24 * 60 * 60,  # seconds
+        # Starlette's keywords, with Starlette's meaning.
+        secret_key: str | bytes | Secret | None = None,
+        session_cookie: str | None = None,
+        max_age: int | _Unset | None = _UNSET,  # seconds
+        path: str = "/",
+        same_site: Literal["lax", "strict", "none"] = "lax",
+        https_only: bool | None = None,
+        domain: str | None = None,
+        partitioned: bool = False,
+        # Ours.
+        cookie_name: str | None = None,  # default "session"
+        idle_timeout: float | None = None,  # seconds; see the expiry defaults above
+        absolute_lifetime: float | None = None,  # seconds; see the expiry defaults above
         touch_interval: float | None = None,  # seconds; default min(60, idle_timeout / 4)
         max_size: int = 64 * 1024,  # bytes of JSON text, keys included
-        persistent: bool = True,  # Max-Age = absolute_lifetime; False: a browser-session cookie
-        path: str = "/",
-        domain: str | None = None,
-        secure: bool = False,
+        persistent: bool | None = None,  # Max-Age = absolute_lifetime; False: browser-session
+        secure: bool | None = None,
         httponly: bool = True,
-        same_site: Literal["lax", "strict", "none"] = "lax",
         autoload: Autoload = True,
         on_unavailable: Literal["error", "empty"] = "error",
         retry_after: int = 5,  # seconds, in the 503's Retry-After
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if isinstance(store, str | bytes | Secret):
+            raise TypeError(
+                "SessionMiddleware(app, store, ...): the second argument is the store; "
+                "pass the key by name, secret_key=..."
+            )
+        keys = self._keys(secret_key, secret_keys)
+        cookie_name = _one_of("cookie_name", cookie_name, "session_cookie", session_cookie)
+        secure = bool(_one_of("secure", secure, "https_only", https_only))
+        starlette_expiry = secret_key is not None or max_age is not _UNSET
+        if max_age is not _UNSET:
+            # max_age=None says only "no Max-Age": it leaves absolute_lifetime free.
+            if persistent is not None or (absolute_lifetime is not None and max_age is not None):
+                ours = "persistent" if persistent is not None else "absolute_lifetime"
+                raise TypeError(_ONE_SETTING.format(theirs="max_age", ours=ours))
+            persistent = max_age is not None
+            if max_age is not None:
+                absolute_lifetime = max(max_age, 1)
+        if absolute_lifetime is None:
+            absolute_lifetime = STARLETTE_MAX_AGE if starlette_expiry else 24 * 60 * 60
+        if idle_timeout is None:
+            idle_timeout = absolute_lifetime if starlette_expiry else 30 * 60
         if idle_timeout <= 0 or absolute_lifetime <= 0:
             raise ValueError("idle_timeout and absolute_lifetime must be positive")
         if same_site not in ("lax", "strict", "none"):
             raise ValueError(f"same_site must be 'lax', 'strict' or 'none', not {same_site!r}")
         if same_site == "none" and not secure:
-            raise ValueError("same_site='none' needs secure=True: browsers reject it otherwise")
+            raise ValueError(
+                "same_site='none' needs https_only=True (or secure=True): browsers reject it "
+                "otherwise"
+            )
+        if partitioned and not secure:
+            raise ValueError(
+                "partitioned=True needs https_only=True (or secure=True): browsers reject a "
+                "Partitioned cookie without Secure"
+            )
         if on_unavailable not in ("error", "empty"):
             raise ValueError(f"on_unavailable must be 'error' or 'empty', not {on_unavailable!r}")
+        name = "secret_key" if secret_key is not None else "secret_keys"
+        try:
+            self.signer = SessionIdSigner(keys, max_age=math.ceil(absolute_lifetime))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         self.app = app
-        self.store = store
-        self.cookie_name = cookie_name
+        # Last, once every setting is known good: a store made here holds a client.
+        self._owns_store = store is None
+        self.store = store if store is not None else store_from_env()
+        self.cookie_name = cookie_name or "session"
         self.idle_timeout = idle_timeout
         self.absolute_lifetime = absolute_lifetime
         self.touch_interval = (
@@ -114,30 +202,58 @@ class SessionMiddleware:
         self.on_unavailable = on_unavailable
         self.retry_after = retry_after
         self.clock = clock
-        self.signer = SessionIdSigner(secret_keys, max_age=math.ceil(absolute_lifetime))
-        attributes = [f"Path={path}"]
-        if domain:
-            attributes.append(f"Domain={domain}")
-        if persistent:
-            attributes.append(f"Max-Age={math.ceil(absolute_lifetime)}")
-        if httponly:
-            attributes.append("HttpOnly")
+        # max_age=0 or less, as Starlette: no cookie is ever read back, nothing is stored.
+        self.keeps = not (isinstance(max_age, int) and max_age <= 0)
+        # Starlette's order and spelling: apps' own tests compare them.
+        flags = "httponly; " if httponly else ""
+        flags += f"samesite={same_site}"
         if secure:
-            attributes.append("Secure")
-        attributes.append(f"SameSite={same_site.capitalize()}")
-        self._attributes = "; ".join(attributes)
-        self._expired = f"{cookie_name}=; " + "; ".join(
-            [a for a in attributes if not a.startswith("Max-Age")] + ["Max-Age=0"]
-        )
+            flags += "; secure"
+        if domain is not None:
+            flags += f"; domain={domain}"
+        if partitioned:
+            flags += "; partitioned"
+        if isinstance(max_age, int):
+            lifetime = f"Max-Age={max_age}; "
+        else:
+            lifetime = (
+                f"Max-Age={math.ceil(absolute_lifetime)}; " if persistent is not False else ""
+            )
+        self._attributes = f"; path={path}; {lifetime}{flags}"
+        self._expired = f"{self.cookie_name}=; path={path}; {_EPOCH}; {flags}"
+
+    @staticmethod
+    def _keys(
+        secret_key: str | bytes | Secret | None, secret_keys: Sequence[str | bytes] | None
+    ) -> Sequence[str | bytes]:
+        if secret_key is not None and secret_keys is not None:
+            raise TypeError(_ONE_SETTING.format(theirs="secret_key", ours="secret_keys"))
+        if secret_key is not None:
+            return [str(secret_key) if isinstance(secret_key, Secret) else secret_key]
+        if secret_keys is None:
+            raise TypeError(
+                "SessionMiddleware needs secret_key=... (or secret_keys=[newest, ...]); make "
+                'one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        return secret_keys
+
+    def _cookie(self, value: str) -> str:
+        return f"{self.cookie_name}={value}{self._attributes}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan" and self._owns_store:
+                await self.app(scope, receive, self._closing_store(send))
+            else:
+                await self.app(scope, receive, send)
             return
 
         session = Session()
         scope["session"] = session
-        had_cookie, session_id = self._read_cookie(scope)
+        cookie_value = self._read_cookie(scope)
+        session_id = None
+        if cookie_value is not None and self.keeps:
+            session_id = self.signer.unsign(cookie_value)
         if session_id is not None:
             session.loaded = False
             session.loader = lambda: self._load(session, session_id)
@@ -162,7 +278,7 @@ class SessionMiddleware:
                 return  # the app's own response was replaced by the 503
             if message["type"] == "http.response.start":
                 try:
-                    cookie = await self._commit(session, had_cookie)
+                    cookie = await self._commit(session, cookie_value)
                 except StoreUnavailable as exc:
                     if self.on_unavailable == "error":
                         replaced = True
@@ -170,22 +286,36 @@ class SessionMiddleware:
                         return
                     logger.warning("session not saved, store unavailable: %s", exc)
                     cookie = None
-                headers = MutableHeaders(scope=message)
-                if session.accessed or had_cookie:
-                    headers.add_vary_header("Cookie")
-                if cookie is not None:
-                    headers.append("Set-Cookie", cookie)
+                if session.accessed or cookie is not None:
+                    headers = MutableHeaders(scope=message)
+                    # Only when the app used the session: Vary: Cookie on every
+                    # response would keep HTTP caches from storing any of them.
+                    if session.accessed:
+                        headers.add_vary_header("Cookie")
+                    if cookie is not None:
+                        headers.append("Set-Cookie", cookie)
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
 
-    def _read_cookie(self, scope: Scope) -> tuple[bool, str | None]:
+    def _closing_store(self, send: Send) -> Send:
+        """``send`` for a lifespan: the store this middleware made is closed at its end."""
+
+        async def closing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.store.aclose()
+            await send(message)
+
+        return closing
+
+    def _read_cookie(self, scope: Scope) -> str | None:
+        """The session cookie's value as the client sent it, or None."""
         for name, value in scope["headers"]:
             if name == b"cookie":
                 cookies = cookie_parser(value.decode("latin-1"))
                 if self.cookie_name in cookies:
-                    return True, self.signer.unsign(cookies[self.cookie_name])
-        return False, None
+                    return cookies[self.cookie_name]
+        return None
 
     async def _load(self, session: Session, session_id: str) -> None:
         record = await self.store.load(session_id)
@@ -239,12 +369,12 @@ class SessionMiddleware:
     def _ttl(self, created: float, now: float) -> float:
         return min(self.idle_timeout, created + self.absolute_lifetime - now)
 
-    async def _commit(self, session: Session, had_cookie: bool) -> str | None:
+    async def _commit(self, session: Session, cookie_value: str | None) -> str | None:
         """Write what the request changed; return the Set-Cookie value to send, if any."""
         if session.destroyed:
             if session.id is not None:
                 await self.store.destroy(session.id, ttl=self.idle_timeout)
-            return self._expired if had_cookie else None
+            return self._expired if cookie_value is not None else None
         if not session.loaded:
             return None  # never loaded, so never changed
         now = self.clock()
@@ -258,22 +388,33 @@ class SessionMiddleware:
             raise SessionTooLarge(size, self.max_size)
 
         if session.id is None or session.regenerated:
-            if not encoded and session.id is None:
-                return None  # nothing worth a cookie
+            if not encoded:
+                if session.id is None:
+                    return None  # nothing worth a cookie
+                await self.store.destroy(session.id, ttl=self.idle_timeout)
+                return self._expired
+            if not self.keeps:
+                # max_age <= 0: the cookie dies at once, so the session is never kept.
+                return self._cookie(self.signer.sign(new_session_id()))
             created = session.created or now
             new_id = await self._create(encoded, created, now)
             if session.id is not None:
                 await self.store.destroy(session.id, ttl=self.idle_timeout)
             session.id = new_id
-            return f"{self.cookie_name}={self.signer.sign(new_id)}; {self._attributes}"
+            return self._cookie(self.signer.sign(new_id))
 
         baseline = session.baseline
         changes = Changes(
             {k: v for k, v in encoded.items() if baseline.get(k) != v},
             frozenset(baseline.keys() - encoded.keys()),
         )
-        ttl = self._ttl(session.created, now)
+        if not encoded and (changes or session.modified):
+            # Emptied: as Starlette's, the cookie is cleared; the store forgets the
+            # session (a tombstone, so a concurrent request cannot bring it back).
+            await self.store.destroy(session.id, ttl=self.idle_timeout)
+            return self._expired
         if changes:
+            ttl = self._ttl(session.created, now)
             if (
                 await self.store.save(
                     session.id, changes, created=session.created, ttl=ttl, create=False
@@ -285,6 +426,10 @@ class SessionMiddleware:
                 return self._expired
         else:
             await self._touch_if_due(session, now)
+        if (changes or session.modified) and cookie_value is not None:
+            # As Starlette: a changed session's cookie is sent again, and with it a fresh
+            # Max-Age. The value the client sent is reused: same id, no new signature.
+            return self._cookie(cookie_value)
         return None
 
     async def _touch_if_due(self, session: Session, now: float) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from ._exceptions import SessionNotLoaded
 
@@ -36,26 +36,43 @@ def _accessing(
 class Session(dict[str, Any]):
     """A dict of JSON values, plus the session's identity and fate.
 
-    It behaves as the dict of Starlette's own ``SessionMiddleware``. What to
-    write is found at the end of the request by comparing each value's JSON
-    text with the one loaded, so nested changes (``session["cart"].append(x)``)
-    are saved too, and only the keys that changed are written.
+    It behaves as the ``Session`` of Starlette's own ``SessionMiddleware``: built
+    from a dict (``Session({"a": 1})``), with its ``accessed`` and ``modified``
+    flags, set by the same methods, and ``mark_accessed()``/``mark_modified()``.
+    What to write is found at the end of the request by comparing each value's
+    JSON text with the one loaded, so nested changes (``session["cart"].append(x)``)
+    are saved too, without ``mark_modified()``, and only the keys that changed are
+    written. ``modified`` decides only whether the response carries the cookie
+    again, as Starlette's does.
 
     When the middleware does not load sessions up front (``autoload``), any use
     before ``await load_session(request)`` raises `SessionNotLoaded`.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(
+        self, data: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **kwargs: Any
+    ) -> None:
+        super().__init__(data, **kwargs)
         self.id: str | None = None  # None for a session not stored yet
         self.loaded = True
-        self.accessed = False
+        self.accessed = False  # read or written: the response depends on the cookie
+        self.modified = False  # written through a dict method, or mark_modified()
         self.created = 0.0  # seconds since the epoch; 0.0 for a new session
         self.destroyed = False
         self.regenerated = False
         self.ttl: float | None = None  # as the store said at load time
         self.baseline: dict[str, str] = {}  # key -> JSON text as loaded
         self.loader: Callable[[], Awaitable[None]] | None = None
+
+    def mark_accessed(self) -> None:
+        """Say that the response depends on the session (``Vary: Cookie``). Starlette's
+        ``request.session`` calls it; it never raises, even before the session is loaded."""
+        self.accessed = True
+
+    def mark_modified(self) -> None:
+        """Say that the session changed: the response carries its cookie again."""
+        self._access()
+        self.modified = True
 
     @property
     def is_new(self) -> bool:
@@ -81,12 +98,15 @@ class Session(dict[str, Any]):
         if not self.loaded and self.loader is not None:
             await self.loader()
 
-    def _access(self) -> None:
+    def _check_loaded(self) -> None:
         if not self.loaded:
             raise SessionNotLoaded(
                 "the session is not loaded: call `await load_session(request)` first "
                 "(the middleware's autoload is off for this request)"
             )
+
+    def _access(self) -> None:
+        self._check_loaded()
         self.accessed = True
 
     def __getitem__(self, key: str) -> Any:
@@ -94,11 +114,11 @@ class Session(dict[str, Any]):
         return super().__getitem__(key)
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._access()
+        self.mark_modified()
         super().__setitem__(key, value)
 
     def __delitem__(self, key: str) -> None:
-        self._access()
+        self.mark_modified()
         super().__delitem__(key)
 
     def __contains__(self, key: object) -> bool:
@@ -118,25 +138,40 @@ class Session(dict[str, Any]):
         return super().get(key, default)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
-        self._access()
+        # An existing value may be changed in place (``setdefault("cart", []).append``):
+        # accessed, so the end of the request compares it; modified only when added.
+        if dict.__contains__(self, key):
+            self._access()
+        else:
+            self.mark_modified()
         return super().setdefault(key, default)
 
     def pop(self, key: str, default: Any = _MISSING) -> Any:
-        self._access()
+        # As Starlette's: popping a missing key with a default changes nothing.
+        self._check_loaded()
+        if dict.__contains__(self, key):
+            self.mark_modified()
         if default is _MISSING:
             return super().pop(key)
         return super().pop(key, default)
 
     def popitem(self) -> tuple[str, Any]:
-        self._access()
-        return super().popitem()
+        self._check_loaded()
+        item = super().popitem()
+        self.mark_modified()
+        return item
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self._access()
+        self.mark_modified()
         super().update(*args, **kwargs)
 
+    def __ior__(self, other: Any, /) -> Self:  # type: ignore[override,misc]
+        # dict's own ``|=`` would skip `update`, and the change would go unseen.
+        self.update(other)
+        return self
+
     def clear(self) -> None:
-        self._access()
+        self.mark_modified()
         super().clear()
 
     keys = _accessing(dict.keys)

@@ -42,7 +42,12 @@ class SessionIdSigner:
         if isinstance(secret_keys, str | bytes) or not secret_keys:
             raise ValueError("secret_keys must be a non-empty list of keys, newest first")
         if any(len(key) < 16 for key in secret_keys):
-            raise ValueError("every secret key must be at least 16 characters long")
+            # One line, naming the fix, and never the key: it ends up in logs.
+            raise ValueError(
+                f"a secret key must be at least 16 characters long (got one of "
+                f"{min(len(key) for key in secret_keys)}); make one with: "
+                f'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
         keys = [key.encode() if isinstance(key, str) else key for key in reversed(secret_keys)]
         self._signer = itsdangerous.TimestampSigner(keys, salt=salt, digest_method=hashlib.sha256)
         self.max_age = max_age
