@@ -15,6 +15,13 @@ The dashboard's cost: the whole `python -m balancer --admin ...` is measured twi
 process, once with no page open and once with a client reading the dashboard's event stream
 for the whole run (warm-up included), in turn; both rows are printed, with the ticks the page
 received. Compare their CPU us/req: on a shared machine it moves less than requests/s.
+
+The shared pin table's cost: the same `python -m balancer --admin ...` with `--pin-store`
+(a Redis of the benchmark's own) is measured in the same round, page closed, its order
+against the process without one alternating by round. wrk sends no affinity cookie, so each
+of its 1000 `sid` values is looked up in Redis once (in the warm-up), then found in the
+table, as a signed pin would be: the steady state never reaches Redis. Target (issue 15):
+`--pin-store` within 10% of without.
 Everything listens on 127.0.0.1; processes and temporary files are cleaned up.
 """
 
@@ -39,10 +46,11 @@ from pathlib import Path
 
 import httpx
 import psutil
+import redis
 
 import balancer.datapath._proxy
 from balancer._build import compiled
-from redis_plumbing import free_port
+from redis_plumbing import RedisServer, free_port
 
 _WRK_LUA = """
 local n = 0
@@ -345,7 +353,8 @@ def main() -> int:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     best: dict[str, Result] = {}
-    with cluster() as c:
+    redis_calls: list[str] = []  # per round: the --pin-store process's commands to Redis
+    with cluster() as c, RedisServer() as pin_store:
         lua = c.write("cookies.lua", _WRK_LUA)
         backends = [free_port(), free_port()]
         conf = c.write("backend.conf", backend_config(c.tmp, backends))
@@ -405,21 +414,38 @@ def main() -> int:
             c.stop(p)
 
             # The whole balancer with its admin app: one process, measured with the dashboard
-            # closed and open, in turn (the order alternates by round, so a drift in the
-            # machine's load does not always favour one).
-            port, admin_port = free_port(), free_port()
-            command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
-            command += ["--sticky", "cookie:sid", "--upstream-keepalive", "64"]
-            command += ["--admin", f"127.0.0.1:{admin_port}"]
-            for url in urls:
-                command += ["--backend", url]
-            p = c.start(command, port, proxy_cpu)
-            admin = f"http://127.0.0.1:{admin_port}"
-            wait_listening(admin_port, p)
-            cases = [("--admin, page closed", None), ("--admin, page open", admin)]
-            for name, page_admin in cases if round_ % 2 == 0 else cases[::-1]:
-                measure(name, port, p, page_admin)
-            c.stop(p)
+            # closed and open, in turn; and one with --pin-store (the order alternates by
+            # round, so a drift in the machine's load does not always favour one).
+            def whole(store: str | None, round_: int) -> None:
+                port, admin_port = free_port(), free_port()
+                command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+                command += ["--sticky", "cookie:sid", "--upstream-keepalive", "64"]
+                command += ["--admin", f"127.0.0.1:{admin_port}"]
+                if store is not None:
+                    command += ["--pin-store", store]
+                for url in urls:
+                    command += ["--backend", url]
+                p = c.start(command, port, proxy_cpu)
+                admin = f"http://127.0.0.1:{admin_port}"
+                wait_listening(admin_port, p)
+                if store is not None:
+                    measure("--pin-store", port, p)
+                    with redis.Redis.from_url(store) as client:
+                        stats = client.info("commandstats")
+                    calls = {
+                        n: stats.get(f"cmdstat_{n}", {}).get("calls", 0) for n in ("get", "set")
+                    }
+                    redis_calls.append(f"GET {calls['get']:,}, SET {calls['set']:,}")
+                else:
+                    cases = [("--admin, page closed", None), ("--admin, page open", admin)]
+                    for name, page_admin in cases if round_ % 2 == 0 else cases[::-1]:
+                        measure(name, port, p, page_admin)
+                c.stop(p)
+
+            stores = [None, pin_store.url]
+            pin_store.restart()  # empty, its counts at 0: what this round's process asks
+            for store in stores if round_ % 2 == 0 else stores[::-1]:
+                whole(store, round_)
 
     results = list(best.values())
     base = best["nginx 1 worker"]
@@ -429,7 +455,8 @@ def main() -> int:
     print(f"balancer data path: {_build()}")
     print(
         "balancer 1 worker: the data path with the core's Router (cookie:sid) and Metrics; "
-        "--admin: python -m balancer with its admin app, the dashboard's stream closed or open"
+        "--admin: python -m balancer with its admin app, the dashboard's stream closed or open; "
+        "--pin-store: the same, page closed, with the pin table shared in Redis"
     )
     print(
         f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x nginx':>8} {'p99 x':>7}"
@@ -445,6 +472,13 @@ def main() -> int:
     ours = best["balancer 1 worker"]
     ok = ours.rps >= 0.67 * base.rps and ours.p99_ms <= 1.5 * base.p99_ms
     print(f"targets (>= 0.67x nginx req/s, p99 <= 1.5x nginx): {'met' if ok else 'NOT met'}")
+    shared, alone = best["--pin-store"], best["--admin, page closed"]
+    ratio = shared.rps / alone.rps
+    print(
+        f"--pin-store: {ratio:.2f}x the req/s without, {shared.cpu_us / alone.cpu_us:.2f}x "
+        f"the CPU us/req (target >= 0.90x req/s): {'met' if ratio >= 0.9 else 'NOT met'}"
+    )
+    print(f"--pin-store: commands Redis received, per round (warm-up included): {redis_calls}")
     return 0
 
 
