@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._exceptions import (
+    SessionError,
     SessionStoreError,
     SessionTooLarge,
     StoreUnavailable,
@@ -69,9 +70,16 @@ def _encode(key: str, value: Any) -> str:
 async def load_session(connection: HTTPConnection) -> Session:
     """Load ``connection.session`` if the middleware did not (``autoload``), and return it.
 
-    Raises `StoreUnavailable` if the store cannot be reached.
+    Also a FastAPI dependency as it is (``Depends(load_session)``; `session_store.fastapi`
+    names it ``SessionDep``). Raises `StoreUnavailable` if the store cannot be reached,
+    `SessionError` if no `SessionMiddleware` of ours runs in front of the app.
     """
-    session: Session = connection.scope["session"]
+    session = connection.scope.get("session")
+    if not isinstance(session, Session):
+        raise SessionError(
+            "no session_store.SessionMiddleware in front of this app: add it "
+            "(app.add_middleware(SessionMiddleware, secret_key=...)) before using the session"
+        )
     await session.load()
     return session
 
