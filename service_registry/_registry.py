@@ -10,6 +10,9 @@ skewed clocks agree):
                               its data (a restart without persistence, a failover to an empty
                               replica), which tells a watcher to wait before removing anyone
     registry:{S}:changes      pub/sub channel: {"event": "up" | "down", "id": I}
+    registry:{S}:left         sorted set: member I, score = when it deregistered (ms, Redis's
+                              clock), kept LEFT_WINDOW seconds: a deregistration told apart
+                              from a death in every read, not only in a notice that may be lost
 
 The braces make every key of a service one Redis Cluster slot (its hash tag is the service
 name), so each script below runs whole on the one node that owns that slot, reads included:
@@ -23,8 +26,10 @@ read a few times a second, so that costs nothing worth sharding. The record:
 `ttl` (seconds) is the instance's own promise: it heartbeats well within it (a third of it
 by default). It is live while its record exists and its last heartbeat is less than `ttl`
 old; a killed instance disappears from reads when its TTL runs out. A heartbeat that finds
-no record (first registration, or Redis restarted) publishes "up"; deregistration deletes
-both entries and publishes "down".
+no record (first registration, or Redis restarted) publishes "up" (and drops the instance
+from `left`); deregistration deletes both entries, adds the instance to `left`, and publishes
+"down". A watcher that finds an instance gone from a read can so tell the two endings apart:
+in `left` (`Snapshot.left`) it left on purpose (drain it), else it died (its TTL ran out).
 
 Watchers never rely on keyspace `expired` notifications (Redis delivers them late:
 docs/architecture.md, "Measured facts") nor on pub/sub alone (messages are lost across
@@ -81,11 +86,14 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX = "registry:"
 DEFAULT_REGISTRY_TTL = 3.0  # seconds: three heartbeats of one second may be missed before removal
+# Seconds a deregistration stays in `left`: every watcher reads far more often than this (an
+# outage of its reads longer than this makes a deregistration look like a death).
+LEFT_WINDOW = 60.0
 
 # Service names and instance ids end up inside key names and a channel name.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
-# KEYS: heartbeats, instance key, epoch. ARGV: id, record, ttl ms, epoch token, channel.
+# KEYS: heartbeats, instance key, epoch, left. ARGV: id, record, ttl ms, epoch token, channel.
 # Returns 1 when the record was absent (a new registration, or Redis lost it), else 0.
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -95,22 +103,29 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('SET', KEYS[3], ARGV[4], 'NX')
 if new then
+  redis.call('ZREM', KEYS[4], ARGV[1])
   redis.call('PUBLISH', ARGV[5], cjson.encode({event = 'up', id = ARGV[1]}))
   return 1
 end
 return 0
 """
 
-# KEYS: heartbeats, instance key. ARGV: id, channel. Returns 1 if it was registered.
+# KEYS: heartbeats, instance key, left. ARGV: id, channel, left window ms.
+# Returns 1 if it was registered.
 _DEREGISTER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local was = redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('DEL', KEYS[2])
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[2], cjson.encode({event = 'down', id = ARGV[1]}))
 return was > 0 and 1 or 0
 """
 
-# KEYS: heartbeats, epoch. ARGV: the instance key prefix. Returns {now ms, epoch or nil,
-# {id, score, record, ...}}. The record keys are derived, not declared: they share the
-# service's hash slot, so this holds on Redis Cluster too. A member whose record is gone
+# KEYS: heartbeats, epoch, left. ARGV: the instance key prefix, left window ms. Returns
+# {now ms, epoch or nil, {id, score, record, ...}, {id of an instance that left, ...}}. The
+# record keys are derived, not declared: they share the service's hash slot, so this holds
+# on Redis Cluster too. A member whose record is gone
 # (expired or deleted) is dropped: the sorted set never outgrows the live set for long.
 _READ = """
 local t = redis.call('TIME')
@@ -127,7 +142,8 @@ for i = 1, #entries, 2 do
     redis.call('ZREM', KEYS[1], entries[i])
   end
 end
-return {now, redis.call('GET', KEYS[2]), out}
+local left = redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[2]), '+inf')
+return {now, redis.call('GET', KEYS[2]), out, left}
 """
 
 
@@ -230,11 +246,13 @@ def live_instances(
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """One full read of a service: the live instances, Redis's time, and the epoch."""
+    """One full read of a service: the live instances, Redis's time, the epoch, and the
+    instances that deregistered in the last LEFT_WINDOW seconds."""
 
     instances: tuple[Instance, ...]
     now: float  # seconds since the epoch, by Redis's clock
     epoch: str | None  # None: no instance has written since Redis (re)started
+    left: frozenset[str] = frozenset()  # ids: gone on purpose, not dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +271,7 @@ class Membership:
     may have lost its data, when an absent instance may merely not have heartbeated yet:
     after the epoch changed or vanished, and after an outage of the watcher's reads. The
     grace lasts the longest ttl among the known instances (each heartbeats within its ttl).
-    An instance that said "down" (`gone`) is removed whatever the grace.
+    An instance that said "down" (`gone`, or the read's `left`) is removed whatever the grace.
     """
 
     def __init__(self) -> None:
@@ -269,7 +287,8 @@ class Membership:
     def update(self, snapshot: Snapshot, now: float, gone: Iterable[str] = ()) -> Changes:
         """Compare a read with what is known; returns the changes and applies them here.
 
-        `now` is the caller's (monotonic) clock; `gone` are ids that announced "down".
+        `now` is the caller's (monotonic) clock; `gone` are ids that announced "down"
+        (the read's `left` counts too: a notice may be lost).
         """
         if self.instances and (self._outage or snapshot.epoch != self._epoch):
             longest = max(i.ttl for i in self.instances.values())
@@ -279,7 +298,7 @@ class Membership:
         if self._grace_until is not None and now >= self._grace_until:
             self._grace_until = None
         fresh = {i.id: i for i in snapshot.instances}
-        gone_ids = set(gone)
+        gone_ids = set(gone) | snapshot.left
         added = [i for i in snapshot.instances if self.instances.get(i.id) != i]
         removed = []
         for instance_id, instance in list(self.instances.items()):
@@ -404,6 +423,7 @@ class Registry:
         self.heartbeats_key = base + "heartbeats"
         self.instance_prefix = base + "instance:"
         self.epoch_key = base + "epoch"
+        self.left_key = base + "left"
         self.channel = base + "changes"
         # redis-py leaves execute_command untyped; this is the one place we say what it is.
         self._execute: Callable[..., Awaitable[Any]] = client.execute_command
@@ -454,6 +474,7 @@ class Registry:
         if instance.service != self.service:
             raise RegistryError(f"{instance.id} is of service {instance.service!r}")
         keys = [self.heartbeats_key, self.instance_prefix + instance.id, self.epoch_key]
+        keys.append(self.left_key)
         ttl_ms = max(1, int(instance.ttl * 1000))
         args: list[str | int] = [
             instance.id,
@@ -469,13 +490,15 @@ class Registry:
 
     async def deregister(self, instance_id: str) -> bool:
         """Remove an instance at once and say so; True if it was registered."""
-        keys = [self.heartbeats_key, self.instance_prefix + instance_id]
-        return bool(await self._call(self._script(_DEREGISTER, keys, instance_id, self.channel)))
+        keys = [self.heartbeats_key, self.instance_prefix + instance_id, self.left_key]
+        args = (instance_id, self.channel, int(LEFT_WINDOW * 1000))
+        return bool(await self._call(self._script(_DEREGISTER, keys, *args)))
 
     async def read(self) -> Snapshot:
         """The live instances now: one atomic read of the heartbeats and the records."""
-        keys = [self.heartbeats_key, self.epoch_key]
-        reply = await self._call(self._script(_READ, keys, self.instance_prefix))
+        keys = [self.heartbeats_key, self.epoch_key, self.left_key]
+        window = int(LEFT_WINDOW * 1000)
+        reply = await self._call(self._script(_READ, keys, self.instance_prefix, window))
         now = int(reply[0]) / 1000
         epoch = None if reply[1] is None else _decode(reply[1])
         flat: Sequence[bytes | str] = reply[2]
@@ -483,7 +506,8 @@ class Registry:
             (_decode(flat[i]), float(flat[i + 1]) / 1000, flat[i + 2])
             for i in range(0, len(flat), 3)
         ]
-        return Snapshot(live_instances(entries, now, service=self.service), now, epoch)
+        left = frozenset(_decode(member) for member in reply[3])
+        return Snapshot(live_instances(entries, now, service=self.service), now, epoch, left)
 
     @contextlib.asynccontextmanager
     async def notices(self) -> AsyncIterator[Callable[[float], Awaitable[Notice | None]]]:

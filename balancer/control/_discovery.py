@@ -12,7 +12,17 @@ It keeps the pool's discovered backends equal to the live instances of one servi
   a new instance gets traffic within milliseconds and a deregistered one leaves at once.
 
 Discovered backends are ordinary pool members: the health checks see them, slow start ramps
-a new one (`--slow-start`), and Maglev moves only the keys the change must move. Backends
+a new one (`--slow-start`), and Maglev moves only the keys the change must move.
+
+Leaving and dying are told apart (issue 15). An instance that deregisters (a graceful stop,
+a Kubernetes `preStop`) announces "down" on the registry's channel: its backend is drained
+(`Pool.drain`, the `--drain-*` policy: its pinned clients keep reaching it while it serves)
+and removed from the pool only once the drain has ended (DRAINED; the balancer's drain
+watcher ends it), at the first read after that. An instance that vanishes without a word (its
+TTL ran out: it died) is removed at once. A read tells them apart by itself: the registry
+keeps a deregistration for a minute (`Snapshot.left`), so a lost "down" notice, or a read
+that runs before the notice arrives, still drains. An instance that registers again while its
+backend drains is enabled again. Backends
 given with `--backend` (or spawned) are never removed by discovery, even if they register.
 When Redis is unreachable the pool keeps its last known set; the watcher logs once, retries
 each interval, and logs again when it recovers.
@@ -35,9 +45,13 @@ from service_registry import (
     RegistryUnavailable,
 )
 
+from .._exceptions import InvalidTransition
+from ..datapath._backend import Backend
 from ..datapath._pool import Pool
 from ._events import (
     BACKEND_DISCOVERED,
+    BACKEND_DRAINING,
+    BACKEND_ENABLED,
     BACKEND_UNDISCOVERED,
     REGISTRY_BAD_ADDRESS,
     REGISTRY_ERROR,
@@ -73,6 +87,8 @@ class Discovery:
         self._clock = clock
         self.membership = Membership()
         self._mine: dict[str, str] = {}  # instance id -> backend id, of backends we added
+        # Of those, the ones that deregistered: draining, removed once DRAINED.
+        self._leaving: dict[str, tuple[Instance, str]] = {}  # instance id -> (it, backend id)
         self._wake = asyncio.Event()
         self._gone: set[str] = set()  # ids that announced "down" since the last read
         self._unreachable = False
@@ -124,20 +140,76 @@ class Discovery:
             self._unreachable = False
             log_event(REGISTRY_RECOVERED, service=self.registry.service)
         changes = self.membership.update(snapshot, self._clock(), gone)
-        self._apply(changes)
+        self._apply(changes, gone | snapshot.left)
+        self._remove_drained()
         self.synced.set()
         return changes
 
-    def _apply(self, changes: Changes) -> None:
+    def _apply(self, changes: Changes, gone: set[str]) -> None:
+        added = {i.id: i for i in changes.added}
         for instance in changes.removed:
             backend_id = self._mine.pop(instance.id, None)
-            if backend_id is not None and backend_id in self.pool:
-                self.pool.remove(backend_id)
-                log_event(BACKEND_UNDISCOVERED, instance=instance.id, url=instance.address)
+            if backend_id is None or backend_id not in self.pool:
+                continue
+            again = added.get(instance.id)
+            if again is not None and again.address == instance.address:
+                self._mine[instance.id] = backend_id  # its record changed, not its address
+            elif instance.id in gone and again is None:
+                self._leave(instance, backend_id)
+            else:
+                self._remove(instance, backend_id, None)
         for instance in changes.added:
-            self._add(instance)
+            if instance.id not in self._mine:
+                self._add(instance)
+
+    def _leave(self, instance: Instance, backend_id: str) -> None:
+        """A deregistered instance: drain it; `_remove_drained` removes it once DRAINED."""
+        self._leaving[instance.id] = (instance, backend_id)
+        backend = self.pool[backend_id]
+        if backend.draining:
+            return  # the operator drained it already: that drain goes on
+        self.pool.drain(backend_id, self._clock())
+        log_event(
+            BACKEND_DRAINING,
+            backend=backend_id,
+            instance=instance.id,
+            reason="deregistered",
+            in_flight=backend.in_flight,
+            sessions="keep" if backend.keep_pinned else "move",
+        )
+
+    def _remove_drained(self) -> None:
+        for instance_id, (instance, backend_id) in list(self._leaving.items()):
+            backend = self.pool.get(backend_id)
+            if backend is None:  # removed by the operator meanwhile
+                del self._leaving[instance_id]
+            elif backend.drained_reason is not None:
+                del self._leaving[instance_id]
+                self._remove(instance, backend_id, backend.drained_reason)
+
+    def _remove(self, instance: Instance, backend_id: str, drained: str | None) -> None:
+        self.pool.remove(backend_id)
+        log_event(
+            BACKEND_UNDISCOVERED,
+            instance=instance.id,
+            url=instance.address,
+            how="died" if drained is None else "deregistered",
+            drained=drained,
+        )
 
     def _add(self, instance: Instance) -> None:
+        leaving = self._leaving.pop(instance.id, None)
+        if leaving is not None:
+            backend = self.pool.get(leaving[1])
+            if backend is not None and _same(backend, instance.address):
+                # Back before its drain was over (a preStop that was cancelled): serve again.
+                self._mine[instance.id] = backend.id
+                with contextlib.suppress(InvalidTransition):  # the operator enabled it
+                    self.pool.enable(backend.id)
+                    log_event(BACKEND_ENABLED, backend=backend.id, instance=instance.id)
+                return
+            if backend is not None:  # back at another address: the old one is dead
+                self._remove(leaving[0], backend.id, None)
         try:
             if self.pool.find(instance.address) is not None:
                 return  # configured (or spawned) already: not ours to add, nor to remove
@@ -174,3 +246,11 @@ class Discovery:
             except RegistryError:
                 # The reads log the outage; here only wait and subscribe again.
                 await asyncio.sleep(self.interval)
+
+
+def _same(backend: Backend, address: str) -> bool:
+    """Whether `address` is `backend`'s URL (normalized as Backend does)."""
+    try:
+        return Backend(address).url == backend.url
+    except ValueError:
+        return False

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from balancer import BackendPolicy, Discovery, Pool
+from balancer import BackendPolicy, BackendState, Discovery, DrainPolicy, Pool
 from redis_plumbing import RedisServer
 from service_registry import Instance, Registry
 from tests.helpers import async_wait_for, async_wait_until, free_port, lost_cancels, wait_for
@@ -82,7 +82,12 @@ async def test_refresh_mirrors_the_registry_and_leaves_static_backends_alone(
     await registry.deregister("i1")
     await registry.deregister("i2")
     await discovery.refresh()
-    assert urls(pool) == [static]  # i1's URL was configured: not discovery's to remove
+    # i2 left (not died): it drains first; i1's URL was configured: not discovery's.
+    (left,) = (b for b in pool if b.url != static)
+    assert left.state is BackendState.DRAINING
+    left.finish_drain("now")
+    await discovery.refresh()
+    assert urls(pool) == [static]
 
 
 async def test_a_discovered_backend_gets_slow_start(registry: Registry) -> None:
@@ -113,11 +118,56 @@ async def test_notices_add_and_remove_long_before_the_next_full_read(
         await registry.register(of(registry, 3))
         await async_wait_until(lambda: len(pool) == 1, within=2, what="the instance to join")
         await registry.deregister("i3")
-        await async_wait_until(lambda: len(pool) == 0, within=2, what="the instance to leave")
+        (backend,) = list(pool)
+        await async_wait_until(
+            lambda: backend.state is BackendState.DRAINING, within=2, what="the drain"
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_deregistered_instance_drains_then_leaves_a_dead_one_leaves_at_once(
+    registry: Registry, events: Lines
+) -> None:
+    # No notices (refresh only): the read itself tells a deregistration from a death.
+    clock = [100.0]
+    policy = BackendPolicy(drain=DrainPolicy(idle=1.0, deadline=10.0))
+    pool = Pool(policy=policy)
+    discovery = Discovery(pool, registry, clock=lambda: clock[0])
+    await registry.register(of(registry, 1))
+    await registry.register(of(registry, 2, ttl=0.2))
+    await registry.register(of(registry, 3))
+    await discovery.refresh()
+    one, _dead, three = sorted(pool, key=lambda b: b.url)
+    await registry.deregister("i1")
+    await registry.deregister("i3")
+    await async_wait_for(  # i2 dies: no heartbeat within its ttl
+        lambda: _gone(registry, "i2"), 3, "i2 to expire"
+    )
+    await discovery.refresh()
+    assert [b.url for b in pool] == [one.url, three.url]  # the dead one at once
+    assert (one.state, three.state) == (BackendState.DRAINING, BackendState.DRAINING)
+    assert one.keep_pinned  # its pinned clients still reach it
+    # i3 comes back before its drain ended (a cancelled preStop): it serves again.
+    await registry.register(of(registry, 3))
+    await discovery.refresh()
+    assert three.state is BackendState.UP
+    clock[0] += 0.5
+    assert pool.drain_tick(clock[0]) == []
+    await discovery.refresh()
+    assert one in list(pool)  # draining still
+    clock[0] += 0.5
+    assert pool.drain_tick(clock[0]) == [(one, "idle")]  # the balancer's drain watch
+    await discovery.refresh()
+    assert [b.url for b in pool] == [three.url]
+    undiscovered = [e for e in events.events if e.startswith("backend_undiscovered")]
+    assert len(undiscovered) == 2, events.events
+
+
+async def _gone(registry: Registry, instance_id: str) -> bool:
+    return instance_id not in {i.id for i in (await registry.read()).instances}
 
 
 async def test_a_cancelled_watcher_ends_wherever_the_cancel_lands(registry: Registry) -> None:
@@ -281,3 +331,65 @@ def test_discovery_under_load_with_no_failed_requests(own_redis: RedisServer) ->
             if started is not None:
                 with contextlib.suppress(subprocess.SubprocessError, ValueError):
                     started.terminate()
+
+
+def test_a_deregistered_instance_keeps_its_pinned_sessions_until_its_drain_ends(
+    own_redis: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A preStop's deregistration (the demo's SIGUSR1: leave, go on serving) in sticky mode:
+    the instance drains, its pinned clients keep their sessions while they keep coming, and
+    it leaves the pool once they stopped (--drain-idle later), not at once."""
+    service = "pinned"
+    discover = f"redis://127.0.0.1:{own_redis.port}/0/{service}"
+    apps = [start_instance(name, own_redis.url, service) for name in ("p1", "p2")]
+    try:
+        for app in apps:
+            app.wait_ready("/readyz")
+        with balancer(
+            [],
+            "--discover", discover, "--discover-interval", "0.1",
+            "--sticky", "cookie:sid", "--drain-idle", "1", "--drain-deadline", "8",
+        ) as (proxy, admin):  # fmt: skip
+            assert admin is not None
+            wait_for(lambda: len(pool_urls(admin)) == 2, 10, "both instances discovered")
+            clients = [httpx.Client(base_url=proxy.url, timeout=10) for _ in range(12)]
+            try:
+                first = [c.post("/api/counter").json() for c in clients]
+                pinned = [c for c, f in zip(clients, first, strict=True) if f["instance"] == "p1"]
+                assert pinned, "no client was placed on p1"
+                apps[0].popen.send_signal(signal.SIGUSR1)  # deregisters, serves on
+                left_at = time.monotonic()
+
+                answers = []
+                while time.monotonic() < left_at + 2:  # they keep coming for 2 s
+                    answers += [c.post("/api/counter").json() for c in pinned]
+                last = time.monotonic()
+                backends = httpx.get(admin + "/backends").json()["backends"]
+                state = next((b["state"] for b in backends if b["url"] == apps[0].url), "gone")
+                wait_for(lambda: apps[0].url not in pool_urls(admin), 3, "p1 to leave")
+                gone_after = time.monotonic() - last
+            finally:
+                for client in clients:
+                    client.close()
+            proxy.popen.send_signal(signal.SIGTERM)  # to read its log
+            proxy.popen.wait(15)
+            log = [line for line in proxy.output().splitlines() if "backend_undiscovered" in line]
+    finally:
+        for app in apps:
+            with contextlib.suppress(subprocess.SubprocessError, ValueError):
+                app.terminate()
+    moved = [a for a in answers if a["instance"] != "p1"]
+    with capsys.disabled():
+        print(
+            f"\nderegistered in sticky mode: {len(pinned)} clients pinned, {len(answers)} of "
+            f"their requests during the drain, {len(moved)} moved (p1 {state} then); "
+            f"counts reached {sorted(a['count'] for a in answers)[-len(pinned) :]}; left the pool "
+            f"{gone_after:.2f} s after the last pinned request; {log}"
+        )
+    assert not moved, moved[:3]
+    assert state == "draining"
+    assert all(a["count"] > 1 for a in answers)  # their sessions went on
+    assert gone_after <= 1 + 1.5  # --drain-idle, plus a read, the watch's tick, slack
+    assert len(log) == 1
+    assert "how=deregistered" in log[0]
+    assert "drained=idle" in log[0]

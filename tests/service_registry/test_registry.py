@@ -213,6 +213,26 @@ async def test_register_heartbeat_read_deregister(registry: Registry) -> None:
     assert [i.id for i in (await registry.read()).instances] == ["i2"]
 
 
+async def test_a_read_tells_a_deregistration_from_a_death(registry: Registry) -> None:
+    # Issue 15: a watcher drains an instance that left and drops one that died; a "down"
+    # notice may be lost, so the read itself says which.
+    await registry.register(of(registry, 1))
+    await registry.register(of(registry, 2, ttl=0.2))
+    await registry.deregister("i1")
+    await wait_until_gone(registry, "i2")  # i2 died: no heartbeat within its ttl
+    read = await registry.read()
+    assert (read.instances, read.left) == ((), frozenset({"i1"}))
+    await registry.register(of(registry, 1))  # back: no longer "left"
+    assert (await registry.read()).left == frozenset()
+
+
+async def wait_until_gone(registry: Registry, instance_id: str) -> None:
+    async def gone() -> bool:
+        return instance_id not in {i.id for i in (await registry.read()).instances}
+
+    await async_wait_for(gone, 3, f"{instance_id} to expire")
+
+
 async def test_the_epoch_changes_when_redis_lost_its_data_whoever_writes_first(
     registry: Registry,
 ) -> None:
