@@ -832,15 +832,17 @@ def test_k8s_shutdown_fits_in_the_grace_period(monkeypatch: pytest.MonkeyPatch) 
     settings = _balancer_settings("hybrid")
     sleep = float(_pre_stop(_containers(workloads["balancer"])["balancer"])[1])
     assert sleep + settings.shutdown_deadline < balancer_pod["terminationGracePeriodSeconds"]
-    # The app's preStop waits for the balancers' next registry reads, then SIGTERM makes
-    # uvicorn finish in at most 10 s (demo_app.__main__: timeout_graceful_shutdown).
+    # The app's preStop waits for the balancers to see it leave (a registry read) and to
+    # end its drain (--drain-deadline at the latest, ended at a drain watch's tick: 0.25 s),
+    # then SIGTERM makes uvicorn finish in at most 10 s (demo_app.__main__:
+    # timeout_graceful_shutdown).
     app_pod = workloads["app"]["spec"]["template"]["spec"]
     command = _pre_stop(_containers(workloads["app"])["app"])
     assert command[:2] == ["sh", "-c"]
     leave = re.fullmatch(r"kill -USR1 1 && sleep (\d+)", command[2])
     assert leave is not None, command
     wait = float(leave[1])
-    assert wait >= 2 * settings.discover_interval
+    assert wait >= settings.discover_interval + settings.drain_deadline + 1
     assert wait + 10 < app_pod["terminationGracePeriodSeconds"]
     # SIGUSR1 is handled only by the registration: the app must register.
     assert _app_settings("hybrid", monkeypatch).registry
@@ -856,8 +858,11 @@ def test_k8s_app_pre_stop_leaves_before_sigterm_stops(redis_server: RedisServer)
     app = Process(argv, f"http://127.0.0.1:{app_port}")
     discover = discover_url(redis_server.url, service)
     try:
-        # The app starts while the balancer does; it registers once ready.
-        with balancer_process([], "--discover", discover, "--discover-interval", "0.5") as running:
+        # The app starts while the balancer does; it registers once ready. The hook's wait
+        # is the manifest's --drain-deadline + 2; here the drain lasts 1 s at most.
+        drain = ("--drain-idle", "1", "--drain-deadline", "1")
+        flags = ("--discover", discover, "--discover-interval", "0.5", *drain)
+        with balancer_process([], *flags) as running:
             admin = running[1]
             assert admin is not None
             app.wait_ready("/readyz")
@@ -870,6 +875,7 @@ def test_k8s_app_pre_stop_leaves_before_sigterm_stops(redis_server: RedisServer)
             command = _pre_stop(_containers(_workloads()["app"])["app"])
             # `1` is the app's PID in its container; here it is this process's child.
             script = command[2].replace("kill -USR1 1 ", f"kill -USR1 {app.popen.pid} ")
+            script = re.sub(r"sleep \d+$", "sleep 3", script)
             subprocess.run([*command[:2], script], check=True, timeout=30)
             assert backends() == [], "the balancer still routes to the app after its preStop"
             assert httpx.get(app.url + "/healthz", timeout=2).status_code == 200
