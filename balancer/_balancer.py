@@ -189,7 +189,10 @@ class Balancer:
             clock=clock,
         )
         self.metrics = Metrics(pool=self.pool, sessions=self._pinned_sessions)
-        self.drains = DrainWatch(self.pool, self.router.pins, clock=clock)
+        self.router.on_repin = self.metrics.repinned
+        self.drains = DrainWatch(
+            self.pool, self.router.pins, clock=clock, on_tick=self.router.tick
+        )
         self._fingerprint = ""
         self.pool.on_members = self._log_fingerprint
         self.proxy = ProxyServer(

@@ -44,7 +44,8 @@ def report_drained(backend: Backend, pins: PinTable | None, now: float) -> None:
 
 
 class DrainWatch:
-    """Ticks the pool's drains; run `run()` as a task and cancel it to stop."""
+    """Ticks the pool's drains; run `run()` as a task and cancel it to stop. `on_tick` is
+    told the time at each look (`Router.tick`: the router's clock for pins seen)."""
 
     def __init__(
         self,
@@ -53,8 +54,10 @@ class DrainWatch:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_drained: Callable[[Backend, str], None] | None = None,
+        on_tick: Callable[[float], None] | None = None,
     ) -> None:
         self._pool = pool
+        self._on_tick = on_tick
         self._pins = pins
         self._clock = clock
         self.on_drained = on_drained
@@ -62,6 +65,8 @@ class DrainWatch:
     def tick(self) -> list[Backend]:
         """One look: the backends whose drain ended now (each reported)."""
         now = self._clock()
+        if self._on_tick is not None:
+            self._on_tick(now)
         ended = []
         for backend, reason in self._pool.drain_tick(now):
             report_drained(backend, self._pins, now)

@@ -124,7 +124,7 @@ class Metrics:
         self._failovers += 1
 
     def repinned(self, reason: str) -> None:
-        """A client was re-pinned, for `reason` (Decision.reason)."""
+        """A client was re-pinned, for `reason` (`Router.on_repin`)."""
         self._repins[reason] = self._repins.get(reason, 0) + 1
 
     def rejected(self, reason: str) -> None:

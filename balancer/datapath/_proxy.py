@@ -87,7 +87,6 @@ class RequestRouter(Protocol):
 
     def decide(
         self,
-        *,
         client_ip: str,
         cookie_header: bytes | None,
         exclude: frozenset[str] = frozenset(),
@@ -110,7 +109,6 @@ class ProxyMetrics(Protocol):
     def request_done(self, backend_id: str, status: int, seconds: float) -> None: ...
     def retried(self, backend_id: str) -> None: ...
     def failover(self) -> None: ...
-    def repinned(self, reason: str) -> None: ...
     def rejected(self, reason: str) -> None: ...
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
@@ -449,9 +447,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def _route(self, req: _Request, now: float) -> None:
         try:
-            decision = self._router.decide(
-                client_ip=req.client_ip, cookie_header=req.cookie, exclude=req.excluded, now=now
-            )
+            decision = self._router.decide(req.client_ip, req.cookie, req.excluded)
         except NoBackendAvailable as exc:
             if now - req.started < self._options.queue_timeout and not self._server.shutting_down:
                 # None can take it now; one may in a moment (a worker restarting, a
@@ -473,9 +469,6 @@ class _ClientConnection(asyncio.Protocol):
             # route again (`ProxyServer.look_up`); the request waits as a queued one does.
             self._server.look_up(self, req, lookup)
             return
-        reason = decision.reason
-        if reason is not None and req.decision is None:  # its first decision
-            self._metrics.repinned(reason)
         if req.last_error is not None:
             logger.info(
                 "retrying %s on backend %s after: %s",
@@ -826,6 +819,8 @@ class _ClientConnection(asyncio.Protocol):
             set_cookie = req.decision.set_cookie
             if set_cookie is None:
                 self._write(b"".join((head, b"\r\n", body)))
+            elif not self._server.repin_prefix:
+                self._write(b"".join((head, b"Set-Cookie: ", set_cookie, b"\r\n\r\n", body)))
             else:
                 extra = self._repin_line(req.decision)
                 self._write(

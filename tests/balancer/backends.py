@@ -64,7 +64,6 @@ class ListRouter:
 
     def decide(
         self,
-        *,
         client_ip: str,
         cookie_header: bytes | None,
         exclude: frozenset[str] = frozenset(),

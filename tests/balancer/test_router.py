@@ -707,3 +707,17 @@ def test_learned_pins_are_shared_and_merely_seen_ones_are_not() -> None:
     created.backend.mark_down("refused", 1.0)
     moved = decide(router, pin(created.backend.id) + b"; sid=fresh")
     assert shared[-1] == (b"fresh", moved.backend.id)  # a re-pin is shared
+
+
+def test_each_repin_decided_is_counted_once_with_its_reason() -> None:
+    pool, router = make()
+    counted: list[str] = []
+    router.on_repin = counted.append
+    a = list(pool)[0]
+    for _ in range(3):  # a client that ignores its new cookie: one decision, cached
+        decide(router, b"sid=lost")
+    assert counted == ["lost_pin"]
+    decide(router, pin(a.id) + b"; sid=x", frozenset({a.id}))  # a retry elsewhere
+    a.mark_down("refused", 0.0)
+    decide(router, pin(a.id) + b"; sid=y")
+    assert counted == ["lost_pin", "failed", "down"]
