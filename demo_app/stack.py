@@ -300,6 +300,10 @@ def balancer_command(
     command += ["--dashboard-mode", mode, "--dashboard-redis", redis_url]
     if discover:
         command += ["--discover", discover_url(redis_url), "--slow-start", "2"]
+    if mode == "hybrid":
+        # Sessions are in Redis too: a drained instance's clients may move at once (the
+        # balancer's default, keep, is for state that lives only in the instance).
+        command += ["--drain-sessions", "move"]
     for backend in backends:
         command += ["--backend", backend]
     return [*command, *options]
