@@ -455,11 +455,12 @@ class _ClientConnection(asyncio.Protocol):
                 self._server.park(self, req)
                 return
             error = req.last_error
-            if error is not None:
-                self._edge_error(req, _status_for(error), error.backend_id, str(error))
-            elif isinstance(exc, PinnedBackendDown):
-                # --on-pinned-down strict: the session's backend is down; come back later.
+            if isinstance(exc, PinnedBackendDown):
+                # --on-pinned-down strict: the session's backend is down (or failed this
+                # request, `error`); come back later.
                 self._edge_error(req, 503, exc.backend_id, str(exc), exc.retry_after)
+            elif error is not None:
+                self._edge_error(req, _status_for(error), error.backend_id, str(error))
             else:
                 self._edge_error(req, 503, "", "no backend available")
             return

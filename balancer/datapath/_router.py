@@ -17,7 +17,8 @@ a valid signed pin, then the pin table, then the hash:
    same on every replica; repinned, new cookie. With `on_pinned_down="strict"` a pin to a
    DOWN backend is refused instead (`PinnedBackendDown`, a 503 with Retry-After) for
    `strict_window` seconds after it went down, then fails over (Envoy's `strict`, HAProxy's
-   `persist`).
+   `persist`); so is a retry away from a pinned backend that failed the request before its
+   health checks marked it DOWN.
 3. No valid pin (none, tampered, malformed, a removed backend's id), with a session cookie:
    the backend the pin table names for it, if it keeps its clients; else Maglev of its
    value, which every replica computes alike. Repinned ("lost_pin", or "removed").
@@ -351,8 +352,13 @@ class Router:
                 return Decision(pinned, None, None, True)
             return Decision(pinned, None, None, False, entry)
         state = pinned.state
-        if self._strict and state is _DOWN and pinned.id not in exclude:
-            left = self._strict_window - (self._clock() - pinned.down_since)
+        if self._strict and (state is _DOWN or pinned.id in exclude):
+            # A backend that failed this request (refused, reset, timed out: this is a
+            # retry) is down for its session whether or not the health checks have seen it
+            # yet: a move now would restart the session silently. The window starts once
+            # it is marked DOWN.
+            clock = self._clock()
+            left = self._strict_window - (clock - (pinned.down_since if state is _DOWN else clock))
             if left > 0:
                 raise PinnedBackendDown(pinned.id, max(1, math.ceil(left)))
         if pinned.id in exclude:

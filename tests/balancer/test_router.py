@@ -641,6 +641,29 @@ def test_strict_mode_refuses_for_its_window_then_fails_over() -> None:
     assert decide(router).backend is not pinned
 
 
+def test_strict_mode_refuses_a_retry_away_from_a_pinned_backend_not_yet_down() -> None:
+    # The backend refused this request while its health checks still call it UP: a retry
+    # elsewhere would restart the session without a word (the process test:
+    # test_session_operations, strict before DOWN).
+    pool = Pool(URLS)
+    router = Router(
+        pool,
+        sticky=COOKIE,
+        affinity=AffinityCookie(secrets=SECRETS),
+        on_pinned_down="strict",
+        strict_window=30.0,
+        clock=lambda: 100.0,
+    )
+    pinned = next(iter(pool))
+    header = pin(pinned.id) + b"; sid=s"
+    with pytest.raises(PinnedBackendDown) as refused:
+        decide(router, header, frozenset({pinned.id}))
+    assert (refused.value.backend_id, refused.value.retry_after) == (pinned.id, 30)
+    # Failover mode moves it, as before.
+    _, failover = make()
+    assert decide(failover, header, frozenset({pinned.id})).reason == "failed"
+
+
 def test_an_operator_moves_one_session_and_forgets_another() -> None:
     pool, router = make()
     a, b, c = list(pool)[:3]

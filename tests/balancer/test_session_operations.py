@@ -277,6 +277,41 @@ async def test_strict_answers_503_for_the_window_then_fails_over(
     assert served[0].repin == "down"
 
 
+@pytest.mark.anyio
+async def test_strict_moves_no_session_before_the_health_checks_mark_its_backend_down(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Slow checks (DOWN after 2 failures 1 s apart): the requests right after the kill find
+    # the pinned backend refusing connections while it is still UP. A retry elsewhere would
+    # restart the session without a word, what strict exists to prevent.
+    slow_health = ("--health-path", "/healthz", "--health-interval", "1", "--health-fall", "2")
+    strict = ("--on-pinned-down", "strict", "--strict-window", str(STRICT_WINDOW))
+    extra = (*STICKY, *slow_health, *strict, "--queue-timeout", str(QUEUE_TIMEOUT))
+    with (
+        instances(["a", "b"]) as apps,
+        balancer([a.url for a in apps], *extra) as (lb, admin),
+    ):
+        assert admin is not None
+        async with httpx.AsyncClient(base_url=lb.url, timeout=10) as client:
+            first = [await post_counter(0, client) for _ in range(3)]
+            assert [a.count for a in first] == [1, 2, 3], first
+            pinned = apps["ab".index(first[0].instance)]
+            pinned.popen.kill()
+            pinned.popen.wait()
+            killed_at = time.monotonic()
+            after = [await post_counter(0, client) for _ in range(2)]
+            took = time.monotonic() - killed_at
+            state = next(b for b in await get_backends(admin) if b["url"] == pinned.url)
+    with capsys.disabled():
+        print(
+            f"\nstrict, before DOWN: (status, instance, count, repin, Retry-After) "
+            f"{[(a.status, a.instance, a.count, a.repin, a.retry_after) for a in after]} "
+            f"within {took:.2f} s of the kill (backend {state['state']})"
+        )
+    assert [a.status for a in after] == [503, 503], after
+    assert all(1 <= int(a.retry_after) <= STRICT_WINDOW for a in after), after
+
+
 # -- re-pin reasons ------------------------------------------------------------------------------
 
 
