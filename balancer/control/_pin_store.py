@@ -15,8 +15,10 @@ table, never reaches this module):
 - lookups: the router answers a session cookie it has no pin for with a Decision naming
   it in `lookup`; the data path calls `lookup(session, done)`, which GETs the key within
   `lookup_timeout` seconds and calls `done(backend_id or None)`. An error, a timeout, or a
-  Redis marked down counts as None (the hash decides): a down Redis costs each new lookup
-  nothing for `retry_after` seconds after a failure, then one try.
+  Redis marked down counts as None (the hash decides). A failure other than a timeout (a
+  refused connection, a reset) marks Redis down: for `retry_after` seconds a lookup costs
+  nothing and a pin is dropped at once, then Redis is tried again. A timeout costs only its
+  own lookup (at most `lookup_timeout`).
 
 A key is `prefix` + a digest of the session cookie's value, never the value itself (it is a
 bearer credential; a key name shows in MONITOR, SCAN and a slow log). The value is the
@@ -35,6 +37,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_plumbing import UNAVAILABLE_ERRORS, RedisClient, cancellable, redact_url
 
@@ -69,6 +72,8 @@ _ERRORS: tuple[type[BaseException], ...] = (
     RedisClusterException,
     TimeoutError,
 )
+
+_TIMEOUTS = (TimeoutError, RedisTimeoutError)
 
 logger = logging.getLogger("balancer")
 
@@ -237,7 +242,12 @@ class PinStore:
                 value = await cancellable(self.client.get(pin_key(session, self.prefix)))
         except _ERRORS as exc:
             self.lookups["error"] += 1
-            self._failed(exc)
+            if not isinstance(exc, _TIMEOUTS):
+                # A slow answer only costs this lookup: a burst of new sessions (each
+                # lookup its own connection at first) on a busy core may take longer than
+                # lookup_timeout, and the next ones should still be asked. A refusal or a
+                # reset says Redis is not there: do not ask again for a while.
+                self._failed(exc)
         else:
             if isinstance(value, bytes) and value:
                 backend_id = value.decode("utf-8", "replace")

@@ -20,6 +20,7 @@ from balancer import PinStore, PinTable
 from redis_plumbing import RedisServer, redis_client
 from tests.helpers import async_wait_until, wait_for
 from tests.processes import Process, balancer, demo_app
+from tests.redis_topology import start_cluster
 
 SECRET_A = "pin-store-secret-of-replica-a-0123"
 SECRET_B = "pin-store-secret-of-replica-b-4567"
@@ -100,6 +101,37 @@ async def test_redis_down_answers_none_at_once_and_drops_pins_then_recovers(
         store.put(b"after", "app3")
         await async_wait_until(lambda: store.written == 2, 5, "the pin after recovery")
         assert await looked_up(store, b"after") == "app3"
+
+
+@pytest.mark.anyio
+async def test_a_slow_answer_costs_only_its_own_lookup(own_redis: RedisServer) -> None:
+    """A timeout does not mark Redis down (a refusal does, above): a burst of new sessions
+    on a busy core must not turn every lookup after it into "none" for retry_after."""
+    async with store_for(own_redis.url, lookup_timeout=0.05, retry_after=60) as store:
+        store.put(b"paused", "app1")
+        await async_wait_until(lambda: store.written == 1, 5, "the pin written")
+        with redis.Redis.from_url(own_redis.url) as admin:
+            admin.execute_command("CLIENT", "PAUSE", 300, "ALL")  # ms: every command waits
+        assert await looked_up(store, b"paused") is None  # 0.05 s, then the hash decides
+        deadline = time.monotonic() + 5
+        while await looked_up(store, b"paused") != "app1":
+            assert time.monotonic() < deadline, store
+            await asyncio.sleep(0.02)
+        assert store.lookups["error"] >= 1
+        assert store.lookups["unavailable"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_cluster_takes_the_pins_of_one_pipeline_across_its_slots() -> None:
+    """The keys of one batch hash to slots of every primary: the pipeline is not a
+    transaction, so redis-py's cluster client splits it by node."""
+    with start_cluster() as cluster:
+        async with store_for(cluster.url) as store:
+            for i in range(100):
+                store.put(f"session-{i}".encode(), f"app{i % 3}")
+            await async_wait_until(lambda: store.written == 100, 10, "100 pins written")
+            assert await looked_up(store, b"session-5") == "app2"
+            assert store.dropped == {"full": 0, "unavailable": 0}
 
 
 # -- replicas, real processes --------------------------------------------------------------
