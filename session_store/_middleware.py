@@ -295,6 +295,7 @@ class SessionMiddleware:
                     logger.warning("session not saved, store unavailable: %s", exc)
                     cookie = None
                 if session.accessed or cookie is not None:
+                    message.setdefault("headers", [])  # optional in ASGI
                     headers = MutableHeaders(scope=message)
                     # Only when the app used the session: Vary: Cookie on every
                     # response would keep HTTP caches from storing any of them.

@@ -28,7 +28,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from redis_plumbing import RedisServer
 from session_store import (
@@ -528,6 +528,22 @@ async def test_secret_key_may_be_a_starlette_secret(test_client_factory: ClientF
     async with test_client_factory(app) as client:
         response = await client.post("/update_session", json={"a": 1})
     assert response.json() == {"session": {"a": 1}}
+
+
+async def test_a_response_start_without_headers_gets_the_cookie(
+    test_client_factory: ClientFactory,
+) -> None:
+    # ASGI makes "headers" optional; Starlette's middleware adds the list, and so do we.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["session"]["a"] = 1
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = SessionMiddleware(app, store=MemoryStore(), secret_key=SECRET_KEY)
+    async with test_client_factory(middleware) as client:
+        response = await client.get("/")
+    assert response.headers["set-cookie"].startswith("session=")
+    assert response.headers["vary"] == "Cookie"
 
 
 async def _noop(scope: Any, receive: Any, send: Any) -> None:
