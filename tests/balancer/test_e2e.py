@@ -107,7 +107,7 @@ def test_failover_when_the_pinned_instance_dies(
         assert again["count"] == after["count"] + 1
 
 
-def test_drain_from_the_admin_api_moves_pinned_clients(redis_server: RedisServer) -> None:
+def test_a_drain_keeps_pinned_clients_or_moves_them_when_told(redis_server: RedisServer) -> None:
     with (
         instances(2, "hybrid", redis_server.url) as apps,
         balancer([a.url for a in apps], "--sticky", "cookie:sid") as (lb, admin),
@@ -120,11 +120,20 @@ def test_drain_from_the_admin_api_moves_pinned_clients(redis_server: RedisServer
         backend_id = next(b["id"] for b in backends if b["url"] == url)
         response = httpx.post(f"{admin}/backends/{backend_id}/drain")
         assert response.status_code == 200, response.text
-        moved = counter(client, lb.url)
+        kept = counter(client, lb.url)  # the default keeps the session where it lives
+        assert (kept["instance"], kept["count"]) == (pinned, 2)
+        assert httpx.post(f"{admin}/backends/{backend_id}/enable").status_code == 200
+        response = httpx.post(f"{admin}/backends/{backend_id}/drain?sessions=move")
+        assert response.status_code == 200, response.text
+        moved = counter(client, lb.url)  # hybrid: it goes on from Redis elsewhere
         assert moved["instance"] != pinned
-        assert moved["count"] == 2
-        state = {b["id"]: b["state"] for b in httpx.get(admin + "/backends").json()["backends"]}
-        assert state[backend_id] == "draining"
+        assert moved["count"] == 3
+
+        def drained() -> bool:
+            backends = httpx.get(admin + "/backends").json()["backends"]
+            return {b["id"]: b["state"] for b in backends}[backend_id] == "drained"
+
+        wait_for(drained, 5, "the moving drain to end once nothing is in flight")
 
 
 def test_metrics_count_requests_by_backend(redis_server: RedisServer) -> None:
