@@ -62,6 +62,9 @@ class Session(dict[str, Any]):
         self.regenerated = False
         self.ttl: float | None = None  # as the store said at load time
         self.baseline: dict[str, str] = {}  # key -> JSON text as loaded
+        # key -> the value decoded from that text: an immutable one still the same object
+        # at the end of the request cannot have changed, and is not encoded again.
+        self.loaded_values: dict[str, Any] = {}
         self.loader: Callable[[], Awaitable[None]] | None = None
 
     def mark_accessed(self) -> None:
