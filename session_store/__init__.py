@@ -28,12 +28,13 @@ from ._exceptions import (
 )
 from ._hybrid import HybridStore
 from ._memory import MemoryStore
-from ._middleware import SessionMiddleware, load_session
+from ._middleware import SessionMiddleware, load_session, save_session
 from ._redis import RedisStore
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionRecord, SessionStore
 from ._url import store_from_env, store_from_url
+from ._users import UserIndex, bind_user, logout_everywhere, user_sessions
 
 __all__ = [
     "UNAVAILABLE_ERRORS",
@@ -54,13 +55,18 @@ __all__ = [
     "SessionStoreError",
     "SessionTooLarge",
     "StoreUnavailable",
+    "UserIndex",
     "WriteNotAcknowledged",
+    "bind_user",
     "cancellable",
     "load_session",
+    "logout_everywhere",
     "new_session_id",
     "parse_redis_url",
     "redact_url",
     "redis_client",
+    "save_session",
     "store_from_env",
     "store_from_url",
+    "user_sessions",
 ]

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from ._exceptions import StoreUnavailable
@@ -352,6 +352,16 @@ class HybridStore:
         # A push already under way meets the tombstone and writes nothing.
         self._cache.pop(session_id, None)
         self._pending.pop(session_id, None)
+
+    async def bind_user(self, session_id: str, user_id: str, *, ttl: float) -> None:
+        # The index lives in Redis only: a logout everywhere is never only local.
+        await self.redis.bind_user(session_id, user_id, ttl=ttl)
+
+    async def user_session_ids(self, user_id: str) -> list[str]:
+        return await self.redis.user_session_ids(user_id)
+
+    async def unbind_user(self, user_id: str, session_ids: Collection[str]) -> None:
+        await self.redis.unbind_user(user_id, session_ids)
 
     async def ping(self) -> None:
         await self.redis.ping()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ._store import Changes, SessionRecord
 
@@ -40,6 +40,7 @@ class MemoryStore:
         self.max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._users: dict[str, dict[str, float]] = {}  # user id -> session id -> deadline
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -105,11 +106,41 @@ class MemoryStore:
         # update of a missing session is refused.
         self._entries.pop(session_id, None)
 
+    async def bind_user(self, session_id: str, user_id: str, *, ttl: float) -> None:
+        now = self._clock()
+        bound = self._users.setdefault(user_id, {})
+        for gone in [s for s, deadline in bound.items() if deadline <= now]:
+            del bound[gone]
+        bound[session_id] = now + ttl
+        if len(self._users) > 2 * self.max_entries:
+            # Users whose sessions were all evicted or destroyed: dropped, amortised (the
+            # next sweep is at least max_entries bindings away), so the index stays bounded.
+            kept: dict[str, dict[str, float]] = {}
+            for user, sessions in self._users.items():
+                live = {s: d for s, d in sessions.items() if s in self._entries}
+                if live:
+                    kept[user] = live
+            self._users = kept
+
+    async def user_session_ids(self, user_id: str) -> list[str]:
+        now = self._clock()
+        return [s for s, deadline in self._users.get(user_id, {}).items() if deadline > now]
+
+    async def unbind_user(self, user_id: str, session_ids: Collection[str]) -> None:
+        bound = self._users.get(user_id)
+        if bound is None:
+            return
+        for session_id in session_ids:
+            bound.pop(session_id, None)
+        if not bound:
+            del self._users[user_id]
+
     async def ping(self) -> None:
         return None
 
     async def aclose(self) -> None:
         self._entries.clear()
+        self._users.clear()
 
     def __repr__(self) -> str:
         return f"<MemoryStore [{len(self._entries)}/{self.max_entries} sessions]>"

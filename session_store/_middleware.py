@@ -25,8 +25,9 @@ from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
 from ._store import Changes, SessionStore
 from ._url import store_from_env
+from ._users import UserIndex
 
-__all__ = ["SessionMiddleware", "load_session"]
+__all__ = ["SessionMiddleware", "load_session", "save_session"]
 
 logger = logging.getLogger("session_store")
 
@@ -105,6 +106,29 @@ async def load_session(connection: HTTPConnection) -> Session:
         )
     await session.load()
     return session
+
+
+async def save_session(connection: HTTPConnection) -> None:
+    """Save what a WebSocket endpoint changed in its session now, not when it closes.
+
+    A WebSocket's session is saved when the endpoint returns (the socket closed, by either
+    side); a long-lived one saves sooner with this. Only a session the client already
+    holds (its cookie came with the handshake) can be saved: no cookie follows the
+    handshake, so a new or regenerated session is not kept. Raises `StoreUnavailable` if
+    the store cannot be reached, `SessionError` on an HTTP request (its response saves the
+    session) or without our middleware.
+    """
+    session = connection.scope.get("session")
+    if not isinstance(session, Session):
+        raise SessionError(
+            "no session_store.SessionMiddleware in front of this app: add it "
+            "(app.add_middleware(SessionMiddleware, secret_key=...)) before using the session"
+        )
+    if session.saver is None:
+        raise SessionError(
+            "save_session is for WebSocket endpoints: an HTTP response saves the session itself"
+        )
+    await session.saver()
 
 
 class SessionMiddleware:
@@ -282,6 +306,7 @@ class SessionMiddleware:
 
         session = Session()
         scope["session"] = session
+        session.middleware = self
         cookie_value = self._read_cookie(scope)
         session_id = None
         if cookie_value is not None and self.keeps:
@@ -298,8 +323,15 @@ class SessionMiddleware:
                         return
 
         if scope["type"] == "websocket":
-            # No Set-Cookie on a WebSocket: the session is readable, not saved.
+            # No Set-Cookie once the handshake is over: a change to a session the client
+            # holds is saved when the endpoint returns, or sooner with `save_session`.
+            session.saver = lambda: self._save_websocket(session, cookie_value)
             await self.app(scope, receive, send)
+            try:
+                await self._save_websocket(session, cookie_value)
+            except (SessionError, TypeError) as exc:
+                # The socket is closed: nobody to answer. Logged, as a failed save is.
+                logger.warning("websocket session not saved: %s", exc)
             return
 
         replaced = False
@@ -311,6 +343,8 @@ class SessionMiddleware:
             if message["type"] == "http.response.start":
                 try:
                     cookie = await self._commit(session, cookie_value)
+                    if session.bind_to is not None:
+                        await self._bind(session)
                 except StoreUnavailable as exc:
                     if self.on_unavailable == "error":
                         replaced = True
@@ -484,6 +518,35 @@ class SessionMiddleware:
             # Max-Age. The value the client sent is reused: same id, no new signature.
             return self._cookie(cookie_value)
         return None
+
+    async def _bind(self, session: Session) -> None:
+        """`bind_user`'s binding, once the session is saved under its final id."""
+        assert session.bind_to is not None
+        if session.id is None or session.destroyed or not self.keeps:
+            logger.warning("bind_user: the session was not saved (empty), so not bound")
+            return
+        if not isinstance(self.store, UserIndex):
+            raise SessionError(f"bind_user: {self.store!r} keeps no index of sessions by user")
+        now = self.clock()
+        lifetime = (session.created or now) + self.absolute_lifetime - now
+        await self.store.bind_user(session.id, session.bind_to, ttl=lifetime)
+        session.bind_to = None
+
+    async def _save_websocket(self, session: Session, cookie_value: str | None) -> None:
+        """Save a WebSocket's session (see `save_session`); what is saved becomes the
+        baseline the next save compares with."""
+        if session.id is None or session.regenerated:
+            if session.regenerated or dict.__len__(session):
+                logger.warning(
+                    "a session started or regenerated on a websocket is not kept: no cookie "
+                    "can carry its id after the handshake"
+                )
+            return
+        await self._commit(session, cookie_value)
+        if session.bind_to is not None:
+            await self._bind(session)
+        session.baseline = {key: _encode(key, value) for key, value in dict.items(session)}
+        session.modified = False
 
     async def _touch_if_due(self, session: Session, now: float) -> None:
         assert session.id is not None

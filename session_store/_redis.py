@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -87,7 +87,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-_SCRIPTS = (_LOAD, _SAVE, _DESTROY)
+# KEYS[1] a user's index (a sorted set: session id -> deadline, ms on the server's clock).
+# ARGV[1] a session id, ARGV[2] its absolute lifetime left, ms. Drops the ids past their
+# deadline, adds this one, and makes the index expire with its last session.
+_BIND = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return 1
+"""
+
+_SCRIPTS = (_LOAD, _SAVE, _DESTROY, _BIND)
 _DATA = "d:"
 
 
@@ -371,6 +384,24 @@ class RedisStore:
 
     async def destroy(self, session_id: str, *, ttl: float) -> None:
         await self._write(_DESTROY, self.key(session_id), _ms(ttl))
+
+    def user_key(self, user_id: str) -> str:
+        """The user's index: its own prefix, so that it never shares a name (nor a client
+        tracking prefix) with a session's hash; one slot per user on a cluster."""
+        return f"{self.prefix.rstrip(':')}-user:{{{user_id}}}"
+
+    async def bind_user(self, session_id: str, user_id: str, *, ttl: float) -> None:
+        # A write like a save: with min_replicas_ack it waits for replicas too, or a
+        # failover could lose the binding and the session escape a logout everywhere.
+        await self._write(_BIND, self.user_key(user_id), session_id, _ms(ttl))
+
+    async def user_session_ids(self, user_id: str) -> list[str]:
+        ids = await self._call(self._execute("ZRANGE", self.user_key(user_id), 0, -1))
+        return [_text(s) for s in ids]
+
+    async def unbind_user(self, user_id: str, session_ids: Collection[str]) -> None:
+        if session_ids:
+            await self._call(self._execute("ZREM", self.user_key(user_id), *session_ids))
 
     async def ping(self) -> None:
         await self._call(self.client.ping())

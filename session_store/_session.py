@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, Self, TypeVar
 
 from ._exceptions import SessionNotLoaded
+from ._store import SessionStore
 
 __all__ = ["Session"]
 
 _MISSING: Any = object()
+
+
+class SessionOwner(Protocol):
+    """What `logout_everywhere` reads of the middleware that made a session."""
+
+    store: SessionStore
+    idle_timeout: float  # seconds
+
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -48,6 +57,11 @@ class Session(dict[str, Any]):
     When the middleware does not load sessions up front (``autoload``), any use
     before ``await load_session(request)`` raises `SessionNotLoaded`.
     """
+
+    # Class defaults, set on an instance only where used: no cost to every request.
+    bind_to: str | None = None  # `bind_user`: bind to this user id when the session is saved
+    saver: Callable[[], Awaitable[None]] | None = None  # `save_session`, on a WebSocket
+    middleware: SessionOwner | None = None  # whose session it is (`logout_everywhere`)
 
     def __init__(
         self, data: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **kwargs: Any

@@ -25,7 +25,7 @@ from redis.crc import key_slot
 from balancer.control._dashboard import RedisStatus
 from demo_app.compare import main as compare
 from service_registry import Instance, Registry
-from session_store import Changes, RedisStore, StoreUnavailable
+from session_store import Changes, RedisStore, StoreUnavailable, logout_everywhere, user_sessions
 from tests.helpers import async_wait_until
 from tests.redis_topology import Cluster, start_cluster
 
@@ -97,6 +97,31 @@ async def test_store_operations_and_script_reload_on_a_cluster(cluster: Cluster)
         await store.destroy("a", ttl=60)
         assert await store.load("a") is None
         await store.ping()
+    finally:
+        await store.aclose()
+
+
+async def test_logout_everywhere_on_a_cluster(cluster: Cluster) -> None:
+    """A user's sessions sit on every shard, the user's index on one slot: each is destroyed
+    (a tombstone on its own slot) and none comes back."""
+    store = RedisStore.from_url(cluster.url, prefix="users:", min_replicas_ack=1)
+    try:
+        ids = [f"device-{n}" for n in range(12)]
+        for session_id in ids:
+            assert await store.save(
+                session_id, Changes({"u": '"alice"'}), created=time.time(), ttl=60, create=True
+            )
+            await store.bind_user(session_id, "alice", ttl=60)
+        owners = _slot_owners(cluster)
+        assert len({owners[key_slot(store.key(s).encode())] for s in ids}) == 3
+        assert set(await user_sessions(store, "alice")) == set(ids)
+        destroyed = await logout_everywhere(store, "alice", keep={ids[0]}, ttl=60)
+        assert sorted(destroyed) == sorted(ids[1:])
+        for session_id in ids[1:]:
+            assert await store.load(session_id) is None
+            stale = Changes({"x": "1"})
+            assert await store.save(session_id, stale, created=0, ttl=60, create=False) is None
+        assert list(await user_sessions(store, "alice")) == [ids[0]]
     finally:
         await store.aclose()
 
