@@ -26,6 +26,7 @@ from ._exceptions import (
     StoreUnavailable,
     WriteNotAcknowledged,
 )
+from ._flash import FLASHES_KEY, flash, get_flashed_messages
 from ._hybrid import HybridStore
 from ._memory import MemoryStore
 from ._middleware import SessionMiddleware, load_session, save_session
@@ -37,6 +38,7 @@ from ._url import store_from_env, store_from_url
 from ._users import UserIndex, bind_user, logout_everywhere, user_sessions
 
 __all__ = [
+    "FLASHES_KEY",
     "UNAVAILABLE_ERRORS",
     "Changes",
     "HybridStore",
@@ -59,6 +61,8 @@ __all__ = [
     "WriteNotAcknowledged",
     "bind_user",
     "cancellable",
+    "flash",
+    "get_flashed_messages",
     "load_session",
     "logout_everywhere",
     "new_session_id",

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, Self, TypeVar
 
-from ._exceptions import SessionNotLoaded
+from starlette.requests import HTTPConnection
+
+from ._exceptions import SessionError, SessionNotLoaded
 from ._store import SessionStore
 
-__all__ = ["Session"]
+__all__ = ["Session", "session_of"]
 
 _MISSING: Any = object()
 
@@ -202,3 +204,15 @@ class Session(dict[str, Any]):
     def __repr__(self) -> str:
         state = "not loaded" if not self.loaded else f"{dict.__len__(self)} keys"
         return f"<Session id={(self.id or 'new')[:8]}... {state}>"
+
+
+def session_of(target: Session | HTTPConnection) -> Session:
+    """``target`` itself, or the session our middleware gave the request; `SessionError`
+    if there is none (no `SessionMiddleware` of ours in front of the app)."""
+    session = target if isinstance(target, Session) else target.scope.get("session")
+    if not isinstance(session, Session):
+        raise SessionError(
+            "no session_store.SessionMiddleware in front of this app: add it "
+            "(app.add_middleware(SessionMiddleware, secret_key=...)) before using the session"
+        )
+    return session

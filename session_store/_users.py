@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 from starlette.requests import HTTPConnection
 
 from ._exceptions import SessionError
-from ._session import Session
+from ._session import Session, session_of
 from ._store import SessionRecord, SessionStore
 
 __all__ = ["UserIndex", "bind_user", "logout_everywhere", "user_sessions"]
@@ -48,16 +48,6 @@ class UserIndex(Protocol):
         ...
 
 
-def _session_of(target: Session | HTTPConnection) -> Session:
-    session = target if isinstance(target, Session) else target.scope.get("session")
-    if not isinstance(session, Session):
-        raise SessionError(
-            "no session_store.SessionMiddleware in front of this app: add it "
-            "(app.add_middleware(SessionMiddleware, secret_key=...)) before using the session"
-        )
-    return session
-
-
 def _check_user_id(user_id: object) -> str:
     if not isinstance(user_id, str) or not user_id:
         raise ValueError(f"user_id must be a non-empty string, not {user_id!r}")
@@ -69,7 +59,7 @@ def bind_user(target: Session | HTTPConnection, user_id: str) -> None:
     call it beside ``session.regenerate()`` at login). A session with nothing in it is not
     saved, so not bound. Raises ValueError for an empty or non-string ``user_id``; the save
     raises `SessionError` if the store keeps no `UserIndex`."""
-    session = _session_of(target)
+    session = session_of(target)
     session.bind_to = _check_user_id(user_id)
     session.mark_modified()  # the cookie goes out again, as for any change at login
 
@@ -118,7 +108,7 @@ async def logout_everywhere(
     may be destroyed already: call it again)."""
     _check_user_id(user_id)
     if isinstance(store, HTTPConnection):
-        session = _session_of(store)
+        session = session_of(store)
         if session.middleware is None:
             raise SessionError("this session has no middleware to log out with")
         if keep is None:
