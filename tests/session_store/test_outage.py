@@ -244,3 +244,25 @@ async def test_hybrid_never_serves_a_stale_copy_across_a_redis_restart(
     await b.aclose()
     assert record is not None
     assert dict(record.fields) == {"a": "1", "b": "2", "c": "3", "d": "4"}
+
+
+async def test_a_stalled_redis_is_bounded_by_the_stores_deadline_not_socket_timeouts(
+    own_redis: RedisServer,
+) -> None:
+    # Issue 16: redis-py's socket_timeout puts a wait_for on every send (~9 us of CPU a
+    # request); the store bounds each call with one asyncio.timeout instead.
+    store = RedisStore.from_url(own_redis.url, timeout=0.3)
+    admin = RedisStore.from_url(own_redis.url)
+    try:
+        await store.ping()
+        assert store.client.connection_pool.connection_kwargs.get("socket_timeout") is None
+        await admin.client.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"within 0\.3 s"):
+            await store.load("x")
+        assert time.monotonic() - started < 1.0  # the deadline, not the pause
+        await admin.client.execute_command("CLIENT", "UNPAUSE")
+        assert await store.load("x") is None  # the connection cut off was not pooled
+    finally:
+        await store.aclose()
+        await admin.aclose()
