@@ -18,6 +18,7 @@ from redis_plumbing import (
     redis_client,
 )
 
+from ._encryption import EncryptedStore
 from ._exceptions import (
     SessionError,
     SessionNotLoaded,
@@ -41,6 +42,7 @@ __all__ = [
     "FLASHES_KEY",
     "UNAVAILABLE_ERRORS",
     "Changes",
+    "EncryptedStore",
     "HybridStore",
     "MemoryStore",
     "RedisClient",
