@@ -7,20 +7,27 @@ environment, read once when the package is imported, turns that around: every mo
 package then loads from its .py file, for a debugger, tracebacks with source lines, or line
 coverage (which cannot see into compiled code). Processes started with that environment
 (workers, `--spawn`) inherit the choice.
+
+Where the extension modules come from: scripts/build-fast in a checkout, or the wheel
+(setup.py compiles the same modules at `pip install` time, where it has mypyc and a C
+compiler). `python -m balancer --version` prints `version_line()`: which build runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["PLAIN_ENV", "compiled"]
+__all__ = ["PLAIN_ENV", "compiled", "version_line"]
 
 PLAIN_ENV = "BALANCER_PLAIN"
 _PACKAGE = Path(__file__).parent
@@ -30,6 +37,29 @@ def compiled(module: ModuleType) -> bool:
     """Whether `module` was loaded from an extension module (the compiled build)."""
     origin = getattr(module, "__file__", None) or ""
     return origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def version_line() -> str:
+    """One line: the installed version, and whether the data path runs `compiled` or
+    `interpreted` (and which modules, and why), the Python and the package's folder.
+
+    Imports every module of balancer/datapath/ (the compiled part, all of it)."""
+    try:
+        version = importlib.metadata.version("sticky-sessions")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(not installed)"
+    names = sorted(p.stem for p in (_PACKAGE / "datapath").glob("_*.py") if p.stem != "__init__")
+    fast = [n for n in names if compiled(importlib.import_module(f"{__package__}.datapath.{n}"))]
+    slow = [n for n in names if n not in fast]
+    if not slow:
+        build = f"compiled (mypyc: {', '.join(fast)})"
+    elif fast:
+        build = f"partly compiled (mypyc: {', '.join(fast)}; interpreted: {', '.join(slow)})"
+    elif os.environ.get(PLAIN_ENV) == "1":
+        build = f"interpreted ({PLAIN_ENV}=1)"
+    else:
+        build = "interpreted (no compiled data path installed)"
+    return f"balancer {version} {build}; Python {platform.python_version()}; {_PACKAGE}"
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):

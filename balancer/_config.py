@@ -44,6 +44,7 @@ from typing import Any, Literal, NoReturn, cast
 from redis_plumbing import RedisURLError, parse_redis_url
 from service_registry import RegistryError, RegistryTarget, parse_registry_url
 
+from ._build import version_line
 from ._exceptions import ConfigError
 from .control._discovery import DEFAULT_DISCOVER_INTERVAL
 from .control._health import HealthPolicy
@@ -689,10 +690,32 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError("command line", message)
 
 
+class _Version(argparse.Action):
+    """`--version`: the version and the build that runs (compiled or interpreted), exit 0."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def _argument_parser() -> _Parser:
     epilog = "Every option is also BALANCER_<NAME> in the environment and <name> in the TOML file."
     parser = _Parser(
         prog="balancer", description="A sticky-session HTTP load balancer.", epilog=epilog
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        nargs=0,
+        default=argparse.SUPPRESS,
+        help="print the version and whether the data path runs compiled (mypyc) or "
+        "interpreted, then exit",
     )
     for option in _OPTIONS:
         help_text = f"{option.help} [{option.env}]"

@@ -8,12 +8,16 @@ catches a run that skipped it (pytest run by hand after an edit). Without a buil
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 from pathlib import Path
+
+import pytest
 
 import balancer
 import balancer.datapath._proxy
 import balancer.datapath._router
+from balancer import load_settings
 from balancer._build import PLAIN_ENV, compiled
 
 _ROOT = Path(balancer.__file__).parent.parent
@@ -64,3 +68,20 @@ def test_the_data_path_runs_the_build_that_is_there() -> None:
         name = module.__name__.rsplit(".", 1)[1]
         built = any(_PACKAGE.glob(f"{name}.*.so"))
         assert compiled(module) == (built and not plain), module.__file__
+
+
+def test_version_says_which_build_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    # `python -m balancer --version`; an installed wheel's is tests/test_wheel.py's.
+    with pytest.raises(SystemExit) as info:
+        load_settings(["--version"], {})
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"balancer {importlib.metadata.version('sticky-sessions')} "), out
+    modules = _compiled_modules()
+    if os.environ.get(PLAIN_ENV) == "1":
+        assert " interpreted (BALANCER_PLAIN=1); " in out
+    elif all(any(_PACKAGE.glob(f"{m}.*.so")) for m in modules):
+        assert f" compiled (mypyc: {', '.join(modules)}); " in out
+    else:
+        assert " interpreted (no compiled data path installed); " in out
+    assert out.endswith(f"; {_ROOT / 'balancer'}\n")
