@@ -4,16 +4,19 @@ Every option: ``python -m balancer --help``, and the table in ``balancer/_config
 
 With ``--spawn N --worker-cmd TEMPLATE`` (or ``--app MODULE:ATTR``) the balancer also
 starts and supervises its app workers: SIGHUP or SIGUSR2 restarts them one at a time,
-SIGTTIN and SIGTTOU add and remove one, SIGTERM and SIGINT stop everything.
+SIGTTIN and SIGTTOU add and remove one, SIGTERM and SIGINT stop everything. With
+``--tls-cert``, SIGUSR1 reads the certificate files again (a bad one changes nothing).
 
 With ``--workers N`` this process forks N balancer processes sharing the port and
-supervises them (`_processes.BalancerProcesses`); SIGTERM and SIGINT stop them all. With
+supervises them (`_processes.BalancerProcesses`); SIGTERM and SIGINT stop them all, SIGUSR1
+is passed on to each. With
 ``--admin`` too, it reserves the one admin address's sockets first (`_cluster.reserve`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -23,6 +26,7 @@ from dataclasses import replace
 
 from ._balancer import Balancer, _listen_error, restart_policy
 from ._config import Settings, load_or_exit
+from ._exceptions import TlsError
 from .control._cluster import ClusterMember, ClusterSockets, reserve
 from .control._events import NO_AFFINITY_SECRET
 from .control._log import configure_logging, log_event
@@ -34,6 +38,12 @@ from .supervisors._supervisor import Command
 __all__ = ["main"]
 
 
+def _reload_tls(balancer: Balancer) -> None:
+    # A bad file is logged by reload_tls, and the certificates in use stay.
+    with contextlib.suppress(TlsError):
+        balancer.reload_tls("signal")
+
+
 def _run_loop(settings: Settings, *, reuse_port: bool, cluster: ClusterMember | None) -> None:
     async def serve() -> None:
         stop = asyncio.Event()
@@ -41,6 +51,8 @@ def _run_loop(settings: Settings, *, reuse_port: bool, cluster: ClusterMember | 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)  # the handler only sets a flag
         balancer = Balancer(settings, cluster=cluster)
+        if balancer.tls is not None:
+            loop.add_signal_handler(signal.SIGUSR1, _reload_tls, balancer)
         supervisor = balancer.supervisor
         if supervisor is not None:
             # The handlers only enqueue; the supervisor's loop does the work.

@@ -19,7 +19,7 @@ from redis_plumbing import redis_client
 from service_registry import Registry
 
 from ._config import Settings
-from ._exceptions import ListenError
+from ._exceptions import ListenError, TlsError
 from .control._admin import create_admin_app
 from .control._cluster import (
     FRONT_ROUTES,
@@ -41,11 +41,14 @@ from .control._events import (
     ROUTING_TABLE,
     SHUTTING_DOWN,
     STOPPED,
+    TLS_RELOAD_FAILED,
+    TLS_RELOADED,
     EventFeed,
 )
 from .control._health import HealthChecker
 from .control._log import log_event, log_state_change
 from .control._pin_store import SESSION_TTL, PinStore
+from .control._tls import TlsListener
 from .datapath._metrics import Metrics
 from .datapath._pool import Pool
 from .datapath._proxy import ProxyOptions, ProxyServer
@@ -66,6 +69,15 @@ def _listen_error(setting: str, host: str, port: int, exc: OSError) -> ListenErr
     reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return ListenError(setting, address, reason)
+
+
+def _served(tls: TlsListener) -> str:
+    """The certificates served, for the logs: `cert (names), ...`, the default first."""
+    certificates = tls.certificates
+    return ", ".join(
+        f"{pair.cert} ({' '.join(names) or 'no names'})"
+        for pair, names in zip(certificates.pairs, certificates.names, strict=True)
+    )
 
 
 _ADMIN_EXIT_TIMEOUT = 5  # seconds the admin server may take to finish its responses
@@ -198,6 +210,8 @@ class Balancer:
         self.proxy = ProxyServer(
             self.router, self.metrics, proxy_options(settings), clock=clock, backends=self.pool
         )
+        # With --tls-cert: the listener's certificates (loaded and checked by _config).
+        self.tls = TlsListener(settings.tls_pairs()) if settings.tls_certs else None
         options = supervisor_options(settings)
         self.supervisor = None if options is None else Supervisor(self.pool, options, clock=clock)
         self.admin: _AdminServer | None = None
@@ -312,7 +326,12 @@ class Balancer:
     async def _listen(self, reuse_port: bool) -> None:
         listen = self.settings.listen
         try:
-            await self.proxy.start(listen.host, listen.port, reuse_port=reuse_port)
+            await self.proxy.start(
+                listen.host,
+                listen.port,
+                reuse_port=reuse_port,
+                tls=None if self.tls is None else self.tls.context,
+            )
         except OSError as exc:
             raise _listen_error("--listen", listen.host, listen.port, exc) from exc
         log_event(
@@ -321,8 +340,31 @@ class Balancer:
             backends=len(self.pool),
             sticky=str(self.settings.sticky),
             fingerprint=self.router.fingerprint(),
+            tls="off" if self.tls is None else _served(self.tls),
         )
         self._fingerprint = self.router.fingerprint()
+
+    def reload_tls(self, source: str) -> dict[str, object]:
+        """Read the listener's certificate files again (SIGUSR1, POST /tls/reload): new
+        handshakes get them, open connections keep theirs. Returns what is served now;
+        raises TlsError (logged; the certificates in use unchanged) if a file does not
+        load, and RuntimeError without TLS."""
+        tls = self.tls
+        if tls is None:
+            raise RuntimeError("the listener does not serve TLS")
+        try:
+            tls.reload()
+        except TlsError as exc:
+            log_event(
+                TLS_RELOAD_FAILED,
+                level=logging.WARNING,
+                source=source,
+                error=str(exc),
+                served=_served(tls),
+            )
+            raise
+        log_event(TLS_RELOADED, source=source, served=_served(tls))
+        return {"reloads": tls.reloads, "certificates": _served(tls)}
 
     def _log_fingerprint(self) -> None:
         """The pool's membership changed: log the routing table's new fingerprint (once
@@ -364,6 +406,7 @@ class Balancer:
             pins=self.router.pins,
             router=self.router,
             front=front,
+            tls_reload=None if self.tls is None else self.reload_tls,
         )
 
     async def _join_cluster(self, stack: contextlib.AsyncExitStack) -> None:

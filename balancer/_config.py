@@ -45,12 +45,16 @@ from redis_plumbing import RedisURLError, parse_redis_url
 from service_registry import RegistryError, RegistryTarget, parse_registry_url
 
 from ._build import version_line
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, TlsError
 from .control._discovery import DEFAULT_DISCOVER_INTERVAL
 from .control._health import HealthPolicy
+from .control._tls import CertificatePair, TlsListener, backend_context
 from .datapath._affinity import (
     DEFAULT_AFFINITY_COOKIE,
+    DEFAULT_COOKIE_PATH,
+    DEFAULT_SAME_SITE,
     AffinityCookie,
+    SameSite,
     Sticky,
     generate_secret,
     is_cookie_name,
@@ -137,6 +141,19 @@ class Settings:
     # away from its session.
     affinity_max_age: int = 86400
     affinity_secrets: tuple[str, ...] = field(default=(), repr=False)  # newest first
+    # The affinity cookie's attributes (AffinityCookie's); it is Secure under TLS, or
+    # with affinity_secure behind a front that terminates TLS.
+    affinity_same_site: SameSite = DEFAULT_SAME_SITE
+    affinity_partitioned: bool = False  # CHIPS: pinned inside third-party iframes too
+    affinity_domain: str | None = None
+    affinity_path: str = DEFAULT_COOKIE_PATH
+    affinity_secure: bool = False
+    # TLS on the listener: certificate chains and their keys, pairwise, the first the
+    # default (control._tls); () = plain HTTP.
+    tls_certs: tuple[Path, ...] = ()
+    tls_keys: tuple[Path, ...] = ()
+    # The CA bundle that https:// backends are verified against; None: the system's.
+    backend_ca: Path | None = None
     balance: Balance = DEFAULT_BALANCE  # for --sticky none
     # A client whose pinned backend is down: re-pinned at once, or 503 + Retry-After for
     # strict_window seconds first.
@@ -245,6 +262,18 @@ class Settings:
             secrets=self.affinity_secrets,
             name=self.affinity_cookie,
             max_age=self.affinity_max_age or None,
+            secure=self.affinity_secure or bool(self.tls_certs),
+            same_site=self.affinity_same_site,
+            partitioned=self.affinity_partitioned,
+            domain=self.affinity_domain,
+            path=self.affinity_path,
+        )
+
+    def tls_pairs(self) -> tuple[CertificatePair, ...]:
+        """`tls_certs` and `tls_keys` as pairs; () without TLS."""
+        return tuple(
+            CertificatePair(cert, key)
+            for cert, key in zip(self.tls_certs, self.tls_keys, strict=True)
         )
 
 
@@ -476,6 +505,23 @@ def _path(value: object) -> Path:
     return Path(_text(value))
 
 
+def _cookie_path(value: object) -> str:
+    text = _url_path(value)
+    if ";" in text or not text.isascii():
+        raise _Invalid(f"{text!r}: a cookie path is ASCII without ';'")
+    return text
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")  # RFC 1123 section 2.1
+
+
+def _cookie_domain(value: object) -> str:
+    text = _text(value).strip().lstrip(".")  # RFC 6265 section 5.2.3: a leading dot is ignored
+    if not text or not all(_LABEL.fullmatch(label) for label in text.split(".")):
+        raise _Invalid(f"{value!r} is not a domain name such as example.com")
+    return text.lower()
+
+
 def _each(item: Parser) -> Parser:
     """A list: a TOML array, or a comma-separated string from the environment."""
 
@@ -575,6 +621,28 @@ _OPTIONS: tuple[_Option, ...] = (
         "affinity_cookie", _cookie_name, "name of the balancer's affinity cookie", None, "NAME"
     ),
     _Option("affinity_max_age", _integer(0), "affinity cookie Max-Age; 0 = session", None, "S"),
+    _Option(
+        "affinity_same_site",
+        _choice("lax", "strict", "none"),
+        "affinity cookie SameSite (none needs Secure)",
+        None,
+        "lax|strict|none",
+    ),
+    _Option("affinity_partitioned", _boolean, "affinity cookie Partitioned (needs Secure)"),
+    _Option("affinity_domain", _cookie_domain, "affinity cookie Domain (default: none)", None, "D"),
+    _Option("affinity_path", _cookie_path, "affinity cookie Path (default /)", None, "PATH"),
+    _Option("affinity_secure", _boolean, "affinity cookie Secure without --tls-cert"),
+    _Option(
+        "tls_certs",
+        _each(_path),
+        "serve TLS: a PEM certificate chain; several are chosen by SNI (repeatable)",
+        "tls_cert",
+        "PATH",
+    ),
+    _Option(
+        "tls_keys", _each(_path), "the PEM key of each --tls-cert, in order", "tls_key", "PATH"
+    ),
+    _Option("backend_ca", _path, "CA bundle verifying https:// backends", None, "PATH"),
     _Option(
         "affinity_secrets",
         _each(_secret),
@@ -827,7 +895,37 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
         raise ConfigError(
             "--affinity-cookie", f"{settings.affinity_cookie!r} is the app's session cookie too"
         )
+    _validate_tls(settings)
     return settings
+
+
+def _validate_tls(settings: Settings) -> None:
+    """The TLS files load (each error names its flag and file), one key per certificate,
+    and the cookie attributes that browsers take only with Secure have it."""
+    if len(settings.tls_certs) != len(settings.tls_keys):
+        raise ConfigError(
+            "--tls-key",
+            f"{len(settings.tls_certs)} --tls-cert but {len(settings.tls_keys)} --tls-key: "
+            "give each certificate its key, in the same order",
+        )
+    secure = settings.affinity_secure or bool(settings.tls_certs)
+    # Browsers drop a SameSite=None or Partitioned cookie that is not Secure (RFC 6265bis
+    # section 5.6; CHIPS).
+    if settings.affinity_same_site == "none" and not secure:
+        raise ConfigError(
+            "--affinity-same-site", "none needs a Secure cookie: --tls-cert or --affinity-secure"
+        )
+    if settings.affinity_partitioned and not secure:
+        raise ConfigError(
+            "--affinity-partitioned", "needs a Secure cookie: --tls-cert or --affinity-secure"
+        )
+    try:
+        if settings.tls_certs:
+            TlsListener(settings.tls_pairs())
+        if settings.backend_ca is not None:
+            backend_context(settings.backend_ca)
+    except TlsError as exc:
+        raise ConfigError(exc.setting, f"{exc.path}: {exc.reason}") from None
 
 
 def _validate_spawn(settings: Settings, *, given: Collection[str]) -> None:

@@ -3,6 +3,7 @@
     BalancerError
     ├── ConfigError .............. a setting is invalid; names it (`.setting`), exits 2
     ├── ListenError .............. a listener cannot bind its address (in use...); exits 1
+    ├── TlsError ................. a certificate, key or CA file does not load; names it
     ├── NoBackendAvailable ....... nothing is selectable: the edge answers 503
     ├── InvalidTransition ........ a backend was asked for a state change its state forbids
     ├── UnknownBackend ........... no backend in the pool has that id (admin: 404)
@@ -31,6 +32,7 @@ __all__ = [
     "ListenError",
     "NoBackendAvailable",
     "PinnedBackendDown",
+    "TlsError",
     "UnknownBackend",
     "UpstreamConnectError",
     "UpstreamError",
@@ -66,6 +68,19 @@ class ListenError(BalancerError, OSError):
         super().__init__(f"{setting} {address}: cannot listen: {reason}")
         self.setting = setting
         self.address = address
+
+
+class TlsError(BalancerError, ValueError):
+    """A TLS file does not load: `setting` is its flag (`--tls-cert`, `--tls-key`,
+    `--backend-ca`), `path` the file, `reason` why. `str(exc)` is
+    ``"--tls-key /etc/tls/a.key: it is not the key of /etc/tls/a.pem"``. At startup it
+    becomes a ConfigError; on a reload nothing changes and it is the answer."""
+
+    def __init__(self, setting: str, path: str, reason: str) -> None:
+        super().__init__(f"{setting} {path}: {reason}")
+        self.setting = setting
+        self.path = path
+        self.reason = reason
 
 
 class NoBackendAvailable(BalancerError):

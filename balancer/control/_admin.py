@@ -9,6 +9,8 @@
     POST   /backends/{id}/enable     200, 404 unknown, 409 not draining (or drained)
     DELETE /backends/{id}            200, 404 unknown
     GET    /metrics                  Prometheus text format
+    POST   /tls/reload               the listener's certificate files read again: 200, 422
+                                     a file does not load (nothing changed), 404 no TLS
 
 With the router (`router=`, the balancer's), one session at a time, named by its handle
 (`datapath._pins.handle`: a digest, never the session cookie's value, a bearer credential):
@@ -53,7 +55,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
-from .._exceptions import BackendExists, InvalidTransition, UnknownBackend
+from .._exceptions import BackendExists, InvalidTransition, TlsError, UnknownBackend
 from ..datapath._backend import (
     DRAIN_SESSIONS,
     Backend,
@@ -376,6 +378,19 @@ async def scale_workers(request: Request) -> Response:
     return JSONResponse({"desired": desired}, status_code=202)
 
 
+async def reload_tls(request: Request) -> Response:
+    """Read the listener's certificate files again: 200 with what now serves, or 422 with
+    the file and why, and the certificates in use unchanged."""
+    reload = request.app.state.tls_reload
+    if reload is None:
+        return _error(404, "no_tls", "the listener does not serve TLS (no --tls-cert)")
+    try:
+        served: dict[str, object] = reload("admin")
+    except TlsError as exc:
+        return _error(422, "tls_reload_failed", f"{exc}; the certificates in use are unchanged")
+    return JSONResponse(served)
+
+
 async def restart_workers(request: Request) -> Response:
     _workers(request).request_restart()
     log_event(ROLLING_RESTART_REQUESTED, source="admin")
@@ -497,6 +512,7 @@ ROUTES: list[BaseRoute] = [
     Route("/backends/{backend_id}/enable", enable, methods=["POST"]),
     Route("/backends/{backend_id}", remove, methods=["DELETE"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
+    Route("/tls/reload", reload_tls, methods=["POST"]),
 ]
 # With a supervisor (`workers`).
 WORKER_ROUTES: list[BaseRoute] = [
@@ -529,6 +545,7 @@ def create_admin_app(
     pins: PinTable | None = None,
     router: SessionControl | None = None,
     front: Sequence[BaseRoute] = (),
+    tls_reload: Callable[[str], dict[str, object]] | None = None,
 ) -> Starlette:
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
     `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /;
@@ -536,7 +553,8 @@ def create_admin_app(
     `pins`, the router's pin table, gives a drain's report its pinned sessions (the
     router's, when only `router` is given); `router` adds the session routes; `front`,
     routes that come first and shadow the API's own (`_cluster.FRONT_ROUTES`, and the
-    internal endpoints' GET /internal/log, with `--workers N`)."""
+    internal endpoints' GET /internal/log, with `--workers N`); `tls_reload`, called with
+    the source, reloads the listener's certificates for POST /tls/reload (raises TlsError)."""
     routes = [*front, *ROUTES]
     open_paths = {"/healthz"}
     if workers is not None:
@@ -554,4 +572,5 @@ def create_admin_app(
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=_EXCEPTION_HANDLERS)
     app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint, pins, router=router)
     app.state.dashboard = dashboard
+    app.state.tls_reload = tls_reload
     return app

@@ -74,6 +74,8 @@ __all__ = [
     "SESSION_MOVED",
     "SHUTTING_DOWN",
     "STOPPED",
+    "TLS_RELOADED",
+    "TLS_RELOAD_FAILED",
     "WORKERS_KILLED",
     "WORKERS_SCALED",
     "WORKERS_STOPPED",
@@ -115,6 +117,9 @@ ADMIN_PROCESS_UNANSWERED: Final = "admin_process_unanswered"
 ADMIN_LOG_REPLAYED: Final = "admin_log_replayed"
 ADMIN_LOG_UNAVAILABLE: Final = "admin_log_unavailable"
 STOPPED: Final = "stopped"
+# The listener's certificates read again (SIGUSR1, POST /tls/reload); failed: nothing changed.
+TLS_RELOADED: Final = "tls_reloaded"
+TLS_RELOAD_FAILED: Final = "tls_reload_failed"
 
 # Backends: state changes (`_log.log_state_change`), the admin API, discovery.
 BACKEND_STATE: Final = "backend_state"

@@ -21,7 +21,10 @@ from itsdangerous import BadSignature, Signer
 
 __all__ = [
     "DEFAULT_AFFINITY_COOKIE",
+    "DEFAULT_COOKIE_PATH",
+    "DEFAULT_SAME_SITE",
     "AffinityCookie",
+    "SameSite",
     "Sticky",
     "StickyMode",
     "cookie_value",
@@ -32,12 +35,18 @@ __all__ = [
 DEFAULT_AFFINITY_COOKIE = "lb_affinity"
 
 StickyMode = Literal["cookie", "ip", "none"]
+SameSite = Literal["lax", "strict", "none"]
+# Lax, since following a link into the site must keep the pin.
+DEFAULT_SAME_SITE: SameSite = "lax"
+DEFAULT_COOKIE_PATH = "/"
+_SAME_SITE = {"lax": b"Lax", "strict": b"Strict", "none": b"None"}
 
 # RFC 6265 section 4.1.1: a cookie-name is an RFC 7230 token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # The most affinity values kept verified; each backend has one per secret, so this is
 # plenty, and it bounds memory against clients sending a stream of distinct values.
 _VERIFIED_MAX = 4096
+_DOMAIN = re.compile(r"[A-Za-z0-9.-]+")
 # What may precede a cookie name in a Cookie header: "a=1; b=2", or "a=1;b=2".
 _BEFORE_NAME = b"; \t"
 
@@ -134,7 +143,12 @@ class AffinityCookie:
     must be given the same secrets. The signature is deterministic, so a backend's value is
     the same for every client and verified values are memoized (docs/architecture.md,
     "Measured facts"). Raises ValueError, naming the parameter, for no secret, a bad cookie
-    name or a `max_age` under 1.
+    name, a `max_age` under 1, a bad `same_site`, `path` or `domain`, or `same_site` none
+    or `partitioned` without `secure` (browsers drop such a cookie).
+
+    The cookie is always HttpOnly; `secure` (the listener serves TLS), `same_site`,
+    `partitioned` (CHIPS: kept inside a third-party iframe, where a Lax cookie is not
+    sent), `domain` and `path` are its other attributes.
     """
 
     def __init__(
@@ -143,6 +157,11 @@ class AffinityCookie:
         secrets: Sequence[str | bytes],
         name: str = DEFAULT_AFFINITY_COOKIE,
         max_age: int | None = None,
+        secure: bool = False,
+        same_site: str = DEFAULT_SAME_SITE,
+        partitioned: bool = False,
+        domain: str | None = None,
+        path: str = DEFAULT_COOKIE_PATH,
     ) -> None:
         if not secrets:
             raise ValueError("secrets: at least one secret is needed")
@@ -150,11 +169,28 @@ class AffinityCookie:
             raise ValueError(f"name: {name!r} is not a valid cookie name")
         if max_age is not None and max_age < 1:
             raise ValueError(f"max_age must be at least 1 second, not {max_age!r}")
+        if same_site not in _SAME_SITE:
+            raise ValueError(f"same_site must be lax, strict or none, not {same_site!r}")
+        if (same_site == "none" or partitioned) and not secure:
+            raise ValueError("same_site none and partitioned need secure")
+        if not (path.startswith("/") and path.isascii()) or any(c in path for c in "; \t\r\n"):
+            raise ValueError(f"path must be an absolute path without ';', not {path!r}")
+        if domain is not None and not (domain.isascii() and _DOMAIN.fullmatch(domain)):
+            raise ValueError(f"domain must be a domain name, not {domain!r}")
         self.name = name
         self.name_bytes = name.encode()
-        self._attributes = b"; Path=/; HttpOnly; SameSite=Lax"
+        attributes = b"; Path=" + path.encode("ascii")
+        if domain is not None:
+            attributes += b"; Domain=" + domain.encode("ascii")
+        attributes += b"; HttpOnly"
+        if secure:
+            attributes += b"; Secure"
+        attributes += b"; SameSite=" + _SAME_SITE[same_site]
+        if partitioned:
+            attributes += b"; Partitioned"
         if max_age is not None:
-            self._attributes += b"; Max-Age=%d" % max_age
+            attributes += b"; Max-Age=%d" % max_age
+        self._attributes = attributes
         keys = [s.encode() if isinstance(s, str) else s for s in secrets]
         # itsdangerous wants its keys oldest first (the last one signs).
         self._signer = Signer(keys[::-1], salt=b"balancer.affinity")
@@ -193,6 +229,6 @@ class AffinityCookie:
         Without `max_age` it lasts as long as the browser session (HAProxy's and Traefik's
         default). An app session that outlives it is then placed by the hash of its cookie,
         which may not be where it was created: give `max_age` the app session's lifetime to
-        avoid that. Lax, since following a link into the site must keep the pin.
+        avoid that.
         """
         return self.name_bytes + b"=" + self.sign(backend_id) + self._attributes

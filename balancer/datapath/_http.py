@@ -400,16 +400,18 @@ def forwarding_block(
     xfp: bytes | None = None,
     xfh: bytes | None = None,
     forwarded: bytes | None = None,
+    proto: bytes = b"http",
 ) -> bytes:
     """The forwarding header lines of a request from `peer` (its address; `for_node`, its
-    `for=...;proto=http` of Forwarded) with `host` (its Host): `X-Forwarded-For`, `-Proto`,
-    `-Host` and `Forwarded`, each appended to what the request sent in `xff`, `xfp`, `xfh`
-    and `forwarded`: pass those only for a trusted peer (an untrusted one's are dropped)."""
+    `for=...;proto=...` of Forwarded) with `host` (its Host), which came over `proto`
+    (http, or https on a TLS listener): `X-Forwarded-For`, `-Proto`, `-Host` and
+    `Forwarded`, each appended to what the request sent in `xff`, `xfp`, `xfh` and
+    `forwarded`: pass those only for a trusted peer (an untrusted one's are dropped)."""
     lines = [
         b"X-Forwarded-For: ",
         xff + b", " + peer if xff else peer,
         b"\r\nX-Forwarded-Proto: ",
-        xfp or b"http",
+        xfp or proto,
         b"\r\n",
     ]
     xfh = xfh or host

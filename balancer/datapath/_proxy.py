@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -282,7 +283,7 @@ class _ClientConnection(asyncio.Protocol):
             self._local_host = f"{host}:{local[1]}".encode("ascii")
         self._trusted = self._peer in self._server.trusted
         self._peer_b = self._peer.encode("ascii", "replace")
-        self._for_node = b"for=" + forwarded_for(self._peer) + b";proto=http"
+        self._for_node = b"for=" + forwarded_for(self._peer) + b";proto=" + self._server.proto
         self._server.connection_made(self)
         self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
 
@@ -959,6 +960,7 @@ class _ClientConnection(asyncio.Protocol):
                 xfp=req.xfp,
                 xfh=req.xfh,
                 forwarded=req.forwarded,
+                proto=self._server.proto,
             )
             head.append(block)
         else:
@@ -966,7 +968,9 @@ class _ClientConnection(asyncio.Protocol):
             # The same for every request with this Host on this connection: built once.
             if host != self._block_host or not self._block:
                 self._block_host = host
-                self._block = forwarding_block(self._peer_b, self._for_node, host)
+                self._block = forwarding_block(
+                    self._peer_b, self._for_node, host, proto=self._server.proto
+                )
             head.append(self._block)
         if req.request_id is None:
             head += (b"X-Request-Id: ", new_request_id(), b"\r\n\r\n")
@@ -1084,6 +1088,7 @@ class ProxyServer:
         self.repin_prefix = b"" if header is None else header.encode("ascii") + b": "
         self.budget = RetryBudget(self.options.retry_ratio, self.options.retry_floor, clock)
         self.shutting_down = False
+        self.proto = b"http"  # what clients come over: https once started with TLS
         self._pools: dict[str, UpstreamPool] = {}
         self._connections: set[_ClientConnection] = set()
         self._parked: list[tuple[_ClientConnection, _Request]] = []  # waiting for a backend
@@ -1132,14 +1137,31 @@ class ProxyServer:
         *,
         sock: socket.socket | None = None,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        """Listen on `host:port` (or on `sock`, already bound); returns once listening."""
+        """Listen on `host:port` (or on `sock`, already bound); returns once listening.
+
+        With `tls`, clients speak TLS (control._tls builds the context): the handshake
+        must end within `header_timeout`, and the backends are told X-Forwarded-Proto https.
+        """
         loop = asyncio.get_running_loop()
+        # The handshake's own deadline: the connection's deadlines start once it is done.
+        handshake = None if tls is None else self.options.header_timeout
+        if tls is not None:
+            self.proto = b"https"
         if sock is not None:
-            self._server = await loop.create_server(self._protocol, sock=sock, backlog=2048)
+            self._server = await loop.create_server(
+                self._protocol, sock=sock, backlog=2048, ssl=tls, ssl_handshake_timeout=handshake
+            )
         else:
             self._server = await loop.create_server(
-                self._protocol, host, port, reuse_port=reuse_port, backlog=2048
+                self._protocol,
+                host,
+                port,
+                reuse_port=reuse_port,
+                backlog=2048,
+                ssl=tls,
+                ssl_handshake_timeout=handshake,
             )
         self._timer = loop.call_later(self._tick, self._check_deadlines)
 

@@ -56,7 +56,8 @@ __all__ = ["CANNOT_SERVE", "BalancerProcesses"]
 
 CANNOT_SERVE = 3  # a balancer process's exit code: it could not bind; restarting is no use
 _WAKE_MAX = 1.0  # seconds the loop sleeps at most when no signal and no deadline wakes it
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+# SIGUSR1 (reload the TLS certificates) is passed on to every process.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1)
 
 
 class BalancerProcesses:
@@ -137,6 +138,11 @@ class BalancerProcesses:
         while self._signals:
             signum = self._signals.popleft()
             if signum == signal.SIGCHLD or self._stopping is not None:
+                continue
+            if signum == signal.SIGUSR1:
+                for worker in self._processes:
+                    if worker.alive:
+                        self._kill(worker, signum)
                 continue
             self._stopping = signum
             log_event(BALANCER_PROCESSES_STOPPING, signal=signal.Signals(signum).name)

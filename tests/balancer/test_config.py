@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,10 +26,12 @@ from balancer import (
 from balancer._balancer import proxy_options, supervisor_options
 from balancer.control._discovery import DEFAULT_DISCOVER_INTERVAL
 from balancer.datapath import _router
+from balancer.datapath._affinity import DEFAULT_COOKIE_PATH, DEFAULT_SAME_SITE
 from balancer.supervisors._autoscale import AutoscalePolicy
 from balancer.supervisors._supervisor import SupervisorOptions
 from balancer.supervisors._workers import RestartPolicy
 from service_registry import RegistryTarget
+from tests.balancer.certs import Authority
 
 B1, B2 = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
 MIN = ["--backend", B1]
@@ -34,6 +39,12 @@ SECRET = "0123456789abcdef-secret"
 TOKEN = "admin-token-0123456789"
 CMD = "python -m demo_app --port {port} --instance-id 'w {index}'"
 DISCOVER = "redis://127.0.0.1:6379/2/demo"
+# TLS files that load, for the rows of --tls-cert, --tls-key and --backend-ca.
+_TLS_DIR = Path(tempfile.mkdtemp(prefix="balancer-config-tls-"))
+atexit.register(shutil.rmtree, _TLS_DIR, True)
+_CA = Authority.create(_TLS_DIR)
+_LEAF = _CA.issue("leaf", "a.test")
+CERT, KEY, CA = str(_LEAF.cert), str(_LEAF.key), str(_CA.cert)
 
 
 def test_defaults() -> None:
@@ -74,6 +85,25 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
      "affinity_max_age = 3600", "affinity_max_age", 3600),
     (["--affinity-secret", SECRET], {"BALANCER_AFFINITY_SECRETS": SECRET},
      f'affinity_secrets = ["{SECRET}"]', "affinity_secrets", (SECRET,)),
+    (["--affinity-same-site", "strict"], {"BALANCER_AFFINITY_SAME_SITE": "strict"},
+     'affinity_same_site = "strict"', "affinity_same_site", "strict"),
+    (["--affinity-partitioned", "--affinity-secure"],
+     {"BALANCER_AFFINITY_PARTITIONED": "1", "BALANCER_AFFINITY_SECURE": "1"},
+     "affinity_partitioned = true\naffinity_secure = true", "affinity_partitioned", True),
+    (["--affinity-domain", ".Example.com"], {"BALANCER_AFFINITY_DOMAIN": "example.com"},
+     'affinity_domain = "example.com"', "affinity_domain", "example.com"),
+    (["--affinity-path", "/app"], {"BALANCER_AFFINITY_PATH": "/app"},
+     'affinity_path = "/app"', "affinity_path", "/app"),
+    (["--affinity-secure"], {"BALANCER_AFFINITY_SECURE": "on"}, "affinity_secure = true",
+     "affinity_secure", True),
+    (["--tls-cert", CERT, "--tls-key", KEY],
+     {"BALANCER_TLS_CERTS": CERT, "BALANCER_TLS_KEYS": KEY},
+     f'tls_certs = ["{CERT}"]\ntls_keys = ["{KEY}"]', "tls_certs", (Path(CERT),)),
+    (["--tls-cert", CERT, "--tls-key", KEY],
+     {"BALANCER_TLS_CERTS": CERT, "BALANCER_TLS_KEYS": KEY},
+     f'tls-certs = ["{CERT}"]\ntls-keys = ["{KEY}"]', "tls_keys", (Path(KEY),)),
+    (["--backend-ca", CA], {"BALANCER_BACKEND_CA": CA}, f'backend_ca = "{CA}"', "backend_ca",
+     Path(CA)),
     (["--balance", "round-robin"], {"BALANCER_BALANCE": "round-robin"},
      'balance = "round-robin"', "balance", "round-robin"),
     (["--hash-balance-factor", "0.5"], {"BALANCER_HASH_BALANCE_FACTOR": "0.5"},
@@ -565,6 +595,8 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "hash_balance_factor": _router.DEFAULT_HASH_BALANCE_FACTOR,
     "hash_table_size": DEFAULT_TABLE_SIZE,
     "discover_interval": DEFAULT_DISCOVER_INTERVAL,
+    "affinity_same_site": DEFAULT_SAME_SITE,
+    "affinity_path": DEFAULT_COOKIE_PATH,
 }
 # The settings no library class takes with a default of its own: the config layer's.
 # affinity_max_age: AffinityCookie's default is a browser-session cookie; the balancer's
@@ -572,7 +604,8 @@ LIBRARY_DEFAULTS: dict[str, object] = {
 CONFIG_ONLY = {
     "listen", "backends", "sticky", "admin", "admin_token", "config", "workers", "log_format",
     "affinity_cookie", "affinity_max_age", "affinity_secrets", "spawn", "worker_cmd", "app",
-    "discover", "dashboard_mode", "dashboard_redis", "pin_store",
+    "discover", "dashboard_mode", "dashboard_redis", "pin_store", "affinity_partitioned",
+    "affinity_domain", "affinity_secure", "tls_certs", "tls_keys", "backend_ca",
 }  # fmt: skip
 
 

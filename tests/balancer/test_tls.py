@@ -1,0 +1,245 @@
+"""TLS on the listener (issue 17), against a real balancer process on 127.0.0.1 with
+certificates made in the test by a private CA (`certs`): requests are proxied over TLS with
+X-Forwarded-Proto https, SNI picks the certificate, TLS 1.1 is refused, the affinity cookie
+is Secure with the attributes asked for, a reload with a bad file changes nothing, a reload
+with a new certificate serves it to new connections while an old keep-alive one goes on,
+and a bad file at startup is one line naming the flag and the file."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import subprocess
+import sys
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.balancer.backends import HttpBackend
+from tests.balancer.certs import Authority, Leaf
+from tests.helpers import async_wait_for, free_port
+from tests.processes import balancer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Authority:
+    return Authority.create(tmp_path / "tls")
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[HttpBackend]:
+    async with HttpBackend("a") as server:
+        yield server
+
+
+def _tls_flags(*leaves: Leaf) -> list[str]:
+    flags = []
+    for leaf in leaves:
+        flags += ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key)]
+    return flags
+
+
+def _client_context(authority: Authority) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(authority.cert))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def _served_name(port: int, authority: Authority, sni: str | None) -> str:
+    """The common name of the certificate the listener serves to a client asking for `sni`."""
+    context = _client_context(authority)
+    context.check_hostname = False
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=sni)
+    try:
+        cert = writer.get_extra_info("peercert")
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert ssl_object.selected_alpn_protocol() == "http/1.1"
+        return str(dict(rdn[0] for rdn in cert["subject"])["commonName"])
+    finally:
+        writer.close()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def test_a_request_is_proxied_over_tls_with_the_cert_sni_picks(
+    authority: Authority, backend: HttpBackend
+) -> None:
+    a = authority.issue("a", "a.test")
+    b = authority.issue("b", "b.test", "*.b.test")
+    cookie = ["--sticky", "cookie:sid", "--affinity-same-site", "none", "--affinity-partitioned"]
+    cookie += ["--affinity-domain", "example.test", "--affinity-path", "/app"]
+    with balancer([backend.url], *_tls_flags(a, b), *cookie, admin=False) as (lb, _):
+        port = _port(lb.url)
+        async with httpx.AsyncClient(verify=_client_context(authority)) as client:
+            response = await client.get(f"https://127.0.0.1:{port}/")
+        assert response.status_code == 200
+        assert response.text == "hello from a"
+        seen = {k.lower(): v for k, v in backend.seen[-1].headers}
+        assert seen["x-forwarded-proto"] == "https"
+        assert "proto=https" in seen["forwarded"]
+        set_cookie = response.headers["set-cookie"]
+        assert set_cookie.startswith("lb_affinity=")
+        attributes = {part.strip() for part in set_cookie.split(";")[1:]}
+        assert {"Secure", "HttpOnly", "SameSite=None", "Partitioned"} <= attributes
+        assert {"Domain=example.test", "Path=/app"} <= attributes
+        # SNI: the exact name, a wildcard one, the default for no name or an unknown one.
+        assert await _served_name(port, authority, "a.test") == "a.test"
+        assert await _served_name(port, authority, "b.test") == "b.test"
+        assert await _served_name(port, authority, "x.b.test") == "b.test"
+        assert await _served_name(port, authority, None) == "a.test"
+        assert await _served_name(port, authority, "other.test") == "a.test"
+
+
+async def test_tls_1_1_is_refused(authority: Authority, backend: HttpBackend) -> None:
+    a = authority.issue("a", "a.test")
+    with balancer([backend.url], *_tls_flags(a), admin=False) as (lb, _):
+        context = _client_context(authority)
+        context.check_hostname = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1_1 is, on purpose
+            context.minimum_version = ssl.TLSVersion.TLSv1_1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # or the client itself will not offer 1.1
+        # The server's protocol_version alert, or its reset right after it.
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            await asyncio.open_connection(
+                "127.0.0.1", _port(lb.url), ssl=context, server_hostname="a.test"
+            )
+        # and 1.2 passes
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", _port(lb.url), ssl=context, server_hostname="a.test"
+        )
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+        writer.close()
+
+
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One keep-alive GET / on an open connection: the response's body."""
+    writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    return await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def test_a_reload_serves_the_new_cert_and_a_bad_file_changes_nothing(
+    authority: Authority, backend: HttpBackend
+) -> None:
+    old = authority.issue("a", "a.test")
+    with balancer([backend.url], *_tls_flags(old)) as (lb, admin):
+        assert admin is not None
+        port = _port(lb.url)
+        context = _client_context(authority)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="a.test"
+        )
+        assert await _get(reader, writer) == b"hello from a"
+        good = old.cert.read_bytes()
+
+        # A bad file: 422 naming it, the old certificate still served, still serving.
+        old.cert.write_text("not a certificate\n")
+        async with httpx.AsyncClient() as client:
+            refused = await client.post(admin + "/tls/reload")
+        assert refused.status_code == 422
+        assert str(old.cert) in refused.json()["error"]
+        assert "--tls-cert" in refused.json()["error"]
+        assert await _served_name(port, authority, "a.test") == "a.test"
+        assert await _get(reader, writer) == b"hello from a"
+
+        # A new certificate for new names under the same paths, then SIGUSR1.
+        old.cert.write_bytes(good)
+        new = authority.issue("new", "a.test", "renewed.test")
+        old.cert.write_bytes(new.cert.read_bytes())
+        old.key.write_bytes(new.key.read_bytes())
+        lb.popen.send_signal(signal.SIGUSR1)
+
+        async def renewed() -> bool:
+            context = _client_context(authority)
+            context.check_hostname = False
+            _, probe = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname="renewed.test"
+            )
+            names = probe.get_extra_info("peercert")["subjectAltName"]
+            probe.close()
+            return ("DNS", "renewed.test") in names
+
+        await async_wait_for(renewed, 5, "the renewed certificate")
+        # The connection opened before the reload goes on, on its own session.
+        assert await _get(reader, writer) == b"hello from a"
+        writer.close()
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(admin + "/tls/reload")
+        assert answer.status_code == 200
+        assert "renewed.test" in answer.json()["certificates"]
+
+
+def _start(*flags: str) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{free_port()}"]
+    args += ["--backend", "http://127.0.0.1:9", *flags]
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("case", "flag", "why"),
+    [
+        ("missing cert", "--tls-cert", "cannot read it: No such file"),
+        ("missing key", "--tls-key", "cannot read it: No such file"),
+        ("not a cert", "--tls-cert", "holds no PEM certificate"),
+        ("other key", "--tls-key", "it is not the key of"),
+        ("no key", "--tls-key", "1 --tls-cert but 0 --tls-key"),
+    ],
+)
+def test_a_bad_tls_file_is_one_line_naming_the_flag_and_file(
+    authority: Authority, case: str, flag: str, why: str
+) -> None:
+    a = authority.issue("a", "a.test")
+    b = authority.issue("b", "b.test")
+    cert, key = str(a.cert), str(a.key)
+    if case == "missing cert":
+        cert = str(authority.directory / "missing.pem")
+    elif case == "missing key":
+        key = str(authority.directory / "missing.key")
+    elif case == "not a cert":
+        cert = key  # a key where the certificate should be
+    elif case == "other key":
+        key = str(b.key)
+    flags = ["--tls-cert", cert] + ([] if case == "no key" else ["--tls-key", key])
+    result = _start(*flags)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"balancer: error: {flag}")
+    assert why in lines[0]
+    if case != "no key":
+        assert (cert if flag == "--tls-cert" else key) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--affinity-same-site", "none"], "--affinity-same-site: none needs a Secure cookie"),
+        (["--affinity-partitioned"], "--affinity-partitioned: needs a Secure cookie"),
+        (["--affinity-domain", "a b"], "--affinity-domain: 'a b' is not a domain name"),
+        (["--affinity-path", "app"], "--affinity-path: expected an absolute path"),
+    ],
+)
+def test_cookie_attributes_that_need_secure_are_refused_without_it(
+    flags: list[str], message: str
+) -> None:
+    result = _start(*flags)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"balancer: error: {message}" or message in result.stderr
+    assert "Traceback" not in result.stderr
