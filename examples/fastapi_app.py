@@ -12,15 +12,19 @@ process's memory, with a warning at start; it is closed when the app shuts down.
     curl -c jar -b jar -X POST 'localhost:8000/login?user=alice'  {"user":"alice"}
     curl -c jar -b jar localhost:8000/cart                        {"cart":["book"]}
     curl -c jar -b jar -X POST localhost:8000/logout              {"user":null}
+
+Logged in on several devices, one logs the others out (``bind_user`` at login):
+
+    curl -c jar -b jar -X POST localhost:8000/logout-everywhere   {"logged_out":2}
 """
 
 from __future__ import annotations
 
 import os
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 
-from session_store import SessionMiddleware
+from session_store import SessionMiddleware, bind_user, logout_everywhere
 from session_store.fastapi import SessionDep
 
 SECRET_KEY = os.environ.get("SESSION_SECRET_KEY", "")
@@ -51,6 +55,7 @@ async def login(user: str, session: SessionDep) -> dict[str, str | None]:
     # A new session id at login, the cart kept: an id planted before is worth nothing.
     session.regenerate()
     session["user"] = user
+    bind_user(session, user)  # under the new id, when this response saves the session
     return {"user": user}
 
 
@@ -58,3 +63,12 @@ async def login(user: str, session: SessionDep) -> dict[str, str | None]:
 async def logout(session: SessionDep) -> dict[str, str | None]:
     session.destroy()  # gone from the store, the cookie cleared
     return {"user": None}
+
+
+@app.post("/logout-everywhere")
+async def logout_everywhere_else(session: SessionDep) -> dict[str, int]:
+    """Every other session of this user destroyed (tombstones: none comes back)."""
+    user = session.get("user")
+    if not isinstance(user, str):
+        raise HTTPException(status_code=401, detail="log in first")
+    return {"logged_out": len(await logout_everywhere(session, user))}

@@ -91,7 +91,7 @@ async def user_sessions(store: SessionStore, user_id: str) -> dict[str, SessionR
 
 
 async def logout_everywhere(
-    store: SessionStore | HTTPConnection,
+    store: SessionStore | Session | HTTPConnection,
     user_id: str,
     *,
     keep: Collection[str] | None = None,
@@ -100,14 +100,15 @@ async def logout_everywhere(
     """Destroy every session bound to ``user_id`` but those in ``keep``; return the ids
     destroyed (each now a tombstone; some may have been gone already).
 
-    Given the request (``logout_everywhere(request, user_id)``), the store and the
+    Given the request (``logout_everywhere(request, user_id)``) or its session (FastAPI's
+    ``SessionDep``), the store and the
     tombstones' lifetime are the middleware's (its ``idle_timeout``: no cached copy
     outlives it) and the request's own session is kept. Given a store, ``ttl`` is
     required: at least the middleware's ``idle_timeout``. Raises `SessionError` if the
     store keeps no `UserIndex`, `StoreUnavailable` if it cannot be reached (some sessions
     may be destroyed already: call it again)."""
     _check_user_id(user_id)
-    if isinstance(store, HTTPConnection):
+    if isinstance(store, Session | HTTPConnection):
         session = session_of(store)
         if session.middleware is None:
             raise SessionError("this session has no middleware to log out with")

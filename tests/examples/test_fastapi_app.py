@@ -76,6 +76,33 @@ async def test_cart_login_logout_in_redis(
     await redis.aclose()
 
 
+async def test_logout_everywhere_ends_the_other_devices_sessions(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSION_SECRET_KEY", "example-app-secret-key-0123456789")
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.delenv("SESSION_STORE_URL", raising=False)
+    app = fresh_example().app
+    transport = httpx.ASGITransport(app=app)
+    user = f"alice-{id(app)}"  # the one Redis is shared by the run: a user of this test's own
+    async with running(app), contextlib.AsyncExitStack() as stack:
+        laptop, phone, tablet = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(transport=transport, base_url="http://testserver")
+            )
+            for _ in range(3)
+        ]
+        assert (await laptop.post("/logout-everywhere")).status_code == 401
+        for device, item in ((laptop, "book"), (phone, "pen"), (tablet, "ink")):
+            await device.post("/login", params={"user": user})
+            await device.post("/cart", params={"item": item})
+        assert (await laptop.post("/logout-everywhere")).json() == {"logged_out": 2}
+        assert (await laptop.get("/cart")).json() == {"cart": ["book"]}
+        for device in (phone, tablet):
+            assert (await device.get("/cart")).json() == {"cart": []}
+            assert (await device.post("/logout-everywhere")).status_code == 401
+
+
 def test_without_a_key_it_says_which_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SESSION_SECRET_KEY", raising=False)
     with pytest.raises(SystemExit, match="set SESSION_SECRET_KEY"):
