@@ -48,7 +48,7 @@ from .control._events import (
 from .control._health import HealthChecker
 from .control._log import log_event, log_state_change
 from .control._pin_store import SESSION_TTL, PinStore
-from .control._tls import TlsListener
+from .control._tls import TlsListener, backend_context
 from .datapath._metrics import Metrics
 from .datapath._pool import Pool
 from .datapath._proxy import ProxyOptions, ProxyServer
@@ -212,6 +212,9 @@ class Balancer:
         )
         # With --tls-cert: the listener's certificates (loaded and checked by _config).
         self.tls = TlsListener(settings.tls_pairs()) if settings.tls_certs else None
+        # https:// backends are verified alike by the data path and the health checks.
+        self.backend_tls = backend_context(settings.backend_ca)
+        self.proxy.backend_tls = self.backend_tls
         options = supervisor_options(settings)
         self.supervisor = None if options is None else Supervisor(self.pool, options, clock=clock)
         self.admin: _AdminServer | None = None
@@ -239,7 +242,9 @@ class Balancer:
                 # First: its event feed sees every event from here on.
                 self.dashboard = self._dashboard()
                 stack.callback(self.dashboard.feed.detach)
-            client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(trust_env=False, verify=self.backend_tls)
+            )
             checker = HealthChecker(
                 self.pool, client, self.settings.health_policy(), clock=self.clock
             )

@@ -126,14 +126,15 @@ def check_backend_name(name: str) -> str:
 
 
 def _normalize(url: str) -> tuple[str, str, int]:
-    """`(url, host, port)` for an `http://host[:port][/]` URL; raises ValueError otherwise."""
+    """`(url, host, port)` for an `http://host[:port][/]` or `https://host[:port][/]` URL
+    (ports 80 and 443 by default); raises ValueError otherwise."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"{url!r} is not a valid URL ({exc})") from None
-    if parts.scheme != "http":
-        raise ValueError(f"{url!r}: only http:// backends are supported")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: only http:// and https:// backends are supported")
     host = parts.hostname
     if not host:
         raise ValueError(f"{url!r} has no host")
@@ -143,12 +144,13 @@ def _normalize(url: str) -> tuple[str, str, int]:
         raise ValueError(f"{url!r}: a backend is an origin, without a path")
     if port == 0:
         raise ValueError(f"{url!r}: port 0 is not a port")
-    port = 80 if port is None else port
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
     try:
         netloc = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     except ValueError:
         netloc = host
-    return f"http://{netloc}:{port}", host, port
+    return f"{parts.scheme}://{netloc}:{port}", host, port
 
 
 class Backend:

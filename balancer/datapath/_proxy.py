@@ -1089,6 +1089,9 @@ class ProxyServer:
         self.budget = RetryBudget(self.options.retry_ratio, self.options.retry_floor, clock)
         self.shutting_down = False
         self.proto = b"http"  # what clients come over: https once started with TLS
+        # The client context of https:// backends (control._tls.backend_context: verified
+        # against --backend-ca or the system's CAs); None: the system's, made on first use.
+        self.backend_tls: ssl.SSLContext | None = None
         self._pools: dict[str, UpstreamPool] = {}
         self._connections: set[_ClientConnection] = set()
         self._parked: list[tuple[_ClientConnection, _Request]] = []  # waiting for a backend
@@ -1206,9 +1209,16 @@ class ProxyServer:
                 max_idle=self.options.keepalive_per_backend,
                 connect_timeout=self.options.connect_timeout,
                 clock=self.clock,
+                tls=self._backend_tls() if backend.url.startswith("https:") else None,
             )
             self._pools[backend.id] = pool
         return pool
+
+    def _backend_tls(self) -> ssl.SSLContext:
+        context = self.backend_tls
+        if context is None:
+            context = self.backend_tls = ssl.create_default_context()
+        return context
 
     def connection_made(self, client: _ClientConnection) -> None:
         self._connections.add(client)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol, cast
@@ -473,10 +474,14 @@ class UpstreamPool:
         max_idle: int,
         connect_timeout: float,  # seconds
         clock: Callable[[], float],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.backend_id = backend_id
         self.host = host
         self.port = port
+        # An https:// backend's: the handshake is part of the connect (and its timeout),
+        # with SNI and the certificate checked against `host`.
+        self._tls = tls
         self.clock = clock
         self.opened = 0  # connections opened since the start, for tests and metrics
         self._max_idle = max_idle
@@ -545,7 +550,13 @@ class UpstreamPool:
         error: UpstreamError | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(self._protocol, self.host, self.port)
+                _, conn = await loop.create_connection(
+                    self._protocol,
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    server_hostname=None if self._tls is None else self.host,
+                )
         except TimeoutError:
             error = UpstreamTimeout(
                 self.backend_id,

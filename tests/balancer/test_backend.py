@@ -33,6 +33,8 @@ def test_id_is_stable_and_repr_shows_state() -> None:
         ("http://127.0.0.1:9001/", "http://127.0.0.1:9001", "127.0.0.1", 9001),
         ("http://localhost", "http://localhost:80", "localhost", 80),
         ("http://[::1]:8000", "http://[::1]:8000", "::1", 8000),
+        ("https://app.internal", "https://app.internal:443", "app.internal", 443),
+        ("https://127.0.0.1:8443/", "https://127.0.0.1:8443", "127.0.0.1", 8443),
     ],
 )
 def test_urls_are_normalized(url: str, normalized: str, host: str, port: int) -> None:
@@ -43,7 +45,7 @@ def test_urls_are_normalized(url: str, normalized: str, host: str, port: int) ->
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        ("https://127.0.0.1:9001", "only http://"),
+        ("ftp://127.0.0.1:9001", "only http:// and https://"),
         ("127.0.0.1:9001", "only http://"),
         ("http://", "no host"),
         ("http://127.0.0.1:99999", "not a valid URL"),

@@ -256,7 +256,7 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--listen", "h:70000"], "--listen", "out of range"),
     (["--listen", "fe80::zz:80"], "--listen", "not an IPv6 address"),
     (["--listen", "a b:80"], "--listen", "not a host"),
-    (["--backend", "https://127.0.0.1:1"], "--backend", "only http://"),
+    (["--backend", "ftp://127.0.0.1:1"], "--backend", "only http:// and https://"),
     (["--backend", "http://127.0.0.1:1/x"], "--backend", "without a path"),
     (["--backend", B2, "--backend", B2 + "/"], "--backend", "listed twice"),
     (["--sticky", "cookie:"], "--sticky", "not a valid cookie name"),
@@ -495,7 +495,9 @@ def test_load_or_exit_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[
         load_or_exit(["--backend", "ftp://x"], {})
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err == "balancer: error: --backend: 'ftp://x': only http:// backends are supported\n"
+    assert err == (
+        "balancer: error: --backend: 'ftp://x': only http:// and https:// backends are supported\n"
+    )
 
 
 def test_load_or_exit_generates_a_secret_only_when_none() -> None:

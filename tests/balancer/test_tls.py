@@ -185,6 +185,64 @@ async def test_a_reload_serves_the_new_cert_and_a_bad_file_changes_nothing(
         assert "renewed.test" in answer.json()["certificates"]
 
 
+class TlsBackend(HttpBackend):
+    """`HttpBackend` over TLS, serving `leaf`: an https:// backend."""
+
+    def __init__(self, name: str, leaf: Leaf) -> None:
+        super().__init__(name)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(leaf.cert, leaf.key)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> TlsBackend:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+
+async def _backend_state(admin: str) -> str:
+    async with httpx.AsyncClient() as client:
+        backends = (await client.get(admin + "/backends")).json()["backends"]
+    return str(backends[0]["state"])
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_an_https_backend_is_verified_with_backend_ca_and_refused_without(
+    authority: Authority, trusted: bool
+) -> None:
+    leaf = authority.issue("backend", "backend.test")
+    flags = ["--health-interval", "0.2", "--health-timeout", "0.2", "--health-fall", "1"]
+    flags += ["--max-attempts", "1"]
+    if trusted:
+        flags += ["--backend-ca", str(authority.cert)]
+    async with TlsBackend("s", leaf) as server:
+        with balancer([server.url], *flags) as (lb, admin):
+            assert admin is not None
+            async with httpx.AsyncClient() as client:
+                response = await client.get(lb.url + "/")
+            if trusted:
+                assert response.status_code == 200
+                assert response.text == "hello from s"
+                assert "/" in [seen.target for seen in server.seen]
+                # The health checks verify alike: they reach it, and it stays up.
+                await server.wait_seen(2)
+                assert "/healthz" in [seen.target for seen in server.seen]
+                assert await _backend_state(admin) == "up"
+            else:
+                # Its certificate is not trusted: nothing reached it but handshakes.
+                assert response.status_code in (502, 503)
+                assert server.seen == []
+
+                async def down() -> bool:
+                    return await _backend_state(admin) == "down"
+
+                await async_wait_for(down, 5, "the health checks to mark it down")
+                assert server.seen == []
+
+
 def _start(*flags: str) -> subprocess.CompletedProcess[str]:
     args = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{free_port()}"]
     args += ["--backend", "http://127.0.0.1:9", *flags]
