@@ -8,12 +8,13 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from ._exceptions import StoreUnavailable
 from ._redis import RedisStore, Unchanged
 from ._store import Changes, SessionRecord
+from ._tracking import Tracker, tracker_for
 
 __all__ = ["HybridStore"]
 
@@ -22,12 +23,16 @@ logger = logging.getLogger("session_store")
 # The version of a local copy that may differ from every version Redis holds: Redis never
 # answers "unchanged" to it, so the next read that reaches Redis fetches the session whole.
 _UNKNOWN = -1
+_UNTRUSTED = -1  # no tracker epoch: the copy is checked with Redis before it is served
 
 
 @dataclass(slots=True)
 class _Cached:
     record: SessionRecord
     expires: float  # local clock; the local copy is never served past it
+    # The tracker's epoch under which this copy was found current in Redis, with no
+    # invalidation of it since: served without asking Redis while that epoch lasts.
+    trusted: int = _UNTRUSTED
 
 
 @dataclass(slots=True)
@@ -102,9 +107,21 @@ class HybridStore:
         *,
         max_entries: int = 100_000,
         retry_interval: float = 1.0,
+        tracking: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        # Server-assisted client tracking (`_tracking`): reads of a copy Redis has not
+        # invalidated are served from memory. None on a Sentinel or a Cluster.
+        self.tracker: Tracker | None = (
+            tracker_for(redis.client, redis.prefix, self._invalidated) if tracking else None
+        )
+        self._key_start = f"{redis.prefix}{{"
+        self.hits = 0  # reads served from memory without a Redis round trip
+        self._invalidations = 0  # invalidations received, a sequence number for fills
+        self._flushed_at = 0  # the sequence number of the last flush (FLUSHDB)
+        self._filling: dict[str, int] = {}  # session id -> loads from Redis in flight
+        self._invalidated_at: dict[str, int] = {}  # of the sessions being filled
         self.max_entries = max_entries
         self.retry_interval = retry_interval
         self._clock = clock
@@ -144,21 +161,72 @@ class HybridStore:
             # A session with queued writes keeps them: its _Pending holds its whole copy.
             self._cache.popitem(last=False)
 
+    def _invalidated(self, keys: Sequence[str] | None) -> None:
+        """The tracker's news: these keys were written by someone (None: all were flushed)."""
+        self._invalidations += 1
+        if keys is None:
+            # FLUSHDB or FLUSHALL: the sessions are gone on purpose, so are our copies
+            # (those with writes still queued keep them: the flusher writes them back).
+            self._flushed_at = self._invalidations
+            for session_id in list(self._cache):
+                if self._queued(session_id):
+                    self._cache[session_id].trusted = _UNTRUSTED
+                else:
+                    del self._cache[session_id]
+            return
+        start = self._key_start
+        for key in keys:
+            if not (key.startswith(start) and key.endswith("}")):
+                continue  # another key under the prefix
+            session_id = key[len(start) : -1]
+            cached = self._cache.get(session_id)
+            if cached is not None:
+                cached.trusted = _UNTRUSTED
+            if session_id in self._filling:
+                self._invalidated_at[session_id] = self._invalidations
+
     async def load(self, session_id: str) -> SessionRecord | None:
         cached = self._local(session_id)
+        tracker = self.tracker
+        if tracker is not None:
+            if cached is not None and cached.trusted == tracker.epoch and tracker.current:
+                self.hits += 1
+                return dataclasses.replace(cached.record, ttl=cached.expires - self._clock())
+            tracker.start()  # a no-op once it runs; here since __init__ has no event loop
         known = cached.record.version if cached else None
+        # The fill race (issue 16: 37-71 stale copies in 2,000 writes without this): a write
+        # elsewhere that lands while this load is in flight may be invalidated before the
+        # reply comes, and the reply may still show the older session. Trusted only if no
+        # invalidation of it, no flush and no lost tracking came in between.
+        epoch = tracker.epoch if tracker is not None else _UNTRUSTED
+        before = self._invalidations
+        self._filling[session_id] = self._filling.get(session_id, 0) + 1
         try:
             result = await self.redis.load_unless(session_id, known)
         except StoreUnavailable:
             if cached is None:
                 raise
             return cached.record  # degraded: Redis is down, memory still serves
+        finally:
+            clean = (
+                tracker is not None
+                and tracker.epoch == epoch
+                and self._flushed_at <= before
+                and self._invalidated_at.get(session_id, 0) <= before
+            )
+            self._filling[session_id] -= 1
+            if not self._filling[session_id]:
+                del self._filling[session_id]
+                self._invalidated_at.pop(session_id, None)
         self._answered()
+        trusted = epoch if clean and not self._queued(session_id) else _UNTRUSTED
         if isinstance(result, Unchanged):
             assert cached is not None
             if result.ttl is not None:
                 cached.expires = self._clock() + result.ttl
                 cached.record = dataclasses.replace(cached.record, ttl=result.ttl)
+            if cached.record.version != _UNKNOWN and self._cache.get(session_id) is cached:
+                cached.trusted = trusted
             return cached.record
         if result is None:
             if cached is None:
@@ -176,6 +244,8 @@ class HybridStore:
                 result.ttl,
             )
         self._remember(session_id, result, result.ttl or 0.0)
+        if pending is None:
+            self._cache[session_id].trusted = trusted
         return result
 
     async def _restore(self, session_id: str, cached: _Cached) -> SessionRecord | None:
@@ -367,6 +437,8 @@ class HybridStore:
         await self.redis.ping()
 
     async def aclose(self) -> None:
+        if self.tracker is not None:
+            await self.tracker.aclose()
         if self._flusher is not None:
             # Last chance to push deferred writes before the process goes.
             with contextlib.suppress(StoreUnavailable):

@@ -1,0 +1,206 @@
+"""HybridStore with Redis server-assisted client tracking, two instances on one real Redis.
+
+A read of a session the instance holds makes no Redis round trip, and still never serves
+what it must not: another instance's write is seen within the invalidation delay, its own
+at once; a lost or silent tracking connection, a FLUSHDB and a write that lands while a
+load is in flight each leave nothing stale behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from redis_plumbing import RedisServer
+from session_store import Changes, HybridStore, RedisStore
+from tests.helpers import async_wait_until
+
+pytestmark = pytest.mark.anyio
+
+TTL = 60.0  # seconds
+
+
+@pytest.fixture
+async def stores(redis_server: RedisServer, prefix: str) -> AsyncIterator[tuple[HybridStore, ...]]:
+    """Instances A and B (hybrid, tracking) and a plain RedisStore for the truth."""
+    a = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    b = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    truth = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix), tracking=False)
+    for store in (a, b):
+        assert store.tracker is not None
+        store.tracker.start()
+        await asyncio.wait_for(store.tracker.subscribed_event.wait(), 5)
+    yield a, b, truth
+    for store in (a, b, truth):
+        await store.aclose()
+
+
+async def _create(store: HybridStore, session_id: str, **fields: str) -> None:
+    version = await store.save(
+        session_id, Changes(fields), created=time.time(), ttl=TTL, create=True
+    )
+    assert version is not None
+
+
+async def _update(store: HybridStore, session_id: str, **fields: str) -> None:
+    version = await store.save(
+        session_id, Changes(fields), created=time.time(), ttl=TTL, create=False
+    )
+    assert version is not None
+
+
+async def _fields(store: HybridStore, session_id: str) -> dict[str, str] | None:
+    record = await store.load(session_id)
+    return None if record is None else dict(record.fields)
+
+
+async def _held(store: HybridStore, session_id: str) -> None:
+    """Load until ``store`` serves ``session_id`` from memory (a fill, then a hit)."""
+    for _ in range(50):
+        hits = store.hits
+        await store.load(session_id)
+        if store.hits > hits:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{store!r} never served {session_id!r} from memory")
+
+
+async def _fence(store: HybridStore, redis: RedisStore, name: str) -> None:
+    """Return once ``store`` has received every invalidation Redis sent before now: a write
+    of a key under the prefix, whose invalidation comes after all earlier ones."""
+    before = store._invalidations
+    await redis.client.set(f"{redis.prefix}fence-{name}", "1", px=10_000)
+    await async_wait_until(lambda: store._invalidations > before, 5, "the fence's invalidation")
+
+
+async def _evalsha_calls(redis: RedisStore) -> int:
+    stats = await redis.client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
+    )
+
+
+async def test_a_read_of_a_held_session_makes_no_redis_round_trip(
+    stores: tuple[HybridStore, ...],
+) -> None:
+    # Before issue 16: one EVALSHA (a version check) per read, 100 of 100.
+    a, _b, truth = stores
+    await _create(a, "s", n="1")
+    await _held(a, "s")
+    before = await _evalsha_calls(truth.redis)
+    for _ in range(100):
+        assert await _fields(a, "s") == {"n": "1"}
+    assert await _evalsha_calls(truth.redis) - before == 0
+
+
+async def test_a_write_elsewhere_is_seen_within_the_invalidation_delay(
+    stores: tuple[HybridStore, ...],
+) -> None:
+    a, b, _truth = stores
+    await _create(a, "s", n="0")
+    delays: list[float] = []
+    for n in range(1, 101):
+        await _held(a, "s")
+        await _update(b, "s", n=str(n))
+        written = time.monotonic()
+        # From B's acknowledged write to A's first read that shows it.
+        while await _fields(a, "s") != {"n": str(n)}:
+            assert time.monotonic() - written < 1.0, f"A served write {n - 1} for 1 s"
+            await asyncio.sleep(0)
+        delays.append(time.monotonic() - written)
+    delays.sort()
+    print(
+        f"invalidation delay, write on B to A's read of it: p50 {delays[49] * 1e6:.0f} us, "
+        f"p99 {delays[98] * 1e6:.0f} us, max {delays[-1] * 1e6:.0f} us"
+    )
+    assert delays[98] < 0.3
+
+
+async def test_an_instance_reads_its_own_write_at_once(stores: tuple[HybridStore, ...]) -> None:
+    a, _b, _truth = stores
+    await _create(a, "s", n="0")
+    for n in range(1, 51):
+        await _held(a, "s")
+        await _update(a, "s", n=str(n))
+        assert await _fields(a, "s") == {"n": str(n)}  # no wait: the very next read
+
+
+async def test_a_killed_tracking_connection_stops_cached_reads_until_it_is_back(
+    stores: tuple[HybridStore, ...],
+) -> None:
+    a, b, truth = stores
+    assert a.tracker is not None
+    await _create(a, "s", n="1")
+    await _held(a, "s")
+    old_id, epoch = a.tracker.client_id, a.tracker.epoch
+    await truth.redis.client.execute_command("CLIENT", "KILL", "ID", str(old_id))
+    await async_wait_until(lambda: a.tracker is not None and a.tracker.epoch != epoch, 5)
+    # Lost: B's write is not invalidated at A, and A must not serve its copy.
+    await _update(b, "s", n="2")
+    hits = a.hits
+    assert await _fields(a, "s") == {"n": "2"}
+    assert a.hits == hits
+    # Back (a new connection, new epoch): cached reads again, after one fill.
+    await asyncio.wait_for(a.tracker.subscribed_event.wait(), 5)
+    assert a.tracker.client_id != old_id
+    await _held(a, "s")
+    assert await _fields(a, "s") == {"n": "2"}
+
+
+async def test_a_silent_tracking_connection_stops_cached_reads_after_the_lease(
+    stores: tuple[HybridStore, ...],
+) -> None:
+    a, _b, truth = stores
+    assert a.tracker is not None
+    await _create(a, "s", n="1")
+    await _held(a, "s")
+    # Redis answers no client for 0.6 s: the tracking connection's PINGs go unanswered.
+    await truth.redis.client.execute_command("CLIENT", "PAUSE", "600", "ALL")
+    paused = time.monotonic()
+    await async_wait_until(lambda: a.tracker is not None and not a.tracker.current, 2)
+    assert time.monotonic() - paused < a.tracker.lease + 0.2
+    hits = a.hits
+    assert await _fields(a, "s") == {"n": "1"}  # asks Redis (it waits out the pause)
+    assert a.hits == hits
+
+
+async def test_flushdb_flushes_the_cache(own_redis: RedisServer) -> None:
+    # A Redis of its own: FLUSHDB must not empty the other tests' sessions.
+    a = HybridStore(RedisStore.from_url(own_redis.url, prefix="flush:"))
+    admin = RedisStore.from_url(own_redis.url, prefix="flush:")
+    try:
+        assert a.tracker is not None
+        await _create(a, "s", n="1")
+        a.tracker.start()
+        await asyncio.wait_for(a.tracker.subscribed_event.wait(), 5)
+        await _held(a, "s")
+        await admin.client.flushdb()
+        await async_wait_until(lambda: a._flushed_at > 0, 5, "the flush's null invalidation")
+        # Gone, not written back from the local copy as after a restart without persistence.
+        assert await a.load("s") is None
+        assert await admin.load("s") is None
+    finally:
+        await a.aclose()
+        await admin.aclose()
+
+
+async def test_a_write_that_lands_while_a_load_is_in_flight_leaves_no_stale_copy(
+    stores: tuple[HybridStore, ...],
+) -> None:
+    a, b, truth = stores
+    await _create(a, "s", n="0")
+    stale = 0
+    for n in range(1, 301):
+        # A write on B makes A's copy untrusted, so A's next load fills it from Redis while
+        # B's next write races it: often Redis runs A's load first, then B's write, and A
+        # reads B's invalidation before the reply to its load, which shows the older value.
+        await _update(b, "s", n=f"{n}-before")
+        await _fence(a, truth.redis, f"{n}-before")
+        await asyncio.gather(a.load("s"), _update(b, "s", n=str(n)))
+        await _fence(a, truth.redis, str(n))
+        if await _fields(a, "s") != {"n": str(n)}:
+            stale += 1
+    assert stale == 0, f"{stale} of 300 races left A serving an older session"
