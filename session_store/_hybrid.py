@@ -186,10 +186,21 @@ class HybridStore:
                 self._invalidated_at[session_id] = self._invalidations
 
     async def load(self, session_id: str) -> SessionRecord | None:
+        return await self.load_at_least(session_id, 0)
+
+    async def load_at_least(self, session_id: str, version: int) -> SessionRecord | None:
+        """`load`, never served from a copy older than ``version``: the version the client
+        saw its last write get, from any instance (the middleware's version cookie). An
+        invalidation may reach this instance after the client's next request does."""
         cached = self._local(session_id)
         tracker = self.tracker
         if tracker is not None:
-            if cached is not None and cached.trusted == tracker.epoch and tracker.current:
+            if (
+                cached is not None
+                and cached.trusted == tracker.epoch
+                and cached.record.version >= version
+                and tracker.current
+            ):
                 self.hits += 1
                 return dataclasses.replace(cached.record, ttl=cached.expires - self._clock())
             tracker.start()  # a no-op once it runs; here since __init__ has no event loop

@@ -23,7 +23,7 @@ from ._exceptions import (
 )
 from ._session import Session
 from ._signing import SessionIdSigner, new_session_id
-from ._store import Changes, SessionStore
+from ._store import Changes, SessionStore, VersionedStore
 from ._url import store_from_env
 from ._users import UserIndex
 
@@ -277,6 +277,12 @@ class SessionMiddleware:
         self._attributes = f"; path={path}; {lifetime}{flags}"
         self._expired = f"{self.cookie_name}=; path={path}; {_EPOCH}; {flags}"
         self._cookies: dict[bytes, str | None] = {}  # a Cookie header -> our cookie's value
+        # A store that serves cached copies (hybrid) gets the version the client last saw
+        # written, from a cookie of its own: the session cookie's value must not change
+        # with every write (a balancer pins by it). See `_version_cookie`.
+        self._versions = self.store if isinstance(self.store, VersionedStore) else None
+        self.version_cookie_name = f"{self.cookie_name}_v"
+        self._version_attributes = self._attributes
 
     @staticmethod
     def _keys(
@@ -312,12 +318,13 @@ class SessionMiddleware:
         if cookie_value is not None and self.keeps:
             session_id = self.signer.unsign(cookie_value)
         if session_id is not None:
+            at_least = self._version_of(scope, session_id) if self._versions is not None else 0
             session.loaded = False
-            session.loader = lambda: self._load(session, session_id)
+            session.loader = lambda: self._load(session, session_id, at_least)
             autoload = self.autoload if isinstance(self.autoload, bool) else self.autoload(scope)
             if autoload:
                 try:
-                    await self._load(session, session_id)
+                    await self._load(session, session_id, at_least)
                 except StoreUnavailable as exc:
                     if not await self._on_unavailable(exc, session, scope, send):
                         return
@@ -364,6 +371,8 @@ class SessionMiddleware:
                             raw.append(_VARY_COOKIE)
                     if cookie is not None:
                         raw.append((b"set-cookie", cookie.encode("latin-1")))
+                        if session.saved_version is not None and self._versions is not None:
+                            raw.append((b"set-cookie", self._version_cookie(session)))
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
@@ -396,8 +405,31 @@ class SessionMiddleware:
                     return cached
         return None
 
-    async def _load(self, session: Session, session_id: str) -> None:
-        record = await self.store.load(session_id)
+    def _version_of(self, scope: Scope, session_id: str) -> int:
+        """The version the client's version cookie names for ``session_id``, else 0."""
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                text = cookie_parser(value.decode("latin-1")).get(self.version_cookie_name)
+                if text is not None:
+                    version, _, tag = text.partition(".")
+                    if tag == session_id[:8] and version.isdigit() and len(version) < 20:
+                        return int(version)
+        return 0
+
+    def _version_cookie(self, session: Session) -> bytes:
+        """``{name}_v=VERSION.ID8``: the version this request's save gave the session, and
+        the first 8 characters of its id (a cookie left from another session is ignored).
+        Not signed: a client that sends a higher version only makes its own reads ask
+        Redis, a lower one gets what the invalidations say."""
+        assert session.id is not None
+        value = f"{session.saved_version}.{session.id[:8]}"
+        return f"{self.version_cookie_name}={value}{self._version_attributes}".encode("latin-1")
+
+    async def _load(self, session: Session, session_id: str, at_least: int = 0) -> None:
+        if at_least and self._versions is not None:
+            record = await self._versions.load_at_least(session_id, at_least)
+        else:
+            record = await self.store.load(session_id)
         session.loaded = True
         if record is None or record.created + self.absolute_lifetime <= self.clock():
             # Unknown, expired or destroyed: a fresh session with a fresh id. The
@@ -502,15 +534,14 @@ class SessionMiddleware:
             return self._expired
         if changes:
             ttl = self._ttl(session.created, now)
-            if (
-                await self.store.save(
-                    session.id, changes, created=session.created, ttl=ttl, create=False
-                )
-                is None
-            ):
+            version = await self.store.save(
+                session.id, changes, created=session.created, ttl=ttl, create=False
+            )
+            if version is None:
                 # Destroyed (or expired) while this request ran: the change is dropped
                 # rather than bring a logged-out session back.
                 return self._expired
+            session.saved_version = version
         else:
             await self._touch_if_due(session, now)
         if (changes or session.modified) and cookie_value is not None:

@@ -62,6 +62,7 @@ class Session(dict[str, Any]):
 
     # Class defaults, set on an instance only where used: no cost to every request.
     bind_to: str | None = None  # `bind_user`: bind to this user id when the session is saved
+    saved_version: int | None = None  # the version this request's save gave the session
     saver: Callable[[], Awaitable[None]] | None = None  # `save_session`, on a WebSocket
     middleware: SessionOwner | None = None  # whose session it is (`logout_everywhere`)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Changes", "SessionRecord", "SessionStore"]
+__all__ = ["Changes", "SessionRecord", "SessionStore", "VersionedStore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,4 +73,15 @@ class SessionStore(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and tasks. The store is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class VersionedStore(Protocol):
+    """A store that may serve a cached copy (`HybridStore`): the middleware hands it the
+    version the client last saw written (its version cookie), so that a copy older than
+    that is never served, whichever instance the client reaches next."""
+
+    async def load_at_least(self, session_id: str, version: int) -> SessionRecord | None:
+        """`SessionStore.load`, never from a copy older than ``version``."""
         ...

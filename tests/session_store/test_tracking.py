@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import pytest
 
 from redis_plumbing import RedisServer
 from session_store import Changes, HybridStore, RedisStore
 from tests.helpers import async_wait_until
+from tests.session_store.app import make_app
 
 pytestmark = pytest.mark.anyio
 
@@ -36,6 +38,13 @@ async def stores(redis_server: RedisServer, prefix: str) -> AsyncIterator[tuple[
     yield a, b, truth
     for store in (a, b, truth):
         await store.aclose()
+
+
+def client_for(app: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
+        base_url="http://testserver",
+    )
 
 
 async def _create(store: HybridStore, session_id: str, **fields: str) -> None:
@@ -204,3 +213,33 @@ async def test_a_write_that_lands_while_a_load_is_in_flight_leaves_no_stale_copy
         if await _fields(a, "s") != {"n": str(n)}:
             stale += 1
     assert stale == 0, f"{stale} of 300 races left A serving an older session"
+
+
+async def test_a_client_reads_its_own_write_on_another_instance_before_the_invalidation(
+    stores: tuple[HybridStore, ...],
+) -> None:
+    """The client writes on A, then reaches B before B has read the invalidation (a busy
+    B, a slower path from Redis): B's copy is older than the version the client's cookie
+    names, so B asks Redis. Before the version cookie, B served its old copy."""
+    a, b, _truth = stores
+    assert b.tracker is not None
+    late: list[Sequence[str] | None] = []
+    deliver = b._invalidated
+    b.tracker._on_invalidate = late.append  # B's invalidations held back, in order
+    async with client_for(make_app(a)) as on_a, client_for(make_app(b)) as on_b:
+        assert (await on_a.post("/set", params={"n": "1"})).status_code == 200
+        on_b.cookies = on_a.cookies
+        for _ in range(3):  # B fills its copy and then serves it from memory
+            assert (await on_b.get("/read")).json() == {"n": "1"}
+        hits = b.hits
+        assert (await on_b.get("/read")).json() == {"n": "1"}
+        assert b.hits == hits + 1
+        for n in range(2, 12):
+            assert (await on_a.post("/set", params={"n": str(n)})).status_code == 200
+            on_b.cookies = on_a.cookies
+            assert (await on_b.get("/read")).json() == {"n": str(n)}
+            # Its next read, with no newer write, is served from memory again.
+            assert (await on_b.get("/read")).json() == {"n": str(n)}
+        assert late  # the invalidations did come, only later than the client
+        for keys in late:
+            deliver(keys)
