@@ -4,6 +4,15 @@ Chosen over a ring and rendezvous hashing for its balance at the cost of one loo
 (docs/architecture.md, "Measured facts"; benchmarks/hashing.py). Every process that builds a
 table from the same names and size gets the same table: the names are sorted first, and the
 permutations come from sha256, never from Python's per-process salted `hash()`.
+
+Weights (`--backend URL weight=N`) follow Envoy's weighted Maglev (source/common/upstream/
+maglev_lb.cc): in round r a backend of weight w takes its next slot only when r x w has
+reached its target, which then grows by the largest weight; so the heaviest takes a slot
+every round, one of a third its weight every third round, and each one's share of the
+slots is its share of the total weight. A backend still fills its slots from its own
+permutation, so a change of one weight moves only the keys of the slots that change hands
+(about |delta share| of them), as a backend joining or leaving does. Equal weights build
+the unweighted table exactly (every backend takes a slot every round).
 """
 
 from __future__ import annotations
@@ -44,19 +53,30 @@ def key_hash(key: bytes) -> int:
     return zlib.crc32(key)
 
 
-def build_table(names: Sequence[str], size: int = DEFAULT_TABLE_SIZE) -> list[int]:
+def build_table(
+    names: Sequence[str], size: int = DEFAULT_TABLE_SIZE, weights: Sequence[int] | None = None
+) -> list[int]:
     """The Maglev lookup table: `size` entries, each an index into `names`.
 
     `names` must be distinct and already in a canonical order (the router sorts the ids),
     since the table depends on the order. `size` must be a prime (so that every skip is
-    coprime with it and each permutation visits every slot). Raises ValueError otherwise.
-    Cost: about M ln(M) steps for M = size; ~0.1 s for 65537 in CPython.
+    coprime with it and each permutation visits every slot). `weights`, one integer >= 1
+    per name (None: all equal), share the slots in proportion (module docstring). Raises
+    ValueError otherwise. Cost: about M ln(M) steps for M = size; ~0.1 s for 65537 in
+    CPython; with weights, a round more per max(weights) / sum(weights) of M.
     """
     if not is_prime(size):
         raise ValueError(f"Maglev table size must be a prime, got {size}")
     if len(set(names)) != len(names):
         raise ValueError("Maglev names must be distinct")
     n = len(names)
+    if weights is not None:
+        if len(weights) != n:
+            raise ValueError(f"Maglev weights: {len(weights)} for {n} names")
+        if any(w < 1 for w in weights):
+            raise ValueError(f"Maglev weights must be integers >= 1, not {list(weights)!r}")
+        if n and min(weights) == max(weights):
+            weights = None  # equal weights: the unweighted table, built the fast way
     if n == 0:
         return []
     positions: list[int] = []
@@ -65,12 +85,45 @@ def build_table(names: Sequence[str], size: int = DEFAULT_TABLE_SIZE) -> list[in
         digest = hashlib.sha256(name.encode()).digest()
         positions.append(int.from_bytes(digest[:8], "big") % size)
         skips.append(int.from_bytes(digest[8:16], "big") % (size - 1) + 1)
+    if weights is not None:
+        return _weighted(positions, skips, weights, size)
     entry = [-1] * size
     filled = 0
     # Each backend in turn takes the next free slot of its own permutation
     # (position, position + skip, position + 2 skip, ... mod size): the paper's Populate.
     while True:
         for i in range(n):
+            c = positions[i]
+            skip = skips[i]
+            while entry[c] >= 0:
+                c += skip
+                if c >= size:
+                    c -= size
+            entry[c] = i
+            c += skip
+            positions[i] = c - size if c >= size else c
+            filled += 1
+            if filled == size:
+                return entry
+
+
+def _weighted(
+    positions: list[int], skips: list[int], weights: Sequence[int], size: int
+) -> list[int]:
+    """Populate with weights (Envoy's loop, in integers so every process agrees)."""
+    n = len(weights)
+    most = max(weights)
+    targets = [0] * n
+    entry = [-1] * size
+    filled = 0
+    rounds = 0
+    while True:
+        rounds += 1
+        for i in range(n):
+            weight = weights[i]
+            if rounds * weight < targets[i]:
+                continue
+            targets[i] += most
             c = positions[i]
             skip = skips[i]
             while entry[c] >= 0:
@@ -94,20 +147,22 @@ class TableCache:
             raise ValueError(f"table_size must be a prime, not {size!r}")
         self.size = size
         self._kept = kept
-        self._tables: dict[tuple[str, ...], list[int]] = {}
+        self._tables: dict[tuple[tuple[str, ...], tuple[int, ...] | None], list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._tables)
 
-    def get(self, names: tuple[str, ...]) -> list[int]:
-        """`build_table(names, size)`, built at most once while it stays among the kept."""
+    def get(self, names: tuple[str, ...], weights: tuple[int, ...] | None = None) -> list[int]:
+        """`build_table(names, size, weights)`, built at most once while it stays among the
+        kept. Pass None rather than equal weights: the same table, one entry."""
         tables = self._tables
-        table = tables.pop(names, None)
+        key = (names, weights)
+        table = tables.pop(key, None)
         if table is None:
-            table = build_table(names, self.size)
+            table = build_table(names, self.size, weights)
             if len(tables) >= self._kept:
                 del tables[next(iter(tables))]
-        tables[names] = table  # the most recently used last
+        tables[key] = table  # the most recently used last
         return table
 
 

@@ -33,12 +33,60 @@ def test_removing_a_name_moves_little() -> None:
 
 
 @pytest.mark.parametrize(
-    ("names", "size", "error"),
-    [(["a"], 100, "must be a prime"), (["a", "a"], 7, "distinct")],
+    "weights",
+    [
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 5],
+        [256, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [3, 1] * 5,
+    ],
 )
-def test_bad_input(names: list[str], size: int, error: str) -> None:
+def test_a_weighted_table_shares_the_slots_by_weight(weights: list[int]) -> None:
+    table = build_table(NAMES, 65537, weights)
+    shares = Counter(table)
+    total = sum(weights)
+    for i, weight in enumerate(weights):
+        expected = 65537 * weight / total
+        # Within 3% of the weight's share (or 3 slots, for a share of a few dozen).
+        assert abs(shares[i] - expected) <= max(0.03 * expected, 3), (i, shares[i], expected)
+    assert build_table(NAMES, 65537, tuple(weights)) == table  # deterministic
+
+
+def test_equal_weights_build_the_unweighted_table() -> None:
+    assert build_table(NAMES, 65537, [4] * 10) == build_table(NAMES, 65537)
+
+
+@pytest.mark.parametrize(("changed", "weight"), [(0, 2), (9, 3), (4, 3), (3, 1)])
+def test_changing_one_weight_moves_little_more_than_the_share_that_changes(
+    changed: int, weight: int
+) -> None:
+    before = [1, 2] * 5
+    after = list(before)
+    after[changed] = weight
+    a = build_table(NAMES, 65537, before)
+    b = build_table(NAMES, 65537, after)
+    moved = sum(1 for x, y in zip(a, b, strict=True) if x != y) / 65537
+    # The ideal: only the changed backend's gain or loss of share moves.
+    ideal = abs(after[changed] / sum(after) - before[changed] / sum(before))
+    assert ideal * 0.99 <= moved <= ideal * 1.3, (moved, ideal)
+    # Keys whose slot did not change hands between two backends other than the changed
+    # one: a weight change on one backend never trades slots among the others wholesale.
+    between_others = sum(1 for x, y in zip(a, b, strict=True) if x != y and changed not in (x, y))
+    assert between_others / 65537 < ideal * 0.3
+
+
+@pytest.mark.parametrize(
+    ("names", "size", "weights", "error"),
+    [
+        (["a"], 100, None, "must be a prime"),
+        (["a", "a"], 7, None, "distinct"),
+        (["a", "b"], 7, [1], "2 names"),
+        (["a", "b"], 7, [1, 0], ">= 1"),
+    ],
+)
+def test_bad_input(names: list[str], size: int, weights: list[int] | None, error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        build_table(names, size)
+        build_table(names, size, weights)
 
 
 def test_empty_and_single() -> None:
@@ -66,6 +114,9 @@ def test_the_table_cache_builds_each_set_once_and_forgets_the_least_recently_use
     assert cache.get(b) == build_table(b, 251)
     with pytest.raises(ValueError, match="table_size must be a prime, not 250"):
         TableCache(250)
+    weighted = cache.get(a, (1, 2))  # the same names weighed otherwise: another table
+    assert weighted == build_table(a, 251, (1, 2)) != first
+    assert cache.get(a, (1, 2)) is weighted
 
 
 @pytest.mark.parametrize(
