@@ -30,7 +30,7 @@ from .control._health import CheckResult, HealthChecker, HealthPolicy, HealthTra
 from .control._log import configure_logging, log_event, log_state_change
 from .control._pin_store import PinStore
 from .datapath._affinity import AffinityCookie, Sticky, generate_secret
-from .datapath._backend import Backend, BackendPolicy, BackendState, DrainPolicy
+from .datapath._backend import Backend, BackendPolicy, BackendSpec, BackendState, DrainPolicy
 from .datapath._maglev import DEFAULT_TABLE_SIZE
 from .datapath._metrics import Metrics
 from .datapath._pins import PinTable
@@ -45,6 +45,7 @@ __all__ = [
     "Backend",
     "BackendExists",
     "BackendPolicy",
+    "BackendSpec",
     "BackendState",
     "Balance",
     "BalancerError",

@@ -187,8 +187,14 @@ class Balancer:
         self.cluster = cluster  # with --workers N and --admin: this process's place in it
         self.peers: Peers | None = None  # with `cluster`, once serve() started
         self.pool = Pool(policy=settings.backend_policy(), on_change=log_state_change)
-        for name, url in settings.backend_specs():
-            self.pool.add(url, name=name)
+        for spec in settings.backend_options():
+            self.pool.add(
+                spec.url,
+                name=spec.name,
+                weight=spec.weight,
+                backup=spec.backup,
+                max_conns=spec.max_conns,
+            )
         self.router = Router(
             self.pool,
             sticky=settings.sticky,
@@ -202,9 +208,7 @@ class Balancer:
         )
         self.metrics = Metrics(pool=self.pool, sessions=self._pinned_sessions)
         self.router.on_repin = self.metrics.repinned
-        self.drains = DrainWatch(
-            self.pool, self.router.pins, clock=clock, on_tick=self.router.tick
-        )
+        self.drains = DrainWatch(self.pool, self.router.pins, clock=clock, on_tick=self.router.tick)
         self._fingerprint = ""
         self.pool.on_members = self._log_fingerprint
         self.proxy = ProxyServer(

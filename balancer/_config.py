@@ -59,7 +59,13 @@ from .datapath._affinity import (
     generate_secret,
     is_cookie_name,
 )
-from .datapath._backend import Backend, BackendPolicy, DrainPolicy, DrainSessions, backend_id
+from .datapath._backend import (
+    BackendPolicy,
+    BackendSpec,
+    DrainPolicy,
+    DrainSessions,
+    backend_id,
+)
 from .datapath._maglev import DEFAULT_TABLE_SIZE, is_prime
 from .datapath._proxy import ProxyOptions
 from .datapath._router import (
@@ -123,7 +129,8 @@ class Settings:
     """
 
     listen: Address = Address("127.0.0.1", 8080)
-    backends: tuple[str, ...] = ()  # normalized http://host:port URLs, or NAME=URL
+    # Normalized `BackendSpec` texts: [NAME=]http://host:port [weight=N] [backup] [max-conns=N]
+    backends: tuple[str, ...] = ()
     sticky: Sticky = _DEFAULT_STICKY
     admin: Address | None = None  # the admin app is off without it
     # Bearer token; required when admin is not loopback. Kept out of repr, hence logs.
@@ -220,7 +227,11 @@ class Settings:
 
     def backend_specs(self) -> tuple[tuple[str | None, str], ...]:
         """Each of `backends` as `(name, url)`; the name is None for a bare URL."""
-        return tuple(_split_backend(spec) for spec in self.backends)
+        return tuple((spec.name, spec.url) for spec in self.backend_options())
+
+    def backend_options(self) -> tuple[BackendSpec, ...]:
+        """Each of `backends` with its options (weight, backup, max-conns)."""
+        return tuple(BackendSpec.parse(spec) for spec in self.backends)
 
     def backend_policy(self) -> BackendPolicy:
         return BackendPolicy(
@@ -537,22 +548,13 @@ def _each(item: Parser) -> Parser:
     return parse
 
 
-def _split_backend(spec: str) -> tuple[str | None, str]:
-    """`(name, url)` of `NAME=URL`, or `(None, url)` of a bare URL (whose id is its hash)."""
-    name, sep, url = spec.partition("=")
-    if sep and not any(c in name for c in ":/"):  # an "=" after the scheme is the URL's
-        return name, url
-    return None, spec
-
-
 def _backend(value: object) -> str:
-    """A backend as `http://host:port` or `NAME=http://host:port`, normalized."""
-    name, url = _split_backend(_text(value).strip())
+    """A backend as `[NAME=]http://host:port [weight=N] [backup] [max-conns=N]`, normalized
+    (`BackendSpec`); the error names the bad token."""
     try:
-        backend = Backend(url, name=name)
+        return str(BackendSpec.parse(_text(value)))
     except ValueError as exc:
         raise _Invalid(str(exc)) from None
-    return backend.url if name is None else f"{name}={backend.url}"
 
 
 def _registry_target(value: object) -> RegistryTarget:
@@ -599,9 +601,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "backends",
         _each(_backend),
-        "a backend http://host:port, or NAME=http://host:port to give its id (repeatable)",
+        "a backend: [NAME=]http://host:port [weight=N] [backup] [max-conns=N] (repeatable)",
         "backend",
-        "[NAME=]URL",
+        "[NAME=]URL [OPTS]",
     ),
     _Option("sticky", _sticky, "cookie:NAME (the app's session cookie), ip or none", None, "MODE"),
     _Option("admin", _address, "address of the admin API (default: off)", None, "HOST:PORT"),

@@ -24,6 +24,8 @@ Policies (`balance`):
   for a client without an affinity pin), `"header:NAME"`, or a per-request key in
   ``request.extensions["balance_key"]`` (str or bytes; `--sticky ip` keys by the client IP).
   Given the same live set and table size, client and balancer pick the same instance.
+  `weights={url: N}` weighs the table as the balancer's `--backend "URL weight=N"` does
+  (weighted Maglev, the same code): give both the same weights and they still agree.
 
 A connect error (nothing was sent, so any method is safe to resend) is retried on another
 instance, up to `max_attempts` tries in all; `eject_after` connect errors in a row eject an
@@ -39,7 +41,7 @@ import functools
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -124,9 +126,14 @@ class _Picker:
         eject_after: int,
         ejection_time: float,
         rng: random.Random,
+        weights: Mapping[str, int] | None = None,
     ) -> None:
         self.balance = balance
         self.tables = TableCache(table_size)  # the router's cache, of the same tables
+        # By backend id (of the URL, as the balancer's); ValueError naming a bad one.
+        self.weights = {
+            Backend(url, weight=weight).id: weight for url, weight in (weights or {}).items()
+        }
         self.eject_after = eject_after
         self.ejection_time = ejection_time
         self.rng = rng
@@ -191,12 +198,20 @@ class _Picker:
             ids = self._sorted_ids
             table = self._sorted_table
             if table is None:
-                table = self._sorted_table = self.tables.get(ids)
+                table = self._sorted_table = self.tables.get(ids, self._weights_of(ids))
         else:
             ids = tuple(m.backend_id for m in healthy)
-            table = self.tables.get(ids)
+            table = self.tables.get(ids, self._weights_of(ids))
         index = walk(table, ids, h, exclude)
         return healthy[index] if index >= 0 else up[0]  # every healthy one excluded: any other
+
+    def _weights_of(self, ids: tuple[str, ...]) -> tuple[int, ...] | None:
+        """The table's weights for `ids`, None when they are all equal (as the router)."""
+        given = self.weights
+        if not given:
+            return None
+        weights = tuple(given.get(i, 1) for i in ids)
+        return weights if len(set(weights)) > 1 else None
 
     def started(self, member: _Member) -> None:
         member.in_flight += 1
@@ -321,6 +336,7 @@ class _Balancing:
         ejection_time: float,
         clock: Callable[[], float],
         rng: random.Random | None,
+        weights: Mapping[str, int] | None,
     ) -> None:
         _check(balance, table_size, max_attempts)
         self.refresh = refresh
@@ -332,6 +348,7 @@ class _Balancing:
             eject_after=eject_after,
             ejection_time=ejection_time,
             rng=rng if rng is not None else random.Random(),
+            weights=weights,
         )
         self._router = _Router()
         self._clock = clock
@@ -343,7 +360,8 @@ class BalancedTransport(_Balancing, httpx.AsyncBaseTransport):
     `source` is a `Registry` (the service it was built for) or `StaticInstances`; the caller
     owns and closes it. `inner` defaults to one `httpx.AsyncHTTPTransport` that this
     transport creates and closes in `aclose()`. Raises ValueError, naming the parameter, for
-    a bad `balance`, `hash_on`, `table_size` or `max_attempts`. See the module docstring for
+    a bad `balance`, `hash_on`, `table_size`, `max_attempts` or `weights` (URL to weight,
+    1..256, for "hash"). See the module docstring for
     the rules.
     """
 
@@ -361,6 +379,7 @@ class BalancedTransport(_Balancing, httpx.AsyncBaseTransport):
         inner: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        weights: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(
             balance=balance,
@@ -372,6 +391,7 @@ class BalancedTransport(_Balancing, httpx.AsyncBaseTransport):
             ejection_time=ejection_time,
             clock=clock,
             rng=rng,
+            weights=weights,
         )
         self.source = source
         self._owns_inner = inner is None
@@ -487,6 +507,7 @@ class BalancedSyncTransport(_Balancing, httpx.BaseTransport):
         inner: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        weights: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(
             balance=balance,
@@ -498,6 +519,7 @@ class BalancedSyncTransport(_Balancing, httpx.BaseTransport):
             ejection_time=ejection_time,
             clock=clock,
             rng=rng,
+            weights=weights,
         )
         self.service = service
         self._lock = threading.Lock()  # the picker is shared by the caller's threads

@@ -28,6 +28,12 @@ caller's clock reaches it: it compares `requests_total` with what it saw last, s
 path pays nothing for the idle timer.
 
 Times are seconds on one monotonic clock that the caller owns and passes in (`now`).
+
+How an operator describes a backend beyond its URL (HAProxy's `server` line options, issue
+17): `configured_weight` (1..256, its share of new clients and of the hash table against
+the others'), `backup` (takes traffic only while no primary is UP), `max_conns` (at most
+that many requests in flight to it; 0: no cap). `BackendSpec` parses and prints the
+operator's text, `NAME=URL weight=N backup max-conns=N`.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ from .._exceptions import InvalidTransition
 
 __all__ = [
     "DRAIN_SESSIONS",
+    "MAX_WEIGHT",
     "Backend",
     "BackendPolicy",
+    "BackendSpec",
     "BackendState",
     "DrainPolicy",
     "DrainSessions",
@@ -125,6 +133,83 @@ def check_backend_name(name: str) -> str:
     return name
 
 
+# HAProxy's range for a server's weight; a backend's table share is weight / sum(weights),
+# so 256 keeps the lightest at >= 1/256 of the heaviest's slots.
+MAX_WEIGHT: Final = 256
+
+
+def _check_options(weight: int, max_conns: int) -> None:
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
+    if max_conns < 0:
+        raise ValueError(f"max-conns must be an integer >= 0 (0: no cap), not {max_conns!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """A backend as the operator describes it: `[NAME=]URL [weight=N] [backup]
+    [max-conns=N]`, options separated by spaces after the URL, in any order (HAProxy's
+    `server` line). `parse` raises ValueError naming the bad token; `str()` is the
+    normalized text (the URL normalized, default options left out), which `parse` reads
+    back as the same spec."""
+
+    url: str
+    name: str | None = None
+    weight: int = 1
+    backup: bool = False
+    max_conns: int = 0  # 0: no cap
+
+    def __post_init__(self) -> None:
+        _check_options(self.weight, self.max_conns)
+
+    @classmethod
+    def parse(cls, text: str) -> BackendSpec:
+        tokens = text.split()
+        if not tokens:
+            raise ValueError("a backend is needed: [NAME=]URL [weight=N] [backup] [max-conns=N]")
+        first = tokens[0]
+        head, sep, _ = text.strip().partition("=")
+        if sep and " " in head and "://" not in head:
+            check_backend_name(head)  # "a b=http://...": a name with a space; raises
+        name: str | None = None
+        url = first
+        key, sep, value = first.partition("=")
+        if first == "backup" or (sep and key in ("weight", "max-conns")):
+            raise ValueError(f"{first!r}: the URL comes first, then the options")
+        if sep and not any(c in key for c in ":/"):  # an "=" after the scheme is the URL's
+            name, url = check_backend_name(key), value
+        weight = 1
+        backup = False
+        max_conns = 0
+        for token in tokens[1:]:
+            key, sep, value = token.partition("=")
+            if token == "backup":
+                backup = True
+            elif sep and key in ("weight", "max-conns"):
+                if not value.isdigit():
+                    raise ValueError(f"{token!r}: {key} takes an integer")
+                if key == "weight":
+                    weight = int(value)
+                else:
+                    max_conns = int(value)
+            else:
+                raise ValueError(
+                    f"{token!r} is not a backend option (weight=N, backup, max-conns=N)"
+                )
+        url = _normalize(url)[0]
+        return cls(url, name, weight, backup, max_conns)
+
+    def __str__(self) -> str:
+        parts = [self.url if self.name is None else f"{self.name}={self.url}"]
+        if self.weight != 1:
+            parts.append(f"weight={self.weight}")
+        if self.backup:
+            parts.append("backup")
+        if self.max_conns:
+            parts.append(f"max-conns={self.max_conns}")
+        return " ".join(parts)
+
+
 def _normalize(url: str) -> tuple[str, str, int]:
     """`(url, host, port)` for an `http://host[:port][/]` or `https://host[:port][/]` URL
     (ports 80 and 443 by default); raises ValueError otherwise."""
@@ -157,13 +242,16 @@ class Backend:
     """A backend server and its state; the router reads it, the data path counts on it.
 
     Its `id` is `name` when given, else `backend_id(url)`. Raises ValueError, naming the
-    value, for a URL that is not `http://host[:port]` or a name that is not valid.
+    value, for a URL that is not `http://host[:port]`, a name that is not valid, a weight
+    outside 1..MAX_WEIGHT or a negative max_conns (module docstring).
     Every transition method raises InvalidTransition when the state forbids it.
     """
 
     __slots__ = (
         "_draining",
         "_unhealthy",
+        "backup",
+        "configured_weight",
         "down_reason",
         "down_since",
         "drain_active",
@@ -178,6 +266,7 @@ class Backend:
         "id",
         "in_flight",
         "keep_pinned",
+        "max_conns",
         "may_eject",
         "on_change",
         "policy",
@@ -189,11 +278,24 @@ class Backend:
     )
 
     def __init__(
-        self, url: str, *, name: str | None = None, policy: BackendPolicy | None = None
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        policy: BackendPolicy | None = None,
+        weight: int = 1,
+        backup: bool = False,
+        max_conns: int = 0,
     ) -> None:
         self.url, self.host, self.port = _normalize(url)
         # Named, the id is the name, so replicas agree however they spell the URL.
         self.id = backend_id(self.url) if name is None else check_backend_name(name)
+        _check_options(weight, max_conns)
+        # The operator's weight (the pool's `set_weight` changes it); `weight(now)` is the
+        # slow-start ramp's share of it.
+        self.configured_weight = weight
+        self.backup = backup
+        self.max_conns = max_conns  # requests in flight at most; 0: no cap
         self.policy = policy if policy is not None else BackendPolicy()
         self.state = BackendState.UP
         self.in_flight = 0
@@ -359,8 +461,14 @@ class Backend:
 
     # -- derived --------------------------------------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        """At its `max_conns` (never without a cap)."""
+        return 0 < self.max_conns <= self.in_flight
+
     def weight(self, now: float) -> float:
-        """Share of a full backend's load to give it, in [min_weight, 1]: slow start."""
+        """Share of a full backend's load to give it, in [min_weight, 1]: slow start. The
+        router multiplies it by `configured_weight`."""
         ramp_from = self.ramp_from
         if ramp_from is None:
             return 1.0

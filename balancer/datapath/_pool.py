@@ -1,7 +1,7 @@
 """The backend pool: the set of backends, changed at runtime, with a generation counter.
 
 The generation changes whenever the pool's membership or a backend's state changes (a
-backend added, removed, drained, down...), so the router rebuilds its lookup table and
+backend added, removed, drained, down, reweighted...), so the router rebuilds its lookup table and
 drops its cached decisions lazily, only then: a decision that keeps a client on a DRAINING
 backend must not outlive the drain.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from .._exceptions import BackendExists, UnknownBackend
-from ._backend import Backend, BackendPolicy, BackendState, DrainSessions
+from ._backend import MAX_WEIGHT, Backend, BackendPolicy, BackendState, DrainSessions
 
 __all__ = ["Pool", "StateListener"]
 
@@ -38,6 +38,8 @@ class Pool:
         self._backends: dict[str, Backend] = {}
         self._selectable: tuple[Backend, ...] = ()
         self._selectable_generation = -1
+        # Whether some backend has a max_conns: the data path looks at caps only then.
+        self.capped = False
         for url in urls:
             self.add(url)
 
@@ -67,10 +69,21 @@ class Pool:
     def get(self, backend_id: str) -> Backend | None:
         return self._backends.get(backend_id)
 
-    def add(self, url: str, *, name: str | None = None) -> Backend:
-        """Add a backend, UP, its id `name` if given; raises ValueError for a bad URL or
-        name, BackendExists for a known id or URL."""
-        backend = Backend(url, name=name, policy=self.policy)
+    def add(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        weight: int = 1,
+        backup: bool = False,
+        max_conns: int = 0,
+    ) -> Backend:
+        """Add a backend, UP, its id `name` if given, with the operator's options
+        (`Backend`); raises ValueError for a bad URL, name or option, BackendExists for a
+        known id or URL."""
+        backend = Backend(
+            url, name=name, policy=self.policy, weight=weight, backup=backup, max_conns=max_conns
+        )
         if backend.id in self._backends:
             raise BackendExists(backend.url, backend.id)
         same = self.find(backend.url)
@@ -79,15 +92,30 @@ class Pool:
         backend.on_change = self._changed
         backend.may_eject = self._may_eject
         self._backends[backend.id] = backend
+        self.capped = self.capped or max_conns > 0
         self.generation += 1
         if self.on_members is not None:
             self.on_members()
+        return backend
+
+    def set_weight(self, backend_id: str, weight: int) -> Backend:
+        """Change a backend's weight (the router rebuilds its table: a new generation);
+        raises UnknownBackend, or ValueError for a weight outside 1..MAX_WEIGHT."""
+        backend = self[backend_id]
+        if not 1 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
+        if weight != backend.configured_weight:
+            backend.configured_weight = weight
+            self.generation += 1
+            if self.on_members is not None:
+                self.on_members()  # the routing fingerprint changed
         return backend
 
     def remove(self, backend_id: str) -> Backend:
         """Take a backend out; its in-flight requests finish on the object the caller holds."""
         backend = self[backend_id]
         del self._backends[backend_id]
+        self.capped = any(b.max_conns for b in self._backends.values())
         backend.on_change = None
         backend.may_eject = None
         self.generation += 1
@@ -130,10 +158,12 @@ class Pool:
         return [b for b in list(self._backends.values()) if b.release(now)]
 
     def selectable(self) -> tuple[Backend, ...]:
-        """The UP backends, ordered by id (the same order in every process)."""
+        """The UP primary backends, ordered by id (the same order in every process); when
+        none is UP, the UP backups (HAProxy's `backup`: all of them, not the first)."""
         if self._selectable_generation != self.generation:
-            up = (b for b in self._backends.values() if b.state is BackendState.UP)
-            self._selectable = tuple(sorted(up, key=lambda b: b.id))
+            up = [b for b in self._backends.values() if b.state is BackendState.UP]
+            primaries = [b for b in up if not b.backup]
+            self._selectable = tuple(sorted(primaries or up, key=lambda b: b.id))
             self._selectable_generation = self.generation
         return self._selectable
 

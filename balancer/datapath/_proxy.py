@@ -471,6 +471,18 @@ class _ClientConnection(asyncio.Protocol):
             # route again (`ProxyServer.look_up`); the request waits as a queued one does.
             self._server.look_up(self, req, lookup)
             return
+        backend = decision.backend
+        if backend.max_conns and backend.in_flight >= backend.max_conns:
+            # At its --backend max-conns, and the router could not choose another: the
+            # client is pinned or hashed to it (its session is there). It waits in the
+            # queue, woken when a request there ends (`ProxyServer.wake`), up to
+            # --queue-timeout, then 503: another backend would not have its session.
+            if now - req.started < self._options.queue_timeout and not self._server.shutting_down:
+                self._server.park(self, req)
+                return
+            message = f"at its max-conns ({backend.max_conns}) for the queue timeout"
+            self._edge_error(req, 503, backend.id, message)
+            return
         if req.last_error is not None:
             logger.info(
                 "retrying %s on backend %s after: %s",
@@ -567,6 +579,8 @@ class _ClientConnection(asyncio.Protocol):
         if backend is not None:
             req.backend = None
             backend.request_finished(failed=failed, now=now)
+            if backend.max_conns:
+                self._server.wake()
 
     def _record(self, req: _Request, now: float) -> None:
         self._metrics.request_done(req.last_backend, req.status, now - req.started)
@@ -857,6 +871,8 @@ class _ClientConnection(asyncio.Protocol):
         if backend is not None:
             req.backend = None
             backend.request_finished(failed=False, now=now)
+            if backend.max_conns:
+                self._server.wake()  # a queued request may take its place
         self._record(req, now)
         if req.complete:
             req.answered = True
@@ -1095,6 +1111,7 @@ class ProxyServer:
         self._pools: dict[str, UpstreamPool] = {}
         self._connections: set[_ClientConnection] = set()
         self._parked: list[tuple[_ClientConnection, _Request]] = []  # waiting for a backend
+        self._waking = False  # `_unpark` is scheduled (`wake`)
         self._server: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
@@ -1248,6 +1265,21 @@ class ProxyServer:
             self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(_QUEUE_TICK, self._check_deadlines)
 
+    def wake(self) -> None:
+        """A backend with a max_conns has a free place: route the queued requests again
+        soon (in order, so the longest waiting takes it), not at the next queue tick. Soon,
+        not now: the caller is in the middle of ending an exchange."""
+        if self._parked and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._unpark)
+
+    def _unpark(self) -> None:
+        self._waking = False
+        now = self.clock()
+        parked, self._parked = self._parked, []
+        for client, req in parked:
+            client.unpark(req, now)
+
     def look_up(self, client: _ClientConnection, req: _Request, session: bytes) -> None:
         """Ask `pin_lookup` for `session`'s backend; tell the router the answer and route
         `req` again (at once without a `pin_lookup`: the store has nothing)."""
@@ -1276,9 +1308,7 @@ class ProxyServer:
         self._prune_pools()
         now = self.clock()
         if self._parked:
-            parked, self._parked = self._parked, []
-            for client, req in parked:
-                client.unpark(req, now)
+            self._unpark()
         for client in list(self._connections):
             client.check_deadline(now)
         loop = asyncio.get_running_loop()

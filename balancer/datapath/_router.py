@@ -40,6 +40,17 @@ with `lookup` set: the data path asks the store, tells `looked_up`, and decides 
 
 Mode `ip`: Maglev of the client IP, no cookies. Mode `none`: least in-flight (the default;
 ties round robin) or round robin.
+
+The operator's backend options (issue 17, `_backend`): the table is weighted Maglev over the
+selectable set (`Pool.selectable`: the UP primaries, or the UP backups when none is), and
+bounded load, least in-flight and round robin weigh by `configured_weight` (times the
+slow-start ramp). A backend at its `max_conns` (`Backend.full`) is passed over wherever the
+choice is free (rule 4, mode `none`; NoBackendAvailable when every one is full: the data
+path queues the request); a pinned or hashed client is still sent to its backend, and the
+data path makes it wait there (its session is there). A client pinned to a backup keeps it
+while the backup is UP, even once a primary is back (HAProxy: "requests coming with a
+persistence cookie referencing the server will always be served"): moving it would lose an
+in-memory session; drain the backup with `sessions=move` to move them.
 """
 
 from __future__ import annotations
@@ -169,6 +180,9 @@ class Router:
         self._generation = -1
         self._up: tuple[Backend, ...] = ()
         self._ids: tuple[str, ...] = ()  # of `_up`
+        self._weights: list[float] = []  # of `_up`: configured_weight
+        self._weighted = False  # `_up`'s weights differ
+        self._capped = False  # some backend in the pool has a max_conns
         self._indexes: list[int] = []  # the Maglev table of `_ids`
         self._table: list[Backend] = []  # the same, resolved: one lookup a request
         self._rr_current: dict[str, float] = {}
@@ -192,7 +206,7 @@ class Router:
         # session's cookie before any client can send it. Without this cache a client that
         # keeps no affinity cookie (wrk in benchmarks/proxy.py) cost 3 us more a request.
         self._unpinned_decided: dict[bytes, Decision] = {}
-        self._fingerprint_of: tuple[str, ...] | None = None
+        self._fingerprint_of: tuple[tuple[str, int, bool], ...] | None = None
         self._fingerprint = ""
 
     @property
@@ -292,18 +306,23 @@ class Router:
 
     def fingerprint(self) -> str:
         """12 hex digits that are equal on two processes that route alike: a hash of the
-        sorted ids of every backend in the pool (whatever its state), the stickiness, the
-        Maglev table size, and in mode `cookie` the affinity cookie's name and the id of
-        its signing secret (`AffinityCookie.key_id`, not the secret)."""
-        ids = tuple(sorted(b.id for b in self._pool))
-        if ids != self._fingerprint_of:
+        sorted ids of every backend in the pool (whatever its state) with its weight and
+        backup flag when not the defaults, the stickiness, the Maglev table size, and in
+        mode `cookie` the affinity cookie's name and the id of its signing secret
+        (`AffinityCookie.key_id`, not the secret)."""
+        members = tuple(sorted((b.id, b.configured_weight, b.backup) for b in self._pool))
+        if members != self._fingerprint_of:
+            ids = [
+                " ".join([i] + ([f"weight={w}"] if w != 1 else []) + (["backup"] if backup else []))
+                for i, w, backup in members
+            ]
             affinity = self._affinity
             parts = ["balancer-routing-1", str(self._sticky), str(self._size)]
             if self._sticky.mode == "cookie" and affinity is not None:
                 parts += [affinity.name, affinity.key_id]
             text = "\n".join([*parts, "", *ids])
             self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:12]
-            self._fingerprint_of = ids
+            self._fingerprint_of = members
         return self._fingerprint
 
     # -- cookie stickiness ------------------------------------------------------------------
@@ -435,6 +454,8 @@ class Router:
         table = self._table
         if not table:
             raise NoBackendAvailable("no backend is up")
+        if self._capped:
+            exclude = self._not_full(exclude)
         up = [b for b in self._up if b.id not in exclude] if exclude else self._up
         if not up:
             raise NoBackendAvailable("every backend that is up was excluded")
@@ -460,12 +481,12 @@ class Router:
 
         Mirrokni, Thorup and Zadimoghaddam: c = ceil((1 + epsilon) x (load + 1) / n), the
         `+ 1` counting the request being placed, so at least one backend is below its
-        capacity. Slow start shares it by weight instead of equally.
+        capacity. Weights (and slow start's ramp) share it in proportion instead of equally.
         """
         load = sum(b.in_flight for b in up) + 1
-        if any(b.ramp_from is not None for b in up):
+        if self._weighted or any(b.ramp_from is not None for b in up):
             now = self._clock()
-            weights = [b.weight(now) for b in up]
+            weights = [b.configured_weight * b.weight(now) for b in up]
             total = sum(weights)
             return {
                 b.id: math.ceil((1 + epsilon) * load * w / total)
@@ -474,21 +495,35 @@ class Router:
         cap = math.ceil((1 + epsilon) * load / len(up))
         return {b.id: cap for b in up}
 
+    def _not_full(self, exclude: frozenset[str]) -> frozenset[str]:
+        """`exclude` and the selectable backends at their max_conns; raises
+        NoBackendAvailable when that leaves none (the data path queues the request)."""
+        full = [b.id for b in self._up if b.full]
+        if not full:
+            return exclude
+        exclude = exclude | frozenset(full)
+        if self._up and all(b.id in exclude for b in self._up):
+            raise NoBackendAvailable("every backend is at its max-conns")
+        return exclude
+
     def _balanced(self, exclude: frozenset[str]) -> Backend:
+        if self._capped:
+            exclude = self._not_full(exclude)
         if self._balance == "least-inflight":
             return self._least_in_flight(exclude)
         up = [b for b in self._up if b.id not in exclude] if exclude else self._up
         if not up:
             raise NoBackendAvailable("no backend is up" if not self._up else "all excluded")
         ramping = any(b.ramp_from is not None for b in up)
-        if not ramping:
+        if not ramping and not self._weighted:
             self._rr_next = (self._rr_next + 1) % len(up)
             return up[self._rr_next]
         return self._weighted_round_robin(up)
 
     def _least_in_flight(self, exclude: frozenset[str]) -> Backend:
-        """The UP backend with the fewest requests in flight, per unit of weight while one
-        ramps up (slow start); of those tied, the one picked least recently.
+        """The UP backend with the fewest requests in flight per unit of weight (the
+        configured weight, times the ramp of slow start); of those tied, the one picked
+        least recently.
 
         A hung backend holds the requests it was sent and answers none, so it stops being
         picked once it holds more than the others (issue 13: round robin sent it every Nth
@@ -499,6 +534,8 @@ class Router:
         """
         up = self._up
         picked = self._picked
+        weighted = self._weighted
+        weights = self._weights
         best = -1
         lowest = 0.0
         now = 0.0
@@ -512,6 +549,8 @@ class Router:
                 if not have_now:
                     now, have_now = self._clock(), True
                 score /= backend.weight(now)
+            if weighted:
+                score /= weights[i]
             if best < 0 or score < lowest or (score == lowest and picked[i] < picked[best]):
                 best, lowest = i, score
         if best < 0:
@@ -521,13 +560,14 @@ class Router:
         return up[best]
 
     def _weighted_round_robin(self, up: tuple[Backend, ...] | list[Backend]) -> Backend:
-        """nginx's smooth weighted round robin, used while a backend ramps up (slow start)."""
+        """nginx's smooth weighted round robin, used when the weights differ or a backend
+        ramps up (slow start)."""
         now = self._clock()
         current = self._rr_current
         total = 0.0
         best: Backend | None = None
         for backend in up:
-            weight = backend.weight(now)
+            weight = backend.configured_weight * backend.weight(now)
             total += weight
             value = current.get(backend.id, 0.0) + weight
             current[backend.id] = value
@@ -542,7 +582,11 @@ class Router:
     def _rebuild(self) -> None:
         up = self._pool.selectable()  # sorted by id: the same table in every process
         self._ids = ids = tuple(b.id for b in up)
-        self._indexes = indexes = self._tables.get(ids)
+        weights = tuple(b.configured_weight for b in up)
+        self._weighted = weighted = len(set(weights)) > 1
+        self._weights = [float(w) for w in weights]
+        self._capped = self._pool.capped
+        self._indexes = indexes = self._tables.get(ids, weights if weighted else None)
         self._table = [up[i] for i in indexes]
         self._up = up
         self._rr_current = {}

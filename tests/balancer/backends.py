@@ -159,9 +159,11 @@ class HttpBackend:
 
     `/echo` the body back; `/chunked` a chunked answer; `/sink` counts the body, answers
     its size; `/stream/N` N bytes (`?chunked` for chunked); `/slow` never answers;
-    `/reset` resets the connection; `/until-close` a body ended by closing; `/http10` an
-    HTTP/1.0 answer, then a close; `/interim` a 103 then the answer; `/early` a 413
-    before reading the body; anything else `hello from NAME`. With `drop_second`, the
+    `/reset` resets the connection; `/wait/MS` answers after MS milliseconds (a slow
+    backend: `in_progress` and its `peak` count such requests at once); `/until-close` a
+    body ended by closing; `/http10` an HTTP/1.0 answer, then a close; `/interim` a 103
+    then the answer; `/early` a 413 before reading the body; anything else
+    `hello from NAME`. With `drop_second`, the
     second request on each connection is met by a close, as a backend closing an idle
     keep-alive connection would.
     """
@@ -175,6 +177,8 @@ class HttpBackend:
         self._server: asyncio.Server | None = None
         self._arrived = asyncio.Condition()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.in_progress = 0  # /wait requests being answered
+        self.peak = 0  # the most of them at once
 
     @property
     def url(self) -> str:
@@ -250,6 +254,14 @@ class HttpBackend:
         elif path.startswith("/slow"):
             await reader.read()  # until the proxy gives up and closes
             return False
+        elif path.startswith("/wait/"):
+            self.in_progress += 1
+            self.peak = max(self.peak, self.in_progress)
+            try:
+                await asyncio.sleep(int(path[6:].split("?")[0]) / 1000)  # the work it does
+                await _answer(writer, 200, f"waited on {self.name}".encode())
+            finally:
+                self.in_progress -= 1
         elif path.startswith("/reset"):
             writer.transport.abort()
             return False

@@ -9,6 +9,7 @@ import pytest
 from balancer import (
     Backend,
     BackendPolicy,
+    BackendSpec,
     BackendState,
     ConfigError,
     DrainPolicy,
@@ -344,3 +345,24 @@ def test_a_drained_backend_that_fails_is_down_and_drained_again_when_it_recovers
 def test_a_bad_drain_policy_names_its_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DrainPolicy(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "normalized"),
+    [
+        ("http://a:1", "http://a:1"),
+        ("http://a:1/ weight=1", "http://a:1"),
+        ("app=http://a weight=7", "app=http://a:80 weight=7"),
+        ("http://a:1 max-conns=5 backup", "http://a:1 backup max-conns=5"),
+        ("  x=http://[::1]:9  backup  ", "x=http://[::1]:9 backup"),
+        ("http://a:1?x=1 weight=2", None),
+    ],
+)
+def test_a_backend_spec_reads_back_as_itself(text: str, normalized: str | None) -> None:
+    if normalized is None:
+        with pytest.raises(ValueError, match="without a path"):
+            BackendSpec.parse(text)
+        return
+    spec = BackendSpec.parse(text)
+    assert str(spec) == normalized
+    assert BackendSpec.parse(str(spec)) == spec

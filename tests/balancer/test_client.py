@@ -139,6 +139,27 @@ async def test_hash_agrees_with_the_balancers_router_on_every_key() -> None:
     assert len(set(inner.seen)) == 4
 
 
+async def test_weighted_hash_agrees_with_a_weighted_router() -> None:
+    weights = dict(zip(URLS, [1, 4, 2, 1], strict=True))
+    inner = Recorder()
+    transport = BalancedTransport(
+        StaticInstances(URLS), balance="hash", hash_on="cookie:sid", table_size=TABLE,
+        inner=inner.transport, weights=weights,
+    )  # fmt: skip
+    pool = Pool()
+    for url, weight in weights.items():
+        pool.add(url, weight=weight)
+    keys = [secrets.token_urlsafe(8) for _ in range(400)]
+    async with client(transport) as http:
+        for key in keys:
+            response = await http.get("/", headers={"cookie": f"sid={key}"})
+            assert response.text == router_choice(pool, key), key
+    counts = Counter(inner.seen)
+    assert counts[URLS[1]] > 2 * counts[URLS[0]]  # weight 4 against 1
+    with pytest.raises(ValueError, match="weight must be an integer from 1 to 256"):
+        BalancedTransport(StaticInstances(URLS), weights={URLS[0]: 0})
+
+
 async def test_hash_with_one_instance_dead_agrees_with_the_router_without_it() -> None:
     dead = URLS[1]
     inner = Recorder(dead=frozenset({dead}))

@@ -396,6 +396,52 @@ def test_bad_backend_names(argv: list[str], words: str) -> None:
     assert words in info.value.message
 
 
+def test_backend_options_from_every_source(tmp_path: Path) -> None:
+    # HAProxy's `server` line: options after the URL, in any order, separated by spaces.
+    spec = f"app1={B1}/  max-conns=20 backup   weight=3"
+    cli = load_settings(["--backend", spec, "--backend", f"{B2} weight=1"], {})
+    assert cli.backends == (f"app1={B1} weight=3 backup max-conns=20", B2)
+    assert cli.backend_specs() == (("app1", B1), (None, B2))
+    first, second = cli.backend_options()
+    assert (first.name, first.url, first.weight, first.backup, first.max_conns) == (
+        "app1",
+        B1,
+        3,
+        True,
+        20,
+    )
+    assert (second.weight, second.backup, second.max_conns) == (1, False, 0)
+    env = load_settings([], {"BALANCER_BACKENDS": f"{B1} weight=2,{B2} backup"})
+    assert [(b.weight, b.backup) for b in env.backend_options()] == [(2, False), (1, True)]
+    path = tmp_path / "b.toml"
+    path.write_text(f'backends = ["{B1} weight=5 max-conns=1", "{B2}"]\n')
+    from_file = load_settings(["--config", str(path)], {}).backend_options()
+    assert [(b.weight, b.max_conns) for b in from_file] == [(5, 1), (1, 0)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (f"{B1} weight=0", "weight must be an integer from 1 to 256, not 0"),
+        (f"{B1} weight=257", "weight must be an integer from 1 to 256, not 257"),
+        (f"{B1} weight=two", "'weight=two': weight takes an integer"),
+        (f"{B1} weight=", "'weight=': weight takes an integer"),
+        (f"{B1} weight=-1", "'weight=-1': weight takes an integer"),
+        (f"{B1} max-conns=x", "'max-conns=x': max-conns takes an integer"),
+        (f"{B1} maxconn=3", "'maxconn=3' is not a backend option (weight=N, backup, max-conns=N)"),
+        (f"{B1} backup=yes", "'backup=yes' is not a backend option"),
+        (f"{B1} heavy", "'heavy' is not a backend option"),
+        (f"weight=2 {B1}", "'weight=2': the URL comes first, then the options"),
+        ("   ", "a backend is needed"),
+    ],
+)
+def test_bad_backend_options_name_the_flag_and_the_token(spec: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(["--backend", spec], {})
+    assert info.value.setting == "--backend"
+    assert words in info.value.message
+
+
 def test_no_backend_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"^--backend: at least one backend"):
         load_settings([], {})

@@ -143,3 +143,31 @@ def test_passive_ejection_stops_at_max_ejection_percent(
     spared.request_started()
     spared.request_finished(failed=True, now=31.0)
     assert spared.state is BackendState.DOWN
+
+
+def test_backups_are_selectable_only_when_no_primary_is_up() -> None:
+    pool = Pool(URLS[:1])
+    backup = pool.add(URLS[1], backup=True, weight=3)
+    (primary,) = [b for b in pool if not b.backup]
+    assert pool.selectable() == (primary,)
+    primary.drain(0.0)
+    assert pool.selectable() == (backup,)
+    primary.enable()
+    assert pool.selectable() == (primary,)
+
+
+def test_capped_says_whether_some_backend_has_max_conns() -> None:
+    pool = Pool(URLS[:1])
+    assert not pool.capped
+    capped = pool.add(URLS[1], max_conns=2)
+    assert pool.capped
+    assert not capped.full
+    capped.request_started()
+    capped.request_started()
+    assert capped.full
+    pool.remove(capped.id)
+    assert not pool.capped
+    with pytest.raises(ValueError, match="max-conns must be an integer >= 0"):
+        pool.add(URLS[2], max_conns=-1)
+    with pytest.raises(UnknownBackend):
+        pool.set_weight("nope", 2)

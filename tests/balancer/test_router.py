@@ -744,3 +744,167 @@ def test_each_repin_decided_is_counted_once_with_its_reason() -> None:
     a.mark_down("refused", 0.0)
     decide(router, pin(a.id) + b"; sid=y")
     assert counted == ["lost_pin", "failed", "down"]
+
+
+# -- the operator's backend options: weight, backup, max-conns (issue 17) -------------------
+
+
+def weighted(weights: list[int], **kwargs: object) -> tuple[Pool, Router]:
+    pool, router = make(URLS[: len(weights)], **kwargs)  # type: ignore[arg-type]
+    for backend, weight in zip(list(pool), weights, strict=True):
+        pool.set_weight(backend.id, weight)
+    return pool, router
+
+
+WEIGHTS = [1, 2, 3, 4, 10]
+
+
+def assert_shares(counts: Counter[str], pool: Pool, within: float) -> None:
+    total = sum(counts.values())
+    weight_total = sum(b.configured_weight for b in pool)
+    for backend in pool:
+        share = counts[backend.id] / total
+        expected = backend.configured_weight / weight_total
+        assert abs(share - expected) <= within * expected, (backend.id, share, expected)
+
+
+def test_hashed_sessions_follow_the_weights() -> None:
+    pool, router = weighted(WEIGHTS)
+    counts = Counter(decide(router, b"sid=%d" % i).backend.id for i in range(20000))
+    assert_shares(counts, pool, 0.05)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.25])
+def test_new_clients_follow_the_weights(epsilon: float) -> None:
+    pool, router = weighted(WEIGHTS, epsilon=epsilon)
+    counts: Counter[str] = Counter()
+    for _ in range(20000):
+        backend = decide(router).backend
+        counts[backend.id] += 1
+        backend.request_started()  # each stays as load: bounded load caps by weight
+    assert_shares(counts, pool, 0.05 if epsilon == 0 else 0.3)
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-inflight"])
+def test_none_mode_weighs(balance: Balance) -> None:
+    pool, router = weighted(WEIGHTS, sticky=Sticky("none"), balance=balance)
+    counts: Counter[str] = Counter()
+    for _ in range(2000):
+        backend = decide(router).backend
+        counts[backend.id] += 1
+        if balance == "least-inflight":
+            backend.request_started()  # least in-flight per unit of weight
+    assert_shares(counts, pool, 0.02)
+
+
+def test_a_weight_change_rebuilds_the_table_and_moves_few_clients() -> None:
+    # Mode ip: the table alone decides (in mode cookie the pin table would keep them).
+    pool, router = weighted([1, 1, 1, 1, 1], sticky=Sticky("ip"))
+    ips = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(20000)]
+    before = [router.decide(ip, None).backend.id for ip in ips]
+    generation = pool.generation
+    heavy = pool.set_weight(next(iter(pool)).id, 2)
+    assert pool.generation == generation + 1
+    after = [router.decide(ip, None).backend.id for ip in ips]
+    moved = sum(1 for a, b in zip(before, after, strict=True) if a != b) / 20000
+    ideal = 2 / 6 - 1 / 5  # the heavier one's share grows from 1/5 to 2/6
+    assert ideal * 0.9 <= moved <= ideal * 1.3
+    # Nearly every key that moves moves to the heavier one (Maglev's few collateral moves).
+    changed = [b for a, b in zip(before, after, strict=True) if a != b]
+    assert changed.count(heavy.id) >= 0.9 * len(changed)
+    with pytest.raises(ValueError, match="from 1 to 256"):
+        pool.set_weight(heavy.id, 0)
+
+
+def test_the_fingerprint_covers_weights_and_backups() -> None:
+    pool, router = make()
+    plain = router.fingerprint()
+    first = next(iter(pool)).id
+    pool.set_weight(first, 3)
+    weighed = router.fingerprint()
+    assert weighed != plain
+    pool.set_weight(first, 1)
+    assert router.fingerprint() == plain  # defaults leave the fingerprint as it was
+    backup_pool = Pool(URLS[:-1])
+    backup_pool.add(URLS[-1], backup=True)
+    _, other = make()
+    assert (
+        Router(backup_pool, sticky=Sticky("ip")).fingerprint()
+        != Router(Pool(URLS), sticky=Sticky("ip")).fingerprint()
+    )
+    assert other.fingerprint() == plain
+
+
+def backup_pool(sticky: Sticky = COOKIE) -> tuple[Pool, Router]:
+    pool, router = make(URLS[:2], sticky=sticky)
+    pool.add(URLS[2], name="spare", backup=True)
+    pool.add(URLS[3], name="spare2", backup=True)
+    return pool, router
+
+
+@pytest.mark.parametrize("sticky", [COOKIE, Sticky("ip"), Sticky("none")])
+def test_a_backup_takes_traffic_only_when_no_primary_is_up(sticky: Sticky) -> None:
+    pool, router = backup_pool(sticky)
+    primaries = [b for b in pool if not b.backup]
+    phase = iter(range(4))
+
+    def seen() -> set[str]:
+        # New sessions each time (in mode cookie the pin table keeps the ones it knows).
+        n = next(phase)
+        return {
+            router.decide(f"10.0.{n}.{i}", b"sid=%d-%d" % (n, i)).backend.id for i in range(200)
+        }
+
+    assert seen() == {b.id for b in primaries}
+    primaries[0].mark_down("test", 0.0)
+    assert seen() == {primaries[1].id}  # one primary up: the backups still wait
+    primaries[1].drain(0.0)
+    assert seen() == {"spare", "spare2"}  # every backup, not the first only
+    primaries[0].mark_up(1.0)
+    assert seen() == {primaries[0].id}
+
+
+def test_a_client_pinned_to_a_backup_keeps_it_once_a_primary_is_back() -> None:
+    pool, router = backup_pool()
+    for backend in list(pool)[:2]:
+        backend.mark_down("test", 0.0)
+    placed = decide(router)
+    assert placed.backend.backup
+    assert placed.set_cookie is not None
+    cookie = placed.set_cookie.split(b";")[0] + b"; sid=s1"
+    pool[URLS_ID0 := next(iter(pool)).id].mark_up(1.0)
+    kept = decide(router, cookie)
+    assert kept.backend is placed.backend  # HAProxy: a persistence cookie is honoured
+    assert kept.reason is None
+    assert decide(router).backend.id == URLS_ID0  # new clients go to the primary
+    pool.drain(placed.backend.id, 2.0, sessions="move")  # how an operator moves them
+    moved = decide(router, cookie)
+    assert moved.backend.id == URLS_ID0
+    assert moved.reason == "drain"
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-inflight"])
+def test_none_mode_passes_over_a_backend_at_its_max_conns(balance: Balance) -> None:
+    pool, router = make(URLS[:1], sticky=Sticky("none"), balance=balance)
+    capped = pool.add(URLS[1], max_conns=1)
+    capped.request_started()
+    assert all(decide(router).backend is not capped for _ in range(20))
+    only = next(iter(pool))
+    only.mark_down("test", 0.0)
+    with pytest.raises(NoBackendAvailable, match="max-conns"):
+        decide(router)  # the data path queues it
+    capped.request_finished(failed=False, now=0.0)
+    assert decide(router).backend is capped
+
+
+def test_a_new_client_is_placed_past_a_full_backend_and_a_pinned_one_is_not() -> None:
+    pool, router = make(URLS[:1], epsilon=0.0)
+    capped = pool.add(URLS[1], max_conns=2)
+    cookie = pin(capped.id) + b"; sid=x"
+    capped.request_started()
+    capped.request_started()
+    assert capped.full
+    assert all(decide(router).backend is not capped for _ in range(50))
+    # Pinned: its session is there; the router keeps it, the data path makes it wait.
+    assert decide(router, cookie).backend is capped
+    assert decide(router, cookie).reason is None
