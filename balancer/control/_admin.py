@@ -2,7 +2,9 @@
 
     GET    /healthz                  200 {"status": "ok"} (no token needed: for probes)
     GET    /backends                 every backend: state, in-flight, totals, errors
-    POST   /backends                 {"url": "http://host:port", "name": optional}: 201, 400, 409
+    POST   /backends                 {"url": "http://host:port", "name", "weight", "backup",
+                                     "max_conns": optional}: 201, 400, 409
+    PATCH  /backends/{id}            {"weight": N} (1..256): 200, 400, 404; the table is rebuilt
     POST   /backends/{id}/drain      200, 404 unknown, 409 already draining; ?sessions=keep|move
                                      (pinned clients stay or move; default --drain-sessions),
                                      ?now=1 ends it at once (DRAINED), started or not
@@ -58,6 +60,7 @@ from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from .._exceptions import BackendExists, InvalidTransition, TlsError, UnknownBackend
 from ..datapath._backend import (
     DRAIN_SESSIONS,
+    MAX_WEIGHT,
     Backend,
     BackendState,
     DrainSessions,
@@ -73,6 +76,7 @@ from ._events import (
     BACKEND_DRAINING,
     BACKEND_ENABLED,
     BACKEND_REMOVED,
+    BACKEND_WEIGHT,
     ROLLING_RESTART_REQUESTED,
     SESSION_FORGOTTEN,
     SESSION_MOVED,
@@ -142,7 +146,10 @@ def describe_backend(backend: Backend, now: float) -> dict[str, object]:
         "drain_for": now - backend.drain_since if backend.draining else None,
         "down_reason": backend.down_reason,
         "ejected_for": None if ejected_until is None else max(0.0, ejected_until - now),
-        "weight": backend.weight(now),
+        "weight": backend.weight(now),  # slow start's share, 0.1..1
+        "configured_weight": backend.configured_weight,  # the operator's, 1..256
+        "backup": backend.backup,
+        "max_conns": backend.max_conns,  # 0: no cap
     }
 
 
@@ -308,8 +315,19 @@ async def add_backend(request: Request) -> Response:
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         return _error(400, "invalid_name", '"name", if given, must be a string')
+    weight = data.get("weight", 1)
+    if not isinstance(weight, int) or not _is_weight(weight):
+        return _error(400, "invalid_weight", f'"weight" must be an integer from 1 to {MAX_WEIGHT}')
+    max_conns = data.get("max_conns", 0)
+    if not isinstance(max_conns, int) or isinstance(max_conns, bool) or max_conns < 0:
+        return _error(400, "invalid_max_conns", '"max_conns" must be an integer >= 0 (0: no cap)')
+    backup = data.get("backup", False)
+    if not isinstance(backup, bool):
+        return _error(400, "invalid_backup", '"backup" must be true or false')
     try:
-        backend = _admin(request).pool.add(url, name=name)
+        backend = _admin(request).pool.add(
+            url, name=name, weight=weight, backup=backup, max_conns=max_conns
+        )
     except BackendExists as exc:  # a ValueError too: caught first
         return _error(409, "exists", str(exc))
     except ValueError as exc:
@@ -347,6 +365,29 @@ async def drain(request: Request) -> Response:
 async def enable(request: Request) -> Response:
     backend = _admin(request).pool.enable(request.path_params["backend_id"])
     log_event(BACKEND_ENABLED, backend=backend.id)
+    return _describe(request, backend)
+
+
+def _is_weight(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WEIGHT
+
+
+async def change_backend(request: Request) -> Response:
+    """PATCH: the operator's weight, at run time (the pool's generation changes, so the
+    router rebuilds its weighted table: about |delta share| of the hashed keys move)."""
+    pool = _admin(request).pool
+    backend = pool[request.path_params["backend_id"]]  # UnknownBackend: 404
+    data = await _json_object(request, '{"weight": 2}')
+    if isinstance(data, JSONResponse):
+        return data
+    weight = data.get("weight")
+    if set(data) != {"weight"} or not isinstance(weight, int) or not _is_weight(weight):
+        return _error(
+            400, "invalid_weight", f'the body must be {{"weight": N}}, N from 1 to {MAX_WEIGHT}'
+        )
+    old = backend.configured_weight
+    pool.set_weight(backend.id, weight)
+    log_event(BACKEND_WEIGHT, backend=backend.id, weight=weight, was=old)
     return _describe(request, backend)
 
 
@@ -511,6 +552,7 @@ ROUTES: list[BaseRoute] = [
     Route("/backends/{backend_id}/drain", drain, methods=["POST"]),
     Route("/backends/{backend_id}/enable", enable, methods=["POST"]),
     Route("/backends/{backend_id}", remove, methods=["DELETE"]),
+    Route("/backends/{backend_id}", change_backend, methods=["PATCH"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
     Route("/tls/reload", reload_tls, methods=["POST"]),
 ]

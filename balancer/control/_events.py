@@ -40,6 +40,7 @@ __all__ = [
     "BACKEND_REMOVED",
     "BACKEND_STATE",
     "BACKEND_UNDISCOVERED",
+    "BACKEND_WEIGHT",
     "BALANCER_PROCESSES_GONE",
     "BALANCER_PROCESSES_STARTED",
     "BALANCER_PROCESSES_STOPPING",
@@ -128,6 +129,7 @@ BACKEND_DRAINING: Final = "backend_draining"  # a drain began
 BACKEND_DRAINED: Final = "backend_drained"  # a drain ended: why, and the sessions still pinned
 BACKEND_ENABLED: Final = "backend_enabled"
 BACKEND_REMOVED: Final = "backend_removed"
+BACKEND_WEIGHT: Final = "backend_weight"  # an operator changed a backend's weight
 BACKEND_DISCOVERED: Final = "backend_discovered"
 BACKEND_UNDISCOVERED: Final = "backend_undiscovered"
 

@@ -480,6 +480,7 @@
     backend_drained: (f) => `${backendLabel(f.backend)} drained after ${f.after}s (${f.reason}): ${f.pinned} session(s) still pinned`,
     backend_enabled: (f) => `${backendLabel(f.backend)} enabled`,
     backend_removed: (f) => `${f.backend} removed (${f.in_flight} in flight)`,
+    backend_weight: (f) => `${backendLabel(f.backend)} weight ${f.was} -> ${f.weight}`,
     backend_discovered: (f) => `${f.url} found in the registry (instance ${f.instance})`,
     backend_undiscovered: (f) => `${f.url} left the registry (instance ${f.instance})`,
     session_moved: (f) => `session ${f.session} moves to ${backendLabel(f.backend)} on its next request`,

@@ -179,6 +179,70 @@ async def test_unknown_backend_is_404(client: httpx.AsyncClient, method: str, pa
     assert response.json() == {"error": "no backend with id 'nope'", "reason": "unknown_backend"}
 
 
+async def test_add_a_backend_with_options(client: httpx.AsyncClient, pool: Pool) -> None:
+    body = {"url": "http://127.0.0.1:9003", "weight": 4, "backup": True, "max_conns": 7}
+    response = await client.post("/backends", json=body)
+    assert response.status_code == 201
+    described = response.json()
+    assert (described["configured_weight"], described["backup"], described["max_conns"]) == (
+        4,
+        True,
+        7,
+    )
+    added = pool[described["id"]]
+    assert (added.configured_weight, added.backup, added.max_conns) == (4, True, 7)
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"weight": 0}, "invalid_weight"),
+        ({"weight": True}, "invalid_weight"),
+        ({"max_conns": -1}, "invalid_max_conns"),
+        ({"backup": "yes"}, "invalid_backup"),
+    ]
+    for bad, reason in cases:
+        refused = await client.post("/backends", json={"url": "http://127.0.0.1:9004", **bad})
+        assert (refused.status_code, refused.json()["reason"]) == (400, reason)
+
+
+async def test_patch_changes_a_weight_and_the_pools_generation(
+    client: httpx.AsyncClient, pool: Pool
+) -> None:
+    backend = next(iter(pool))
+    generation = pool.generation
+    response = await client.patch(f"/backends/{backend.id}", json={"weight": 5})
+    assert response.status_code == 200
+    assert response.json()["configured_weight"] == 5
+    assert backend.configured_weight == 5
+    assert pool.generation == generation + 1  # the router rebuilds its table
+    listed = (await client.get("/backends")).json()["backends"]
+    assert [b["configured_weight"] for b in listed] == [5, 1]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"weight": 0}, {"weight": 257}, {"weight": 1.5}, {"weight": "2"}, {}, {"weight": 2, "x": 1}],
+)
+async def test_patch_bad_input_is_400(client: httpx.AsyncClient, pool: Pool, body: object) -> None:
+    backend = next(iter(pool))
+    response = await client.patch(f"/backends/{backend.id}", json=body)
+    assert response.status_code == 400
+    assert response.json()["reason"] == "invalid_weight"
+    assert "from 1 to 256" in response.json()["error"]
+    assert backend.configured_weight == 1
+    unknown = await client.patch("/backends/nope", json={"weight": 2})
+    assert (unknown.status_code, unknown.json()["reason"]) == (404, "unknown_backend")
+    assert (await client.patch(f"/backends/{backend.id}", content=b"{")).status_code == 400
+
+
+async def test_patch_needs_the_token(guarded: httpx.AsyncClient, pool: Pool) -> None:
+    backend = next(iter(pool))
+    refused = await guarded.patch(f"/backends/{backend.id}", json={"weight": 3})
+    assert refused.status_code == 401
+    assert backend.configured_weight == 1
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    allowed = await guarded.patch(f"/backends/{backend.id}", json={"weight": 3}, headers=headers)
+    assert allowed.status_code == 200
+    assert backend.configured_weight == 3
+
+
 async def test_unknown_route_and_method_are_json(client: httpx.AsyncClient) -> None:
     missing = await client.get("/nowhere")
     assert (missing.status_code, missing.json()["reason"]) == (404, "not_found")
