@@ -5,6 +5,9 @@
 Prints the share of sessions that move when one backend leaves and when one joins (ideal
 1/n and 1/(n+1), target within 1.1x), the max/mean load with and without bounded load
 (target <= 1.05 with it), and the cost of a lookup and of a whole `Router.decide`.
+With weights (`--backend "URL weight=N"`, weighted Maglev): each backend's share of the
+sessions against its weight's share (target within 3%), and the sessions that move when one
+weight changes against the share that changes hands (target within 1.1x).
 """
 
 from __future__ import annotations
@@ -58,6 +61,46 @@ def per_call_ns(fn: Callable[[], object], number: int = 200_000) -> float:
     return (time.perf_counter() - start) / number * 1e9
 
 
+def ip_router(pool: Pool) -> Router:
+    return Router(pool, sticky=Sticky("ip"))
+
+
+def weighted_section(n: int, cookies: list[bytes]) -> None:
+    """Shares and moves with weights 1, 2, 3, 1, 2, 3, ...; the table alone decides (mode
+    ip, one client address per session), as the pin table would keep known sessions."""
+    weights = [i % 3 + 1 for i in range(n)]
+    start = time.perf_counter()
+    build_table([f"{i:012x}" for i in range(n)], weights=weights)
+    print(f"\nweighted table build (weights {weights[:3]}...): ", end="")
+    print(f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    pool = Pool()
+    for url, weight in zip(urls(n), weights, strict=True):
+        pool.add(url, weight=weight)
+    ips = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(len(cookies))]
+    r = ip_router(pool)
+    base = [r.decide(ip, None).backend.id for ip in ips]
+    counts = Counter(base)
+    total = sum(weights)
+    worst = max(
+        abs(counts[b.id] / len(ips) - b.configured_weight / total) / (b.configured_weight / total)
+        for b in pool
+    )
+    ok = "ok" if worst <= 0.03 else "MISSED"
+    print(f"{'share against weight, worst':<34}{worst:>10.4f}{'':>10}{'':>8}  <= 0.03 {ok}")
+    print(f"{'sessions that move':<34}{'measured':>10}{'ideal':>10}{'ratio':>8}  target")
+    first = next(iter(pool))
+    for new in (first.configured_weight * 2, 3 if first.configured_weight != 3 else 2):
+        old = first.configured_weight
+        pool.set_weight(first.id, new)
+        after = [r.decide(ip, None).backend.id for ip in ips]
+        pool.set_weight(first.id, old)
+        value = moved(base, after)
+        ideal = abs(new / (total - old + new) - old / total)
+        ok = "ok" if value / ideal <= 1.1 else "MISSED"
+        label = f"one weight {old} -> {new}"
+        print(f"{label:<34}{value:>10.4f}{ideal:>10.4f}{value / ideal:>8.3f}  <= 1.1 {ok}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sessions", type=int, default=100_000)
@@ -106,6 +149,8 @@ def main() -> None:
             else ("  <= 1.05 " + ("ok" if max_over_mean(load, n) <= 1.05 else "MISSED"))
         )
         print(f"{label:<34}{max_over_mean(load, n):>10.4f}{target}")
+
+    weighted_section(n, cookies)
 
     table = build_table([f"{i:012x}" for i in range(n)])
     size = DEFAULT_TABLE_SIZE
