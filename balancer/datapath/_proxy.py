@@ -1280,8 +1280,6 @@ class ProxyServer:
 
     def _unpark(self) -> None:
         self._waking = False
-        for pool in self._pools.values():
-            pool.tick(now)  # closes the idle connections beyond recent demand
         now = self.clock()
         parked, self._parked = self._parked, []
         for client, req in parked:
@@ -1314,6 +1312,8 @@ class ProxyServer:
     def _check_deadlines(self) -> None:
         self._prune_pools()
         now = self.clock()
+        for pool in self._pools.values():
+            pool.tick(now)  # closes the idle connections beyond recent demand
         if self._parked:
             self._unpark()
         for client in list(self._connections):
