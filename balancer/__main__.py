@@ -114,7 +114,7 @@ def _supervise(settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_or_exit(argv, generate=False)
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, access_format=settings.access_log_format)
     if not settings.affinity_secrets:
         if settings.sticky.mode == "cookie":
             # Before any fork: one line, however many --workers share the secret.

@@ -48,6 +48,7 @@ from ._build import version_line
 from ._exceptions import ConfigError, TlsError
 from .control._discovery import DEFAULT_DISCOVER_INTERVAL
 from .control._health import HealthPolicy
+from .control._log import DEFAULT_ACCESS_FORMAT, AccessFormat
 from .control._tls import CertificatePair, TlsListener, backend_context
 from .datapath._affinity import (
     DEFAULT_AFFINITY_COOKIE,
@@ -139,6 +140,7 @@ class Settings:
     workers: int = 1  # processes sharing the listening port (SO_REUSEPORT)
     log_format: LogFormat = "plain"
     access_log: bool = _PROXY.access_log
+    access_log_format: str = DEFAULT_ACCESS_FORMAT  # a plain line's template (AccessFormat)
     # X-Forwarded-* are believed only from these (ProxyOptions takes them as text).
     trusted_proxies: tuple[Network, ...] = ()
     affinity_cookie: str = DEFAULT_AFFINITY_COOKIE
@@ -464,6 +466,15 @@ def _url_path(value: object) -> str:
     return text
 
 
+def _access_format(value: object) -> str:
+    text = _text(value)
+    try:
+        AccessFormat(text)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return text
+
+
 def _redis_url(value: object) -> str:
     text = _text(value).strip()
     try:
@@ -613,6 +624,13 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("log_format", _choice("plain", "json"), "plain or json", None, "FORMAT"),
     _Option("access_log", _boolean, "log every request"),
     _Option(
+        "access_log_format",
+        _access_format,
+        "template of a plain access log line ($status, ${request_time}, ...)",
+        None,
+        "TEMPLATE",
+    ),
+    _Option(
         "trusted_proxies",
         _each(_network),
         "a network whose X-Forwarded-* are believed (repeatable)",
@@ -686,7 +704,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("idle_timeout", _number(zero=False), "seconds a keep-alive client idles", None, "S"),
     _Option("upstream_connect_timeout", _number(zero=False), "seconds to connect", None, "S"),
     _Option("upstream_response_timeout", _number(zero=False), "seconds silent: 504", None, "S"),
-    _Option("upstream_keepalive", _integer(0), "idle connections per backend", None, "N"),
+    _Option(
+        "upstream_keepalive", _integer(0), "most idle connections per backend (by use)", None, "N"
+    ),
     _Option("max_attempts", _integer(1), "tries of a request, refusals aside", None, "N"),
     _Option("retry_budget", _fraction, "retries earned per request, 0-1", None, "RATIO"),
     _Option("retry_floor", _number(zero=True), "retries earned per second", None, "N"),

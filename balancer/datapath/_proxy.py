@@ -36,6 +36,7 @@ from .._exceptions import (
     UpstreamError,
     UpstreamTimeout,
 )
+from ._access import pin_outcome
 from ._backend import Backend, BackendState
 from ._http import (
     BODY_CHUNKED,
@@ -142,7 +143,10 @@ class ProxyOptions:
     max_attempts: int = 3
     trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) allowed to send X-Forwarded-*
     shutdown_deadline: float = 30.0  # seconds in-flight requests get to finish at shutdown
-    access_log: bool = False  # one INFO line per request on the logger "balancer.access"
+    # One INFO record per request on the logger "balancer.access", its fields (`ACCESS_FIELDS`)
+    # in the record's `balancer_fields` (control._log formats them: --log-format,
+    # --access-log-format).
+    access_log: bool = False
     # Seconds a request waits when no backend can take it, re-routed every _QUEUE_TICK
     # (HAProxy's `timeout queue`): a worker restarting is then a delay, not a 503.
     # 0 = 503 at once.
@@ -223,6 +227,11 @@ class _Request(RequestHead):
     status = 0
     response_started = False
     answered = False  # the response was written in full
+    # For the access log only (set while it is on): the clock when the last attempt began,
+    # and when its request was written to a backend connection; body bytes read.
+    upstream_start = -1.0
+    upstream_sent = -1.0
+    body_in = 0
 
     def __init__(self, started: float) -> None:
         super().__init__()
@@ -273,6 +282,9 @@ class _ClientConnection(asyncio.Protocol):
         self._http11_hint = False  # see data_received
         self._reject_after = 0  # the status to answer once the requests before are answered
         self._starting = False  # `_next` is starting a queued request
+        self._log = self._options.access_log
+        self._out = 0  # bytes written to the client while the access log is on (bytes_out)
+        self._out_mark = 0  # `_out` when the last request was logged
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -426,6 +438,7 @@ class _ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self._parsing
         assert req is not None
+        req.body_in += len(body)
         if req.answered:
             return  # the response is out already: the rest of the body is discarded
         data: tuple[bytes, ...] = chunk(body) if req.body_kind == BODY_CHUNKED else (body,)
@@ -510,6 +523,10 @@ class _ClientConnection(asyncio.Protocol):
             self._route(req, now)
 
     def _attempt(self, req: _Request, backend: Backend, now: float, *, fresh: bool) -> None:
+        if self._log:
+            # `now` may be the request's first byte: the connect time starts here.
+            now = self._clock()
+            req.upstream_start = now
         req.backend = backend
         req.last_backend = backend.id
         req.attempts += 1
@@ -536,6 +553,8 @@ class _ClientConnection(asyncio.Protocol):
         self._send(req, conn, self._clock())
 
     def _send(self, req: _Request, conn: UpstreamConnection, now: float) -> None:
+        if self._log:
+            req.upstream_sent = now
         self._upstream = conn
         conn.start(self, now, head_request=req.method == b"HEAD")
         if self._write_paused:
@@ -589,17 +608,51 @@ class _ClientConnection(asyncio.Protocol):
 
     def _record(self, req: _Request, now: float) -> None:
         self._metrics.request_done(req.last_backend, req.status, now - req.started)
-        if self._options.access_log:
-            access_logger.info(
-                '%s "%s %s HTTP/%s" %d %s %.1fms',
-                req.client_ip or self._peer,
-                req.method.decode("latin-1"),
-                req.head[2].decode("latin-1"),
-                "1.0" if req.http10 else "1.1",
-                req.status,
-                req.last_backend or "-",
-                (now - req.started) * 1000,
-            )
+        if self._log:
+            self._log_access(req, now)
+
+    def _log_access(self, req: _Request, now: float) -> None:
+        """The access log's record of `req`, answered at clock time `now`: its message is
+        `client method path status`, its fields `ACCESS_FIELDS` (docs/balancer.md,
+        "Access log")."""
+        start = req.upstream_start
+        sent = req.upstream_sent
+        exchanged = start >= 0.0 and sent >= start  # the last attempt reached a backend
+        request_id = req.request_id
+        if request_id is None:
+            # Made by `_add_forwarding`: the value before the head's last CRLF CRLF.
+            request_id = req.head[-2]
+        pin, reason = pin_outcome(req.decision)
+        head = req.head
+        # Responses are written one at a time, each before its record: all since the last.
+        bytes_out = self._out - self._out_mark
+        self._out_mark = self._out
+        fields: dict[str, object] = {
+            "client": req.client_ip or self._peer,
+            "method": req.method.decode("latin-1"),
+            "path": head[2].decode("latin-1"),
+            "protocol": "HTTP/1.0" if req.http10 else "HTTP/1.1",
+            "status": req.status,
+            # The request line, the fields (as counted against --max-header-bytes), the
+            # blank line and the body (de-chunked).
+            "bytes_in": len(head[0]) + len(head[2]) + 12 + req.header_size + 2 + req.body_in,
+            "bytes_out": bytes_out,
+            "backend": req.last_backend or None,
+            "upstream_connect_time": round(sent - start, 6) if exchanged else None,
+            "upstream_response_time": round(now - sent, 6) if exchanged else None,
+            "request_time": round(now - req.started, 6),
+            "request_id": request_id.decode("latin-1"),
+            "pin": pin,
+            "repin_reason": reason,
+        }
+        access_logger.info(
+            "%s %s %s %d",
+            fields["client"],
+            fields["method"],
+            fields["path"],
+            req.status,
+            extra={"balancer_event": "access", "balancer_fields": fields},
+        )
 
     def _attempt_failed(
         self,
@@ -803,6 +856,11 @@ class _ClientConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         head = self._head_out
+        if self._log:
+            size = len(data)
+            if self._chunked_out:
+                size += len(b"%x" % size) + 4  # the chunk's size line and CRLF
+            self._out += size if head is None else size + len(head)
         if head is not None:
             self._head_out = None
             if self._chunked_out:
@@ -1054,6 +1112,8 @@ class _ClientConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
+        if self._log:
+            self._out += len(data)
         transport.write(data)
 
     def _set_deadline(self, kind: int, seconds: float) -> None:

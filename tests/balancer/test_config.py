@@ -25,6 +25,7 @@ from balancer import (
 )
 from balancer._balancer import proxy_options, supervisor_options
 from balancer.control._discovery import DEFAULT_DISCOVER_INTERVAL
+from balancer.control._log import DEFAULT_ACCESS_FORMAT
 from balancer.datapath import _router
 from balancer.datapath._affinity import DEFAULT_COOKIE_PATH, DEFAULT_SAME_SITE
 from balancer.supervisors._autoscale import AutoscalePolicy
@@ -76,6 +77,8 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
     (["--log-format", "json"], {"BALANCER_LOG_FORMAT": "json"}, 'log-format = "json"',
      "log_format", "json"),
     (["--access-log"], {"BALANCER_ACCESS_LOG": "yes"}, "access_log = true", "access_log", True),
+    (["--access-log-format", "$status $path"], {"BALANCER_ACCESS_LOG_FORMAT": "$status $path"},
+     'access_log_format = "$status $path"', "access_log_format", "$status $path"),
     (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"],
      {"BALANCER_TRUSTED_PROXIES": "10.0.0.0/8,::1"}, 'trusted_proxies = ["10.0.0.0/8", "::1"]',
      "trusted_proxies", (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))),
@@ -271,6 +274,8 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--workers", "two"], "--workers", "expected an integer"),
     (["--workers"], "--workers", "expected one argument"),
     (["--log-format", "xml"], "--log-format", "expected one of plain, json"),
+    (["--access-log-format", "$stauts"], "--access-log-format", "unknown field $stauts"),
+    (["--access-log-format", "5 $"], "--access-log-format", "invalid template"),
     (["--trusted-proxy", "10.0.0.0/33"], "--trusted-proxy", "not an IP network"),
     (["--affinity-cookie", "a;b"], "--affinity-cookie", "not a valid cookie name"),
     (["--affinity-cookie", "session"], "--affinity-cookie", "session cookie too"),
@@ -612,6 +617,7 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "trusted_proxies": _PROXY.trusted_proxies,
     "shutdown_deadline": _PROXY.shutdown_deadline,
     "access_log": _PROXY.access_log,
+    "access_log_format": DEFAULT_ACCESS_FORMAT,
     "queue_timeout": _PROXY.queue_timeout,
     "health_path": _HEALTH.path,
     "health_interval": _HEALTH.interval,
