@@ -185,6 +185,50 @@ async def test_a_reload_serves_the_new_cert_and_a_bad_file_changes_nothing(
         assert "renewed.test" in answer.json()["certificates"]
 
 
+async def _names_served(port: int, authority: Authority, connections: int) -> set[str]:
+    """The DNS names of the certificates served to `connections` new connections."""
+    context = _client_context(authority)
+    context.check_hostname = False
+    names: set[str] = set()
+    for _ in range(connections):
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="a.test"
+        )
+        names |= {value for _, value in writer.get_extra_info("peercert")["subjectAltName"]}
+        writer.close()
+    return names
+
+
+async def test_sigusr1_to_the_parent_reloads_every_balancer_process(
+    authority: Authority, backend: HttpBackend
+) -> None:
+    old = authority.issue("a", "a.test")
+    with balancer([backend.url], *_tls_flags(old), "--workers", "2", admin=False) as (lb, _):
+        port = _port(lb.url)
+        # SO_REUSEPORT spreads new connections over both processes: 20 reach each one with
+        # a probability of 1 - 2 * 2**-20.
+        assert "renewed.test" not in await _names_served(port, authority, 20)
+        new = authority.issue("new", "a.test", "renewed.test")
+        old.cert.write_bytes(new.cert.read_bytes())
+        old.key.write_bytes(new.key.read_bytes())
+        lb.popen.send_signal(signal.SIGUSR1)
+
+        async def every_one_renewed() -> bool:
+            context = _client_context(authority)
+            context.check_hostname = False
+            for _ in range(20):
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=context, server_hostname="a.test"
+                )
+                names = writer.get_extra_info("peercert")["subjectAltName"]
+                writer.close()
+                if ("DNS", "renewed.test") not in names:
+                    return False
+            return True
+
+        await async_wait_for(every_one_renewed, 5, "both processes to serve the new certificate")
+
+
 class TlsBackend(HttpBackend):
     """`HttpBackend` over TLS, serving `leaf`: an https:// backend."""
 
