@@ -28,7 +28,7 @@ from ._balancer import Balancer, _listen_error, restart_policy
 from ._config import Settings, load_or_exit
 from ._exceptions import TlsError
 from .control._cluster import ClusterMember, ClusterSockets, reserve
-from .control._events import NO_AFFINITY_SECRET
+from .control._events import NO_AFFINITY_SECRET, TLS_RELOAD_FAILED
 from .control._log import configure_logging, log_event
 from .datapath._affinity import generate_secret
 from .datapath._proxy import tune_gc
@@ -39,6 +39,14 @@ __all__ = ["main"]
 
 
 def _reload_tls(balancer: Balancer) -> None:
+    if balancer.tls is None:  # a stray signal must not stop the balancer (its default)
+        log_event(
+            TLS_RELOAD_FAILED,
+            level=logging.WARNING,
+            source="signal",
+            error="SIGUSR1 ignored: the listener does not serve TLS (no --tls-cert)",
+        )
+        return
     # A bad file is logged by reload_tls, and the certificates in use stay.
     with contextlib.suppress(TlsError):
         balancer.reload_tls("signal")
@@ -51,8 +59,7 @@ def _run_loop(settings: Settings, *, reuse_port: bool, cluster: ClusterMember | 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)  # the handler only sets a flag
         balancer = Balancer(settings, cluster=cluster)
-        if balancer.tls is not None:
-            loop.add_signal_handler(signal.SIGUSR1, _reload_tls, balancer)
+        loop.add_signal_handler(signal.SIGUSR1, _reload_tls, balancer)
         supervisor = balancer.supervisor
         if supervisor is not None:
             # The handlers only enqueue; the supervisor's loop does the work.

@@ -345,3 +345,20 @@ def test_cookie_attributes_that_need_secure_are_refused_without_it(
     assert result.returncode == 2
     assert result.stderr.strip() == f"balancer: error: {message}" or message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_sigusr1_without_tls_is_logged_and_changes_nothing(backend: HttpBackend) -> None:
+    with balancer([backend.url], admin=False) as (lb, _):
+        lb.popen.send_signal(signal.SIGUSR1)
+        async with httpx.AsyncClient() as client:
+
+            async def answered() -> bool:
+                lb.alive()  # fails the test, with its output, if the signal stopped it
+                return (await client.get(lb.url + "/")).status_code == 200
+
+            await async_wait_for(answered, 5, "an answer after SIGUSR1")
+        lb.popen.send_signal(signal.SIGTERM)
+        lb.popen.wait(15)
+        output = lb.output()
+        assert "tls_reload_failed" in output
+        assert "no --tls-cert" in output
