@@ -22,6 +22,15 @@ against the process without one alternating by round. wrk sends no affinity cook
 of its 1000 `sid` values is looked up in Redis once (in the warm-up), then found in the
 table, as a signed pin would be: the steady state never reaches Redis. Target (issue 15):
 `--pin-store` within 10% of without.
+
+TLS (`--tls`, issue 17), in the same run after the rounds above: nginx, HAProxy and
+`python -m balancer` each terminating TLS on one core (one self-signed P-256 certificate,
+TLS 1.2 and 1.3, the balancer's cipher list for TLS 1.2, keep-alive to the backends), and
+`python -m balancer` without TLS for the cost of TLS on ours. Two loads each: keep-alive
+requests/s (wrk over https, each connection's handshake once) and new handshakes/s (the
+same with `Connection: close`: wrk opens a connection, a full handshake, for every
+request; it resumes no session). Printed with the ratios to nginx and each proxy's CPU time
+a request. Targets (issue 17): keep-alive >= 0.8x nginx, handshakes >= 0.7x.
 Everything listens on 127.0.0.1; processes and temporary files are cleaned up.
 """
 
@@ -94,6 +103,12 @@ class Result:
     errors: str
     requests: int = 0  # answered in the run
     cpu_us: float = float("nan")  # the proxy's CPU time per request (user + system)
+
+
+# The same with a new connection, hence a full TLS handshake, for every request.
+_WRK_CLOSE_LUA = _WRK_LUA.replace(
+    '"sid=s" .. (n % 1000)}', '"sid=s" .. (n % 1000), ["Connection"] = "close"}'
+)
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], within: float = 15.0) -> None:
@@ -228,12 +243,19 @@ backend app
 
 
 def run_wrk(
-    port: int, duration: float, connections: int, lua: Path, *, cpu: int | None, name: str
+    port: int,
+    duration: float,
+    connections: int,
+    lua: Path,
+    *,
+    cpu: int | None,
+    name: str,
+    scheme: str = "http",
 ) -> Result:
     seconds = max(1, round(duration))  # wrk takes whole seconds
     args = [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(lua),
-        f"http://127.0.0.1:{port}/",
+        f"{scheme}://127.0.0.1:{port}/",
     ]  # fmt: skip
     if cpu is not None and shutil.which("taskset"):
         args = ["taskset", "-c", str(cpu), *args]
@@ -344,6 +366,9 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=1, help="measure every target this many times, keep the best"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="then nginx, HAProxy and the balancer terminating TLS"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -447,6 +472,12 @@ def main() -> int:
             for store in stores if round_ % 2 == 0 else stores[::-1]:
                 whole(store, round_)
 
+        tls: dict[str, tuple[Result, Result]] = {}
+        if args.tls:
+            tls = tls_rounds(
+                c, args, backends, nginx=nginx, haproxy=haproxy, cpus=(proxy_cpu, load_cpu)
+            )
+
     results = list(best.values())
     base = best["nginx 1 worker"]
     print()
@@ -472,6 +503,10 @@ def main() -> int:
     ours = best["balancer 1 worker"]
     ok = ours.rps >= 0.67 * base.rps and ours.p99_ms <= 1.5 * base.p99_ms
     print(f"targets (>= 0.67x nginx req/s, p99 <= 1.5x nginx): {'met' if ok else 'NOT met'}")
+    if tls:
+        print_tls(tls, args)
+    if args.quick:
+        return 0
     shared, alone = best["--pin-store"], best["--admin, page closed"]
     ratio = shared.rps / alone.rps
     print(
@@ -480,6 +515,131 @@ def main() -> int:
     )
     print(f"--pin-store: commands Redis received, per round (warm-up included): {redis_calls}")
     return 0
+
+
+def _tls_files(c: Cluster) -> tuple[Path, Path, Path]:
+    """A self-signed P-256 certificate for 127.0.0.1: (cert, key, both in one file for
+    HAProxy)."""
+    cert, key, both = c.tmp / "tls.pem", c.tmp / "tls.key", c.tmp / "tls-both.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=bench",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return cert, key, both
+
+
+def tls_rounds(
+    c: Cluster,
+    args: argparse.Namespace,
+    backends: list[int],
+    *,
+    nginx: str,
+    haproxy: str,
+    cpus: tuple[int | None, int | None],
+) -> dict[str, tuple[Result, Result]]:
+    """`--tls`: each proxy terminating TLS, keep-alive then a handshake a request; the best
+    of `--rounds` of each, by name: (keep-alive, handshakes)."""
+    from balancer.control._tls import CIPHERS  # noqa: PLC0415 - what the balancer offers
+
+    proxy_cpu, load_cpu = cpus
+    cert, key, both = _tls_files(c)
+    keep = c.write("tls-keep.lua", _WRK_LUA)
+    close = c.write("tls-close.lua", _WRK_CLOSE_LUA)
+    best: dict[str, tuple[Result, Result]] = {}
+
+    def measure(name: str, port: int, proxy: subprocess.Popen[bytes], scheme: str) -> None:
+        results = []
+        for lua in (keep, close):
+            run_wrk(port, args.warmup, args.connections, lua, cpu=load_cpu, name=name,
+                    scheme=scheme)  # fmt: skip
+            before = cpu_seconds(proxy)
+            result = run_wrk(port, args.duration, args.connections, lua, cpu=load_cpu, name=name,
+                             scheme=scheme)  # fmt: skip
+            after = cpu_seconds(proxy)
+            if result.requests:
+                result.cpu_us = (sum(after) - sum(before)) / result.requests * 1e6
+            results.append(result)
+        keep_alive, handshakes = results
+        print(
+            f"  TLS {name}: {keep_alive.rps:,.0f} req/s keep-alive ({keep_alive.cpu_us:.1f} "
+            f"CPU us/req), {handshakes.rps:,.0f} handshakes/s ({handshakes.cpu_us:.1f} us each)",
+            file=sys.stderr,
+            flush=True,
+        )
+        old = best.get(name)
+        best[name] = (
+            keep_alive if old is None or keep_alive.rps > old[0].rps else old[0],
+            handshakes if old is None or handshakes.rps > old[1].rps else old[1],
+        )
+
+    listen = "backlog=4096;"
+    tls_listen = (
+        f"ssl backlog=4096; ssl_certificate {cert}; ssl_certificate_key {key}; "
+        f"ssl_protocols TLSv1.2 TLSv1.3; ssl_ciphers {CIPHERS}; "
+        "proxy_set_header X-Forwarded-Proto https;"
+    )
+    for _ in range(args.rounds):
+        port = free_port()
+        text = nginx_proxy_config(c.tmp, port, backends).replace(listen, tls_listen)
+        conf = c.write("proxy-tls.conf", text)
+        p = c.start([nginx, "-c", str(conf), "-p", str(c.tmp), "-e", "stderr"], port, proxy_cpu)
+        measure("nginx 1 worker", port, p, "https")
+        c.stop(p)
+
+        port = free_port()
+        text = haproxy_config(port, backends).replace(
+            f"bind 127.0.0.1:{port}",
+            f"bind 127.0.0.1:{port} ssl crt {both} alpn http/1.1 ssl-min-ver TLSv1.2 "
+            f"ciphers {CIPHERS}\n    http-request set-header X-Forwarded-Proto https",
+        )
+        conf = c.write("haproxy-tls.cfg", text)
+        p = c.start([haproxy, "-f", str(conf)], port, proxy_cpu)
+        measure("haproxy 1 thread", port, p, "https")
+        c.stop(p)
+
+        for name, scheme in (("balancer", "https"), ("balancer, no TLS", "http")):
+            port = free_port()
+            command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+            command += ["--sticky", "cookie:sid"]  # its default upstream pool
+            for backend in backends:
+                command += ["--backend", f"http://127.0.0.1:{backend}"]
+            if scheme == "https":
+                command += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            p = c.start(command, port, proxy_cpu)
+            measure(name, port, p, scheme)
+            c.stop(p)
+    return best
+
+
+def print_tls(best: dict[str, tuple[Result, Result]], args: argparse.Namespace) -> None:
+    """The `--tls` table: keep-alive and handshakes, each with its ratio to nginx."""
+    base_keep, base_new = best["nginx 1 worker"]
+    print()
+    print(
+        f"TLS (--tls): wrk -t1 -c{args.connections} over https, {args.duration:g}s each, best "
+        f"of {args.rounds}; keep-alive, and Connection: close (a full handshake a request); "
+        "balancer: python -m balancer --tls-cert"
+    )
+    print(
+        f"{'target':<18} {'keep-alive/s':>12} {'x nginx':>8} {'us/req':>7} "
+        f"{'handshakes/s':>12} {'x nginx':>8} {'us/req':>7}"
+    )
+    for name, (keep, new) in best.items():
+        print(
+            f"{name:<18} {keep.rps:>12,.0f} {keep.rps / base_keep.rps:>8.2f} {keep.cpu_us:>7.1f} "
+            f"{new.rps:>12,.0f} {new.rps / base_new.rps:>8.2f} {new.cpu_us:>7.1f}"
+            + "".join(f"  ({r.errors})" for r in (keep, new) if r.errors)
+        )
+    keep, new = best["balancer"]
+    ok = keep.rps >= 0.8 * base_keep.rps and new.rps >= 0.7 * base_new.rps
+    print(
+        "TLS targets (keep-alive >= 0.8x nginx, handshakes >= 0.7x): "
+        f"{'met' if ok else 'NOT met'} ({keep.rps / base_keep.rps:.2f}x, "
+        f"{new.rps / base_new.rps:.2f}x)"
+    )
 
 
 def _build() -> str:
