@@ -736,7 +736,7 @@ def test_each_repin_decided_is_counted_once_with_its_reason() -> None:
     pool, router = make()
     counted: list[str] = []
     router.on_repin = counted.append
-    a = list(pool)[0]
+    a = next(iter(pool))
     for _ in range(3):  # a client that ignores its new cookie: one decision, cached
         decide(router, b"sid=lost")
     assert counted == ["lost_pin"]
