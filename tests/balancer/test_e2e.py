@@ -131,7 +131,8 @@ def test_a_drain_keeps_pinned_clients_or_moves_them_when_told(redis_server: Redi
 
         def drained() -> bool:
             backends = httpx.get(admin + "/backends").json()["backends"]
-            return {b["id"]: b["state"] for b in backends}[backend_id] == "drained"
+            states: dict[str, str] = {b["id"]: b["state"] for b in backends}
+            return states[backend_id] == "drained"
 
         wait_for(drained, 5, "the moving drain to end once nothing is in flight")
 
