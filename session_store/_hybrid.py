@@ -202,7 +202,10 @@ class HybridStore:
                 and tracker.current
             ):
                 self.hits += 1
-                return dataclasses.replace(cached.record, ttl=cached.expires - self._clock())
+                record = cached.record
+                ttl = cached.expires - self._clock()
+                # Built directly: dataclasses.replace cost ~3 us of a ~25 us request.
+                return SessionRecord(record.fields, record.created, record.version, ttl)
             tracker.start()  # a no-op once it runs; here since __init__ has no event loop
         known = cached.record.version if cached else None
         # The fill race (issue 16: 37-71 stale copies in 2,000 writes without this): a write

@@ -283,6 +283,7 @@ class SessionMiddleware:
         self._versions = self.store if isinstance(self.store, VersionedStore) else None
         self.version_cookie_name = f"{self.cookie_name}_v"
         self._version_attributes = self._attributes
+        self._version_texts: dict[bytes, str | None] = {}  # a Cookie header -> its version
 
     @staticmethod
     def _keys(
@@ -409,7 +410,15 @@ class SessionMiddleware:
         """The version the client's version cookie names for ``session_id``, else 0."""
         for name, value in scope["headers"]:
             if name == b"cookie":
-                text = cookie_parser(value.decode("latin-1")).get(self.version_cookie_name)
+                # Parsed once per Cookie header, as `_read_cookie` does.
+                if value in self._version_texts:
+                    text = self._version_texts[value]
+                else:
+                    text = cookie_parser(value.decode("latin-1")).get(self.version_cookie_name)
+                    if len(value) <= _COOKIE_CACHE_LENGTH:
+                        if len(self._version_texts) >= _COOKIE_CACHE_SIZE:
+                            self._version_texts.clear()
+                        self._version_texts[value] = text
                 if text is not None:
                     version, _, tag = text.partition(".")
                     if tag == session_id[:8] and version.isdigit() and len(version) < 20:
