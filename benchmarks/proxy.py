@@ -1,6 +1,7 @@
 """Benchmark the balancer's data path against nginx and HAProxy, in one run.
 
     .venv/bin/python benchmarks/proxy.py [--duration 10] [--connections 64]
+    .venv/bin/python benchmarks/proxy.py --one-backend --quick    # 64 clients, one hot backend
 
 Backends: one nginx worker serving a short body on two ports. Each proxy runs on one core
 (pinned with taskset when there is one to spare) with sticky routing by the `sid` cookie
@@ -22,6 +23,12 @@ against the process without one alternating by round. wrk sends no affinity cook
 of its 1000 `sid` values is looked up in Redis once (in the warm-up), then found in the
 table, as a signed pin would be: the steady state never reaches Redis. Target (issue 15):
 `--pin-store` within 10% of without.
+
+The upstream keep-alive pool: the balancer rows run with its default pool (sized by recent
+demand, `--upstream-keepalive` its cap) unless `--upstream-keepalive N` is given; with
+`--one-backend` every proxy has only the first backend, so all the clients' requests are
+busy on one backend at once (issue 17: a fixed idle bound of 32 gave 0.51x nginx there).
+`--quick` measures only the backend, nginx, HAProxy and `balancer 1 worker`.
 
 TLS (`--tls`, issue 17), in the same run after the rounds above: nginx, HAProxy and
 `python -m balancer` each terminating TLS on one core (one self-signed P-256 certificate,
@@ -82,10 +89,12 @@ from balancer import AffinityCookie, Metrics, Pool, ProxyOptions, ProxyServer, R
 from balancer.datapath._proxy import tune_gc
 
 async def main() -> None:
-    pool = Pool(sys.argv[2:])
+    keepalive = sys.argv[2]  # --upstream-keepalive, or "default"
+    pool = Pool(sys.argv[3:])
     router = Router(pool, sticky=Sticky("cookie", "sid"),
                     affinity=AffinityCookie(secrets=["bench"]))
-    server = ProxyServer(router, Metrics(pool), ProxyOptions(keepalive_per_backend=64))
+    kept = {} if keepalive == "default" else {"keepalive_per_backend": int(keepalive)}
+    server = ProxyServer(router, Metrics(pool), ProxyOptions(**kept))
     await server.start("127.0.0.1", int(sys.argv[1]))
     tune_gc()  # as `python -m balancer` does
     await asyncio.Event().wait()
@@ -367,9 +376,21 @@ def main() -> int:
         "--rounds", type=int, default=1, help="measure every target this many times, keep the best"
     )
     parser.add_argument(
+        "--upstream-keepalive", type=int, help="the balancer's cap (default: its own default)"
+    )
+    parser.add_argument(
+        "--one-backend", action="store_true", help="every proxy gets only the first backend"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="only the backend, nginx, HAProxy, balancer 1 worker"
+    )
+    parser.add_argument(
         "--tls", action="store_true", help="then nginx, HAProxy and the balancer terminating TLS"
     )
     args = parser.parse_args()
+    if args.upstream_keepalive is not None and args.upstream_keepalive < 0:
+        parser.error("--upstream-keepalive must be at least 0")
+    keepalive = "default" if args.upstream_keepalive is None else str(args.upstream_keepalive)
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed", file=sys.stderr)
@@ -385,6 +406,8 @@ def main() -> int:
         conf = c.write("backend.conf", backend_config(c.tmp, backends))
         c.start([nginx, "-c", str(conf), "-p", str(c.tmp), "-e", "stderr"], backends[0], load_cpu)
         wait_listening(backends[1], c.processes[-1])
+        if args.one_backend:
+            backends = backends[:1]
         urls = [f"http://127.0.0.1:{p}" for p in backends]
         script = c.write("balancer_main.py", _BALANCER)
 
@@ -434,9 +457,11 @@ def main() -> int:
             c.stop(p)
 
             port = free_port()
-            p = c.start([sys.executable, str(script), str(port), *urls], port, proxy_cpu)
+            p = c.start([sys.executable, str(script), str(port), keepalive, *urls], port, proxy_cpu)
             measure("balancer 1 worker", port, p)
             c.stop(p)
+            if args.quick:
+                continue
 
             # The whole balancer with its admin app: one process, measured with the dashboard
             # closed and open, in turn; and one with --pin-store (the order alternates by
@@ -444,7 +469,9 @@ def main() -> int:
             def whole(store: str | None, round_: int) -> None:
                 port, admin_port = free_port(), free_port()
                 command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
-                command += ["--sticky", "cookie:sid", "--upstream-keepalive", "64"]
+                command += ["--sticky", "cookie:sid"]
+                if args.upstream_keepalive is not None:
+                    command += ["--upstream-keepalive", str(args.upstream_keepalive)]
                 command += ["--admin", f"127.0.0.1:{admin_port}"]
                 if store is not None:
                     command += ["--pin-store", store]
@@ -484,6 +511,8 @@ def main() -> int:
     print(f"wrk -t1 -c{args.connections}, {args.duration:g}s each, best of {args.rounds}; "
           f"proxy core {proxy_cpu}, wrk and backends core {load_cpu}")  # fmt: skip
     print(f"balancer data path: {_build()}")
+    backends_note = "one backend (--one-backend)" if args.one_backend else "two backends"
+    print(f"{backends_note}; balancer --upstream-keepalive {keepalive}")
     print(
         "balancer 1 worker: the data path with the core's Router (cookie:sid) and Metrics; "
         "--admin: python -m balancer with its admin app, the dashboard's stream closed or open; "
