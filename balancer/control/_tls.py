@@ -97,7 +97,7 @@ def server_context(pair: CertificatePair) -> ssl.SSLContext:
         if "KEY_VALUES_MISMATCH" in str(exc):
             reason = f"it is not the key of {pair.cert}"
         else:
-            reason = f"not a PEM private key ({exc.reason or exc})"
+            reason = "not a PEM private key"  # OpenSSL says only "PEM lib"
         raise TlsError("--tls-key", str(pair.key), reason) from None
     return context
 
@@ -178,8 +178,8 @@ def backend_context(ca: Path | None) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, and checks host names
         try:
             context.load_verify_locations(cafile=str(ca))
-        except ssl.SSLError as exc:
-            raise TlsError("--backend-ca", str(ca), f"not a PEM CA bundle ({exc})") from None
+        except ssl.SSLError:
+            raise TlsError("--backend-ca", str(ca), "holds no PEM certificate") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(list(ALPN))
     return context

@@ -301,6 +301,9 @@ def _start(*flags: str) -> subprocess.CompletedProcess[str]:
         ("not a cert", "--tls-cert", "holds no PEM certificate"),
         ("other key", "--tls-key", "it is not the key of"),
         ("no key", "--tls-key", "1 --tls-cert but 0 --tls-key"),
+        ("cert as key", "--tls-key", "not a PEM private key"),
+        ("encrypted key", "--tls-key", "the key is encrypted"),
+        ("key as CA", "--backend-ca", "holds no PEM certificate"),
     ],
 )
 def test_a_bad_tls_file_is_one_line_naming_the_flag_and_file(
@@ -317,7 +320,18 @@ def test_a_bad_tls_file_is_one_line_naming_the_flag_and_file(
         cert = key  # a key where the certificate should be
     elif case == "other key":
         key = str(b.key)
+    elif case == "cert as key":
+        key = cert
+    elif case == "encrypted key":
+        key = str(authority.directory / "encrypted.key")
+        subprocess.run(
+            ["openssl", "ec", "-in", str(a.key), "-aes256", "-passout", "pass:x", "-out", key],
+            check=True,
+            capture_output=True,
+        )
     flags = ["--tls-cert", cert] + ([] if case == "no key" else ["--tls-key", key])
+    if case == "key as CA":
+        flags = ["--backend-ca", key]
     result = _start(*flags)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -326,7 +340,7 @@ def test_a_bad_tls_file_is_one_line_naming_the_flag_and_file(
     assert lines[0].startswith(f"balancer: error: {flag}")
     assert why in lines[0]
     if case != "no key":
-        assert (cert if flag == "--tls-cert" else key) in lines[0]
+        assert (cert if flag == "--tls-cert" else key) in lines[0]  # the file it names
 
 
 @pytest.mark.parametrize(
