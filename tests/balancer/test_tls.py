@@ -376,3 +376,17 @@ async def test_sigusr1_without_tls_is_logged_and_changes_nothing(backend: HttpBa
         output = lb.output()
         assert "tls_reload_failed" in output
         assert "no --tls-cert" in output
+
+
+async def test_a_handshake_that_never_comes_is_closed_after_the_header_timeout(
+    authority: Authority, backend: HttpBackend
+) -> None:
+    a = authority.issue("a", "a.test")
+    flags = [*_tls_flags(a), "--header-timeout", "0.5"]
+    with balancer([backend.url], *flags, admin=False) as (lb, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(lb.url))
+        started = asyncio.get_running_loop().time()
+        # A client that connects and sends no ClientHello: closed by the server, not held.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert asyncio.get_running_loop().time() - started < 3
+        writer.close()
