@@ -2,6 +2,7 @@
 
 - ``none``: no sessions at all, the ceiling;
 - ``ours``: `session_store.SessionMiddleware` with `RedisStore`;
+- ``hybrid``: the same with `HybridStore` in front of it (reads from memory, tracking);
 - ``starsessions``: starsessions' middleware with its Redis store.
 
 ``GET /read`` reads ``count`` from the session; ``POST /write`` increments it.
@@ -43,12 +44,13 @@ def create() -> Starlette:
 
     middleware: list[Middleware] = []
     closers: list[Any] = []
-    if kind == "ours":
-        from session_store import RedisStore, SessionMiddleware
+    if kind in ("ours", "hybrid"):
+        from session_store import HybridStore, RedisStore, SessionMiddleware, SessionStore
 
         # BENCH_MIN_REPLICAS_ACK: WAIT for that many replicas after each save (redis_topology.py).
         acks = int(os.environ.get("BENCH_MIN_REPLICAS_ACK", "0"))
-        store = RedisStore.from_url(redis_url, min_replicas_ack=acks)
+        redis_store = RedisStore.from_url(redis_url, min_replicas_ack=acks)
+        store: SessionStore = HybridStore(redis_store) if kind == "hybrid" else redis_store
         closers.append(store)
         middleware.append(Middleware(SessionMiddleware, store=store, secret_keys=[SECRET]))
     elif kind == "starsessions":
@@ -69,7 +71,7 @@ def create() -> Starlette:
         )
         middleware.append(Middleware(SessionAutoloadMiddleware))
     elif kind != "none":
-        raise ValueError(f"BENCH_KIND must be none, ours or starsessions, not {kind!r}")
+        raise ValueError(f"BENCH_KIND must be none, ours, hybrid or starsessions, not {kind!r}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -1,8 +1,8 @@
-"""Benchmark: session_store's RedisStore against starsessions, and no sessions at all.
+"""Benchmark: session_store's RedisStore and HybridStore against starsessions, and none.
 
     .venv/bin/python benchmarks/session_middleware.py [--duration 10] [--connections 32]
 
-Runs the same small app three ways in one run (see session_apps.py), each as
+Runs the same small app four ways in one run (see session_apps.py), each as
 one uvicorn worker pinned to one core, loaded by wrk pinned to the other, for a
 read-only request and a writing request; prints requests/s, latency, and the
 ratios ours/starsessions. Then prints the memory of a MemoryStore holding
@@ -36,7 +36,7 @@ import psutil  # noqa: E402
 from redis_plumbing import RedisServer, free_port  # noqa: E402
 from session_store import Changes, MemoryStore, new_session_id  # noqa: E402
 
-KINDS = ("none", "ours", "starsessions")
+KINDS = ("none", "ours", "hybrid", "starsessions")
 POST_LUA = 'wrk.method = "POST"\n'
 
 
@@ -195,16 +195,25 @@ def main() -> None:
         print(
             f"{kind:<14}{request:<9}{r.rps:>8.0f}{r.p50_ms:>8.2f}{r.p99_ms:>8.2f}{r.cpu_us:>12.0f}"
         )
-    for request, target in (("read", 1.5), ("write", 1.0)):
-        ratio = results[("ours", request)].rps / results[("starsessions", request)].rps
-        verdict = "meets" if ratio >= target else "MISSES"
+    # Issue 16's targets, by CPU a request (the figure noise hurts least): starsessions'
+    # CPU over ours (higher is better), and ours over no sessions' (lower is better).
+    targets = (
+        ("ours", "read", 1.8), ("ours", "write", 1.5), ("hybrid", "read", 3.0),
+        ("hybrid", "write", 1.5),
+    )  # fmt: skip
+    for kind, request, target in targets:
+        cpu = results[("starsessions", request)].cpu_us / results[(kind, request)].cpu_us
+        verdict = "meets" if cpu >= target else "MISSES"
+        rps = results[(kind, request)].rps / results[("starsessions", request)].rps
         print(
-            f"ours / starsessions, {request}: {ratio:.2f}x ({verdict} the {target}x target)", end=""
+            f"{kind} / starsessions, {request}: by CPU a request {cpu:.2f}x ({verdict} the "
+            f"{target}x target); by req/s {rps:.2f}x"
         )
-        cpu = results[("starsessions", request)].cpu_us / results[("ours", request)].cpu_us
-        print(f"; by CPU per request: {cpu:.2f}x")
-        ceiling = results[("ours", request)].rps / results[("none", request)].rps
-        print(f"ours / no sessions, {request}: {ceiling:.2f}x")
+    ceiling = results[("hybrid", "read")].cpu_us / results[("none", "read")].cpu_us
+    verdict = "meets" if ceiling <= 1.5 else "MISSES"
+    print(
+        f"hybrid read / no sessions, by CPU a request: {ceiling:.2f}x ({verdict} the 1.5x target)"
+    )
 
     used = memory_of_sessions()
     print(f"\nMemoryStore, 100,000 sessions of 2 keys: {used / 2**20:.1f} MiB", end=", ")

@@ -55,6 +55,14 @@ class _Ledger:
         self.count, self.unsure_increments = got, 0
         return ok
 
+    def holds(self, session: dict[str, Any]) -> bool:
+        """Whether a session read back holds at least every sure write; changes nothing."""
+        count, cart = session.get("count", 0), session.get("cart", [])
+        if not (isinstance(count, int) and isinstance(cart, list)):
+            return False
+        sure = {x for x in self.cart if x not in self.unsure_items}
+        return count >= self.count and sure <= set(cart)
+
     def check_cart(self, got: list[str], item: str) -> bool:
         """Record a cart reply after adding ``item``; False if the session lost something."""
         sure = [x for x in got if x not in self.unsure_items]
@@ -147,6 +155,26 @@ class User:
         self._served_by(instance)
         self.lost = self.lost or not intact
         return Step(ok=True, latency=latency, instance=instance, lost=not intact, switches=switches)
+
+    def read(self) -> Step:
+        """Read the session (``GET /api/session``) and check it holds what the ledger says
+        it must: a read changes nothing, so a counter below the ledger's or a cart without
+        a sure item is a loss (a stale copy served counts so too). Never raises."""
+        started = time.perf_counter()
+        try:
+            url = self.balancers[self.current] + "/api/session"
+            reply = self.client.get(url)
+            body: Any = reply.json() if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            body = None
+        latency = time.perf_counter() - started
+        if not (isinstance(body, dict) and isinstance(body.get("instance"), str)):
+            return Step(ok=False, latency=latency, instance=None, lost=False)
+        session = body.get("session")
+        intact = isinstance(session, dict) and self.ledger.holds(session)
+        self._served_by(body["instance"])
+        self.lost = self.lost or not intact
+        return Step(ok=True, latency=latency, instance=body["instance"], lost=not intact)
 
     def _served_by(self, instance: str) -> None:
         if self.first_instance is None:

@@ -34,9 +34,13 @@ What is measured, per mode:
   (EVALSHA: one per load, save or destroy); ``redis_version_checks`` the load script's runs
   (its one HGET of the version);
   ``redis_reads`` full session loads: HGETALL, which only the load script issues, and only
-  when the caller holds no current copy. So a hybrid instance serving its pinned clients
-  from memory checks the version in Redis on every request (a round trip, like ``shared``)
-  but reads the session there only after a failover. The /readyz health checks add PINGs.
+  when the caller holds no current copy. A hybrid instance on a single Redis serves its
+  pinned clients from memory and, while Redis client tracking vouches for its copy, makes no
+  round trip for a read; the first read after a write checks the version once, and it reads
+  the session in full only after a failover. ``redis_round_trips_per_request``: round trips
+  over requests. The /readyz health checks and the tracking connections add PINGs.
+- ``reads``: with ``--reads N``, each user reads its session N times after each write (a
+  read that shows less than the user wrote is a loss, as for a write).
 - ``balancers``, ``balancer_killed``; ``balancer_switches``: requests sent again to another
   replica after a connect error; ``users_switched``: users that moved at least once.
   ``repins`` is then the sum over the replicas still running at the end.
@@ -332,6 +336,7 @@ def run_mode(
     deadline: float = 300.0,
     balancers: int = 1,
     kill_balancer: bool = False,
+    reads: int = 0,
     advance: Advance = lambda n: None,
     say: Say = lambda line: None,
 ) -> Report:
@@ -371,10 +376,11 @@ def run_mode(
             for n in range(requests):
                 if time.monotonic() > stop_at:
                     break
-                futures = [pool.submit(user.step, n) for user in people]
+                futures = [pool.submit(_turn, user, n, reads) for user in people]
                 for done, future in enumerate(as_completed(futures), start=1):
-                    steps.append(future.result())
-                    advance(1)
+                    turn = future.result()
+                    steps.extend(turn)
+                    advance(len(turn))
                     if n == kill_round and not killed and done >= len(futures) // 2:
                         # Mid-round: the other half of this round is in flight or queued.
                         killed = _busiest(people, kill)
@@ -392,8 +398,10 @@ def run_mode(
         repins = stack.repins()
         latencies = sorted(step.latency * 1000 for step in steps if step.ok)
         lost = {user.index for user in people if user.lost}
+        redis = _redis_counts(before, after)
         return {
             "requests": len(steps),
+            "reads": reads * len(people) * completed_rounds,
             "failed_requests": sum(not step.ok for step in steps),
             "sessions": users,
             "sessions_lost": len(lost),
@@ -407,7 +415,10 @@ def run_mode(
             "balancer_killed": stack.urls[0] if balancer_killed else None,
             "balancer_switches": sum(user.switches for user in people),
             "users_switched": sum(user.switches > 0 for user in people),
-            **_redis_counts(before, after),
+            **redis,
+            "redis_round_trips_per_request": round(
+                redis["redis_round_trips"] / max(len(steps), 1), 3
+            ),
             "p50_ms": round(_percentile(latencies, 0.50), 2),
             "p99_ms": round(_percentile(latencies, 0.99), 2),
             "sessions_per_instance": dict(
@@ -443,6 +454,11 @@ def _progress(enabled: bool) -> Iterator[tuple[Callable[[str, int], Advance], Sa
         yield track, lambda line: console.print(line, markup=False)
 
 
+def _turn(user: User, n: int, reads: int) -> list[Step]:
+    """One user's turn in round ``n``: its write, then ``reads`` reads of its session."""
+    return [user.step(n), *(user.read() for _ in range(reads))]
+
+
 def run_comparison(args: argparse.Namespace, *, show_progress: bool = True) -> Report:
     """Every mode of ``args.modes`` in turn; ``{"modes": {mode: report}, "settings": ...}``."""
     reports: dict[str, Report] = {}
@@ -458,10 +474,14 @@ def run_comparison(args: argparse.Namespace, *, show_progress: bool = True) -> R
                 deadline=args.deadline,
                 balancers=args.balancers,
                 kill_balancer=args.kill_balancer,
-                advance=track(mode, args.users * args.requests),
+                reads=args.reads,
+                advance=track(mode, args.users * args.requests * (1 + args.reads)),
                 say=say,
             )
-    keys = ("users", "requests", "kill", "instances", "concurrency", "balancers", "kill_balancer")
+    keys = (
+        "users", "requests", "reads", "kill", "instances", "concurrency", "balancers",
+        "kill_balancer",
+    )  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     return {"modes": reports, "settings": settings}
 
@@ -476,6 +496,7 @@ _ROWS = (
     ("balancer_switches", "moves to another balancer"),
     ("redis_commands", "redis commands"),
     ("redis_round_trips", "redis round trips (EVALSHA)"),
+    ("redis_round_trips_per_request", "redis round trips a request"),
     ("redis_version_checks", "redis version checks"),
     ("redis_reads", "redis reads (full loads)"),
     ("p50_ms", "p50 ms"),
@@ -597,6 +618,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kill-balancer",
         action="store_true",
         help="SIGKILL the first balancer replica halfway through (needs --balancers 2+)",
+    )
+    parser.add_argument(
+        "--reads",
+        type=_bounded(0, 50),
+        default=0,
+        help="reads of its session each user sends after each write (0)",
     )
     parser.add_argument("--deadline", type=_seconds, default=300.0, help="per mode (300 s)")
     parser.add_argument("--json", type=Path, help="write the report there")

@@ -88,6 +88,7 @@ def test_chart_is_a_png(run: tuple[dict[str, Any], Path]) -> None:
         (["--plot", "/nonexistent-dir/out.png"], "--plot"),
         (["--balancers", "9"], "--balancers"),
         (["--kill-balancer"], "--kill-balancer"),  # one balancer: it would leave none
+        (["--reads", "-1"], "--reads"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(
@@ -135,3 +136,29 @@ def test_ledger_checks_the_cart(
     ledger = _Ledger(cart=list(cart), unsure_items=set(unsure))
     assert ledger.check_cart(got, "b") is intact
     assert ledger.cart == got
+
+
+def test_round_trips_per_request_is_counted_over_every_request(
+    run: tuple[dict[str, Any], Path],
+) -> None:
+    for report in run[0]["modes"].values():
+        per_request = report["redis_round_trips"] / report["requests"]
+        assert report["redis_round_trips_per_request"] == round(per_request, 3)
+        assert report["reads"] == 0  # no --reads: every request writes
+
+
+@pytest.mark.parametrize(
+    ("session", "intact"),
+    [
+        ({"count": 3, "cart": ["a"]}, True),  # what was written
+        ({"count": 4, "cart": ["a", "x"]}, True),  # a failed write that applied after all
+        ({"count": 2, "cart": ["a"]}, False),  # the counter went back: a stale copy
+        ({"count": 3, "cart": []}, False),  # a sure item missing
+        ({}, False),  # a fresh session
+        ({"count": "3", "cart": ["a"]}, False),  # corrupted
+    ],
+)
+def test_ledger_checks_a_read(session: dict[str, Any], intact: bool) -> None:
+    ledger = _Ledger(count=3, cart=["a"], unsure_increments=0)
+    assert ledger.holds(session) is intact
+    assert (ledger.count, ledger.cart) == (3, ["a"])  # a read changes nothing
