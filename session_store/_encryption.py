@@ -26,7 +26,7 @@ import os
 from collections.abc import Collection, Sequence
 
 from ._exceptions import SessionError
-from ._store import Changes, SessionRecord, SessionStore
+from ._store import Changes, SessionRecord, SessionStore, VersionedStore
 from ._users import UserIndex
 
 try:
@@ -120,7 +120,16 @@ class EncryptedStore:
             return None
 
     async def load(self, session_id: str) -> SessionRecord | None:
-        record = await self.store.load(session_id)
+        return self._opened(session_id, await self.store.load(session_id))
+
+    async def load_at_least(self, session_id: str, version: int) -> SessionRecord | None:
+        """`load`, through the wrapped store's `load_at_least` when it has one (a
+        `HybridStore`: a copy older than the client's version cookie is not served)."""
+        if isinstance(self.store, VersionedStore):
+            return self._opened(session_id, await self.store.load_at_least(session_id, version))
+        return await self.load(session_id)
+
+    def _opened(self, session_id: str, record: SessionRecord | None) -> SessionRecord | None:
         if record is None:
             return None
         fields: dict[str, str] = {}

@@ -9,6 +9,7 @@ load is in flight each leave nothing stale behind.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from redis_plumbing import RedisServer
-from session_store import Changes, HybridStore, RedisStore
+from session_store import Changes, EncryptedStore, HybridStore, RedisStore, SessionStore
 from tests.helpers import async_wait_until
 from tests.session_store.app import make_app
 
@@ -215,18 +216,26 @@ async def test_a_write_that_lands_while_a_load_is_in_flight_leaves_no_stale_copy
     assert stale == 0, f"{stale} of 300 races left A serving an older session"
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 async def test_a_client_reads_its_own_write_on_another_instance_before_the_invalidation(
-    stores: tuple[HybridStore, ...],
+    stores: tuple[HybridStore, ...], encrypted: bool
 ) -> None:
     """The client writes on A, then reaches B before B has read the invalidation (a busy
     B, a slower path from Redis): B's copy is older than the version the client's cookie
-    names, so B asks Redis. Before the version cookie, B served its old copy."""
+    names, so B asks Redis. Before the version cookie, B served its old copy. The same
+    through an `EncryptedStore` in front of each hybrid store."""
     a, b, _truth = stores
+    key = secrets.token_urlsafe(32)
+
+    def wrapped(store: HybridStore) -> SessionStore:
+        return EncryptedStore(store, [key]) if encrypted else store
+
     assert b.tracker is not None
     late: list[Sequence[str] | None] = []
     deliver = b._invalidated
     b.tracker._on_invalidate = late.append  # B's invalidations held back, in order
-    async with client_for(make_app(a)) as on_a, client_for(make_app(b)) as on_b:
+    on_a, on_b = client_for(make_app(wrapped(a))), client_for(make_app(wrapped(b)))
+    async with on_a, on_b:
         assert (await on_a.post("/set", params={"n": "1"})).status_code == 200
         on_b.cookies = on_a.cookies
         for _ in range(3):  # B fills its copy and then serves it from memory
