@@ -74,10 +74,12 @@ def _apply(fields: dict[str, str] | SessionRecord, changes: Changes) -> dict[str
 class HybridStore:
     """A bounded in-memory cache in front of a `RedisStore`, for pinned clients.
 
-    Reads come from memory while the local copy is current: one small Lua call
-    compares versions and returns the session only when it changed elsewhere
-    (after a failover and return), so a stale copy is never served. Writes go
-    to Redis first, then to the cache.
+    Reads come from memory while the local copy is current. On a single Redis server
+    (``tracking=True``, the default) a copy that Redis client tracking vouches for is
+    served with no Redis call at all (`_tracking`, docs/session_store.md); otherwise
+    one small Lua call compares versions and returns the session only when it changed
+    elsewhere (after a failover and return), so a stale copy is never served. Writes
+    go to Redis first, then to the cache.
 
     While Redis is unavailable the store keeps serving the sessions it has in
     memory and accepts writes to them; the writes are merged per key and pushed

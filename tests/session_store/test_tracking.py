@@ -252,3 +252,30 @@ async def test_a_client_reads_its_own_write_on_another_instance_before_the_inval
         assert late  # the invalidations did come, only later than the client
         for keys in late:
             deliver(keys)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+sentinel://127.0.0.1:1/primary", "redis+cluster://127.0.0.1:1"],
+    ids=["sentinel", "cluster"],
+)
+async def test_sentinel_and_cluster_keep_the_version_check_on_every_read(url: str) -> None:
+    # One tracking connection cannot follow a failover's new primary or a cluster's several
+    # primaries (not done yet): those stores ask Redis on every read, as before issue 16.
+    store = HybridStore(RedisStore.from_url(url))
+    try:
+        assert store.tracker is None
+    finally:
+        await store.aclose()
+
+
+async def test_tracking_can_be_turned_off(redis_server: RedisServer, prefix: str) -> None:
+    store = HybridStore(RedisStore.from_url(redis_server.url, prefix=prefix), tracking=False)
+    try:
+        assert store.tracker is None
+        await _create(store, "s", n="1")
+        for _ in range(5):
+            assert await _fields(store, "s") == {"n": "1"}
+        assert store.hits == 0
+    finally:
+        await store.aclose()
