@@ -1,0 +1,160 @@
+"""The PROXY protocol header reader (`datapath._proxy_protocol`), table-driven: version 1
+TCP4, TCP6 and UNKNOWN lines, version 2 TCP4, TCP6, LOCAL and with TLVs; each valid header
+fed a byte at a time says "need more" until its last byte; truncated, malformed and
+oversized headers are refused, an oversized one before its claimed length arrives."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+
+from balancer.datapath._proxy_protocol import (
+    V1_MAX,
+    V2_MAX_TLVS,
+    BadProxyHeader,
+    ProxyHeader,
+    read_header,
+)
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def v2(
+    source: str = "203.0.113.7",
+    port: int = 51000,
+    *,
+    command: int = 0x21,
+    family: int | None = None,
+    tlvs: bytes = b"",
+    length: int | None = None,
+) -> bytes:
+    """A version 2 header for `source:port` to 192.0.2.1:443 (or [2001:db8::1]:443)."""
+    address = ipaddress.ip_address(source)
+    if address.version == 4:
+        block = address.packed + ipaddress.IPv4Address("192.0.2.1").packed
+        family = 0x11 if family is None else family
+    else:
+        block = address.packed + ipaddress.IPv6Address("2001:db8::1").packed
+        family = 0x21 if family is None else family
+    block += struct.pack("!HH", port, 443) + tlvs
+    size = len(block) if length is None else length
+    return SIGNATURE + bytes([command, family]) + struct.pack("!H", size) + block
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+LONGEST_TCP6 = b"PROXY TCP6 " + b"ffff:" * 7 + b"ffff " + b"ffff:" * 7 + b"ffff 65535 65535\r\n"
+# The spec's longest line (107 bytes): UNKNOWN followed by the longest TCP6 fields.
+MAX_V1 = LONGEST_TCP6.replace(b"TCP6", b"UNKNOWN")
+
+VALID = [
+    ("v1 tcp4", b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 443\r\n", "203.0.113.7", 51000),
+    ("v1 tcp6", b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 443\r\n", "2001:db8::7", 51000),
+    ("v1 longest tcp6", LONGEST_TCP6, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+    ("v1 unknown", b"PROXY UNKNOWN\r\n", None, 0),
+    ("v1 unknown, 107 bytes", MAX_V1, None, 0),
+    ("v1 unknown, rest ignored", b"PROXY UNKNOWN ff 1.2.3.4 x y\r\n", None, 0),
+    ("v2 tcp4", v2("203.0.113.7", 51000), "203.0.113.7", 51000),
+    ("v2 tcp6", v2("2001:db8::7", 51000), "2001:db8::7", 51000),
+    ("v2 local", v2(command=0x20), None, 0),
+    ("v2 local, no block", SIGNATURE + b"\x20\x00\x00\x00", None, 0),
+    (
+        "v2 with tlvs (alpn, authority, aws vpce)",
+        v2(tlvs=tlv(0x01, b"h2") + tlv(0x02, b"example.test") + tlv(0xEA, b"\x01vpce-0a1b")),
+        "203.0.113.7",
+        51000,
+    ),
+    (
+        "v2 tlvs at the cap",
+        v2(tlvs=tlv(0x04, b"\0" * (V2_MAX_TLVS + 216 - 12 - 3))),
+        "203.0.113.7",
+        51000,
+    ),
+    ("v2 udp4: the peer", v2(family=0x12), None, 0),
+    ("v2 unspec: the peer", SIGNATURE + b"\x21\x00\x00\x04abcd", None, 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "client", "port"), [v[1:] for v in VALID], ids=[v[0] for v in VALID]
+)
+def test_a_valid_header_names_its_client_and_its_length(
+    header: bytes, client: str | None, port: int
+) -> None:
+    assert len(MAX_V1) == V1_MAX
+    assert read_header(header + REQUEST) == ProxyHeader(client, port, len(header))
+
+
+@pytest.mark.parametrize(
+    ("header", "client", "port"), [v[1:] for v in VALID], ids=[v[0] for v in VALID]
+)
+def test_a_header_split_across_reads_needs_more_until_its_last_byte(
+    header: bytes, client: str | None, port: int
+) -> None:
+    for end in range(len(header)):
+        assert read_header(header[:end]) is None, end
+    assert read_header(header) == ProxyHeader(client, port, len(header))
+
+
+INVALID = [
+    ("http, no header", REQUEST, "not_proxy_protocol"),
+    ("tls client hello", b"\x16\x03\x01\x02\x00\x01", "not_proxy_protocol"),
+    ("http starting with P", b"POST / HTTP/1.1\r\n\r\n", "not_proxy_protocol"),
+    ("PROPFIND's beginning", b"PRO", None),
+    ("v1 lower case", b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "not_proxy_protocol"),
+    ("v1 no CRLF in 107 bytes", b"PROXY TCP4 " + b"1" * 200, "v1_too_long"),
+    ("v1 CRLF at byte 108", MAX_V1[:-2] + b"f\r\n", "v1_too_long"),
+    ("v1 LF only", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n" + b"x" * 100, "v1_too_long"),
+    ("v1 udp", b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", "v1_bad_protocol"),
+    ("v1 a field missing", b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "v1_malformed"),
+    ("v1 two spaces", b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n", "v1_malformed"),
+    ("v1 tcp4 with v6", b"PROXY TCP4 ::1 ::1 1 2\r\n", "v1_bad_address"),
+    ("v1 tcp6 with v4", b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n", "v1_bad_address"),
+    ("v1 a name", b"PROXY TCP4 evil.test 5.6.7.8 1 2\r\n", "v1_bad_address"),
+    ("v1 port too big", b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", "v1_bad_port"),
+    ("v1 port negative", b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "v1_bad_port"),
+    ("v1 port empty", b"PROXY TCP4 1.2.3.4 5.6.7.8  2\r\n", "v1_bad_port"),
+    (
+        "v2 bad signature",
+        b"\r\n\r\n\x00\r\nQUIT!" + b"\x21\x11\x00\x0c" + b"\0" * 12,
+        "not_proxy_protocol",
+    ),
+    ("v2 version 1", v2(command=0x11), "v2_bad_command"),
+    ("v2 unassigned command", v2(command=0x22), "v2_bad_command"),
+    ("v2 bad command, early", SIGNATURE + b"\x2f", "v2_bad_command"),
+    (
+        "v2 length over the cap",
+        SIGNATURE + b"\x21\x11" + struct.pack("!H", 216 + V2_MAX_TLVS + 1),
+        "v2_too_long",
+    ),
+    ("v2 tcp4, 11 address bytes", v2(length=11)[:-1], "v2_short_addresses"),
+    ("v2 tcp6, 35 address bytes", v2("2001:db8::7", length=35)[:-1], "v2_short_addresses"),
+    ("v2 tlv longer than the header", v2(tlvs=b"\x01\x00\x05ab"), "v2_bad_tlv"),
+    ("v2 tlv of 2 bytes", v2(tlvs=b"\x01\x00"), "v2_bad_tlv"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), [v[1:] for v in INVALID], ids=[v[0] for v in INVALID])
+def test_an_invalid_header_is_refused_with_its_reason(data: bytes, reason: str | None) -> None:
+    if reason is None:
+        # A valid beginning is not an error yet: its end decides (WebDAV's PROPFIND).
+        assert read_header(data) is None
+        with pytest.raises(BadProxyHeader) as info:
+            read_header(data + b"PFIND / HTTP/1.1\r\n")
+        assert info.value.reason == "not_proxy_protocol"
+        return
+    with pytest.raises(BadProxyHeader) as info:
+        read_header(data)
+    assert info.value.reason == reason
+
+
+def test_a_truncated_header_is_only_ever_need_more() -> None:
+    # Truncation is the caller's to time out (--header-timeout): never a false client.
+    for header in (v2(), v2("2001:db8::7", tlvs=tlv(1, b"h2")), MAX_V1, LONGEST_TCP6):
+        assert all(read_header(header[:end]) is None for end in range(len(header)))
+    assert read_header(b"") is None
