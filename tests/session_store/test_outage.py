@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import redis.asyncio
 
 from redis_plumbing import RedisServer
 from session_store import Changes, HybridStore, RedisStore, StoreUnavailable
@@ -255,6 +256,7 @@ async def test_a_stalled_redis_is_bounded_by_the_stores_deadline_not_socket_time
     admin = RedisStore.from_url(own_redis.url)
     try:
         await store.ping()
+        assert isinstance(store.client, redis.asyncio.Redis)
         assert store.client.connection_pool.connection_kwargs.get("socket_timeout") is None
         await admin.client.execute_command("CLIENT", "PAUSE", "1500", "ALL")
         started = time.monotonic()
