@@ -97,6 +97,7 @@ def proxy_options(settings: Settings) -> ProxyOptions:
         retry_floor=settings.retry_floor,
         max_attempts=settings.max_attempts,
         trusted_proxies=tuple(str(network) for network in settings.trusted_proxies),
+        proxy_protocol=settings.proxy_protocol,
         shutdown_deadline=settings.shutdown_deadline,
         queue_timeout=settings.queue_timeout,
         access_log=settings.access_log,

@@ -143,6 +143,8 @@ class Settings:
     access_log_format: str = DEFAULT_ACCESS_FORMAT  # a plain line's template (AccessFormat)
     # X-Forwarded-* are believed only from these (ProxyOptions takes them as text).
     trusted_proxies: tuple[Network, ...] = ()
+    # Each connection starts with a PROXY protocol header from one of trusted_proxies.
+    proxy_protocol: bool = _PROXY.proxy_protocol
     affinity_cookie: str = DEFAULT_AFFINITY_COOKIE
     # Seconds the affinity cookie lives; 0 = the browser session (AffinityCookie's own
     # default). The balancer's is session_store's absolute lifetime: a pin that died with
@@ -637,6 +639,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "trusted_proxy",
         "CIDR",
     ),
+    _Option("proxy_protocol", _boolean, "connections start with a PROXY header (v1, v2)"),
     _Option(
         "affinity_cookie", _cookie_name, "name of the balancer's affinity cookie", None, "NAME"
     ),
@@ -917,6 +920,16 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
         raise ConfigError(
             "--affinity-cookie", f"{settings.affinity_cookie!r} is the app's session cookie too"
         )
+    if settings.proxy_protocol:
+        if not settings.trusted_proxies:
+            raise ConfigError(
+                "--proxy-protocol",
+                "needs --trusted-proxy CIDR: the L4 balancers, the only peers believed",
+            )
+        if settings.tls_certs:
+            raise ConfigError(
+                "--proxy-protocol", "not with --tls-cert yet: the header comes before TLS"
+            )
     _validate_tls(settings)
     return settings
 

@@ -58,6 +58,7 @@ from ._http import (
     read_field,
 )
 from ._pool import Pool
+from ._proxy_protocol import BadProxyHeader, read_header
 from ._retry import CUT, FAILOVER, IDEMPOTENT, STALE_RETRY, RetryBudget, after_failure
 from ._router import Decision
 from ._upstream import UpstreamConnection, UpstreamPool
@@ -142,6 +143,10 @@ class ProxyOptions:
     # is not one (the backend never saw the request).
     max_attempts: int = 3
     trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) allowed to send X-Forwarded-*
+    # Every connection starts with a PROXY protocol header (v1 or v2) naming its client, and
+    # comes from `trusted_proxies` (the L4 balancers): the header is read first, within
+    # header_timeout, else the connection is closed unanswered (`_ProxiedConnection`).
+    proxy_protocol: bool = False
     shutdown_deadline: float = 30.0  # seconds in-flight requests get to finish at shutdown
     # One INFO record per request on the logger "balancer.access", its fields (`ACCESS_FIELDS`)
     # in the record's `balancer_fields` (control._log formats them: --log-format,
@@ -173,6 +178,8 @@ class ProxyOptions:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, not {value!r}")
         TrustedProxies(self.trusted_proxies)  # raises ValueError naming trusted_proxies
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies: the L4 balancers' networks")
 
 
 # Why reading from a client is paused; reading resumes when no reason is left.
@@ -298,9 +305,7 @@ class _ClientConnection(asyncio.Protocol):
         if isinstance(local, tuple) and len(local) >= 2:
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
             self._local_host = f"{host}:{local[1]}".encode("ascii")
-        self._trusted = self._peer in self._server.trusted
-        self._peer_b = self._peer.encode("ascii", "replace")
-        self._for_node = b"for=" + forwarded_for(self._peer) + b";proto=" + self._server.proto
+        self._set_peer(self._peer)
         self._server.connection_made(self)
         self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
 
@@ -1056,6 +1061,14 @@ class _ClientConnection(asyncio.Protocol):
         else:
             head.append(b"\r\n")
 
+    def _set_peer(self, peer: str) -> None:
+        """The client's address as the connection knows it: its peer's, or the one a PROXY
+        header names (`_ProxiedConnection`)."""
+        self._peer = peer
+        self._trusted = peer in self._server.trusted
+        self._peer_b = peer.encode("ascii", "replace")
+        self._for_node = b"for=" + forwarded_for(peer) + b";proto=" + self._server.proto
+
     def _reject(self, status: int, reason: str) -> None:
         """Answer bad input with `status` (after any request before it), count it, close."""
         self._metrics.rejected(reason)
@@ -1136,6 +1149,59 @@ class _ClientConnection(asyncio.Protocol):
 
 def _status_for(error: UpstreamError) -> int:
     return 504 if isinstance(error, UpstreamTimeout) else 502
+
+
+class _ProxiedConnection(_ClientConnection):
+    """A client connection behind an L4 balancer (`ProxyOptions.proxy_protocol`): its first
+    bytes are a PROXY header (`_proxy_protocol.read_header`), whose client is then the
+    connection's (X-Forwarded-For, `--sticky ip`, the access log); what follows is HTTP.
+
+    A peer outside `trusted_proxies`, a header that is not valid, or one not complete within
+    `header_timeout` closes the connection unanswered, counted as a rejection: the peer is
+    not a client, and an HTTP answer would go to whatever it is. A subclass, so that a
+    listener without the option runs `_ClientConnection`'s code as it was."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        super().__init__(server)
+        self._header: bytes | None = b""  # the header's bytes so far; None once it is read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._trusted:
+            self._refuse("proxy_untrusted")
+
+    def data_received(self, data: bytes) -> None:
+        header = self._header
+        if header is None:
+            super().data_received(data)
+            return
+        header += data
+        try:
+            found = read_header(header)
+        except BadProxyHeader as exc:
+            self._refuse("proxy_" + exc.reason)
+            return
+        if found is None:
+            self._header = header  # bounded: read_header refuses a header past its limit
+            return
+        self._header = None
+        if found.client is not None:
+            self._set_peer(found.client)
+        rest = header[found.consumed :]
+        if rest:
+            super().data_received(rest)
+
+    def check_deadline(self, now: float) -> None:
+        if self._header is None:
+            super().check_deadline(now)
+        elif now >= self._deadline:
+            self._refuse("proxy_header_timeout")
+
+    def _refuse(self, reason: str) -> None:
+        self._metrics.rejected(reason)
+        self._header = None
+        self._deadline = math.inf
+        self._close()
 
 
 class ProxyServer:
@@ -1232,15 +1298,21 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         # The handshake's own deadline: the connection's deadlines start once it is done.
         handshake = None if tls is None else self.options.header_timeout
+        factory: Callable[[], _ClientConnection] = self._protocol
+        if self.options.proxy_protocol:
+            if tls is not None:
+                # The header comes before the handshake, which asyncio's ssl= starts first.
+                raise ValueError("proxy_protocol: not with TLS on the listener yet")
+            factory = self._proxied
         if tls is not None:
             self.proto = b"https"
         if sock is not None:
             self._server = await loop.create_server(
-                self._protocol, sock=sock, backlog=2048, ssl=tls, ssl_handshake_timeout=handshake
+                factory, sock=sock, backlog=2048, ssl=tls, ssl_handshake_timeout=handshake
             )
         else:
             self._server = await loop.create_server(
-                self._protocol,
+                factory,
                 host,
                 port,
                 reuse_port=reuse_port,
@@ -1317,6 +1389,9 @@ class ProxyServer:
 
     def _protocol(self) -> _ClientConnection:
         return _ClientConnection(self)
+
+    def _proxied(self) -> _ClientConnection:
+        return _ProxiedConnection(self)
 
     @property
     def queued(self) -> int:

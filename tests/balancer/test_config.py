@@ -82,6 +82,9 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
     (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"],
      {"BALANCER_TRUSTED_PROXIES": "10.0.0.0/8,::1"}, 'trusted_proxies = ["10.0.0.0/8", "::1"]',
      "trusted_proxies", (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))),
+    (["--proxy-protocol", "--trusted-proxy", "::1"],
+     {"BALANCER_PROXY_PROTOCOL": "on", "BALANCER_TRUSTED_PROXIES": "::1"},
+     'proxy_protocol = true\ntrusted_proxies = ["::1"]', "proxy_protocol", True),
     (["--affinity-cookie", "pin"], {"BALANCER_AFFINITY_COOKIE": "pin"},
      'affinity_cookie = "pin"', "affinity_cookie", "pin"),
     (["--affinity-max-age", "3600"], {"BALANCER_AFFINITY_MAX_AGE": "3600"},
@@ -252,6 +255,7 @@ def test_cli_config_beats_env_config(tmp_path: Path) -> None:
     assert settings.backends == (B1,)
 
 
+PROXIED = ["--proxy-protocol", "--trusted-proxy", "10.0.0.0/8"]
 # Bad values, one per kind of setting: (argv, the setting named, words in the message).
 BAD: list[tuple[list[str], str, str]] = [
     (["--listen", "8080"], "--listen", "expected HOST:PORT"),
@@ -271,6 +275,8 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--admin-token", "short"], "--admin-token", "at least 16 characters"),
     (["--admin-token", "0123456789abcde"], "--admin-token", "at least 16 characters"),
     (["--workers", "0"], "--workers", "at least 1"),
+    (["--proxy-protocol"], "--proxy-protocol", "needs --trusted-proxy"),
+    ([*PROXIED, "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--proxy-protocol", "--tls-cert"),
     (["--workers", "two"], "--workers", "expected an integer"),
     (["--workers"], "--workers", "expected one argument"),
     (["--log-format", "xml"], "--log-format", "expected one of plain, json"),
@@ -615,6 +621,7 @@ LIBRARY_DEFAULTS: dict[str, object] = {
     "retry_floor": _PROXY.retry_floor,
     "max_attempts": _PROXY.max_attempts,
     "trusted_proxies": _PROXY.trusted_proxies,
+    "proxy_protocol": _PROXY.proxy_protocol,
     "shutdown_deadline": _PROXY.shutdown_deadline,
     "access_log": _PROXY.access_log,
     "access_log_format": DEFAULT_ACCESS_FORMAT,

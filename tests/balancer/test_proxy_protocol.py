@@ -1,12 +1,20 @@
-"""The PROXY protocol header reader (`datapath._proxy_protocol`), table-driven: version 1
-TCP4, TCP6 and UNKNOWN lines, version 2 TCP4, TCP6, LOCAL and with TLVs; each valid header
-fed a byte at a time says "need more" until its last byte; truncated, malformed and
-oversized headers are refused, an oversized one before its claimed length arrives."""
+"""The PROXY protocol (issue 17). The header reader (`datapath._proxy_protocol`),
+table-driven: version 1 TCP4, TCP6 and UNKNOWN lines, version 2 TCP4, TCP6, LOCAL and with
+TLVs; each valid header fed a byte at a time says "need more" until its last byte;
+truncated, malformed and oversized headers are refused, an oversized one before its claimed
+length arrives. Then a real balancer process with `--proxy-protocol`: the made-up clients of
+v1 and v2 headers are what the backend's X-Forwarded-For, `--sticky ip` and the access log
+see; an untrusted peer, a connection without a header and a header that never ends are
+closed without an answer."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
+import signal
 import struct
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,6 +25,8 @@ from balancer.datapath._proxy_protocol import (
     ProxyHeader,
     read_header,
 )
+from tests.balancer.backends import HttpBackend, Seen
+from tests.processes import Process, balancer
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -158,3 +168,133 @@ def test_a_truncated_header_is_only_ever_need_more() -> None:
     for header in (v2(), v2("2001:db8::7", tlvs=tlv(1, b"h2")), MAX_V1, LONGEST_TCP6):
         assert all(read_header(header[:end]) is None for end in range(len(header)))
     assert read_header(b"") is None
+
+
+# -- a real balancer process -------------------------------------------------------------
+
+GET = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+
+
+def v1(source: str, port: int = 51000) -> bytes:
+    family = b"TCP4" if ipaddress.ip_address(source).version == 4 else b"TCP6"
+    destination = b"192.0.2.1" if family == b"TCP4" else b"2001:db8::1"
+    return b"PROXY %s %s %s %d 443\r\n" % (family, source.encode(), destination, port)
+
+
+async def _exchange(port: int, *pieces: bytes) -> bytes:
+    """Send `pieces` (one write each) on a new connection; all it gets until closed (a
+    reset, the balancer closing with our bytes unread, is a close too)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+def _port(lb: Process) -> int:
+    return int(lb.url.rsplit(":", 1)[1])
+
+
+def _access_records(lb: Process) -> list[dict[str, object]]:
+    """The access log records of `lb`, once it has stopped (SIGTERM)."""
+    lb.popen.send_signal(signal.SIGTERM)
+    lb.popen.wait(15)
+    lines = [line for line in lb.output().splitlines() if line.startswith("{")]
+    return [r for r in map(json.loads, lines) if r.get("event") == "access"]
+
+
+def _requests(backend: HttpBackend) -> list[Seen]:
+    """What `backend` received but the health checks."""
+    return [seen for seen in backend.seen if seen.target != "/healthz"]
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[tuple[HttpBackend, HttpBackend]]:
+    async with HttpBackend("a") as a, HttpBackend("b") as b:
+        yield a, b
+
+
+PROXIED = ["--proxy-protocol", "--sticky", "ip", "--access-log", "--log-format", "json"]
+
+
+@pytest.mark.anyio
+async def test_the_client_behind_an_l4_balancer_is_the_one_seen(
+    backends: tuple[HttpBackend, HttpBackend],
+) -> None:
+    a, b = backends
+    urls = [a.url, b.url]
+    with balancer(urls, *PROXIED, "--trusted-proxy", "127.0.0.1/32", admin=False) as (lb, _):
+        port = _port(lb)
+        # 12 made-up clients, v1 and v2, IPv4 and IPv6; each comes twice, the header and
+        # the request in one write or in three.
+        clients = [f"203.0.113.{i}" for i in range(1, 5)] + [f"2001:db8::{i}" for i in range(1, 5)]
+        clients += [f"198.51.100.{i}" for i in range(1, 5)]
+        served: dict[str, set[bytes]] = {}
+        for i, client in enumerate(clients):
+            header = v1(client) if i % 2 else v2(client)
+            for pieces in ((header + GET,), (header[:7], header[7:] + GET[:5], GET[5:])):
+                before = len(_requests(a)), len(_requests(b))
+                response = await _exchange(port, *pieces)
+                assert response.startswith(b"HTTP/1.1 200 "), response
+                body = response.rsplit(b"\r\n\r\n", 1)[-1]
+                served.setdefault(client, set()).add(body)
+                after = len(_requests(a)), len(_requests(b))
+                assert sum(after) == sum(before) + 1
+                seen = _requests(a if after[0] > before[0] else b)[-1]
+                assert seen.header("x-forwarded-for") == client
+                forwarded = seen.header("forwarded") or ""
+                assert (f'for="[{client}]"' if ":" in client else f"for={client}") in forwarded
+        # --sticky ip hashes the made-up client: the same one always on the same backend,
+        # and not all on one.
+        assert all(len(bodies) == 1 for bodies in served.values()), served
+        assert {body for bodies in served.values() for body in bodies} == {
+            b"hello from a",
+            b"hello from b",
+        }
+        records = _access_records(lb)
+    logged = [record["client"] for record in records]
+    assert logged == [client for client in clients for _ in range(2)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("trusted", "pieces"),
+    [
+        # The peer (127.0.0.1) is not the L4 balancer: its header is not believed.
+        ("10.0.0.0/8", (v1("203.0.113.9") + GET,)),
+        ("10.0.0.0/8", (v2("203.0.113.9") + GET,)),
+        # A trusted peer without a header, or with a broken one: not a client either.
+        ("127.0.0.1/32", (GET,)),
+        ("127.0.0.1/32", (b"PROXY TCP4 203.0.113.9 192.0.2.1 99999 443\r\n" + GET,)),
+        ("127.0.0.1/32", (v2("203.0.113.9", command=0x22) + GET,)),
+    ],
+    ids=["untrusted v1", "untrusted v2", "no header", "bad v1 port", "bad v2 command"],
+)
+async def test_a_connection_that_is_not_from_the_l4_balancer_is_closed_unanswered(
+    backends: tuple[HttpBackend, HttpBackend], trusted: str, pieces: tuple[bytes, ...]
+) -> None:
+    a, b = backends
+    with balancer([a.url, b.url], *PROXIED, "--trusted-proxy", trusted, admin=False) as (lb, _):
+        assert await _exchange(_port(lb), *pieces) == b""
+    assert _requests(a) == _requests(b) == []
+
+
+@pytest.mark.anyio
+async def test_a_header_that_never_ends_is_closed_at_the_header_timeout(
+    backends: tuple[HttpBackend, HttpBackend],
+) -> None:
+    a, _ = backends
+    flags = ("--trusted-proxy", "127.0.0.1/32", "--header-timeout", "0.5")
+    with balancer([a.url], *PROXIED, *flags, admin=False) as (lb, _):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Read until closed: `_exchange` fails the test after 10 s.
+        assert await _exchange(_port(lb), v2("203.0.113.9")[:20]) == b""
+        assert 0.4 < loop.time() - started < 5
+    assert _requests(a) == []
