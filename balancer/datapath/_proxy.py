@@ -145,7 +145,8 @@ class ProxyOptions:
     trusted_proxies: tuple[str, ...] = ()  # networks (CIDR) allowed to send X-Forwarded-*
     # Every connection starts with a PROXY protocol header (v1 or v2) naming its client, and
     # comes from `trusted_proxies` (the L4 balancers): the header is read first, within
-    # header_timeout, else the connection is closed unanswered (`_ProxiedConnection`).
+    # header_timeout, else the connection is closed unanswered (`_ClientConnection`'s
+    # `_read_proxy_header`).
     proxy_protocol: bool = False
     shutdown_deadline: float = 30.0  # seconds in-flight requests get to finish at shutdown
     # One INFO record per request on the logger "balancer.access", its fields (`ACCESS_FIELDS`)
@@ -193,6 +194,7 @@ _DEADLINE_NONE: Final = 0
 _DEADLINE_HEADER: Final = 1  # the request's headers must be complete (408)
 _DEADLINE_IDLE: Final = 2  # a keep-alive connection waits for its next request
 _DEADLINE_LINGER: Final = 3  # closing: the client gets time to read our answer
+_DEADLINE_PROXY: Final = 4  # the PROXY header must be complete (closed unanswered)
 
 _NO_EXCLUSION: Final[frozenset[str]] = frozenset()
 _LINGER: Final = 2.0  # seconds: how long a closing connection reads and discards
@@ -280,7 +282,11 @@ class _ClientConnection(asyncio.Protocol):
         self._deadline_kind = _DEADLINE_NONE
         self._closing = False  # close after the current response
         self._stopped = False  # answered for good: nothing more is parsed
-        self._piped = False  # upgraded: raw bytes both ways
+        # Raw bytes, not HTTP: upgraded, both ways with `_upstream`; or, without an
+        # `_upstream`, the PROXY header is being read (`_read_proxy_header`). One flag, so
+        # that the header costs a request nothing: data_received tests it anyway.
+        self._piped = False
+        self._proxy_header = b""  # the PROXY header's bytes read so far
         self._held: list[bytes] | None = None  # client bytes after an upgrade request's head
         self._chunked_out = False
         self._head_out: bytes | None = None  # a response head held for the body's first piece
@@ -308,6 +314,12 @@ class _ClientConnection(asyncio.Protocol):
         self._set_peer(self._peer)
         self._server.connection_made(self)
         self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
+        if self._options.proxy_protocol:
+            if self._trusted:
+                self._piped = True  # until the header is read
+                self._deadline_kind = _DEADLINE_PROXY
+            else:
+                self._refuse_proxy("proxy_untrusted")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connection_lost(self)
@@ -352,8 +364,11 @@ class _ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._piped:
-            assert self._upstream is not None
-            self._upstream.write(data)
+            upstream = self._upstream
+            if upstream is None:
+                self._read_proxy_header(data)
+            else:
+                upstream.write(data)
             return
         if self._stopped:
             return  # lingering before close: discard
@@ -1012,6 +1027,8 @@ class _ClientConnection(asyncio.Protocol):
         self._deadline_kind = _DEADLINE_NONE
         if kind == _DEADLINE_HEADER:
             self._reject(408, "header_timeout")
+        elif kind == _DEADLINE_PROXY:
+            self._refuse_proxy("proxy_header_timeout")
         else:
             self._close()
 
@@ -1068,6 +1085,36 @@ class _ClientConnection(asyncio.Protocol):
         self._trusted = peer in self._server.trusted
         self._peer_b = peer.encode("ascii", "replace")
         self._for_node = b"for=" + forwarded_for(peer) + b";proto=" + self._server.proto
+
+    def _read_proxy_header(self, data: bytes) -> None:
+        """With `proxy_protocol`: the PROXY header first (`_proxy_protocol.read_header`); its
+        client is the connection's from then on (X-Forwarded-For, `--sticky ip`, the access
+        log), the bytes after it are HTTP. A header that is not valid closes the connection
+        unanswered: the peer is not a client, and an HTTP answer would go to whatever it is."""
+        header = self._proxy_header + data
+        try:
+            found = read_header(header)
+        except BadProxyHeader as exc:
+            self._refuse_proxy("proxy_" + exc.reason)
+            return
+        if found is None:
+            self._proxy_header = header  # bounded: read_header refuses one past its limit
+            return
+        self._proxy_header = b""
+        self._piped = False
+        self._deadline_kind = _DEADLINE_HEADER  # the same deadline, now for the request's head
+        if found.client is not None:
+            self._set_peer(found.client)
+        rest = header[found.consumed :]
+        if rest:
+            self.data_received(rest)
+
+    def _refuse_proxy(self, reason: str) -> None:
+        """Close a connection whose PROXY header is not believed, without an answer."""
+        self._metrics.rejected(reason)
+        self._proxy_header = b""
+        self._deadline = math.inf
+        self._close()
 
     def _reject(self, status: int, reason: str) -> None:
         """Answer bad input with `status` (after any request before it), count it, close."""
@@ -1149,59 +1196,6 @@ class _ClientConnection(asyncio.Protocol):
 
 def _status_for(error: UpstreamError) -> int:
     return 504 if isinstance(error, UpstreamTimeout) else 502
-
-
-class _ProxiedConnection(_ClientConnection):
-    """A client connection behind an L4 balancer (`ProxyOptions.proxy_protocol`): its first
-    bytes are a PROXY header (`_proxy_protocol.read_header`), whose client is then the
-    connection's (X-Forwarded-For, `--sticky ip`, the access log); what follows is HTTP.
-
-    A peer outside `trusted_proxies`, a header that is not valid, or one not complete within
-    `header_timeout` closes the connection unanswered, counted as a rejection: the peer is
-    not a client, and an HTTP answer would go to whatever it is. A subclass, so that a
-    listener without the option runs `_ClientConnection`'s code as it was."""
-
-    def __init__(self, server: ProxyServer) -> None:
-        super().__init__(server)
-        self._header: bytes | None = b""  # the header's bytes so far; None once it is read
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if not self._trusted:
-            self._refuse("proxy_untrusted")
-
-    def data_received(self, data: bytes) -> None:
-        header = self._header
-        if header is None:
-            super().data_received(data)
-            return
-        header += data
-        try:
-            found = read_header(header)
-        except BadProxyHeader as exc:
-            self._refuse("proxy_" + exc.reason)
-            return
-        if found is None:
-            self._header = header  # bounded: read_header refuses a header past its limit
-            return
-        self._header = None
-        if found.client is not None:
-            self._set_peer(found.client)
-        rest = header[found.consumed :]
-        if rest:
-            super().data_received(rest)
-
-    def check_deadline(self, now: float) -> None:
-        if self._header is None:
-            super().check_deadline(now)
-        elif now >= self._deadline:
-            self._refuse("proxy_header_timeout")
-
-    def _refuse(self, reason: str) -> None:
-        self._metrics.rejected(reason)
-        self._header = None
-        self._deadline = math.inf
-        self._close()
 
 
 class ProxyServer:
@@ -1298,21 +1292,18 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         # The handshake's own deadline: the connection's deadlines start once it is done.
         handshake = None if tls is None else self.options.header_timeout
-        factory: Callable[[], _ClientConnection] = self._protocol
-        if self.options.proxy_protocol:
-            if tls is not None:
-                # The header comes before the handshake, which asyncio's ssl= starts first.
-                raise ValueError("proxy_protocol: not with TLS on the listener yet")
-            factory = self._proxied
+        if tls is not None and self.options.proxy_protocol:
+            # The header comes before the handshake, which asyncio's ssl= starts first.
+            raise ValueError("proxy_protocol: not with TLS on the listener yet")
         if tls is not None:
             self.proto = b"https"
         if sock is not None:
             self._server = await loop.create_server(
-                factory, sock=sock, backlog=2048, ssl=tls, ssl_handshake_timeout=handshake
+                self._protocol, sock=sock, backlog=2048, ssl=tls, ssl_handshake_timeout=handshake
             )
         else:
             self._server = await loop.create_server(
-                factory,
+                self._protocol,
                 host,
                 port,
                 reuse_port=reuse_port,
@@ -1389,9 +1380,6 @@ class ProxyServer:
 
     def _protocol(self) -> _ClientConnection:
         return _ClientConnection(self)
-
-    def _proxied(self) -> _ClientConnection:
-        return _ProxiedConnection(self)
 
     @property
     def queued(self) -> int:
