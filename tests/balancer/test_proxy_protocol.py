@@ -16,6 +16,7 @@ import signal
 import struct
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from balancer.datapath._proxy_protocol import (
@@ -264,25 +265,42 @@ async def test_the_client_behind_an_l4_balancer_is_the_one_seen(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("trusted", "pieces"),
+    ("trusted", "pieces", "reason"),
     [
         # The peer (127.0.0.1) is not the L4 balancer: its header is not believed.
-        ("10.0.0.0/8", (v1("203.0.113.9") + GET,)),
-        ("10.0.0.0/8", (v2("203.0.113.9") + GET,)),
+        ("10.0.0.0/8", (v1("203.0.113.9") + GET,), "proxy_untrusted"),
+        ("10.0.0.0/8", (v2("203.0.113.9") + GET,), "proxy_untrusted"),
         # A trusted peer without a header, or with a broken one: not a client either.
-        ("127.0.0.1/32", (GET,)),
-        ("127.0.0.1/32", (b"PROXY TCP4 203.0.113.9 192.0.2.1 99999 443\r\n" + GET,)),
-        ("127.0.0.1/32", (v2("203.0.113.9", command=0x22) + GET,)),
+        ("127.0.0.1/32", (GET,), "proxy_not_proxy_protocol"),
+        (
+            "127.0.0.1/32",
+            (b"PROXY TCP4 203.0.113.9 192.0.2.1 99999 443\r\n" + GET,),
+            "proxy_v1_bad_port",
+        ),
+        ("127.0.0.1/32", (v2("203.0.113.9", command=0x22) + GET,), "proxy_v2_bad_command"),
     ],
     ids=["untrusted v1", "untrusted v2", "no header", "bad v1 port", "bad v2 command"],
 )
 async def test_a_connection_that_is_not_from_the_l4_balancer_is_closed_unanswered(
-    backends: tuple[HttpBackend, HttpBackend], trusted: str, pieces: tuple[bytes, ...]
+    backends: tuple[HttpBackend, HttpBackend], trusted: str, pieces: tuple[bytes, ...], reason: str
 ) -> None:
     a, b = backends
-    with balancer([a.url, b.url], *PROXIED, "--trusted-proxy", trusted, admin=False) as (lb, _):
+    with balancer([a.url, b.url], *PROXIED, "--trusted-proxy", trusted) as (lb, admin):
+        assert admin is not None
+        # The readiness probe's connections count too (untrusted ones): the difference.
+        before = await _rejected(admin, reason)
         assert await _exchange(_port(lb), *pieces) == b""
+        assert await _rejected(admin, reason) == before + 1
     assert _requests(a) == _requests(b) == []
+
+
+async def _rejected(admin: str, reason: str) -> float:
+    """The balancer's count of connections refused for `reason` (its /metrics)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{admin}/metrics")).text
+    prefix = f'balancer_rejected_requests_total{{reason="{reason}"}} '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
 
 
 @pytest.mark.anyio
