@@ -207,7 +207,10 @@ def test_rolling_restart_under_load(
     tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     command = demo_app_command("redis", redis_server.url)
-    with cluster(tmp_path, 3, command, "--sticky", "cookie:sid") as running:
+    # The sessions are in Redis: a retired worker's clients may move at once (a drain that
+    # keeps them would run to --drain-deadline under this unending load, per worker).
+    options = ("--sticky", "cookie:sid", "--drain-sessions", "move")
+    with cluster(tmp_path, 3, command, *options) as running:
         before = {w["pid"] for w in running.workers()}
         stop = threading.Event()
         counts, users = load(running, stop)
