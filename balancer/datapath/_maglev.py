@@ -75,8 +75,6 @@ def build_table(
             raise ValueError(f"Maglev weights: {len(weights)} for {n} names")
         if any(w < 1 for w in weights):
             raise ValueError(f"Maglev weights must be integers >= 1, not {list(weights)!r}")
-        if n and min(weights) == max(weights):
-            weights = None  # equal weights: the unweighted table, built the fast way
     if n == 0:
         return []
     positions: list[int] = []
@@ -85,43 +83,22 @@ def build_table(
         digest = hashlib.sha256(name.encode()).digest()
         positions.append(int.from_bytes(digest[:8], "big") % size)
         skips.append(int.from_bytes(digest[8:16], "big") % (size - 1) + 1)
-    if weights is not None:
-        return _weighted(positions, skips, weights, size)
-    entry = [-1] * size
-    filled = 0
-    # Each backend in turn takes the next free slot of its own permutation
-    # (position, position + skip, position + 2 skip, ... mod size): the paper's Populate.
-    while True:
-        for i in range(n):
-            c = positions[i]
-            skip = skips[i]
-            while entry[c] >= 0:
-                c += skip
-                if c >= size:
-                    c -= size
-            entry[c] = i
-            c += skip
-            positions[i] = c - size if c >= size else c
-            filled += 1
-            if filled == size:
-                return entry
-
-
-def _weighted(
-    positions: list[int], skips: list[int], weights: Sequence[int], size: int
-) -> list[int]:
-    """Populate with weights (Envoy's loop, in integers so every process agrees)."""
-    n = len(weights)
-    most = max(weights)
+    # Equal weights (or none): every backend takes a slot each round, the paper's Populate,
+    # so the table is the unweighted one exactly.
+    shares = [1] * n if weights is None else list(weights)
+    most = max(shares)
     targets = [0] * n
     entry = [-1] * size
     filled = 0
     rounds = 0
+    # Each backend in turn takes the next free slot of its own permutation (position,
+    # position + skip, ... mod size), in round r only once r x its weight has reached its
+    # target, which then grows by the largest weight (Envoy's weighted Maglev, in integers
+    # so every process agrees).
     while True:
         rounds += 1
         for i in range(n):
-            weight = weights[i]
-            if rounds * weight < targets[i]:
+            if rounds * shares[i] < targets[i]:
                 continue
             targets[i] += most
             c = positions[i]
