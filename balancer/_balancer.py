@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import httpx
 import uvicorn
@@ -48,6 +48,7 @@ from .control._events import (
 from .control._health import HealthChecker
 from .control._log import log_event, log_state_change
 from .control._pin_store import SESSION_TTL, PinStore
+from .control._reload import ConfigReloader
 from .control._tls import TlsListener, backend_context
 from .datapath._metrics import Metrics
 from .datapath._pool import Pool
@@ -174,6 +175,10 @@ class Balancer:
     With ``cluster`` (`--workers N` and `--admin`), it serves its internal admin endpoint,
     and process 0 the admin address for all of them (`control._cluster`); a restarted one
     replays its peers' admin log before the listener opens.
+
+    With ``settings.config`` and ``argv`` (the command line it was started with, and
+    ``environ``, default `os.environ`), `reloader` reads the file again on SIGHUP and
+    POST /config/reload (`control._reload`).
     """
 
     def __init__(
@@ -182,6 +187,8 @@ class Balancer:
         *,
         cluster: ClusterMember | None = None,
         clock: Callable[[], float] = time.monotonic,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -210,6 +217,17 @@ class Balancer:
         self.metrics = Metrics(pool=self.pool, sessions=self._pinned_sessions)
         self.router.on_repin = self.metrics.repinned
         self.drains = DrainWatch(self.pool, self.router.pins, clock=clock, on_tick=self.router.tick)
+        self.reloader: ConfigReloader | None = None
+        if settings.config is not None and argv is not None:
+            self.reloader = ConfigReloader(
+                settings,
+                self.pool,
+                argv=argv,
+                environ=os.environ if environ is None else environ,
+                clock=clock,
+            )
+            # A backend a reload removed leaves the pool once its drain has ended.
+            self.drains.on_drained = self.reloader.drained
         self._fingerprint = ""
         self.pool.on_members = self._log_fingerprint
         self.proxy = ProxyServer(
@@ -417,6 +435,7 @@ class Balancer:
             router=self.router,
             front=front,
             tls_reload=None if self.tls is None else self.reload_tls,
+            config_reload=None if self.reloader is None else self.reloader.reload,
         )
 
     async def _join_cluster(self, stack: contextlib.AsyncExitStack) -> None:

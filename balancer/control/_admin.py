@@ -13,6 +13,9 @@
     GET    /metrics                  Prometheus text format
     POST   /tls/reload               the listener's certificate files read again: 200, 422
                                      a file does not load (nothing changed), 404 no TLS
+    POST   /config/reload            the --config file read again (`_reload`): 200 with what
+                                     changed and what needs a restart, 422 a bad file
+                                     (nothing changed), 404 no --config
 
 With the router (`router=`, the balancer's), one session at a time, named by its handle
 (`datapath._pins.handle`: a digest, never the session cookie's value, a bearer credential):
@@ -57,7 +60,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
-from .._exceptions import BackendExists, InvalidTransition, TlsError, UnknownBackend
+from .._exceptions import (
+    BackendExists,
+    ConfigError,
+    InvalidTransition,
+    TlsError,
+    UnknownBackend,
+)
 from ..datapath._backend import (
     DRAIN_SESSIONS,
     MAX_WEIGHT,
@@ -432,6 +441,19 @@ async def reload_tls(request: Request) -> Response:
     return JSONResponse(served)
 
 
+async def reload_config(request: Request) -> Response:
+    """Read the --config file again: 200 with what changed, or 422 with the setting and
+    why, and nothing changed."""
+    reload = request.app.state.config_reload
+    if reload is None:
+        return _error(404, "no_config", "the balancer was started without --config: no file")
+    try:
+        changed: dict[str, object] = reload("admin")
+    except ConfigError as exc:
+        return _error(422, "config_reload_failed", f"{exc}; nothing was changed")
+    return JSONResponse(changed)
+
+
 async def restart_workers(request: Request) -> Response:
     _workers(request).request_restart()
     log_event(ROLLING_RESTART_REQUESTED, source="admin")
@@ -555,6 +577,7 @@ ROUTES: list[BaseRoute] = [
     Route("/backends/{backend_id}", change_backend, methods=["PATCH"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
     Route("/tls/reload", reload_tls, methods=["POST"]),
+    Route("/config/reload", reload_config, methods=["POST"]),
 ]
 # With a supervisor (`workers`).
 WORKER_ROUTES: list[BaseRoute] = [
@@ -588,6 +611,7 @@ def create_admin_app(
     router: SessionControl | None = None,
     front: Sequence[BaseRoute] = (),
     tls_reload: Callable[[str], dict[str, object]] | None = None,
+    config_reload: Callable[[str], dict[str, object]] | None = None,
 ) -> Starlette:
     """The admin ASGI app. `clock` is the same monotonic clock the health checks use;
     `workers`, the supervisor, adds the /workers routes; `dashboard`, the page at /;
@@ -596,7 +620,8 @@ def create_admin_app(
     router's, when only `router` is given); `router` adds the session routes; `front`,
     routes that come first and shadow the API's own (`_cluster.FRONT_ROUTES`, and the
     internal endpoints' GET /internal/log, with `--workers N`); `tls_reload`, called with
-    the source, reloads the listener's certificates for POST /tls/reload (raises TlsError)."""
+    the source, reloads the listener's certificates for POST /tls/reload (raises TlsError);
+    `config_reload`, likewise, the --config file for POST /config/reload (ConfigError)."""
     routes = [*front, *ROUTES]
     open_paths = {"/healthz"}
     if workers is not None:
@@ -615,4 +640,5 @@ def create_admin_app(
     app.state.admin = _Admin(pool, metrics, clock, workers, fingerprint, pins, router=router)
     app.state.dashboard = dashboard
     app.state.tls_reload = tls_reload
+    app.state.config_reload = config_reload
     return app

@@ -50,6 +50,9 @@ __all__ = [
     "BALANCER_PROCESS_HELD",
     "BALANCER_PROCESS_KILLED",
     "BALANCER_PROCESS_RESTARTED",
+    "CONFIG_NEEDS_RESTART",
+    "CONFIG_RELOADED",
+    "CONFIG_RELOAD_FAILED",
     "DASHBOARD_SUBSCRIBER_DROPPED",
     "DISCOVERING",
     "DRAIN_DEADLINE",
@@ -121,6 +124,11 @@ STOPPED: Final = "stopped"
 # The listener's certificates read again (SIGUSR1, POST /tls/reload); failed: nothing changed.
 TLS_RELOADED: Final = "tls_reloaded"
 TLS_RELOAD_FAILED: Final = "tls_reload_failed"
+# The --config file read again (SIGHUP, POST /config/reload, `_reload`): applied, or
+# failed (nothing changed); settings changed in it that apply only at a start.
+CONFIG_RELOADED: Final = "config_reloaded"
+CONFIG_RELOAD_FAILED: Final = "config_reload_failed"
+CONFIG_NEEDS_RESTART: Final = "config_needs_restart"
 
 # Backends: state changes (`_log.log_state_change`), the admin API, discovery.
 BACKEND_STATE: Final = "backend_state"

@@ -56,8 +56,10 @@ __all__ = ["CANNOT_SERVE", "BalancerProcesses"]
 
 CANNOT_SERVE = 3  # a balancer process's exit code: it could not bind; restarting is no use
 _WAKE_MAX = 1.0  # seconds the loop sleeps at most when no signal and no deadline wakes it
-# SIGUSR1 (reload the TLS certificates) is passed on to every process.
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1)
+# SIGUSR1 (reload the TLS certificates) and SIGHUP (the --config file) are passed on to
+# every process.
+_PASSED_ON = (signal.SIGUSR1, signal.SIGHUP)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, *_PASSED_ON)
 
 
 class BalancerProcesses:
@@ -139,7 +141,7 @@ class BalancerProcesses:
             signum = self._signals.popleft()
             if signum == signal.SIGCHLD or self._stopping is not None:
                 continue
-            if signum == signal.SIGUSR1:
+            if signum in _PASSED_ON:
                 for worker in self._processes:
                     if worker.alive:
                         self._kill(worker, signum)
