@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -31,16 +30,6 @@ from tests.balancer.backends import Client, HttpBackend
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def stream() -> Iterator[io.StringIO]:
-    yield io.StringIO()
-    logger = logging.getLogger("balancer")
-    for handler in [h for h in logger.handlers if h.get_name() == "balancer"]:
-        logger.removeHandler(handler)
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
 
 
 @contextlib.asynccontextmanager

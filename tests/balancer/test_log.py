@@ -3,21 +3,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
-
-import pytest
 
 from balancer import Pool, configure_logging, log_event, log_state_change
-
-
-@pytest.fixture
-def stream() -> Iterator[io.StringIO]:
-    yield io.StringIO()
-    logger = logging.getLogger("balancer")
-    for handler in [h for h in logger.handlers if h.get_name() == "balancer"]:
-        logger.removeHandler(handler)
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
 
 
 def test_plain(stream: io.StringIO) -> None:
