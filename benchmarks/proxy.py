@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/proxy.py [--duration 10] [--connections 64]
     .venv/bin/python benchmarks/proxy.py --one-backend --quick    # 64 clients, one hot backend
+    .venv/bin/python benchmarks/proxy.py --quick --tls --http2 --features   # issue 17's tables
 
 Backends: one nginx worker serving a short body on two ports. Each proxy runs on one core
 (pinned with taskset when there is one to spare) with sticky routing by the `sid` cookie
@@ -38,6 +39,22 @@ requests/s (wrk over https, each connection's handshake once) and new handshakes
 same with `Connection: close`: wrk opens a connection, a full handshake, for every
 request; it resumes no session). Printed with the ratios to nginx and each proxy's CPU time
 a request. Targets (issue 17): keep-alive >= 0.8x nginx, handshakes >= 0.7x.
+
+HTTP/2 (`--http2`, issue 17), after: the same three proxies with the same certificate and
+backends, h2 offered by ALPN (nginx `http2`, HAProxy `alpn h2,http/1.1`, the balancer's own
+ALPN), loaded by h2load (Debian's nghttp2-client: `--h2-clients` 16 connections of
+`--h2-streams` 10 concurrent streams, one thread, one `sid` cookie for all). Printed: the
+protocol h2load negotiated (a proxy that offers no h2 gets `http/1.1`, pipelined, and no
+ratio), req/s and the ratio to nginx, h2load's mean and max time a request (it prints no
+percentiles) and CPU us a request.
+
+Features (`--features`), last: `python -m balancer` alone (`--sticky cookie:sid`, two
+backends) and then with one feature on a row, in the same run: `--sticky none`, TLS
+keep-alive, HTTP/2 (h2load), `--access-log --log-format json` (the log to a file), weights
+3 and 1, `--pin-store` (the benchmark's Redis), and behind HAProxy in `mode tcp` without and
+with `send-proxy-v2` (`--proxy-protocol`; compare those two rows). Printed: req/s, the
+balancer process's CPU us a request, and both against the plain row. `--quick` keeps each
+`--http2` and `--features` row to at most 5 s.
 Everything listens on 127.0.0.1; processes and temporary files are cleaned up.
 """
 
@@ -56,9 +73,10 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
@@ -114,6 +132,8 @@ class Result:
     cpu_us: float = float("nan")  # the proxy's CPU time per request (user + system)
 
 
+R = TypeVar("R", bound=Result)
+
 # The same with a new connection, hence a full TLS handshake, for every request.
 _WRK_CLOSE_LUA = _WRK_LUA.replace(
     '"sid=s" .. (n % 1000)}', '"sid=s" .. (n % 1000), ["Connection"] = "close"}'
@@ -145,13 +165,17 @@ class Cluster:
             return args
         return ["taskset", "-c", str(cpu), *args]
 
-    def start(self, args: list[str], port: int, cpu: int | None) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            self.pinned(args, cpu),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    def start(
+        self, args: list[str], port: int, cpu: int | None, *, log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`args` started (on `cpu`), returned once `port` accepts; its stderr to `log`."""
+        with open(log, "ab") if log is not None else contextlib.nullcontext() as stderr:
+            process = subprocess.Popen(
+                self.pinned(args, cpu),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL if stderr is None else stderr,
+                start_new_session=True,
+            )
         self.processes.append(process)
         wait_listening(port, process)
         return process
@@ -387,14 +411,30 @@ def main() -> int:
     parser.add_argument(
         "--tls", action="store_true", help="then nginx, HAProxy and the balancer terminating TLS"
     )
+    parser.add_argument(
+        "--http2", action="store_true", help="then nginx, HAProxy and the balancer over HTTP/2"
+    )
+    parser.add_argument(
+        "--features", action="store_true", help="then the balancer with each feature on, one a row"
+    )
+    parser.add_argument("--h2-clients", type=int, default=16, help="h2load's connections")
+    parser.add_argument(
+        "--h2-streams", type=int, default=10, help="h2load's concurrent streams a connection"
+    )
     args = parser.parse_args()
     if args.upstream_keepalive is not None and args.upstream_keepalive < 0:
         parser.error("--upstream-keepalive must be at least 0")
+    for flag in ("duration", "connections", "rounds", "h2_clients", "h2_streams"):
+        if not getattr(args, flag) >= 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     keepalive = "default" if args.upstream_keepalive is None else str(args.upstream_keepalive)
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is not installed", file=sys.stderr)
             return 2
+    if args.http2 and shutil.which("h2load") is None:
+        print("h2load is not installed (Debian: apt-get install nghttp2-client)", file=sys.stderr)
+        return 2
     proxy_cpu, load_cpu = cpu_plan()
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -504,6 +544,16 @@ def main() -> int:
             tls = tls_rounds(
                 c, args, backends, nginx=nginx, haproxy=haproxy, cpus=(proxy_cpu, load_cpu)
             )
+        h2: dict[str, H2Result] = {}
+        if args.http2:
+            h2 = http2_rounds(
+                c, args, backends, nginx=nginx, haproxy=haproxy, cpus=(proxy_cpu, load_cpu)
+            )
+        features: tuple[dict[str, Result], dict[str, str]] | None = None
+        if args.features:
+            features = features_rounds(
+                c, args, backends, haproxy=haproxy, pin_store=pin_store, cpus=(proxy_cpu, load_cpu)
+            )
 
     results = list(best.values())
     base = best["nginx 1 worker"]
@@ -534,6 +584,10 @@ def main() -> int:
     print(f"targets (>= 0.67x nginx req/s, p99 <= 1.5x nginx): {'met' if ok else 'NOT met'}")
     if tls:
         print_tls(tls, args)
+    if h2:
+        print_http2(h2, args)
+    if features is not None:
+        print_features(*features, args)
     if args.quick:
         return 0
     shared, alone = best["--pin-store"], best["--admin, page closed"]
@@ -560,6 +614,48 @@ def _tls_files(c: Cluster) -> tuple[Path, Path, Path]:
     return cert, key, both
 
 
+def nginx_tls_config(
+    tmp: Path,
+    port: int,
+    backends: list[int],
+    cert: Path,
+    key: Path,
+    *,
+    http2: tuple[str, str] = ("", ""),
+) -> str:
+    """`nginx_proxy_config` terminating TLS (TLS 1.2 and 1.3, the balancer's TLS 1.2 ciphers);
+    `http2`: what turns HTTP/2 on, `nginx_http2()`'s (a `listen` parameter, a directive)."""
+    from balancer.control._tls import CIPHERS  # noqa: PLC0415 - what the balancer offers
+
+    listen = "backlog=4096;"
+    tls_listen = (
+        f"ssl {http2[0]}backlog=4096; {http2[1]}ssl_certificate {cert}; ssl_certificate_key {key}; "
+        f"ssl_protocols TLSv1.2 TLSv1.3; ssl_ciphers {CIPHERS}; "
+        "proxy_set_header X-Forwarded-Proto https;"
+    )
+    return nginx_proxy_config(tmp, port, backends).replace(listen, tls_listen)
+
+
+def nginx_http2(nginx: str) -> tuple[str, str]:
+    """What turns HTTP/2 on in `nginx_tls_config`: the directive `http2 on;` from nginx 1.25.1
+    (the `listen` parameter is deprecated there), the parameter `http2` before."""
+    done = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10, check=True)
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", done.stderr + done.stdout)
+    version = tuple(int(n) for n in found.groups()) if found else (0, 0, 0)
+    return ("", "http2 on; ") if version >= (1, 25, 1) else ("http2 ", "")
+
+
+def haproxy_tls_config(port: int, backends: list[int], both: Path, alpn: str = "http/1.1") -> str:
+    """`haproxy_config` terminating TLS as `nginx_tls_config` does, offering `alpn`."""
+    from balancer.control._tls import CIPHERS  # noqa: PLC0415 - what the balancer offers
+
+    return haproxy_config(port, backends).replace(
+        f"bind 127.0.0.1:{port}",
+        f"bind 127.0.0.1:{port} ssl crt {both} alpn {alpn} ssl-min-ver TLSv1.2 "
+        f"ciphers {CIPHERS}\n    http-request set-header X-Forwarded-Proto https",
+    )
+
+
 def tls_rounds(
     c: Cluster,
     args: argparse.Namespace,
@@ -571,8 +667,6 @@ def tls_rounds(
 ) -> dict[str, tuple[Result, Result]]:
     """`--tls`: each proxy terminating TLS, keep-alive then a handshake a request; the best
     of `--rounds` of each, by name: (keep-alive, handshakes)."""
-    from balancer.control._tls import CIPHERS  # noqa: PLC0415 - what the balancer offers
-
     proxy_cpu, load_cpu = cpus
     cert, key, both = _tls_files(c)
     keep = c.write("tls-keep.lua", _WRK_LUA)
@@ -604,40 +698,24 @@ def tls_rounds(
             handshakes if old is None or handshakes.rps > old[1].rps else old[1],
         )
 
-    listen = "backlog=4096;"
-    tls_listen = (
-        f"ssl backlog=4096; ssl_certificate {cert}; ssl_certificate_key {key}; "
-        f"ssl_protocols TLSv1.2 TLSv1.3; ssl_ciphers {CIPHERS}; "
-        "proxy_set_header X-Forwarded-Proto https;"
-    )
     for _ in range(args.rounds):
         port = free_port()
-        text = nginx_proxy_config(c.tmp, port, backends).replace(listen, tls_listen)
-        conf = c.write("proxy-tls.conf", text)
+        conf = c.write("proxy-tls.conf", nginx_tls_config(c.tmp, port, backends, cert, key))
         p = c.start([nginx, "-c", str(conf), "-p", str(c.tmp), "-e", "stderr"], port, proxy_cpu)
         measure("nginx 1 worker", port, p, "https")
         c.stop(p)
 
         port = free_port()
-        text = haproxy_config(port, backends).replace(
-            f"bind 127.0.0.1:{port}",
-            f"bind 127.0.0.1:{port} ssl crt {both} alpn http/1.1 ssl-min-ver TLSv1.2 "
-            f"ciphers {CIPHERS}\n    http-request set-header X-Forwarded-Proto https",
-        )
-        conf = c.write("haproxy-tls.cfg", text)
+        conf = c.write("haproxy-tls.cfg", haproxy_tls_config(port, backends, both))
         p = c.start([haproxy, "-f", str(conf)], port, proxy_cpu)
         measure("haproxy 1 thread", port, p, "https")
         c.stop(p)
 
         for name, scheme in (("balancer", "https"), ("balancer, no TLS", "http")):
             port = free_port()
-            command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
-            command += ["--sticky", "cookie:sid"]  # its default upstream pool
-            for backend in backends:
-                command += ["--backend", f"http://127.0.0.1:{backend}"]
-            if scheme == "https":
-                command += ["--tls-cert", str(cert), "--tls-key", str(key)]
-            p = c.start(command, port, proxy_cpu)
+            urls = [f"http://127.0.0.1:{backend}" for backend in backends]
+            flags = ["--tls-cert", str(cert), "--tls-key", str(key)] if scheme == "https" else []
+            p = c.start(balancer_command(port, urls, *flags), port, proxy_cpu)
             measure(name, port, p, scheme)
             c.stop(p)
     return best
@@ -669,6 +747,332 @@ def print_tls(best: dict[str, tuple[Result, Result]], args: argparse.Namespace) 
         f"{'met' if ok else 'NOT met'} ({keep.rps / base_keep.rps:.2f}x, "
         f"{new.rps / base_new.rps:.2f}x)"
     )
+
+
+@dataclass
+class H2Result(Result):
+    """An h2load run: no percentiles (h2load prints min, max, mean and sd), the protocol ALPN
+    chose (`h2`, `http/1.1` where the server offers no h2: then h2load pipelines `-m`
+    requests on each connection; `none` where none was printed)."""
+
+    protocol: str = "none"
+    mean_ms: float = float("nan")
+    max_ms: float = float("nan")
+
+
+def parse_h2load(out: str, name: str) -> H2Result:
+    """h2load's summary as a result; req/s NaN and the reason in `errors` where it printed
+    none (a failed connect, a refused protocol)."""
+    protocol = re.search(r"^Application protocol: (\S+)", out, re.MULTILINE)
+    finished = re.search(r"^finished in [\d.]+s, ([\d.]+) req/s", out, re.MULTILINE)
+    counts = re.search(
+        r"^requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+        re.MULTILINE,
+    )
+    times = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out, re.MULTILINE)
+    status = re.search(r"^status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    result = H2Result(name, float("nan"), float("nan"), float("nan"), "")
+    result.protocol = protocol.group(1) if protocol else "none"
+    if finished is None or counts is None:
+        last = [line for line in out.splitlines() if line.strip()][-1:] or ["no output"]
+        result.errors = f"h2load printed no result: {last[0]}"
+        return result
+    result.rps = float(finished.group(1))
+    result.requests = int(counts.group(1))
+    failed, errored, timeout = (int(n) for n in counts.groups()[1:])
+    notes = [f"{failed} failed"] * bool(failed) + [f"{errored} errored"] * bool(errored)
+    notes += [f"{timeout} timed out"] * bool(timeout)
+    if status is not None and any(int(n) for n in status.groups()):
+        notes.append("non-2xx: " + "/".join(status.groups()) + " 3xx/4xx/5xx")
+    result.errors = ", ".join(notes)
+    if times is not None:
+        result.max_ms, result.mean_ms = _ms(times.group(2)), _ms(times.group(3))
+    return result
+
+
+def _ms(value: str) -> float:
+    found = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
+    if found is None:
+        return float("nan")
+    return float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+
+
+def run_h2load(
+    port: int, duration: float, args: argparse.Namespace, *, cpu: int | None, name: str
+) -> H2Result:
+    """h2load over https to `port` for `duration` s (whole seconds), `--h2-clients`
+    connections of `--h2-streams` concurrent streams each, one thread, one `sid` cookie (h2load
+    sends the same headers on every request: every proxy routes all of it to one backend)."""
+    command = [
+        "h2load", "-t1", f"-c{args.h2_clients}", f"-m{args.h2_streams}",
+        f"-D{max(1, round(duration))}", "-H", "cookie: sid=s1", f"https://127.0.0.1:{port}/",
+    ]  # fmt: skip
+    if cpu is not None and shutil.which("taskset"):
+        command = ["taskset", "-c", str(cpu), *command]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 30, check=False
+    )
+    return parse_h2load(done.stdout + done.stderr, name)
+
+
+def cpu_per_request(proxy: subprocess.Popen[bytes], run: Callable[[], R]) -> R:
+    """`run()`'s result with `proxy`'s CPU time (user + system) over its requests."""
+    before = cpu_seconds(proxy)
+    result = run()
+    after = cpu_seconds(proxy)
+    if result.requests:
+        result.cpu_us = (sum(after) - sum(before)) / result.requests * 1e6
+    return result
+
+
+def balancer_command(port: int, backends: list[str], *flags: str) -> list[str]:
+    """`python -m balancer` on `port`, `--sticky cookie:sid` (wrk's and h2load's cookie), its
+    default upstream pool, each of `backends` (`URL [OPTS]`), then `flags`."""
+    command = [sys.executable, "-m", "balancer", "--listen", f"127.0.0.1:{port}"]
+    command += ["--sticky", "cookie:sid"]
+    for backend in backends:
+        command += ["--backend", backend]
+    return [*command, *flags]
+
+
+def http2_rounds(
+    c: Cluster,
+    args: argparse.Namespace,
+    backends: list[int],
+    *,
+    nginx: str,
+    haproxy: str,
+    cpus: tuple[int | None, int | None],
+) -> dict[str, H2Result]:
+    """`--http2`: nginx, HAProxy and `python -m balancer` terminating TLS with h2 offered by
+    ALPN (the `--tls` table's certificate, backends and cores), loaded by h2load; the best of
+    `--rounds` by name."""
+    proxy_cpu, load_cpu = cpus
+    cert, key, both = _tls_files(c)
+    seconds = _row_seconds(args)
+    best: dict[str, H2Result] = {}
+
+    def measure(name: str, port: int, proxy: subprocess.Popen[bytes]) -> None:
+        run_h2load(port, args.warmup, args, cpu=load_cpu, name=name)
+        result = cpu_per_request(
+            proxy, lambda: run_h2load(port, seconds, args, cpu=load_cpu, name=name)
+        )
+        print(
+            f"  HTTP/2 {name}: {result.protocol}, {result.rps:,.0f} req/s, "
+            f"{result.cpu_us:.1f} CPU us/req" + (f" ({result.errors})" if result.errors else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        old = best.get(name)
+        if old is None or not old.rps >= result.rps:  # a NaN (no result) is replaced
+            best[name] = result
+
+    for _ in range(args.rounds):
+        port = free_port()
+        text = nginx_tls_config(c.tmp, port, backends, cert, key, http2=nginx_http2(nginx))
+        conf = c.write("proxy-h2.conf", text)
+        p = c.start([nginx, "-c", str(conf), "-p", str(c.tmp), "-e", "stderr"], port, proxy_cpu)
+        measure("nginx 1 worker", port, p)
+        c.stop(p)
+
+        port = free_port()
+        conf = c.write("haproxy-h2.cfg", haproxy_tls_config(port, backends, both, "h2,http/1.1"))
+        p = c.start([haproxy, "-f", str(conf)], port, proxy_cpu)
+        measure("haproxy 1 thread", port, p)
+        c.stop(p)
+
+        port = free_port()
+        urls = [f"http://127.0.0.1:{b}" for b in backends]
+        command = balancer_command(port, urls, "--tls-cert", str(cert), "--tls-key", str(key))
+        p = c.start(command, port, proxy_cpu)
+        measure("balancer", port, p)
+        c.stop(p)
+    return best
+
+
+def print_http2(best: dict[str, H2Result], args: argparse.Namespace) -> None:
+    """The `--http2` table; a row whose h2load did not negotiate h2 says so and gets no ratio."""
+    base = best["nginx 1 worker"]
+    print()
+    print(
+        f"HTTP/2 (--http2): h2load -t1 -c{args.h2_clients} -m{args.h2_streams} over TLS, "
+        f"{_row_seconds(args):g}s each, best of {args.rounds}; ALPN h2,http/1.1 offered; "
+        "balancer: python -m balancer --tls-cert"
+    )
+    print(
+        f"{'target':<18} {'protocol':>9} {'req/s':>10} {'x nginx':>8} {'mean ms':>8} "
+        f"{'max ms':>8} {'us/req':>7}"
+    )
+    for name, r in best.items():
+        h2 = r.protocol == "h2" and base.protocol == "h2"
+        ratio = f"{r.rps / base.rps:>8.2f}" if h2 else f"{'-':>8}"
+        notes = [r.errors] if r.errors else []
+        if r.protocol != "h2":
+            notes.append(f"negotiated {r.protocol}, not HTTP/2: no ratio")
+        print(
+            f"{name:<18} {r.protocol:>9} {r.rps:>10,.0f} {ratio} {r.mean_ms:>8.2f} "
+            f"{r.max_ms:>8.2f} {r.cpu_us:>7.1f}" + "".join(f"  ({n})" for n in notes)
+        )
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A row of `--features`: `python -m balancer` with `flags` added to the plain one."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    load: str = "http"  # wrk over http, wrk over https, or h2load ("h2")
+    front: str | None = None  # HAProxy in mode tcp in front: "plain" or "send-proxy-v2"
+    weights: tuple[int, ...] = ()  # weight=N on each backend, in order
+    log: bool = False  # its stderr (the log) to a file rather than /dev/null
+
+
+def features_rounds(
+    c: Cluster,
+    args: argparse.Namespace,
+    backends: list[int],
+    *,
+    haproxy: str,
+    pin_store: RedisServer,
+    cpus: tuple[int | None, int | None],
+) -> tuple[dict[str, Result], dict[str, str]]:
+    """`--features`: `python -m balancer` alone with each feature on, in the same run as the
+    plain one; the best of `--rounds` by name, and a note a row (what shows the feature was
+    on: log lines, Redis commands, the protocol)."""
+    proxy_cpu, load_cpu = cpus
+    cert, key, _ = _tls_files(c)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    trusted = ("--trusted-proxy", "127.0.0.1/32")
+    rows = [
+        Feature("plain"),
+        Feature("--sticky none", ("--sticky", "none")),
+        Feature("TLS keep-alive", tls, load="https"),
+        Feature("HTTP/2 (h2load)", tls, load="h2"),
+        Feature("--access-log json", ("--access-log", "--log-format", "json"), log=True),
+        Feature("weight=3, weight=1", weights=(3, 1)),
+        Feature("--pin-store", ("--pin-store", pin_store.url)),
+        Feature("HAProxy L4 in front", trusted, front="plain"),
+        Feature("HAProxy L4, PROXY v2", (*trusted, "--proxy-protocol"), front="send-proxy-v2"),
+    ]
+    if shutil.which("h2load") is None:
+        rows = [row for row in rows if row.load != "h2"]
+    lua = c.write("features.lua", _WRK_LUA)
+    seconds = _row_seconds(args)
+    best: dict[str, Result] = {}
+    notes: dict[str, str] = {}
+
+    def load(row: Feature, port: int, duration: float) -> Result:
+        if row.load == "h2":
+            return run_h2load(port, duration, args, cpu=load_cpu, name=row.name)
+        return run_wrk(port, duration, args.connections, lua, cpu=load_cpu, name=row.name,
+                       scheme="https" if row.load == "https" else "http")  # fmt: skip
+
+    for _ in range(args.rounds):
+        for row in rows:
+            port = free_port()
+            urls = [f"http://127.0.0.1:{b}" for b in backends]
+            if row.weights:
+                urls = [f"{u} weight={w}" for u, w in zip(urls, row.weights, strict=False)]
+            log = c.tmp / "features-access.log" if row.log else None
+            if row.flags[:2] == ("--pin-store", pin_store.url):
+                pin_store.restart()  # empty, its counts at 0
+            p = c.start(balancer_command(port, urls, *row.flags), port, proxy_cpu, log=log)
+            target, front = port, None
+            if row.front is not None:
+                target = free_port()
+                config = haproxy_l4_config(target, port, proxy_v2=row.front == "send-proxy-v2")
+                conf = c.write("haproxy-l4.cfg", config)
+                front = c.start([haproxy, "-f", str(conf)], target, load_cpu)
+            load(row, target, args.warmup)
+            result = cpu_per_request(p, lambda: load(row, target, seconds))  # noqa: B023
+            note = _feature_note(row, result, log, pin_store)
+            if front is not None:
+                c.stop(front)
+            c.stop(p)
+            print(
+                f"  feature {row.name}: {result.rps:,.0f} req/s, {result.cpu_us:.1f} CPU us/req"
+                + (f" ({note})" if note else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+            if row.name not in best or result.rps > best[row.name].rps:
+                best[row.name], notes[row.name] = result, note
+            if log is not None:
+                log.unlink(missing_ok=True)
+    return best, notes
+
+
+def _feature_note(row: Feature, result: Result, log: Path | None, store: RedisServer) -> str:
+    """What shows `row`'s feature was on in its run, and its load's errors."""
+    notes = [result.errors] if result.errors else []
+    if isinstance(result, H2Result) and result.protocol != "h2":
+        notes.append(f"h2load negotiated {result.protocol}: not HTTP/2")
+    if log is not None:
+        text = log.read_bytes() if log.exists() else b""
+        lines = text.count(b'"event": "access"')
+        notes.append(f"{lines:,} access lines, {len(text) / 2**20:,.1f} MiB")
+    if "--pin-store" in row.flags:
+        with redis.Redis.from_url(store.url) as client:
+            stats = client.info("commandstats")
+        get, set_ = (stats.get(f"cmdstat_{n}", {}).get("calls", 0) for n in ("get", "set"))
+        notes.append(f"Redis got GET {get:,}, SET {set_:,}, warm-up included")
+    return "; ".join(notes)
+
+
+def haproxy_l4_config(port: int, target: int, *, proxy_v2: bool) -> str:
+    """HAProxy in `mode tcp`, one thread, relaying each connection on `port` to `target`,
+    with a PROXY v2 header first where `proxy_v2`."""
+    send = " send-proxy-v2" if proxy_v2 else ""
+    return f"""global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend in
+    bind 127.0.0.1:{port}
+    default_backend app
+backend app
+    server b 127.0.0.1:{target}{send}
+"""
+
+
+def print_features(
+    best: dict[str, Result], notes: dict[str, str], args: argparse.Namespace
+) -> None:
+    """The `--features` table: each row against `plain` of the same run."""
+    base = best["plain"]
+    print()
+    print(
+        f"Features (--features): python -m balancer, one core, {_row_seconds(args):g}s a row, "
+        f"best of {args.rounds}; wrk -t1 -c{args.connections} over http (https: TLS "
+        f"keep-alive; HTTP/2: h2load -c{args.h2_clients} -m{args.h2_streams}); plain: "
+        "--sticky cookie:sid, two backends, nothing else; HAProxy L4 (mode tcp, 1 thread) on "
+        "the load's core, its CPU not counted; CPU: the balancer process's"
+    )
+    print(
+        f"{'feature':<22} {'req/s':>10} {'x plain':>8} {'CPU us/req':>11} {'+us/req':>8} "
+        f"{'CPU x':>6}"
+    )
+    for name, r in best.items():
+        print(
+            f"{name:<22} {r.rps:>10,.0f} {r.rps / base.rps:>8.2f} {r.cpu_us:>11.1f} "
+            f"{r.cpu_us - base.cpu_us:>+8.1f} {r.cpu_us / base.cpu_us:>6.2f}"
+            + (f"  ({notes[name]})" if notes.get(name) else "")
+        )
+    print(
+        "HTTP/2's row is h2load's load, the others wrk's: compare its CPU us/req, not req/s; "
+        "'HAProxy L4, PROXY v2' against 'HAProxy L4 in front' is what the header costs"
+    )
+
+
+def _row_seconds(args: argparse.Namespace) -> float:
+    """Seconds a row of `--http2` and `--features`: `--duration`, at most 5 with `--quick`."""
+    return min(args.duration, 5.0) if args.quick else float(args.duration)
 
 
 def _build() -> str:
