@@ -48,6 +48,7 @@ from .control._events import (
 from .control._health import HealthChecker
 from .control._log import log_event, log_state_change
 from .control._pin_store import SESSION_TTL, PinStore
+from .control._proxied_tls import ProxiedTlsListener
 from .control._reload import ConfigReloader
 from .control._tls import TlsListener, backend_context
 from .datapath._metrics import Metrics
@@ -354,12 +355,18 @@ class Balancer:
     async def _listen(self, reuse_port: bool) -> None:
         listen = self.settings.listen
         try:
-            await self.proxy.start(
-                listen.host,
-                listen.port,
-                reuse_port=reuse_port,
-                tls=None if self.tls is None else self.tls.context,
-            )
+            if self.tls is not None and self.settings.proxy_protocol:
+                # The PROXY header comes in clear before the handshake: a listener of its own.
+                listener = ProxiedTlsListener(self.proxy, self.tls.context)
+                await listener.start(listen.host, listen.port, reuse_port=reuse_port)
+                self.proxy.adopt(listener, tls=True)
+            else:
+                await self.proxy.start(
+                    listen.host,
+                    listen.port,
+                    reuse_port=reuse_port,
+                    tls=None if self.tls is None else self.tls.context,
+                )
         except OSError as exc:
             raise _listen_error("--listen", listen.host, listen.port, exc) from exc
         log_event(

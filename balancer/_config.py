@@ -920,16 +920,11 @@ def _validate(raw: Mapping[str, tuple[object, str]]) -> Settings:
         raise ConfigError(
             "--affinity-cookie", f"{settings.affinity_cookie!r} is the app's session cookie too"
         )
-    if settings.proxy_protocol:
-        if not settings.trusted_proxies:
-            raise ConfigError(
-                "--proxy-protocol",
-                "needs --trusted-proxy CIDR: the L4 balancers, the only peers believed",
-            )
-        if settings.tls_certs:
-            raise ConfigError(
-                "--proxy-protocol", "not with --tls-cert yet: the header comes before TLS"
-            )
+    if settings.proxy_protocol and not settings.trusted_proxies:
+        raise ConfigError(
+            "--proxy-protocol",
+            "needs --trusted-proxy CIDR: the L4 balancers, the only peers believed",
+        )
     _validate_tls(settings)
     return settings
 

@@ -287,6 +287,10 @@ class _ClientConnection(asyncio.Protocol):
         # that the header costs a request nothing: data_received tests it anyway.
         self._piped = False
         self._proxy_header = b""  # the PROXY header's bytes read so far
+        # The PROXY header was read before this protocol began (`ProxyServer.proxied`: with
+        # TLS, before the handshake), and the client it names, if any.
+        self._header_read = False
+        self._header_client: str | None = None
         self._held: list[bytes] | None = None  # client bytes after an upgrade request's head
         self._chunked_out = False
         self._head_out: bytes | None = None  # a response head held for the body's first piece
@@ -307,6 +311,8 @@ class _ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._peer = str(peer[0])
+        if self._header_client is not None:
+            self._peer = self._header_client  # the PROXY header's, read before the handshake
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple) and len(local) >= 2:
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
@@ -314,7 +320,7 @@ class _ClientConnection(asyncio.Protocol):
         self._set_peer(self._peer)
         self._server.connection_made(self)
         self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
-        if self._options.proxy_protocol:
+        if self._options.proxy_protocol and not self._header_read:
             if self._trusted:
                 self._piped = True  # until the header is read
                 self._deadline_kind = _DEADLINE_PROXY
@@ -1080,7 +1086,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def _set_peer(self, peer: str) -> None:
         """The client's address as the connection knows it: its peer's, or the one a PROXY
-        header names (`_ProxiedConnection`)."""
+        header names (`_read_proxy_header`, or `ProxyServer.proxied`'s)."""
         self._peer = peer
         self._trusted = peer in self._server.trusted
         self._peer_b = peer.encode("ascii", "replace")
@@ -1198,6 +1204,14 @@ def _status_for(error: UpstreamError) -> int:
     return 504 if isinstance(error, UpstreamTimeout) else 502
 
 
+class Listener(Protocol):
+    """What `ProxyServer` needs of a listener started elsewhere (`ProxyServer.adopt`): the
+    part of asyncio.Server it uses, and a `sockets` attribute."""
+
+    def close(self) -> None: ...
+    async def wait_closed(self) -> None: ...
+
+
 class ProxyServer:
     """The balancer's HTTP/1.1 listener: routes each request with `router`, reports to
     `metrics`, applies `options`. `clock` (seconds, monotonic) is injectable for tests.
@@ -1237,7 +1251,7 @@ class ProxyServer:
         self._connections: set[_ClientConnection] = set()
         self._parked: list[tuple[_ClientConnection, _Request]] = []  # waiting for a backend
         self._waking = False  # `_unpark` is scheduled (`wake`)
-        self._server: asyncio.Server | None = None
+        self._server: Listener | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
         opts = self.options
@@ -1294,7 +1308,10 @@ class ProxyServer:
         handshake = None if tls is None else self.options.header_timeout
         if tls is not None and self.options.proxy_protocol:
             # The header comes before the handshake, which asyncio's ssl= starts first.
-            raise ValueError("proxy_protocol: not with TLS on the listener yet")
+            raise ValueError(
+                "proxy_protocol with tls: the header is read before the handshake by a "
+                "listener of its own (control._proxied_tls), given to `adopt`"
+            )
         if tls is not None:
             self.proto = b"https"
         if sock is not None:
@@ -1312,6 +1329,23 @@ class ProxyServer:
                 ssl_handshake_timeout=handshake,
             )
         self._timer = loop.call_later(self._tick, self._check_deadlines)
+
+    def adopt(self, listener: Listener, *, tls: bool) -> None:
+        """Serve the connections of a listener started elsewhere, instead of `start`: it
+        makes their protocols with `proxied` (control._proxied_tls: the PROXY header, then
+        TLS). `shutdown` closes it as its own."""
+        if tls:
+            self.proto = b"https"
+        self._server = listener
+        self._timer = asyncio.get_running_loop().call_later(self._tick, self._check_deadlines)
+
+    def proxied(self, client: str | None) -> asyncio.Protocol:
+        """A client connection's protocol whose PROXY header was read already, naming
+        `client` (None: LOCAL or UNKNOWN, the peer is the client); it reads no header."""
+        protocol = _ClientConnection(self)
+        protocol._header_read = True
+        protocol._header_client = client
+        return protocol
 
     async def shutdown(self) -> None:
         """Stop accepting; let in-flight requests finish within `shutdown_deadline`

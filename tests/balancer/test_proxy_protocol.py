@@ -10,15 +10,21 @@ closed without an answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import signal
+import ssl
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from balancer import ProxyOptions, ProxyServer
+from balancer.control._proxied_tls import ProxiedTlsListener
+from balancer.control._tls import CertificatePair, server_context
 from balancer.datapath._proxy_protocol import (
     V1_MAX,
     V2_MAX_TLVS,
@@ -26,7 +32,9 @@ from balancer.datapath._proxy_protocol import (
     ProxyHeader,
     read_header,
 )
-from tests.balancer.backends import HttpBackend, Seen
+from tests.balancer.backends import HttpBackend, ListRouter, RecordingMetrics, Seen
+from tests.balancer.certs import Authority
+from tests.helpers import async_wait_until
 from tests.processes import Process, balancer
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -316,3 +324,179 @@ async def test_a_header_that_never_ends_is_closed_at_the_header_timeout(
         assert await _exchange(_port(lb), v2("203.0.113.9")[:20]) == b""
         assert 0.4 < loop.time() - started < 5
     assert _requests(a) == []
+
+
+# -- with TLS on the listener: PROXY header, then the TLS handshake ----------------------
+
+
+@pytest.fixture
+def leaf(tmp_path: Path) -> tuple[Authority, list[str]]:
+    """A private CA and the --tls-cert/--tls-key flags of its certificate for app.test."""
+    authority = Authority.create(tmp_path / "tls")
+    cert = authority.issue("app", "app.test")
+    return authority, ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key)]
+
+
+def _tls_context(authority: Authority) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(authority.cert))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def _tls_exchange(port: int, header: bytes, context: ssl.SSLContext) -> bytes:
+    """An L4 balancer's connection: `header` in clear, then TLS (verified, app.test) and GET;
+    the response, read until closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(header)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            await writer.start_tls(context, server_hostname="app.test")
+            writer.write(GET)
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_client_behind_an_l4_balancer_is_seen_over_tls(
+    backends: tuple[HttpBackend, HttpBackend], leaf: tuple[Authority, list[str]], workers: int
+) -> None:
+    a, b = backends
+    authority, tls = leaf
+    flags = [*PROXIED, *tls, "--trusted-proxy", "127.0.0.1/32", "--workers", str(workers)]
+    with balancer([a.url, b.url], *flags, admin=False) as (lb, _):
+        context = _tls_context(authority)
+        # 8 made-up clients, v1 and v2, IPv4 and IPv6, each twice.
+        clients = [f"203.0.113.{i}" for i in range(1, 5)] + [f"2001:db8::{i}" for i in range(1, 5)]
+        served: dict[str, set[bytes]] = {}
+        for i, client in enumerate(clients):
+            for _ in range(2):
+                before = len(_requests(a)), len(_requests(b))
+                header = v1(client) if i % 2 else v2(client)
+                response = await _tls_exchange(_port(lb), header, context)
+                assert response.startswith(b"HTTP/1.1 200 "), response
+                served.setdefault(client, set()).add(response.rsplit(b"\r\n\r\n", 1)[-1])
+                after = len(_requests(a)), len(_requests(b))
+                assert sum(after) == sum(before) + 1
+                seen = _requests(a if after[0] > before[0] else b)[-1]
+                assert seen.header("x-forwarded-for") == client
+                assert seen.header("x-forwarded-proto") == "https"
+        # --sticky ip hashes the header's client: always the same backend, not all on one.
+        assert all(len(bodies) == 1 for bodies in served.values()), served
+        assert {body for bodies in served.values() for body in bodies} == {
+            b"hello from a",
+            b"hello from b",
+        }
+
+
+async def _tls_refused(port: int, header: bytes, context: ssl.SSLContext) -> bool:
+    """Whether a connection that sends `header` (maybe none) and then a ClientHello is
+    closed with no TLS session and no byte of HTTP."""
+    try:
+        response = await _tls_exchange(port, header, context)
+    except (ssl.SSLError, ConnectionError):
+        return True  # closed mid-handshake: EOF, reset, or an alert
+    return response == b""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("trusted", "header", "reason"),
+    [
+        ("10.0.0.0/8", v1("203.0.113.9"), "proxy_untrusted"),
+        ("10.0.0.0/8", v2("203.0.113.9"), "proxy_untrusted"),
+        # A plain TLS client: its ClientHello is not a PROXY header.
+        ("127.0.0.1/32", b"", "proxy_not_proxy_protocol"),
+        ("127.0.0.1/32", b"PROXY TCP4 203.0.113.9 192.0.2.1 99999 443\r\n", "proxy_v1_bad_port"),
+        ("127.0.0.1/32", v2("203.0.113.9", command=0x22), "proxy_v2_bad_command"),
+    ],
+    ids=["untrusted v1", "untrusted v2", "plain TLS", "bad v1 port", "bad v2 command"],
+)
+async def test_over_tls_a_connection_not_from_the_l4_balancer_is_closed_unanswered(
+    backends: tuple[HttpBackend, HttpBackend],
+    leaf: tuple[Authority, list[str]],
+    trusted: str,
+    header: bytes,
+    reason: str,
+) -> None:
+    a, _ = backends
+    authority, tls = leaf
+    with balancer([a.url], *PROXIED, *tls, "--trusted-proxy", trusted) as (lb, admin):
+        assert admin is not None
+        before = await _rejected(admin, reason)
+        assert await _tls_refused(_port(lb), header, _tls_context(authority))
+        assert await _rejected(admin, reason) == before + 1
+        lb.popen.send_signal(signal.SIGTERM)
+        lb.popen.wait(15)
+        assert f"PROXY header refused from 127.0.0.1: {reason}" in lb.output()  # and logged
+    assert _requests(a) == []
+
+
+@pytest.mark.anyio
+async def test_over_tls_a_header_that_never_ends_is_closed_at_the_header_timeout(
+    backends: tuple[HttpBackend, HttpBackend], leaf: tuple[Authority, list[str]]
+) -> None:
+    a, _ = backends
+    _, tls = leaf
+    flags = ("--trusted-proxy", "127.0.0.1/32", "--header-timeout", "0.5")
+    with balancer([a.url], *PROXIED, *tls, *flags, admin=False) as (lb, _):
+        loop = asyncio.get_running_loop()
+        for partial in (b"", v1("203.0.113.9")[:10], v2("203.0.113.9")[:20]):
+            started = loop.time()
+            assert await _exchange(_port(lb), partial) == b""
+            assert 0.4 < loop.time() - started < 5
+        # A stop with a header pending: a clean exit, no task left behind.
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(lb))
+        writer.write(v1("203.0.113.9")[:10])
+        await writer.drain()
+        lb.popen.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ConnectionResetError):  # a reset is a close too
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+        writer.close()
+        assert lb.popen.wait(15) == 0
+        output = lb.output()
+    assert _requests(a) == []
+    assert "Task was destroyed" not in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.anyio
+async def test_at_most_max_pending_connections_wait_for_their_header_and_a_stop_closes_them(
+    leaf: tuple[Authority, list[str]],
+) -> None:
+    authority, tls = leaf
+    pair = CertificatePair(Path(tls[1]), Path(tls[3]))
+    options = ProxyOptions(
+        proxy_protocol=True, trusted_proxies=("127.0.0.1/32",), header_timeout=10.0
+    )
+    async with HttpBackend("a") as backend:
+        metrics = RecordingMetrics()
+        server = ProxyServer(ListRouter([backend.url]), metrics, options)
+        listener = ProxiedTlsListener(server, server_context(pair), max_pending=2)
+        await listener.start("127.0.0.1", 0)
+        server.adopt(listener, tls=True)
+        port = server.port
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await async_wait_until(lambda: listener.pending == 2, 5, "2 connections waiting")
+        # A third waits in the kernel's backlog, not for its header: unread until a slot
+        # is free.
+        third = asyncio.ensure_future(
+            _tls_exchange(port, v1("203.0.113.5"), _tls_context(authority))
+        )
+        done, _ = await asyncio.wait([third], timeout=0.5)
+        assert not done
+        assert listener.pending == 2
+        silent[0][1].close()  # a slot frees: the third is read, answered
+        async with asyncio.timeout(10):
+            assert (await third).startswith(b"HTTP/1.1 200 ")
+        assert backend.seen[-1].header("x-forwarded-for") == "203.0.113.5"
+        # A stop closes the one still waiting, unanswered, and ends every task it ran.
+        await server.shutdown()
+        assert listener.pending == 0
+        async with asyncio.timeout(5):
+            assert await silent[1][0].read() == b""
+        silent[1][1].close()
+        assert metrics.rejections == []
