@@ -79,6 +79,10 @@ async def listening_sockets(
     return sockets
 
 
+def _close(sock: socket.socket, _: object) -> None:
+    sock.close()
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -170,10 +174,13 @@ class ProxiedTlsListener:
         """Stop accepting and close the listening sockets; a connection still waiting for
         its header is closed, one in its handshake finishes it (within `header_timeout`)."""
         self._closed = True
-        for task in (*self._accepting, *self._reading):
+        for task in self._reading:
             task.cancel()
-        for sock in self.sockets:
-            sock.close()
+        for task, sock in zip(self._accepting, self.sockets, strict=True):
+            # Closed once its accept loop has let go of it: the fd is not reused under a
+            # sock_accept still registered (the cancellation lands at the next iteration).
+            task.add_done_callback(partial(_close, sock))
+            task.cancel()
 
     async def wait_closed(self) -> None:
         """Returns once the accept loops and every connection's task have ended."""

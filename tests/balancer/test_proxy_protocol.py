@@ -500,3 +500,5 @@ async def test_at_most_max_pending_connections_wait_for_their_header_and_a_stop_
             assert await silent[1][0].read() == b""
         silent[1][1].close()
         assert metrics.rejections == []
+        with pytest.raises(ConnectionRefusedError):  # and stops listening
+            await asyncio.open_connection("127.0.0.1", port)
