@@ -5,7 +5,9 @@ truncated, malformed and oversized headers are refused, an oversized one before 
 length arrives. Then a real balancer process with `--proxy-protocol`: the made-up clients of
 v1 and v2 headers are what the backend's X-Forwarded-For, `--sticky ip` and the access log
 see; an untrusted peer, a connection without a header and a header that never ends are
-closed without an answer."""
+closed without an answer. The same with `--tls-cert` (the header, then the handshake:
+`control._proxied_tls`), `--workers 2` too; and, in this process, its bound on connections
+waiting for their header and its stop."""
 
 from __future__ import annotations
 
