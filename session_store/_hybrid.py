@@ -1,4 +1,40 @@
-"""Sessions cached in memory and written through to Redis."""
+"""Sessions cached in memory and written through to Redis.
+
+This instance's own saves keep its copy trusted (issue 16: the first read after each
+write asked Redis, 0.11 round trips a read in ``demo_app.compare --reads 9``). Client
+tracking in BCAST mode sends every write's key to every tracker, the writer's own
+included, so the save's invalidation must not evict the copy the save's reply describes;
+and it must still evict it for any other write. Why the obvious design is not enough,
+and the argument for this one:
+
+- Counting expected invalidations fails: Redis batches the keys one event-loop cycle
+  wrote into one message per prefix, each key once. Two saves of one session that land
+  in the same cycle (ours and another's) make one message, and a count of one consumes
+  it: measured, 76 of 300 pairs of simultaneous saves came as one message.
+- So the save script (`_redis`) also sets and deletes ``<key>#<new version>``: each save's
+  message names the version it made, and two saves in one message name two versions.
+- A save's reply gives its new version v; the copy it installs is Redis' session at v only
+  when this instance held v - 1 (Redis at v is v - 1 plus this save's changes) or the save
+  created the session. It is trusted (served without asking Redis) only if, from the send
+  to the reply, no other save of the session was in flight here, the tracker's epoch did
+  not change, and every invalidation of the session in that time was the one message that
+  names only v. If that message has not come yet, v is awaited: the next message of the
+  session is consumed only if it names exactly the session and v, and anything else
+  (another version, the key without a version: a write outside this library's save, a
+  destroy, an expiry) takes the trust away as any foreign write does. Every message of a
+  session while a save of it is in flight also takes the trust of the copy before it away
+  (it may be another's write), and in-flight fills are spoiled by every message and by
+  every save sent meanwhile, so no reply older than the save replaces the copy trusted.
+- Sound because a write that ran after ours is in our save's message (naming a second
+  version, or being a non-save write of the same key in the same cycle: see below) or in
+  a later one, which arrives after it and is never consumed. A failed or timed-out save
+  installs nothing trusted and untrusts the copy; its message, if it ran, finds nothing
+  awaiting it and untrusts again. A new epoch (a lost connection) makes every trusted copy
+  untrusted; what was awaited is cleared with it.
+- What it does not see: a write by something other than this library's save script (a
+  hand-made HSET, an eviction) that Redis runs in the same event-loop cycle as, and after,
+  this instance's save of the same session; its key is in the same message, once.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +69,15 @@ class _Cached:
     # The tracker's epoch under which this copy was found current in Redis, with no
     # invalidation of it since: served without asking Redis while that epoch lasts.
     trusted: int = _UNTRUSTED
+
+
+@dataclass(slots=True)
+class _Writing:
+    """This instance's saves of one session in flight (see the module doc)."""
+
+    count: int = 0
+    marker: int | None = None  # the version named by the one message seen meanwhile
+    spoiled: bool = False  # another message came, or two saves overlapped
 
 
 @dataclass(slots=True)
@@ -124,6 +169,11 @@ class HybridStore:
         self._flushed_at = 0  # the sequence number of the last flush (FLUSHDB)
         self._filling: dict[str, int] = {}  # session id -> loads from Redis in flight
         self._invalidated_at: dict[str, int] = {}  # of the sessions being filled
+        self._writing: dict[str, _Writing] = {}  # session id -> own saves in flight
+        # session id -> the version of an own save whose copy is trusted and whose
+        # invalidation has not come yet; all made under tracker epoch _awaiting_epoch.
+        self._awaiting: dict[str, int] = {}
+        self._awaiting_epoch = _UNTRUSTED
         self.max_entries = max_entries
         self.retry_interval = retry_interval
         self._clock = clock
@@ -170,6 +220,9 @@ class HybridStore:
             # FLUSHDB or FLUSHALL: the sessions are gone on purpose, so are our copies
             # (those with writes still queued keep them: the flusher writes them back).
             self._flushed_at = self._invalidations
+            self._awaiting.clear()
+            for saves in self._writing.values():
+                saves.spoiled = True
             for session_id in list(self._cache):
                 if self._queued(session_id):
                     self._cache[session_id].trusted = _UNTRUSTED
@@ -177,10 +230,32 @@ class HybridStore:
                     del self._cache[session_id]
             return
         start = self._key_start
+        # Session id -> the versions this message names for it (a save's second key, see
+        # the module doc), and whether it names the session's key itself.
+        written: dict[str, list[int]] = {}
+        bare: set[str] = set()
         for key in keys:
-            if not (key.startswith(start) and key.endswith("}")):
+            if not key.startswith(start):
                 continue  # another key under the prefix
-            session_id = key[len(start) : -1]
+            if key.endswith("}"):
+                session_id = key[len(start) : -1]
+                bare.add(session_id)
+                written.setdefault(session_id, [])
+                continue
+            session_id, brace, version = key[len(start) :].rpartition("}#")
+            if brace and version.isdigit():
+                written.setdefault(session_id, []).append(int(version))
+        for session_id, versions in written.items():
+            own = session_id in bare and len(versions) == 1
+            awaited = self._awaiting.pop(session_id, None)
+            if own and awaited == versions[0]:
+                continue  # our own save's, whose reply installed the copy it describes
+            writing = self._writing.get(session_id)
+            if writing is not None:
+                if own and awaited is None and writing.marker is None:
+                    writing.marker = versions[0]  # ours if the reply names it
+                else:
+                    writing.spoiled = True
             cached = self._cache.get(session_id)
             if cached is not None:
                 cached.trusted = _UNTRUSTED
@@ -216,6 +291,7 @@ class HybridStore:
         # invalidation of it, no flush and no lost tracking came in between.
         epoch = tracker.epoch if tracker is not None else _UNTRUSTED
         before = self._invalidations
+        saving = session_id in self._writing  # its reply may come before the fill's
         self._filling[session_id] = self._filling.get(session_id, 0) + 1
         try:
             result = await self.redis.load_unless(session_id, known)
@@ -226,6 +302,7 @@ class HybridStore:
         finally:
             clean = (
                 tracker is not None
+                and not saving
                 and tracker.epoch == epoch
                 and self._flushed_at <= before
                 and self._invalidated_at.get(session_id, 0) <= before
@@ -285,11 +362,13 @@ class HybridStore:
             # Earlier writes of this session wait for Redis: this one goes behind them,
             # or the flusher would later write older values over it.
             return self._defer(session_id, changes, cached, created=created, ttl=ttl)
+        epoch = self._saving(session_id)
         try:
             version = await self.redis.save(
                 session_id, changes, created=created, ttl=ttl, create=create
             )
         except StoreUnavailable:
+            self._saved(session_id, None, epoch)
             if self.redis.min_replicas_ack:
                 # Memory is no replica: nothing is deferred. The write may be on the primary
                 # or nowhere; the local copy stays, and the next read that reaches Redis
@@ -298,6 +377,10 @@ class HybridStore:
             if cached is None and not create:
                 raise
             return self._defer(session_id, changes, cached, created=created, ttl=ttl)
+        except BaseException:
+            self._saved(session_id, None, epoch)  # a cancel: it may have run or not
+            raise
+        trusted = self._saved(session_id, version, epoch)
         self._answered()
         if version is None and not create:
             current = self._local(session_id) or cached
@@ -329,8 +412,51 @@ class HybridStore:
             record = SessionRecord(_apply(current.record, changes), created, version, ttl)
         else:
             record = SessionRecord(_apply(current.record, changes), created, _UNKNOWN, ttl)
+            trusted = _UNTRUSTED
         self._remember(session_id, record, ttl)
+        if not self._queued(session_id):
+            self._cache[session_id].trusted = trusted
         return version
+
+    def _saving(self, session_id: str) -> int:
+        """A save of the session is about to be sent: the tracker epoch it goes under."""
+        writing = self._writing.get(session_id)
+        if writing is None:
+            writing = self._writing[session_id] = _Writing()
+        else:
+            writing.spoiled = True  # two in flight: whose message is whose is unknown
+        writing.count += 1
+        if session_id in self._filling:
+            # A fill in flight may read the session before this save and reply after it.
+            self._invalidated_at[session_id] = self._invalidations + 1
+        return self.tracker.epoch if self.tracker is not None else _UNTRUSTED
+
+    def _saved(self, session_id: str, version: int | None, epoch: int) -> int:
+        """A save sent under ``epoch`` came back with ``version`` (None: it failed, made
+        nothing, or its outcome is unknown): the epoch under which the copy its reply
+        describes may be trusted, or _UNTRUSTED (and the copy held is untrusted too)."""
+        writing = self._writing[session_id]
+        writing.count -= 1
+        if not writing.count:
+            del self._writing[session_id]
+        tracker = self.tracker
+        if (
+            version is None
+            or tracker is None
+            or tracker.epoch != epoch
+            or writing.spoiled
+            or writing.marker not in (None, version)
+        ):
+            cached = self._cache.get(session_id)
+            if cached is not None:
+                cached.trusted = _UNTRUSTED
+            return _UNTRUSTED
+        if writing.marker is None:  # its message is still to come: consumed when it does
+            if self._awaiting_epoch != epoch:
+                self._awaiting.clear()  # a lost connection lost those messages
+                self._awaiting_epoch = epoch
+            self._awaiting[session_id] = version
+        return epoch
 
     async def _write_back(
         self,

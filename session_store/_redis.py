@@ -61,7 +61,10 @@ return {pttl, redis.call('HGETALL', KEYS[1])}
 
 # KEYS[1] the hash. ARGV[1] "MODE TTL_MS CREATED_MS N" (MODE create|update; one argument,
 # not four: redis-py's per-argument cost is most of a save's CPU), then N deleted field
-# names, then field/value pairs to set. Returns the new version, or false.
+# names, then field/value pairs to set. Returns the new version, or false. A saved session's
+# client-tracking invalidation also names KEYS[1]#<new version>, a key set and deleted at
+# once (nothing stays): Redis batches one event-loop cycle's writes into one message, each
+# key once, and this name is how a HybridStore tells its own save from another's in it.
 _SAVE = """
 local mode, ttl, created, n = string.match(ARGV[1], '^(%a+) (%d+) (%d+) (%d+)$')
 n = tonumber(n)
@@ -77,6 +80,9 @@ if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 2, 1 + n)) end
 if #ARGV > 1 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 2 + n, #ARGV)) end
 local v = redis.call('HINCRBY', KEYS[1], 'm:v', 1)
 redis.call('PEXPIRE', KEYS[1], ttl)
+local mark = KEYS[1] .. '#' .. v
+redis.call('SET', mark, '')
+redis.call('DEL', mark)
 return v
 """
 
