@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import pytest
 
 from redis_plumbing import RedisServer
 from session_store import Changes, HybridStore, RedisStore
 from session_store._tracking import tracker_for
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_for, async_wait_until
 from tests.session_store.test_tracking import _evalsha_calls, _fence, _held
 
 pytestmark = pytest.mark.anyio
@@ -49,6 +49,20 @@ async def _save(store: HybridStore, session_id: str, *, create: bool = False, **
     version = await store.save(session_id, Changes(f), created=time.time(), ttl=TTL, create=create)
     assert version is not None
     return version
+
+
+async def _blocked_client(redis: RedisStore) -> str:
+    """The id of a client whose command waits in a paused Redis (CLIENT LIST's flag b)."""
+    found: list[str] = []
+
+    async def look() -> bool:
+        listing = await redis.client.execute_command("CLIENT", "LIST", "TYPE", "normal")
+        text = listing.decode() if isinstance(listing, bytes) else str(listing)
+        found[:] = [line.split()[0][3:] for line in text.splitlines() if " flags=b " in line]
+        return bool(found)
+
+    await async_wait_for(look, 5, "a client waiting in the paused Redis")
+    return found[0]
 
 
 async def test_one_save_sends_one_message_naming_the_session_and_its_new_version(
@@ -105,39 +119,43 @@ async def test_reads_after_an_own_write_make_no_redis_round_trip(
 async def test_own_and_foreign_writes_interleaved_never_leave_a_stale_copy(
     pair: tuple[HybridStore, ...],
 ) -> None:
-    """1,000 rounds of a save on A and a save on B of one session, at the same time in a
-    random order and spacing (Redis often runs both in one event-loop cycle and sends one
-    message for both), and reads on A while they fly. After each round and A's fence
-    (every invalidation sent so far received), A's read must be Redis' session."""
+    """1,000 rounds: a save on A and, in 3 rounds of 4, a save on B of the same session, with
+    a read on A, all at once in a random order and spacing (Redis often runs both saves in
+    one event-loop cycle and sends one message for both). After each round and A's fence
+    (every invalidation sent so far received), A's reads must show Redis' session."""
     a, b = pair
     rng = random.Random(16)
     await _save(a, "s", create=True, a="0", b="0")
     stale: list[int] = []
-    hits = a.hits
-    deadline = time.monotonic() + 60
+    kept = 0  # rounds whose first read after the fence came from memory
+    deadline = time.monotonic() + 60  # seconds
 
-    async def later(delay: int, write: asyncio.Future[object] | object) -> None:
-        for _ in range(delay):
+    async def later(steps: int, call: Awaitable[object]) -> None:
+        for _ in range(steps):
             await asyncio.sleep(0)
-        await write  # type: ignore[misc]
+        await call
 
     for n in range(1, 1001):
         assert time.monotonic() < deadline, f"1,000 rounds took over 60 s (at {n})"
-        await asyncio.gather(
-            later(rng.randrange(4), _save(a, "s", a=str(n))),
-            later(rng.randrange(4), _save(b, "s", b=str(n))),
-            later(rng.randrange(4), a.load("s")),
-        )
+        calls = [later(rng.randrange(4), _save(a, "s", a=str(n)))]
+        if rng.random() < 0.75:
+            calls.append(later(rng.randrange(4), _save(b, "s", b=str(n))))
+        calls.append(later(rng.randrange(4), a.load("s")))
+        await asyncio.gather(*calls)
         await _fence(a, a.redis, str(n))
         truth = await a.redis.load("s")
-        mine = await a.load("s")
         assert truth is not None
-        assert mine is not None
-        if dict(mine.fields) != dict(truth.fields):
-            stale.append(n)
-    assert not stale, f"A served a stale copy after {len(stale)} of 1,000 rounds: {stale[:10]}"
-    # And the cache did its work: most reads after a round came from memory.
-    assert a.hits - hits > 300
+        for read in range(2):
+            hits = a.hits
+            mine = await a.load("s")
+            assert mine is not None
+            if dict(mine.fields) != dict(truth.fields):
+                stale.append(n)
+            kept += read == 0 and a.hits > hits
+    print(f"1,000 rounds: {len(stale)} stale reads, {kept} first reads from memory")
+    assert not stale, f"A served a stale copy in {len(stale)} reads of 2,000: rounds {stale[:10]}"
+    # The rounds with A's save alone (~250) keep A's copy: its next read is from memory.
+    assert kept > 150, kept
 
 
 async def test_a_write_that_fails_leaves_no_trusted_copy_behind(own_redis: RedisServer) -> None:
@@ -151,25 +169,26 @@ async def test_a_write_that_fails_leaves_no_trusted_copy_behind(own_redis: Redis
         await b.redis.client.execute_command("CLIENT", "PAUSE", "500", "WRITE")
         # Deferred (Redis did not answer in time): A's memory holds it, Redis will too.
         await _save(a, "s", n="1")
+        assert a.pending == 1
         await async_wait_until(lambda: a.pending == 0, 5, "A's deferred write pushed")
         await _save(b, "s", m="2")
         await _fence(a, b.redis, "after")
         record = await a.load("s")
         assert record is not None
         assert dict(record.fields) == {"n": "1", "m": "2"}
-        # Killed mid-write: every plain connection but B's own is closed under A's save
-        # (which then fails and is deferred, or ran first; redis-py may also retry it).
-        for n in range(2, 22):
+        # Killed mid-write: A's save waits in a paused Redis, its connection is killed, B
+        # writes, Redis goes on. A's save fails (deferred, pushed later) or is sent again.
+        for n in range(2, 12):
             await _held(a, "s")
+            await b.redis.client.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
             save = asyncio.ensure_future(_save(a, "s", n=str(n)))
-            for _ in range(n % 4):
-                await asyncio.sleep(0)
-            await b.redis.client.execute_command(
-                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
-            )
-            await save
+            blocked = await _blocked_client(b.redis)
+            await b.redis.client.execute_command("CLIENT", "KILL", "ID", blocked)
+            other = asyncio.ensure_future(_save(b, "s", m=str(n)))
+            await _blocked_client(b.redis)  # B's save waits too
+            await b.redis.client.execute_command("CLIENT", "UNPAUSE")
+            await asyncio.gather(save, other)
             await async_wait_until(lambda: a.pending == 0, 5, "A's deferred write pushed")
-            await _save(b, "s", m=str(n))
             await _fence(a, b.redis, f"killed-{n}")
             truth = await b.redis.load("s")
             record = await a.load("s")
