@@ -12,7 +12,8 @@ and the argument for this one:
   in the same cycle (ours and another's) make one message, and a count of one consumes
   it: measured, 76 of 300 pairs of simultaneous saves came as one message.
 - So the save script (`_redis`) also sets and deletes ``<key>#<new version>``: each save's
-  message names the version it made, and two saves in one message name two versions.
+  message names the version it made, and two saves in one message name two versions (a
+  destroy names ``<key>#x``: a logout batched with our save is not taken for it).
 - A save's reply gives its new version v; the copy it installs is Redis' session at v only
   when this instance held v - 1 (Redis at v is v - 1 plus this save's changes) or the save
   created the session. It is trusted (served without asking Redis) only if, from the send
@@ -20,8 +21,8 @@ and the argument for this one:
   not change, and every invalidation of the session in that time was the one message that
   names only v. If that message has not come yet, v is awaited: the next message of the
   session is consumed only if it names exactly the session and v, and anything else
-  (another version, the key without a version: a write outside this library's save, a
-  destroy, an expiry) takes the trust away as any foreign write does. Every message of a
+  (another version, a destroy's x, the key alone: a touch, an expiry, a write outside
+  this library's scripts) takes the trust away as any foreign write does. Every message of a
   session while a save of it is in flight also takes the trust of the copy before it away
   (it may be another's write), and in-flight fills are spoiled by every message and by
   every save sent meanwhile, so no reply older than the save replaces the copy trusted.
@@ -31,7 +32,7 @@ and the argument for this one:
   installs nothing trusted and untrusts the copy; its message, if it ran, finds nothing
   awaiting it and untrusts again. A new epoch (a lost connection) makes every trusted copy
   untrusted; what was awaited is cleared with it.
-- What it does not see: a write by something other than this library's save script (a
+- What it does not see: a write by something other than this library's scripts (a
   hand-made HSET, an eviction) that Redis runs in the same event-loop cycle as, and after,
   this instance's save of the same session; its key is in the same message, once.
 """
@@ -230,9 +231,9 @@ class HybridStore:
                     del self._cache[session_id]
             return
         start = self._key_start
-        # Session id -> the versions this message names for it (a save's second key, see
-        # the module doc), and whether it names the session's key itself.
-        written: dict[str, list[int]] = {}
+        # Session id -> what this message names after the session's key and a "#": a save's
+        # new version, "x" for a destroy (see the module doc); and whether it names the key.
+        written: dict[str, list[str]] = {}
         bare: set[str] = set()
         for key in keys:
             if not key.startswith(start):
@@ -242,18 +243,19 @@ class HybridStore:
                 bare.add(session_id)
                 written.setdefault(session_id, [])
                 continue
-            session_id, brace, version = key[len(start) :].rpartition("}#")
-            if brace and version.isdigit():
-                written.setdefault(session_id, []).append(int(version))
-        for session_id, versions in written.items():
-            own = session_id in bare and len(versions) == 1
+            session_id, brace, mark = key[len(start) :].rpartition("}#")
+            if brace:
+                written.setdefault(session_id, []).append(mark)
+        for session_id, marks in written.items():
+            own = session_id in bare and len(marks) == 1 and marks[0].isascii()
+            own = own and marks[0].isdigit()  # ASCII digits only: int() takes them all
             awaited = self._awaiting.pop(session_id, None)
-            if own and awaited == versions[0]:
+            if own and awaited == int(marks[0]):
                 continue  # our own save's, whose reply installed the copy it describes
             writing = self._writing.get(session_id)
             if writing is not None:
                 if own and awaited is None and writing.marker is None:
-                    writing.marker = versions[0]  # ours if the reply names it
+                    writing.marker = int(marks[0])  # ours if the reply names it
                 else:
                     writing.spoiled = True
             cached = self._cache.get(session_id)

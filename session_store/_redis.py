@@ -86,11 +86,15 @@ redis.call('DEL', mark)
 return v
 """
 
-# KEYS[1] the hash. ARGV[1] ttl ms. Replaces the session with a tombstone.
+# KEYS[1] the hash. ARGV[1] ttl ms. Replaces the session with a tombstone. Its invalidation
+# also names KEYS[1]#x (set and deleted), as a save's names its version: so that a HybridStore
+# never takes a destroy batched with its own save for that save alone.
 _DESTROY = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'm:x', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1] .. '#x', '')
+redis.call('DEL', KEYS[1] .. '#x')
 return 1
 """
 

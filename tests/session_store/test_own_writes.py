@@ -158,6 +158,40 @@ async def test_own_and_foreign_writes_interleaved_never_leave_a_stale_copy(
     assert kept > 150, kept
 
 
+async def test_a_destroy_elsewhere_in_the_same_redis_cycle_as_an_own_save_is_seen(
+    pair: tuple[HybridStore, ...],
+) -> None:
+    """A logout on B that Redis runs in the same event-loop cycle as A's save of the same
+    session, after it, comes in the save's message, once: A must still drop its copy. 500
+    sessions, each saved on A and destroyed on B at once, in a random order and spacing."""
+    a, b = pair
+    rng = random.Random(17)
+    served = []
+    deadline = time.monotonic() + 60  # seconds
+
+    async def later(steps: int, call: Awaitable[object]) -> None:
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await call
+
+    for n in range(500):
+        assert time.monotonic() < deadline, f"500 rounds took over 60 s (at {n})"
+        session_id = f"s{n}"
+        await _save(a, session_id, create=True, n="0")
+        await asyncio.gather(
+            later(
+                rng.randrange(3),
+                a.save(session_id, Changes({"n": "1"}), created=0, ttl=TTL, create=False),
+            ),
+            later(rng.randrange(3), b.destroy(session_id, ttl=TTL)),
+        )
+        await _fence(a, a.redis, f"destroyed-{n}")
+        assert await a.redis.load(session_id) is None
+        if await a.load(session_id) is not None:
+            served.append(n)
+    assert not served, f"A served {len(served)} of 500 sessions destroyed on B: {served[:10]}"
+
+
 async def test_a_write_that_fails_leaves_no_trusted_copy_behind(own_redis: RedisServer) -> None:
     """A's save gives up (Redis paused past A's timeout) while Redis runs it later anyway;
     then B writes. A must show B's write once its invalidation is in, never its own copy."""
