@@ -51,6 +51,7 @@ from .control._pin_store import SESSION_TTL, PinStore
 from .control._proxied_tls import ProxiedTlsListener
 from .control._reload import ConfigReloader
 from .control._tls import TlsListener, backend_context
+from .datapath._http2 import Http2Options
 from .datapath._metrics import Metrics
 from .datapath._pool import Pool
 from .datapath._proxy import ProxyOptions, ProxyServer
@@ -235,7 +236,12 @@ class Balancer:
             self.router, self.metrics, proxy_options(settings), clock=clock, backends=self.pool
         )
         # With --tls-cert: the listener's certificates (loaded and checked by _config).
-        self.tls = TlsListener(settings.tls_pairs()) if settings.tls_certs else None
+        self.tls = (
+            TlsListener(settings.tls_pairs(), http2=settings.http2) if settings.tls_certs else None
+        )
+        if self.tls is not None and settings.http2:
+            # ALPN h2 connections are handed to the HTTP/2 protocol (datapath._http2).
+            self.proxy.http2 = Http2Options().factory()
         # https:// backends are verified alike by the data path and the health checks.
         self.backend_tls = backend_context(settings.backend_ca)
         self.proxy.backend_tls = self.backend_tls

@@ -163,6 +163,9 @@ class Settings:
     # default (control._tls); () = plain HTTP.
     tls_certs: tuple[Path, ...] = ()
     tls_keys: tuple[Path, ...] = ()
+    # With TLS, ALPN offers h2 too, and a connection that chooses it is served HTTP/2
+    # (datapath._http2; docs/balancer.md "HTTP/2"), as Caddy and Traefik do by default.
+    http2: bool = True
     # The CA bundle that https:// backends are verified against; None: the system's.
     backend_ca: Path | None = None
     balance: Balance = DEFAULT_BALANCE  # for --sticky none
@@ -430,6 +433,14 @@ def _boolean(value: object) -> bool:
     raise _Invalid(f"expected true or false, got {value!r}")
 
 
+def _switch(value: object) -> bool:
+    """A boolean that the command line takes as a value (`--http2 off`), not as a flag."""
+    try:
+        return _boolean(value)
+    except _Invalid:
+        raise _Invalid(f"expected on or off, got {value!r}") from None
+
+
 def _header_name(value: object) -> str:
     text = _text(value)
     if not is_cookie_name(text):  # a field name is a token too (RFC 9110 section 5.1)
@@ -665,6 +676,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "tls_keys", _each(_path), "the PEM key of each --tls-cert, in order", "tls_key", "PATH"
     ),
+    _Option("http2", _switch, "with --tls-cert, offer HTTP/2 (ALPN h2; on)", None, "on|off"),
     _Option("backend_ca", _path, "CA bundle verifying https:// backends", None, "PATH"),
     _Option(
         "affinity_secrets",

@@ -12,7 +12,8 @@ nothing and the error says which file and why.
 
 Every context has the same settings: TLS 1.2 and 1.3 only, Mozilla's "intermediate"
 cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's defaults, all of them AEAD), no
-compression, no renegotiation, ALPN ``http/1.1``.
+compression, no renegotiation. ALPN offers ``h2`` then ``http/1.1`` on the listener
+(`ALPN_H2`; ``http/1.1`` only with ``--http2 off``, `ALPN`), and ``http/1.1`` to backends.
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ from pathlib import Path
 
 from .._exceptions import TlsError
 
-__all__ = ["ALPN", "CIPHERS", "CertificatePair", "Certificates", "TlsListener", "backend_context"]
+__all__ = [
+    "ALPN",
+    "ALPN_H2",
+    "CIPHERS",
+    "CertificatePair",
+    "Certificates",
+    "TlsListener",
+    "backend_context",
+]
 
 ALPN = ("http/1.1",)
+# The listener's with HTTP/2 (the default): OpenSSL picks the first of the server's list that
+# the client offers too, so a client that offers both gets h2.
+ALPN_H2 = ("h2", "http/1.1")
 # Mozilla's "intermediate" configuration (ssl-config.mozilla.org, guideline 5.7), TLS 1.2
 # suites; its DHE ones are left out: Python loads no DH parameters, so they could never
 # be chosen.
@@ -81,13 +93,14 @@ def _names(pair: CertificatePair) -> tuple[str, ...]:
     return tuple(name.lower() for name in names)
 
 
-def server_context(pair: CertificatePair) -> ssl.SSLContext:
-    """A server context serving `pair`; raises TlsError naming the flag, the file and why."""
+def server_context(pair: CertificatePair, alpn: Sequence[str] = ALPN_H2) -> ssl.SSLContext:
+    """A server context serving `pair`, offering the protocols `alpn`; raises TlsError naming
+    the flag, the file and why."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    context.set_alpn_protocols(list(ALPN))
+    context.set_alpn_protocols(list(alpn))
     _read("--tls-key", pair.key)  # names the key file when it is the one missing
     try:
         context.load_cert_chain(pair.cert, pair.key, password=_no_password)
@@ -105,15 +118,17 @@ def server_context(pair: CertificatePair) -> ssl.SSLContext:
 class Certificates:
     """The contexts of a list of pairs, loaded and checked; the first is the default, served
     to a client that sends no name or one that no certificate has. Raises TlsError for the
-    first pair that does not load."""
+    first pair that does not load. Each context offers the protocols `alpn` (after SNI
+    switched a handshake to one, OpenSSL reads ALPN from it)."""
 
-    def __init__(self, pairs: Sequence[CertificatePair]) -> None:
+    def __init__(self, pairs: Sequence[CertificatePair], alpn: Sequence[str] = ALPN_H2) -> None:
         if not pairs:
             raise ValueError("pairs: at least one certificate is needed")
         self.pairs = tuple(pairs)
+        self.alpn = tuple(alpn)
         # The certificates first: a broken one is then named as such, not as a bad key.
         self.names = tuple(_names(pair) for pair in pairs)
-        self.contexts = tuple(server_context(pair) for pair in pairs)
+        self.contexts = tuple(server_context(pair, alpn) for pair in pairs)
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         for context, names in zip(self.contexts, self.names, strict=True):
@@ -141,13 +156,15 @@ class Certificates:
 
 class TlsListener:
     """The listener's TLS: `context` for ``create_server(ssl=...)``, `reload()` to read the
-    files again. Raises TlsError at construction for a pair that does not load."""
+    files again. ALPN offers h2 and http/1.1, or http/1.1 only without `http2`. Raises
+    TlsError at construction for a pair that does not load."""
 
-    def __init__(self, pairs: Sequence[CertificatePair]) -> None:
-        self.certificates = Certificates(pairs)
+    def __init__(self, pairs: Sequence[CertificatePair], *, http2: bool = True) -> None:
+        alpn = ALPN_H2 if http2 else ALPN
+        self.certificates = Certificates(pairs, alpn)
         # The front context: settings as every other; its certificate is only what a
         # handshake would get if the callback did not switch it (it always does).
-        self.context = server_context(self.certificates.pairs[0])
+        self.context = server_context(self.certificates.pairs[0], alpn)
         self.context.sni_callback = self._sni
         self.reloads = 0
 
@@ -160,7 +177,7 @@ class TlsListener:
     def reload(self) -> Certificates:
         """Load every pair again from its files and serve them to new handshakes; raises
         TlsError (and serves what it served) if any pair does not load."""
-        certificates = Certificates(self.certificates.pairs)
+        certificates = Certificates(self.certificates.pairs, self.certificates.alpn)
         self.certificates = certificates
         self.reloads += 1
         return certificates

@@ -63,7 +63,7 @@ from ._retry import CUT, FAILOVER, IDEMPOTENT, STALE_RETRY, RetryBudget, after_f
 from ._router import Decision
 from ._upstream import UpstreamConnection, UpstreamPool
 
-__all__ = ["ProxyOptions", "ProxyServer", "tune_gc"]
+__all__ = ["ClientSession", "Http2Factory", "ProxyOptions", "ProxyServer", "tune_gc"]
 
 logger = logging.getLogger("balancer")
 access_logger = logging.getLogger("balancer.access")
@@ -104,6 +104,20 @@ class RequestRouter(Protocol):
 # Asks the shared pin store (`--pin-store`) for a session's backend id and calls the second
 # argument with it, or with None (none, an error, a timeout): `control._pin_store.PinStore`.
 PinLookup = Callable[[bytes, Callable[[str | None], None]], None]
+
+
+class ClientSession(Protocol):
+    """A client connection as `ProxyServer` tracks it: `_ClientConnection` (HTTP/1.1), or
+    the HTTP/2 one it hands a connection over to when ALPN chose h2 (`_http2`)."""
+
+    def check_deadline(self, now: float) -> None: ...
+    def shutdown(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+# Makes the protocol that serves a connection whose TLS handshake chose HTTP/2 (ALPN h2),
+# given the server and the client's address: `_http2.Http2Options.factory`.
+Http2Factory = Callable[["ProxyServer", str], asyncio.Protocol]
 
 
 class ProxyMetrics(Protocol):
@@ -302,6 +316,7 @@ class _ClientConnection(asyncio.Protocol):
         self._log = self._options.access_log
         self._out = 0  # bytes written to the client while the access log is on (bytes_out)
         self._out_mark = 0  # `_out` when the last request was logged
+        self._http2 = False  # one HTTP/2 stream's request (`_http2`): the access log says so
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -313,6 +328,15 @@ class _ClientConnection(asyncio.Protocol):
             self._peer = str(peer[0])
         if self._header_client is not None:
             self._peer = self._header_client  # the PROXY header's, read before the handshake
+        http2 = self._server.http2
+        if http2 is not None and _chose_h2(transport):
+            # The handshake chose HTTP/2: its protocol serves the connection from now on.
+            # Here, not in how the listener is made, so any listener gets it; an HTTP/1.1
+            # connection pays a test a connection, nothing a request.
+            protocol = http2(self._server, self._peer)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            return
         local = transport.get_extra_info("sockname")
         if isinstance(local, tuple) and len(local) >= 2:
             host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
@@ -657,7 +681,7 @@ class _ClientConnection(asyncio.Protocol):
             "client": req.client_ip or self._peer,
             "method": req.method.decode("latin-1"),
             "path": head[2].decode("latin-1"),
-            "protocol": "HTTP/1.0" if req.http10 else "HTTP/1.1",
+            "protocol": "HTTP/2.0" if self._http2 else "HTTP/1.0" if req.http10 else "HTTP/1.1",
             "status": req.status,
             # The request line, the fields (as counted against --max-header-bytes), the
             # blank line and the body (de-chunked).
@@ -1200,6 +1224,12 @@ class _ClientConnection(asyncio.Protocol):
             self._paused &= ~reasons
 
 
+def _chose_h2(transport: asyncio.BaseTransport) -> bool:
+    """Whether `transport`'s TLS handshake chose HTTP/2 (ALPN h2); False without TLS."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
+
+
 def _status_for(error: UpstreamError) -> int:
     return 504 if isinstance(error, UpstreamTimeout) else 502
 
@@ -1248,7 +1278,9 @@ class ProxyServer:
         # against --backend-ca or the system's CAs); None: the system's, made on first use.
         self.backend_tls: ssl.SSLContext | None = None
         self._pools: dict[str, UpstreamPool] = {}
-        self._connections: set[_ClientConnection] = set()
+        self._connections: set[ClientSession] = set()
+        # Serves the connections whose handshake chose h2 (`_http2`); None: HTTP/1.1 only.
+        self.http2: Http2Factory | None = None
         self._parked: list[tuple[_ClientConnection, _Request]] = []  # waiting for a backend
         self._waking = False  # `_unpark` is scheduled (`wake`)
         self._server: Listener | None = None
@@ -1399,13 +1431,13 @@ class ProxyServer:
             context = self.backend_tls = ssl.create_default_context()
         return context
 
-    def connection_made(self, client: _ClientConnection) -> None:
+    def connection_made(self, client: ClientSession) -> None:
         self._connections.add(client)
         self.metrics.connection_opened()
         if self.shutting_down:
             client.shutdown()
 
-    def connection_lost(self, client: _ClientConnection) -> None:
+    def connection_lost(self, client: ClientSession) -> None:
         if client in self._connections:
             self._connections.remove(client)
             self.metrics.connection_closed()

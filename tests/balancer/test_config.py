@@ -110,6 +110,7 @@ SOURCES: list[tuple[list[str], dict[str, str], str, str, object]] = [
      f'tls-certs = ["{CERT}"]\ntls-keys = ["{KEY}"]', "tls_keys", (Path(KEY),)),
     (["--backend-ca", CA], {"BALANCER_BACKEND_CA": CA}, f'backend_ca = "{CA}"', "backend_ca",
      Path(CA)),
+    (["--http2", "off"], {"BALANCER_HTTP2": "off"}, "http2 = false", "http2", False),
     (["--balance", "round-robin"], {"BALANCER_BALANCE": "round-robin"},
      'balance = "round-robin"', "balance", "round-robin"),
     (["--hash-balance-factor", "0.5"], {"BALANCER_HASH_BALANCE_FACTOR": "0.5"},
@@ -274,6 +275,7 @@ BAD: list[tuple[list[str], str, str]] = [
     (["--admin-token", "short"], "--admin-token", "at least 16 characters"),
     (["--admin-token", "0123456789abcde"], "--admin-token", "at least 16 characters"),
     (["--workers", "0"], "--workers", "at least 1"),
+    (["--http2", "maybe"], "--http2", "expected on or off"),
     (["--proxy-protocol"], "--proxy-protocol", "needs --trusted-proxy"),
     (["--workers", "two"], "--workers", "expected an integer"),
     (["--workers"], "--workers", "expected one argument"),
@@ -664,7 +666,7 @@ CONFIG_ONLY = {
     "listen", "backends", "sticky", "admin", "admin_token", "config", "workers", "log_format",
     "affinity_cookie", "affinity_max_age", "affinity_secrets", "spawn", "worker_cmd", "app",
     "discover", "dashboard_mode", "dashboard_redis", "pin_store", "affinity_partitioned",
-    "affinity_domain", "affinity_secure", "tls_certs", "tls_keys", "backend_ca",
+    "affinity_domain", "affinity_secure", "tls_certs", "tls_keys", "backend_ca", "http2",
 }  # fmt: skip
 
 

@@ -1,0 +1,377 @@
+"""HTTP/2 to clients over TLS (issue 17), against a real balancer process on 127.0.0.1 with
+certificates from a private CA (`certs`) and real HTTP/1.1 backends (`backends`): ALPN picks
+h2 (http/1.1 still served, and only it with `--http2 off`); many streams on one connection;
+stickiness per stream; a body larger than the client's window; an upload; the limits
+(concurrent streams, header list, rapid reset) and protocol errors, each ending as RFC 9113
+says, with no traceback in the balancer's log. The raw-frame tests drive the h2 library
+directly over an ssl connection (`RawClient`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import httpx
+import pytest
+from h2.errors import ErrorCodes
+
+from tests.balancer.backends import HttpBackend
+from tests.balancer.certs import Authority, Leaf
+from tests.processes import Process, balancer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Authority:
+    return Authority.create(tmp_path / "tls")
+
+
+@pytest.fixture
+def leaf(authority: Authority) -> Leaf:
+    return authority.issue("a", "a.test")
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[tuple[HttpBackend, HttpBackend]]:
+    async with HttpBackend("a") as a, HttpBackend("b") as b:
+        yield a, b
+
+
+def _tls(leaf: Leaf) -> list[str]:
+    return ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key)]
+
+
+def _context(authority: Authority, *alpn: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(authority.cert))
+    context.set_alpn_protocols(list(alpn))
+    return context
+
+
+def _stopped(process: Process) -> str:
+    """Stop the balancer (SIGTERM) and return all it logged."""
+    process.popen.send_signal(signal.SIGTERM)
+    process.popen.wait(15)
+    return process.output()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@dataclass
+class Answer:
+    """One stream as the client saw it."""
+
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    ended: bool = False
+    reset: ErrorCodes | int | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+class RawClient:
+    """An HTTP/2 client made of the h2 library over an asyncio TLS connection: requests as
+    frames, events read into `answers` (DATA acknowledged as read), `terminated` once the
+    server's GOAWAY arrives."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, window: int | None
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.h2 = h2.connection.H2Connection(config)
+        if window is not None:
+            self.h2.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+            )
+        self.h2.initiate_connection()
+        self.answers: dict[int, Answer] = {}
+        self.terminated: h2.events.ConnectionTerminated | None = None
+        self.closed = False
+        self.flush()
+
+    @classmethod
+    async def open(cls, port: int, authority: Authority, window: int | None = None) -> RawClient:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=_context(authority, "h2"), server_hostname="a.test"
+        )
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        return cls(reader, writer, window)
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def request(
+        self,
+        path: str,
+        *,
+        method: bytes = b"GET",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        end: bool = True,
+    ) -> int:
+        stream_id: int = self.h2.get_next_available_stream_id()
+        fields = [(b":method", method), (b":path", path.encode()), (b":scheme", b"https")]
+        fields += [(b":authority", b"a.test"), *(headers or [])]
+        self.h2.send_headers(stream_id, fields, end_stream=end)
+        self.answers[stream_id] = Answer()
+        self.flush()
+        return stream_id
+
+    async def read_until(self, done: Callable[[], bool], within: float = 10.0) -> None:
+        """Read and handle events until `done()` holds or the connection ends."""
+        async with asyncio.timeout(within):
+            while not done() and not self.closed:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.closed = True
+                    return
+                for event in self.h2.receive_data(data):
+                    self._handle(event)
+                self.flush()
+
+    def _handle(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            answer = self.answers[event.stream_id]
+            answer.headers = list(event.headers or [])
+            answer.status = int(dict(answer.headers)[b":status"])
+        elif isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None
+            assert event.data is not None
+            self.answers[event.stream_id].body += event.data
+            self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            self.answers[event.stream_id].ended = True
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            self.answers[event.stream_id].reset = event.error_code
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.terminated = event
+
+    async def answer(self, stream_id: int, within: float = 10.0) -> Answer:
+        answer = self.answers[stream_id]
+        await self.read_until(lambda: answer.ended or answer.reset is not None, within)
+        return answer
+
+    async def goaway(self, within: float = 10.0) -> ErrorCodes | int:
+        """The error code of the server's GOAWAY, read within `within` seconds; closes."""
+        await self.read_until(lambda: self.terminated is not None, within)
+        self.close()
+        assert self.terminated is not None, "the connection ended without a GOAWAY"
+        code = self.terminated.error_code
+        assert code is not None
+        return code
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_alpn_picks_h2_and_a_stream_is_proxied_as_http11(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), "--access-log", admin=False) as (lb, _):
+        url = f"https://127.0.0.1:{_port(lb.url)}/hello"
+        async with httpx.AsyncClient(http2=True, verify=_context(authority)) as client:
+            response = await client.get(url, headers={"cookie": "x=1"})
+        assert response.http_version == "HTTP/2"
+        assert response.status_code == 200
+        assert response.text == "hello from a"
+        seen = a.seen[-1]
+        assert seen.target == "/hello"
+        assert seen.header("host") == "127.0.0.1:" + str(_port(lb.url))
+        assert seen.header("x-forwarded-proto") == "https"
+        assert seen.header("x-forwarded-for") == "127.0.0.1"
+        assert seen.header("cookie") == "x=1"
+        assert seen.header("connection") is None  # hop-by-hop: ours, never forwarded
+        # A client that offers only http/1.1 is served HTTP/1.1 on the same listener.
+        async with httpx.AsyncClient(verify=_context(authority, "http/1.1")) as client:
+            response = await client.get(url)
+        assert response.http_version == "HTTP/1.1"
+        assert response.text == "hello from a"
+        log = _stopped(lb)
+    assert "HTTP/2.0" in log  # the access log's protocol field
+    assert "Traceback" not in log
+
+
+async def test_many_streams_on_one_connection_and_stickiness_per_stream(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, b = backends
+    sticky = ["--sticky", "cookie:sid"]
+    with balancer([a.url, b.url], *_tls(leaf), *sticky, admin=False) as (lb, _):
+        url = f"https://127.0.0.1:{_port(lb.url)}"
+        async with httpx.AsyncClient(http2=True, verify=_context(authority)) as client:
+            # 100 streams at once on one connection (httpx multiplexes h2).
+            first = await client.get(url + "/")
+            pin = first.headers["set-cookie"].split(";")[0]  # a new client is pinned
+            assert pin.startswith("lb_affinity=")
+            responses = await asyncio.gather(
+                *(client.get(url + "/wait/200", headers={"cookie": pin}) for _ in range(100))
+            )
+        assert all(r.http_version == "HTTP/2" and r.status_code == 200 for r in responses)
+        # Every stream of the pinned client reached its backend, and at once (not in turn).
+        assert {r.text for r in responses} == {"waited on " + first.text[-1]}
+        assert max(a.peak, b.peak) > 10
+
+
+async def test_a_body_larger_than_the_window_arrives_whole(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        # A 16 KiB window: 5 MB is over 300 windows, each sent after the client's update.
+        client = await RawClient.open(_port(lb.url), authority, window=16384)
+        try:
+            length = client.request("/stream/5000000")
+            chunked = client.request("/stream/3000000?chunked")
+            head = client.request("/stream/1000", method=b"HEAD")
+            client.flush()
+            whole = await client.answer(length, within=30)
+            assert (whole.status, len(whole.body)) == (200, 5_000_000)
+            assert whole.header(b"content-length") == b"5000000"
+            again = await client.answer(chunked, within=30)
+            assert (again.status, len(again.body), again.reset) == (200, 3_000_000, None)
+            assert again.header(b"transfer-encoding") is None
+            head_answer = await client.answer(head)
+            assert (head_answer.status, bytes(head_answer.body)) == (200, b"")
+        finally:
+            client.close()
+
+
+async def test_request_bodies_are_streamed_to_the_backend(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        url = f"https://127.0.0.1:{_port(lb.url)}"
+        body = bytes(range(256)) * 8192  # 2 MiB: 32 windows of the balancer's 64 KiB
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for at in range(0, len(body), 100_000):
+                yield body[at : at + 100_000]
+
+        async with httpx.AsyncClient(http2=True, verify=_context(authority)) as client:
+            sized = await client.post(url + "/sink", content=body)  # content-length
+            streamed = await client.post(url + "/sink", content=pieces())  # none: chunked
+            echoed = await client.post(url + "/echo", content=b"ping")
+        assert (sized.http_version, sized.text) == ("HTTP/2", str(len(body)))
+        assert streamed.text == str(len(body))
+        assert echoed.content == b"ping"
+        sinks = [seen for seen in a.seen if seen.target == "/sink"]
+        assert [seen.header("content-length") for seen in sinks] == [str(len(body)), None]
+        assert sinks[1].header("transfer-encoding") == "chunked"
+
+
+async def test_too_many_streams_and_an_oversized_header_list_end_the_connection(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        port = _port(lb.url)
+        # 129 streams at once: one more than SETTINGS_MAX_CONCURRENT_STREAMS (sent before
+        # the client read the server's SETTINGS, so its own h2 did not stop it).
+        client = await RawClient.open(port, authority)
+        for _ in range(129):
+            client.request("/wait/3000")
+        assert await client.goaway() == ErrorCodes.PROTOCOL_ERROR
+        # A header list over the limit (32 KiB, as HTTP/1.1's): HPACK cannot go on.
+        client = await RawClient.open(port, authority)
+        client.request("/", headers=[(b"x-big", b"x" * 40_000)])
+        assert await client.goaway() == ErrorCodes.ENHANCE_YOUR_CALM
+        assert not any(seen.header("x-big") for seen in a.seen)
+        # A connection-specific field and an upper-case name: malformed (RFC 9113 8.2).
+        for bad in ((b"connection", b"keep-alive"), (b"X-Upper", b"1")):
+            client = await RawClient.open(port, authority)
+            client.request("/", headers=[bad])
+            assert await client.goaway() == ErrorCodes.PROTOCOL_ERROR
+        # The balancer serves on.
+        client = await RawClient.open(port, authority)
+        assert (await client.answer(client.request("/"))).status == 200
+        client.close()
+        log = _stopped(lb)
+    assert "Traceback" not in log
+
+
+async def test_a_rapid_reset_flood_gets_goaway_and_costs_the_backends_little(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        client = await RawClient.open(_port(lb.url), authority)
+        # Idle keep-alive connections to the backend first: a request routed to one is
+        # written at once (with none, the connect would outlast the reset).
+        warm = [client.request("/wait/100") for _ in range(20)]
+        for stream_id in warm:
+            assert (await client.answer(stream_id)).status == 200
+        # 5,000 streams opened and reset at once (CVE-2023-44487), 50 a write.
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                for _ in range(50):
+                    stream_id = client.request("/wait/1000")
+                    client.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+                client.flush()
+                await client.writer.drain()
+        assert await client.goaway() == ErrorCodes.ENHANCE_YOUR_CALM
+        assert client.terminated is not None
+        flood = [seen for seen in a.seen if seen.target == "/wait/1000"]
+        print(f"GOAWAY after stream {client.terminated.last_stream_id}; backend saw {len(flood)}")
+        assert len(flood) <= 200  # each reset stream cost the backend a request at most
+
+
+async def test_a_reset_stream_abandons_its_backend_connection(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        client = await RawClient.open(_port(lb.url), authority, window=16384)
+        big = client.request("/stream/20000000")
+        client.flush()
+        await client.read_until(lambda: len(client.answers[big].body) > 0)
+        before = a.connections
+        client.h2.reset_stream(big, ErrorCodes.CANCEL)
+        client.flush()
+        after = await client.answer(client.request("/"))
+        assert after.status == 200
+        # The half-read connection was not pooled: the next request opened another.
+        assert a.connections == before + 1
+        client.close()
+
+
+async def test_http2_off_negotiates_http11(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), "--http2", "off", admin=False) as (lb, _):
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            _port(lb.url),
+            ssl=_context(authority, "h2", "http/1.1"),
+            server_hostname="a.test",
+        )
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        writer.close()
+        async with httpx.AsyncClient(http2=True, verify=_context(authority)) as client:
+            response = await client.get(f"https://127.0.0.1:{_port(lb.url)}/")
+        assert (response.http_version, response.text) == ("HTTP/1.1", "hello from a")
