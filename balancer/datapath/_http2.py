@@ -422,6 +422,7 @@ class Http2Connection(asyncio.Protocol):
         self._resets = 0  # streams reset by the client since `_resets_since`
         self._resets_since = 0.0
         self._idle_since = self._clock()
+        self._served = False  # a stream was opened: idle_timeout from then on
 
     def __repr__(self) -> str:
         return f"<Http2Connection [client: {self.client}, streams: {len(self._streams)}]>"
@@ -519,6 +520,7 @@ class Http2Connection(asyncio.Protocol):
         if self._going_away:
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)  # safe to retry elsewhere
             return
+        self._served = True
         headers = cast("list[tuple[bytes, bytes]]", event.headers or [])
         body = event.stream_ended is None
         method = next((value for name, value in headers if name == b":method"), b"")
@@ -653,11 +655,11 @@ class Http2Connection(asyncio.Protocol):
     def check_deadline(self, now: float) -> None:
         for stream in list(self._streams.values()):
             stream.request.check_deadline(now)
-        if (
-            not self._streams
-            and not self._closed
-            and now - self._idle_since > self.server.options.idle_timeout
-        ):
+        options = self.server.options
+        # As on HTTP/1.1: the first request must begin within header_timeout, a later one
+        # within idle_timeout.
+        idle = options.idle_timeout if self._served else options.header_timeout
+        if not self._streams and not self._closed and now - self._idle_since > idle:
             self._goaway(ErrorCodes.NO_ERROR)
 
     def shutdown(self) -> None:

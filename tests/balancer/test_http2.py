@@ -15,6 +15,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -24,6 +25,7 @@ import httpx
 import pytest
 from h2.errors import ErrorCodes
 
+from balancer.datapath._http2 import Http2Options, request_head
 from tests.balancer.backends import HttpBackend
 from tests.balancer.certs import Authority, Leaf
 from tests.processes import Process, balancer
@@ -375,3 +377,50 @@ async def test_http2_off_negotiates_http11(
         async with httpx.AsyncClient(http2=True, verify=_context(authority)) as client:
             response = await client.get(f"https://127.0.0.1:{_port(lb.url)}/")
         assert (response.http_version, response.text) == ("HTTP/1.1", "hello from a")
+
+
+async def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    timeout = ["--header-timeout", "0.5"]
+    with balancer([a.url], *_tls(leaf), *timeout, admin=False) as (lb, _):
+        client = await RawClient.open(_port(lb.url), authority)  # the preface, no stream
+        started = asyncio.get_running_loop().time()
+        assert await client.goaway(within=5) == ErrorCodes.NO_ERROR
+        waited = asyncio.get_running_loop().time() - started
+        # As an HTTP/1.1 connection's first request must begin within --header-timeout.
+        assert waited < 3, f"closed after {waited:.1f} s"
+
+
+def test_a_stream_becomes_an_http11_head() -> None:
+    pseudo = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/cart?x=1")]
+    fields = [(b"cookie", b"sid=1"), (b"host", b"other"), (b"cookie", b"lb=2"), (b"a", b"b")]
+    head = request_head([*pseudo, (b":authority", b"shop.test"), *fields], body=True)
+    assert head == (
+        b"POST /cart?x=1 HTTP/1.1\r\nhost: shop.test\r\ncookie: sid=1; lb=2\r\na: b\r\n"
+        b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    sized = request_head([*pseudo, (b"content-length", b"3"), (b"host", b"h")], body=True)
+    assert sized == (
+        b"POST /cart?x=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\nconnection: close\r\n\r\n"
+    )
+    bare = request_head([(b":method", b"GET"), (b":path", b"/")], body=False)
+    assert bare == b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n"  # no Host: 400, as HTTP/1.1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_concurrent_streams", 0),
+        ("max_resets", 0),
+        ("initial_window_size", 0),
+        ("initial_window_size", 2**31),
+        ("connection_window", 1000),
+        ("reset_window", 0.0),
+        ("reset_window", float("inf")),
+    ],
+)
+def test_options_out_of_range_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        Http2Options(**cast(dict[str, Any], {field: value}))
