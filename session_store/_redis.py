@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import hiredis
 import redis.asyncio
 import redis.exceptions
 from redis.exceptions import AskError, MovedError
@@ -113,6 +114,11 @@ return 1
 
 _SCRIPTS = (_LOAD, _SAVE, _DESTROY, _BIND)
 _DATA = "d:"
+_IDLE_MAX = 64  # pooled connections a store keeps between commands, at most
+# What redis-py raises on a connection a restart or a failover closed: it has closed the
+# connection too, and the next send on it connects again (`_command`).
+_RETRIED = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +195,32 @@ class RedisStore:
         # taken from the pool of one server, or of the node that owns the key's slot.
         self._pool: redis.asyncio.ConnectionPool | None = None
         self._node_for: Callable[[str], Any] | None = None
+        # redis-py leaves execute_command untyped; this is the one place we say what it is.
+        self._execute: Callable[..., Awaitable[Any]] = client.execute_command
+        # Connections this store took from the pool and keeps between commands (see
+        # `_command`), at most half the pool's, so that other users of a shared client
+        # still get theirs.
+        self._idle: list[redis.asyncio.Connection] = []
+        self._idle_max = 0
+        # What every session command goes through: `_command` on one server (or a
+        # Sentinel's primary), the client's own routing on a cluster.
+        self._run: Callable[..., Awaitable[Any]] = self._execute
+        self._pack: Callable[[tuple[str | int, ...]], Any] | None = None
         if isinstance(client, redis.asyncio.RedisCluster):
             self._node_for = client.get_node_from_key
         else:
             self._pool = client.connection_pool
-        # redis-py leaves execute_command untyped; this is the one place we say what it is.
-        self._execute: Callable[..., Awaitable[Any]] = client.execute_command
+            self._idle_max = min(_IDLE_MAX, self._pool.max_connections // 2)
+            self._run = self._command
+            options = self._pool.connection_kwargs
+            if (
+                options.get("encoding", "utf-8") in _UTF8
+                and options.get("encoding_errors", "strict") == "strict"
+            ):
+                # hiredis packs a command in C, as redis-py's packer ends up doing after
+                # encoding each argument in Python (~4 us a command); it encodes text as
+                # UTF-8, strictly, which is what redis-py does unless told otherwise.
+                self._pack = hiredis.pack_command  # type: ignore[assignment]  # its stub: 1-tuples
         self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
 
     @classmethod
@@ -228,18 +254,52 @@ class RedisStore:
             ack_timeout_ms=ack_timeout_ms,
         )
 
+    async def _command(self, *args: str | int) -> Any:
+        """One command on one server, written and read straight on a connection of the
+        client's pool, which this store keeps between commands instead of giving it back.
+
+        `execute_command` costs ~20 us of CPU more a command (issue 16: the pool's lock and
+        its health check of every connection it hands out, metrics hooks, the retry
+        object, the reply callbacks): half a write request's Redis cost. What it did that
+        counts is done here too: redis-py closes a connection on any error but an error
+        reply (and on a cancel), so a kept connection is clean or closed, and a closed one
+        connects again before its next send (to the primary a Sentinel names now); a command
+        that finds its connection closed under it (a restart, a failover) is sent once
+        more, as the client's one retry did."""
+        pool = self._pool
+        assert pool is not None  # `_run` is `_command` only on one server
+        connection = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
+        packed = self._pack(args) if self._pack is not None else connection.pack_command(*args)
+        try:
+            try:
+                if not connection.is_connected:
+                    await connection.connect()
+                await connection.send_packed_command(packed, check_health=False)
+                return await connection.read_response()
+            except _RETRIED:
+                # connect(), not the send's own reconnect: a Sentinel's connection asks
+                # the sentinels where the primary is now only in connect().
+                await connection.connect()
+                await connection.send_packed_command(packed, check_health=False)
+                return await connection.read_response()
+        finally:
+            if len(self._idle) < self._idle_max:
+                self._idle.append(connection)
+            else:
+                await pool.release(connection)
+
     async def _script(self, script: str, key: str, *args: str | int) -> Any:
-        # EVALSHA through execute_command: redis-py's Script objects and evalsha()
-        # add layers that cost ~20% of a session read's CPU (docs/architecture.md,
-        # "Measured facts").
+        # EVALSHA through `_command` (one server) or execute_command (a cluster): redis-py's
+        # Script objects and evalsha() add layers that cost ~20% of a session read's CPU
+        # (docs/architecture.md, "Measured facts").
         sha = self._shas[script]
         try:
-            return await self._execute("EVALSHA", sha, 1, key, *args)
+            return await self._run("EVALSHA", sha, 1, key, *args)
         except redis.exceptions.NoScriptError:
             # First use on this server, or it restarted, or a replica was promoted (the
             # script cache is not replicated): EVAL runs the script and caches it on the
             # node that owns the key, where SCRIPT LOAD would go to every cluster primary.
-            return await self._execute("EVAL", script, 1, key, *args)
+            return await self._run("EVAL", script, 1, key, *args)
 
     def _write(self, script: str, key: str, *args: str | int) -> Awaitable[Any]:
         """Run a writing script; with ``min_replicas_ack``, only return once replicas have it.
@@ -404,7 +464,7 @@ class RedisStore:
         return int(reply) if reply else None
 
     async def touch(self, session_id: str, ttl: float) -> None:
-        await self._call(self.client.pexpire(self.key(session_id), _ms(ttl)))
+        await self._call(self._run("PEXPIRE", self.key(session_id), _ms(ttl)))
 
     async def destroy(self, session_id: str, *, ttl: float) -> None:
         await self._write(_DESTROY, self.key(session_id), _ms(ttl))
@@ -431,6 +491,10 @@ class RedisStore:
         await self._call(self.client.ping())
 
     async def aclose(self) -> None:
+        # The kept connections go back to the pool, which closes them with the client (or
+        # keeps them for a caller's client that outlives this store).
+        while self._idle:
+            await self._pool.release(self._idle.pop())  # type: ignore[union-attr]
         if self._owns_client:
             await self.client.aclose()
 

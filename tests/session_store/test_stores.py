@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio
 
 from redis_plumbing import RedisServer
 from session_store import (
@@ -176,6 +178,42 @@ class TestRedisStore(StoreContract):
         changed = await store.load_unless(sid, (version or 0) - 1)
         assert changed is not None
         assert not isinstance(changed, type(unchanged))
+
+    async def test_a_restart_between_calls_costs_no_call(self, own_redis: RedisServer) -> None:
+        # The store keeps its connections between commands; a restart closes them under
+        # it, and the next command connects again and is sent once more, not failed.
+        store = RedisStore.from_url(own_redis.url)
+        try:
+            sid = new_session_id()
+            await store.save(sid, Changes({"a": "1"}), created=NOW, ttl=60, create=True)
+            for _ in range(3):
+                own_redis.restart()  # empty, with no failed call seen by the store
+                assert await store.load(sid) is None
+                assert await store.save(sid, Changes({"a": "1"}), created=NOW, ttl=60, create=True)
+                record = await store.load(sid)
+                assert record is not None
+                assert record.fields == {"a": "1"}
+        finally:
+            await store.aclose()
+
+    async def test_a_callers_client_gets_its_connections_back(
+        self, redis_server: RedisServer, prefix: str
+    ) -> None:
+        # A store keeps at most half the pool's connections between calls, and gives them
+        # all back when closed: the caller's own client goes on with its whole pool.
+        client = redis.asyncio.Redis.from_url(redis_server.url, max_connections=4)
+        store = RedisStore(client, prefix=prefix)
+        try:
+            sid = new_session_id()
+            await store.save(sid, Changes({"a": "1"}), created=NOW, ttl=60, create=True)
+            await asyncio.gather(*(store.load(sid) for _ in range(4)))
+            # Two kept by the store, two free for the caller.
+            assert await asyncio.gather(client.ping(), client.ping()) == [True, True]
+            await store.aclose()
+            pings = await asyncio.gather(*(client.ping() for _ in range(4)))
+            assert pings == [True] * 4
+        finally:
+            await client.aclose()
 
 
 class TestHybridStore(StoreContract):
