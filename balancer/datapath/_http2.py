@@ -412,7 +412,14 @@ class Http2Connection(asyncio.Protocol):
         self.local_host = b"localhost"
         self._options = options if options is not None else Http2Options()
         self._clock: Callable[[], float] = server.clock
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Inbound fields are validated (RFC 9113 section 8.2); outbound ones are ours, made
+        # valid by `_Stream` (lower-case, no hop-by-hop, httptools-read): not checked again.
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self._h2 = h2.connection.H2Connection(config)
         self._streams: dict[int, _Stream] = {}
         self.transport: asyncio.Transport | None = None
@@ -423,6 +430,7 @@ class Http2Connection(asyncio.Protocol):
         self._resets_since = 0.0
         self._idle_since = self._clock()
         self._served = False  # a stream was opened: idle_timeout from then on
+        self._flush_pending = False  # `_write_out` is scheduled
 
     def __repr__(self) -> str:
         return f"<Http2Connection [client: {self.client}, streams: {len(self._streams)}]>"
@@ -577,13 +585,13 @@ class Http2Connection(asyncio.Protocol):
         and close (one log line, no traceback)."""
         logger.info("http2: client %s: %s: %s", self.client, type(exc).__name__, exc)
         self.server.metrics.rejected("http2_protocol_error")
-        self.flush()
+        self._write_out()
         self._close()
 
     def _goaway(self, code: ErrorCodes) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed
             self._h2.close_connection(code)
-        self.flush()
+        self._write_out()
         self._close()
 
     def _close(self) -> None:
@@ -637,6 +645,15 @@ class Http2Connection(asyncio.Protocol):
             self._h2.acknowledge_received_data(window, stream_id)
 
     def flush(self) -> None:
+        """Write what h2 has to send at the end of this turn of the event loop: the frames
+        of all the streams answered in one turn go out in one TLS write (one record, one
+        system call), not one each."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._flush_pending = False
         data = self._h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
