@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
 from itsdangerous import TimestampSigner
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from redis_plumbing import RedisServer
 from session_store import (
+    Changes,
     HybridStore,
     MemoryStore,
     RedisStore,
+    SessionMiddleware,
     SessionNotLoaded,
     SessionStore,
     SessionTooLarge,
@@ -346,3 +354,43 @@ async def test_secret_rotation_keeps_old_cookies_valid() -> None:
     async with client_for(make_app(store)) as client:
         use_cookie(client, new_cookie)
         assert (await client.get("/read")).json() == {}
+
+
+async def test_each_kind_of_value_is_stored_as_its_json_text() -> None:
+    # Strings, ints, booleans and None skip the JSON encoder object (issue 16): their
+    # texts must still be exactly its texts, and a value JSON cannot hold still a TypeError.
+    values: dict[str, Any] = {
+        "s": 'é"\\\n\u2028', "i": -12, "big": 10**30, "t": True, "f": False, "n": None,
+        "x": 1.5, "l": [1, "a", None], "d": {"k": True},
+    }  # fmt: skip
+
+    async def put(request: Request) -> Response:
+        request.session.update(values)
+        return PlainTextResponse("ok")
+
+    async def bad(request: Request) -> Response:
+        request.session["bad"] = {1, 2}
+        return PlainTextResponse("never sent")
+
+    class Keeping(MemoryStore):
+        """Remembers the texts of its last save."""
+
+        texts: dict[str, str] | None = None
+
+        async def save(
+            self, session_id: str, changes: Changes, *, created: float, ttl: float, create: bool
+        ) -> int | None:
+            self.texts = dict(changes.updated)
+            return await super().save(session_id, changes, created=created, ttl=ttl, create=create)
+
+    store = Keeping()
+    routes = [Route("/put", put, methods=["POST"]), Route("/bad", bad, methods=["POST"])]
+    app = SessionMiddleware(Starlette(routes=routes), store=store, secret_key=SECRET)
+    async with client_for(app) as client:
+        assert (await client.post("/put")).status_code == 200
+        texts = {
+            k: json.dumps(v, separators=(",", ":"), ensure_ascii=False) for k, v in values.items()
+        }
+        assert store.texts == texts
+        with pytest.raises(TypeError, match=r"session\['bad'\] cannot be stored"):
+            await client.post("/bad")
