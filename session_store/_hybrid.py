@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from ._exceptions import StoreUnavailable
 from ._redis import RedisStore, Unchanged
 from ._store import Changes, SessionRecord
-from ._tracking import Tracker, tracker_for
+from ._tracking import Tracking, tracker_for
 
 __all__ = ["HybridStore"]
 
@@ -120,9 +120,9 @@ def _apply(fields: dict[str, str] | SessionRecord, changes: Changes) -> dict[str
 class HybridStore:
     """A bounded in-memory cache in front of a `RedisStore`, for pinned clients.
 
-    Reads come from memory while the local copy is current. On a single Redis server
-    (``tracking=True``, the default) a copy that Redis client tracking vouches for is
-    served with no Redis call at all (`_tracking`, docs/session_store.md); otherwise
+    Reads come from memory while the local copy is current. With ``tracking=True`` (the
+    default; one server, Sentinel or Cluster) a copy that Redis client tracking vouches
+    for is served with no Redis call at all (`_tracking`, docs/session_store.md); otherwise
     one small Lua call compares versions and returns the session only when it changed
     elsewhere (after a failover and return), so a stale copy is never served. Writes
     go to Redis first, then to the cache.
@@ -160,8 +160,8 @@ class HybridStore:
     ) -> None:
         self.redis = redis
         # Server-assisted client tracking (`_tracking`): reads of a copy Redis has not
-        # invalidated are served from memory. None on a Sentinel or a Cluster.
-        self.tracker: Tracker | None = (
+        # invalidated are served from memory, on one server, a Sentinel or a Cluster.
+        self.tracker: Tracking | None = (
             tracker_for(redis.client, redis.prefix, self._invalidated) if tracking else None
         )
         self._key_start = f"{redis.prefix}{{"

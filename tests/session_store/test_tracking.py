@@ -18,6 +18,7 @@ import pytest
 
 from redis_plumbing import RedisServer
 from session_store import Changes, EncryptedStore, HybridStore, RedisStore, SessionStore
+from session_store._tracking import ClusterTracker, Tracker
 from tests.helpers import async_wait_until
 from tests.session_store.app import make_app
 
@@ -142,7 +143,7 @@ async def test_a_killed_tracking_connection_stops_cached_reads_until_it_is_back(
     stores: tuple[HybridStore, ...],
 ) -> None:
     a, b, truth = stores
-    assert a.tracker is not None
+    assert isinstance(a.tracker, Tracker)
     await _create(a, "s", n="1")
     await _held(a, "s")
     old_id, epoch = a.tracker.client_id, a.tracker.epoch
@@ -164,7 +165,7 @@ async def test_a_silent_tracking_connection_stops_cached_reads_after_the_lease(
     stores: tuple[HybridStore, ...],
 ) -> None:
     a, _b, truth = stores
-    assert a.tracker is not None
+    assert isinstance(a.tracker, Tracker)
     await _create(a, "s", n="1")
     await _held(a, "s")
     # Redis answers no client for 0.6 s: the tracking connection's PINGs go unanswered.
@@ -230,7 +231,7 @@ async def test_a_client_reads_its_own_write_on_another_instance_before_the_inval
     def wrapped(store: HybridStore) -> SessionStore:
         return EncryptedStore(store, [key]) if encrypted else store
 
-    assert b.tracker is not None
+    assert isinstance(b.tracker, Tracker)
     late: list[Sequence[str] | None] = []
     deliver = b._invalidated
     b.tracker._on_invalidate = late.append  # B's invalidations held back, in order
@@ -255,16 +256,20 @@ async def test_a_client_reads_its_own_write_on_another_instance_before_the_inval
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["redis+sentinel://127.0.0.1:1/primary", "redis+cluster://127.0.0.1:1"],
-    ids=["sentinel", "cluster"],
+    ("url", "kind"),
+    [
+        ("redis://127.0.0.1:1", Tracker),
+        ("redis+sentinel://127.0.0.1:1/primary", Tracker),
+        ("redis+cluster://127.0.0.1:1", ClusterTracker),
+    ],
+    ids=["server", "sentinel", "cluster"],
 )
-async def test_sentinel_and_cluster_keep_the_version_check_on_every_read(url: str) -> None:
-    # One tracking connection cannot follow a failover's new primary or a cluster's several
-    # primaries (not done yet): those stores ask Redis on every read, as before issue 16.
+async def test_every_topology_has_tracking(url: str, kind: type) -> None:
+    # Before: Sentinel and Cluster had none, and asked Redis on every read (1.0 round trip
+    # a read); test_tracking_topologies.py reads them without one.
     store = HybridStore(RedisStore.from_url(url))
     try:
-        assert store.tracker is None
+        assert isinstance(store.tracker, kind)
     finally:
         await store.aclose()
 
