@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.crc import key_slot
 
-from session_store import Changes, HybridStore, RedisStore
+from session_store import Changes, HybridStore, RedisStore, StoreUnavailable
 from session_store._tracking import ClusterTracker, Tracker
 from tests.helpers import async_wait_until
 from tests.redis_sentinel import HOST, SentinelSetup, info, query
@@ -128,8 +128,10 @@ async def test_sentinel_failover_serves_no_stale_copy_and_tracking_follows(
     await _tracking(a)
     for session_id in ids:
         await _held(a, session_id)
+    killed = time.monotonic()
     old = sentinel.kill_primary()  # SIGKILL, as a crash
     new = sentinel.wait_failover(old)
+    promoted = time.monotonic() - killed
     # Another client writes every session on the new primary right away: not one read may
     # show the value from before, whatever copy A held.
     other = RedisStore.from_url(f"redis://{HOST}:{new.port}", prefix=prefix)
@@ -143,6 +145,10 @@ async def test_sentinel_failover_serves_no_stale_copy_and_tracking_follows(
         await other.aclose()
     # Tracking is back, on the new primary, within a bounded time: reads from memory again.
     await async_wait_until(lambda: _tracked_port(a) == new.port, 10, "tracking on the new primary")
+    print(
+        f"sentinel: promoted {promoted:.2f} s after the kill, "
+        f"tracking on the new primary {time.monotonic() - killed:.2f} s after it"
+    )
     await _held(a, "s0")
     per_read = await _round_trips_per_read(a, "s0", [new.port])
     assert per_read == 0
@@ -252,6 +258,7 @@ async def test_cluster_a_killed_tracking_connection_stops_cached_reads_until_it_
         old_id, epoch = node.client_id, tracker.epoch
         assert old_id is not None
         assert query(port, "CLIENT", "KILL", "ID", str(old_id)) == 1
+        killed = time.monotonic()
         await async_wait_until(partial(_moved_on, tracker, epoch), 5, "the loss to be seen")
         # Lost: B's write on that node is not invalidated at A, and A must not serve its copy.
         await _update(b, session_id, n=f"after-{port}")
@@ -260,6 +267,69 @@ async def test_cluster_a_killed_tracking_connection_stops_cached_reads_until_it_
         assert a.hits == hits
         # Back (a new connection on that node): cached reads again, after one fill.
         await async_wait_until(lambda: tracker.current, 5, "tracking to be back")
+        print(f"cluster: tracking on {port} back {(time.monotonic() - killed) * 1e3:.0f} ms after")
         assert tracker.trackers[(HOST, port)].client_id != old_id
         await _held(a, session_id)
         assert await _fields(a, session_id) == {"n": f"after-{port}"}
+
+
+@pytest.mark.timeout(60)
+async def test_cluster_failover_serves_no_stale_copy_and_tracking_follows(prefix: str) -> None:
+    # A cluster of its own: this one loses a primary.
+    with start_cluster() as cluster:
+        a = HybridStore(RedisStore.from_url(cluster.url, prefix=prefix))
+        other = RedisStore.from_url(cluster.url, prefix=prefix)
+        try:
+            sessions = _one_session_per_primary(cluster, a.redis)
+            for session_id in sessions.values():
+                await _create(a, session_id, n="0")
+            await _tracking(a)
+            for session_id in sessions.values():
+                await _held(a, session_id)
+            victim = cluster.primaries[0]
+            session_id = sessions[victim.port]
+            replica = cluster.replica_of(victim)
+            killed = time.monotonic()
+            cluster.kill(victim)
+            cluster.wait_promoted(replica)
+            # Written on the promoted replica right away: no read vouched for by tracking (a
+            # hit) shows the value from before. Until A's client has the new slot map its
+            # calls fail, and it serves its copy as in any Redis outage (not a hit).
+            await _update_store(other, session_id, "1")
+            hits = a.hits
+            deadline = time.monotonic() + 5
+            while await _fields(a, session_id) != {"n": "1"}:
+                assert a.hits == hits, "a copy from before the failover served as current"
+                assert time.monotonic() < deadline, "A's client never reached the new primary"
+                await asyncio.sleep(0.05)
+            # Tracking follows: the promoted replica is tracked, the dead primary is not.
+            tracker = a.tracker
+            assert isinstance(tracker, ClusterTracker)
+            primaries = {(HOST, node.port) for node in cluster.current_primaries()}
+            await async_wait_until(
+                lambda: set(tracker.trackers) == primaries and tracker.current,
+                10,
+                "tracking on the promoted replica",
+            )
+            print(f"cluster: tracking on the promoted replica {time.monotonic() - killed:.2f} s")
+            await _held(a, session_id)
+            assert await _round_trips_per_read(a, session_id, [replica.port]) == 0
+        finally:
+            await a.aclose()
+            await other.aclose()
+
+
+async def _update_store(store: RedisStore, session_id: str, n: str) -> None:
+    # The failover may take a moment to reach the client's slot map: a few tries, bounded.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            version = await store.save(
+                session_id, Changes({"n": n}), created=time.time(), ttl=60, create=False
+            )
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "the cluster took no write for 5 s"
+            await asyncio.sleep(0.05)
+            continue
+        assert version is not None
+        return
