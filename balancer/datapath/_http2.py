@@ -446,18 +446,22 @@ class Http2Connection(asyncio.Protocol):
         options = self._options
         header_list = self.server.options.max_header_bytes
         h2c = self._h2
-        # Our SETTINGS as the connection's first frame; h2 enforces the stream limit and the
-        # header list size (as it decodes: an oversized list is GOAWAY, HPACK's state lost).
-        h2c.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: options.max_concurrent_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: header_list,
-                SettingCodes.INITIAL_WINDOW_SIZE: options.initial_window_size,
-            },
-        )
+        settings = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: options.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: header_list,
+            SettingCodes.INITIAL_WINDOW_SIZE: options.initial_window_size,
+        }
+        # Our SETTINGS as the connection's first frame; h2 enforces the header list size
+        # (as it decodes: an oversized list is GOAWAY, HPACK's state is lost).
+        h2c.local_settings = h2.settings.Settings(client=False, initial_values=settings)
         h2c.decoder.max_header_list_size = header_list
         h2c.initiate_connection()
+        # Past the stream limit, h2 would end the whole connection; RFC 9113 section 5.1.2
+        # wants that stream refused alone (as nginx does). Once the SETTINGS frame is
+        # written, h2 is given no limit of its own (nothing else reads it), and `_request`
+        # refuses the streams past ours.
+        settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 2**31 - 1
+        h2c.local_settings = h2.settings.Settings(client=False, initial_values=settings)
         if options.connection_window > _DEFAULT_WINDOW:
             h2c.increment_flow_control_window(options.connection_window - _DEFAULT_WINDOW)
         self.server.connection_made(self)
@@ -528,6 +532,13 @@ class Http2Connection(asyncio.Protocol):
         if self._going_away:
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)  # safe to retry elsewhere
             return
+        if len(self._streams) >= self._options.max_concurrent_streams:
+            # Past the limit the client was told: refused, and counted as a reset (a client
+            # that keeps opening streams past it is flooding as one that resets them).
+            self.server.metrics.rejected("http2_refused_stream")
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._count_reset()
+            return
         self._served = True
         headers = cast("list[tuple[bytes, bytes]]", event.headers or [])
         body = event.stream_ended is None
@@ -549,8 +560,12 @@ class Http2Connection(asyncio.Protocol):
         stream = self._streams.pop(event.stream_id, None)
         if stream is not None:
             stream.cancel()
-        if not event.remote_reset:
-            return
+        if event.remote_reset:
+            self._count_reset()
+
+    def _count_reset(self) -> None:
+        """One more stream reset by the client or refused: past `max_resets` within
+        `reset_window`, GOAWAY(ENHANCE_YOUR_CALM)."""
         now = self._clock()
         if now - self._resets_since > self._options.reset_window:
             self._resets_since = now
