@@ -323,8 +323,8 @@ class ClusterTracker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._base = self.epoch + 1  # never back, with no tracker left to add
         trackers, self.trackers = list(self.trackers.values()), {}
-        self._base += 1
         self._changed()
         for tracker in trackers:
             await tracker.aclose()
@@ -353,7 +353,7 @@ class ClusterTracker:
         # new tracker is subscribed.
         self._base = epoch + 1 - sum(tracker.epoch for tracker in self.trackers.values())
         self._changed()
-        if gone or self._task is not None:
+        if gone:
             logger.info("session cache: tracking the cluster's primaries %s", sorted(addresses))
         for tracker in self.trackers.values():
             tracker.start()
