@@ -157,15 +157,14 @@ class Seen:
 class HttpBackend:
     """A raw HTTP/1.1 server; see the module docstring. Routes (by path prefix):
 
-    `/echo` the body back; `/chunked` a chunked answer; `/sink` counts the body, answers
-    its size; `/stream/N` N bytes (`?chunked` for chunked); `/slow` never answers;
-    `/reset` resets the connection; `/wait/MS` answers after MS milliseconds (a slow
-    backend: `in_progress` and its `peak` count such requests at once); `/until-close` a
-    body ended by closing; `/http10` an HTTP/1.0 answer, then a close; `/interim` a 103
-    then the answer; `/early` a 413 before reading the body; anything else
-    `hello from NAME`. With `drop_second`, the
-    second request on each connection is met by a close, as a backend closing an idle
-    keep-alive connection would.
+    `/echo` the body back; `/chunked` a chunked answer; `/sink` counts the body, answers its
+    size; `/stream/N` N bytes (`?chunked` for chunked); `/slow` never answers; `/reset`
+    resets the connection; `/cut` half a body, then a reset; `/wait/MS` answers after MS
+    milliseconds (a slow backend: `in_progress` and its `peak` count such requests at once);
+    `/until-close` a body ended by closing; `/http10` an HTTP/1.0 answer, then a close;
+    `/interim` a 103 then the answer; `/early` a 413 before reading the body; anything else
+    `hello from NAME`. With `drop_second`, the second request on each connection is met by a
+    close, as a backend closing an idle keep-alive connection would.
     """
 
     def __init__(self, name: str = "a", *, drop_second: bool = False) -> None:
@@ -263,6 +262,12 @@ class HttpBackend:
             finally:
                 self.in_progress -= 1
         elif path.startswith("/reset"):
+            writer.transport.abort()
+            return False
+        elif path.startswith("/cut"):
+            # Half of a 1,000-byte body, then a reset: a backend that fails mid-response.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+            await writer.drain()
             writer.transport.abort()
             return False
         elif path.startswith("/until-close"):

@@ -107,6 +107,7 @@ class RawClient:
             )
         self.h2.initiate_connection()
         self.answers: dict[int, Answer] = {}
+        self.ack = True  # acknowledge DATA as it is read (else the windows stay shut)
         self.terminated: h2.events.ConnectionTerminated | None = None
         self.closed = False
         self.flush()
@@ -161,7 +162,9 @@ class RawClient:
             assert event.stream_id is not None
             assert event.data is not None
             self.answers[event.stream_id].body += event.data
-            self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+            if self.ack:
+                length = event.flow_controlled_length or 0
+                self.h2.acknowledge_received_data(length, event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
             self.answers[event.stream_id].ended = True
@@ -429,3 +432,28 @@ def test_a_stream_becomes_an_http11_head() -> None:
 def test_options_out_of_range_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         Http2Options(**cast(dict[str, Any], {field: value}))
+
+
+async def test_a_cut_response_is_reset_and_a_shut_window_times_out(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    timeout = ["--upstream-response-timeout", "1"]
+    with balancer([a.url], *_tls(leaf), *timeout, "--max-attempts", "1", admin=False) as (lb, _):
+        client = await RawClient.open(_port(lb.url), authority, window=16384)
+        # The backend fails mid-body: the stream is reset, never ended as if whole.
+        cut = await client.answer(client.request("/cut"))
+        assert (cut.status, cut.ended, cut.reset) == (200, False, ErrorCodes.INTERNAL_ERROR)
+        assert len(cut.body) < 1000
+        # A client that never opens its window again: the stream is reset after the
+        # response timeout (1 s here), its backend connection dropped, the connection kept.
+        client.ack = False
+        started = asyncio.get_running_loop().time()
+        stalled = await client.answer(client.request("/stream/5000000"), within=10)
+        waited = asyncio.get_running_loop().time() - started
+        assert stalled.reset == ErrorCodes.CANCEL
+        assert len(stalled.body) == 16384  # one window, no more
+        assert 1 <= waited < 5
+        client.ack = True
+        assert (await client.answer(client.request("/"))).status == 200
+        client.close()
