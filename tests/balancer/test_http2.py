@@ -28,6 +28,7 @@ from h2.errors import ErrorCodes
 from balancer.datapath._http2 import Http2Options, request_head
 from tests.balancer.backends import HttpBackend
 from tests.balancer.certs import Authority, Leaf
+from tests.helpers import async_wait_for
 from tests.processes import Process, balancer
 
 pytestmark = pytest.mark.anyio
@@ -457,3 +458,32 @@ async def test_a_cut_response_is_reset_and_a_shut_window_times_out(
         client.ack = True
         assert (await client.answer(client.request("/"))).status == 200
         client.close()
+
+
+async def test_at_shutdown_open_streams_finish_and_new_ones_are_refused(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        client = await RawClient.open(_port(lb.url), authority)
+        slow = client.request("/wait/1500")
+
+        async def arrived() -> bool:
+            return any(seen.target == "/wait/1500" for seen in a.seen)
+
+        await async_wait_for(arrived, 5, "the slow request at the backend")
+        lb.popen.send_signal(signal.SIGTERM)
+        # New streams are refused once the balancer is shutting down (safe to retry
+        # elsewhere: REFUSED_STREAM); the ones before are answered.
+        refused = None
+        for _ in range(200):
+            answer = await client.answer(client.request("/"))
+            if answer.reset is not None:
+                refused = answer.reset
+                break
+            assert answer.status == 200
+        assert refused == ErrorCodes.REFUSED_STREAM
+        finished = await client.answer(slow)
+        assert (finished.status, bytes(finished.body)) == (200, b"waited on a")
+        assert await client.goaway() == ErrorCodes.NO_ERROR
+        assert lb.popen.wait(10) == 0
