@@ -358,10 +358,10 @@ class _Stream(asyncio.Transport):
         """Queue what the client's windows take now (the caller flushes); pause or resume
         the backend."""
         connection = self.connection
-        if not connection.writable():
-            return
         out = self._out
-        while out:
+        # While the socket's buffer is full nothing is sent, but what waits is still
+        # counted below: past _SEND_HIGH the backend is not read.
+        while out and connection.writable():
             window = connection.window(self.id)
             if window <= 0:
                 break
@@ -378,7 +378,7 @@ class _Stream(asyncio.Transport):
                     self._out_at = 0
             self._out_bytes -= size
             connection.send_data(self.id, piece)
-        if self._ended and not out and not self._end_sent:
+        if self._ended and not out and not self._end_sent and connection.writable():
             self._end_sent = True
             connection.end_stream(self.id)
             if not self.client_done:

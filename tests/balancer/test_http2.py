@@ -67,6 +67,17 @@ def _stopped(process: Process) -> str:
     return process.output()
 
 
+async def _exit(process: Process, within: float = 10.0) -> int:
+    """Stop the balancer (SIGTERM) while this loop, its backends', runs on; its exit code."""
+    process.popen.send_signal(signal.SIGTERM)
+
+    async def exited() -> bool:
+        return process.popen.poll() is not None
+
+    await async_wait_for(exited, within, "the balancer to exit")
+    return process.popen.returncode
+
+
 def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
@@ -487,3 +498,32 @@ async def test_at_shutdown_open_streams_finish_and_new_ones_are_refused(
         assert (finished.status, bytes(finished.body)) == (200, b"waited on a")
         assert await client.goaway() == ErrorCodes.NO_ERROR
         assert lb.popen.wait(10) == 0
+
+
+def _rss(pid: int) -> int:
+    """The resident memory of process `pid`, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_client_that_stops_reading_the_socket_holds_no_whole_body(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        # Windows as large as HTTP/2 allows, so that only the socket holds the body back.
+        client = await RawClient.open(_port(lb.url), authority, window=2**31 - 1)
+        client.h2.increment_flow_control_window(2**31 - 1 - 65535)
+        before = _rss(lb.popen.pid)
+        client.request("/stream/400000000")  # 400 MB, and the client reads no byte more
+        loop = asyncio.get_running_loop()
+        grown, deadline = 0, loop.time() + 3
+        while loop.time() < deadline:  # what the balancer holds, watched for 3 s
+            grown = max(grown, _rss(lb.popen.pid) - before)
+            await asyncio.sleep(0.05)
+        client.writer.transport.abort()  # a close would wait to send TLS's close_notify
+        # The socket's buffers and a window's worth a stream at most, not the body.
+        assert grown < 64 << 20, f"the balancer grew by {grown >> 20} MiB"
+        assert await _exit(lb) == 0
