@@ -22,6 +22,11 @@ the rapid-reset defence of CVE-2023-44487: streams the client resets are counted
 and past `max_resets` the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed. A stream
 reset in the same read as its request never starts, so a flood of them costs the backends
 nothing; one reset later abandons its backend connection (never back to the pool half-read).
+The control-frame floods of CVE-2019-9512, -9515 and -9518 (PING, SETTINGS, empty DATA,
+PRIORITY: frames that cost the client nothing and each make h2 act or answer) are counted in
+the same way against `max_control_frames`; and while the socket's write buffer is over its
+high-water mark (`pause_writing`) the client is not read, so the answers h2 writes whatever
+the socket's state (PING and SETTINGS acknowledgements) stay bounded by one read's worth.
 """
 
 from __future__ import annotations
@@ -69,6 +74,15 @@ _SEND_HIGH: Final = 65536  # bytes of response a stream holds for the client's w
 _SEND_LOW: Final = 16384  # ... then its backend is read again once they are down to this
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _DEFAULT_WINDOW: Final = 65535  # RFC 9113 section 6.9.2
+# The events of frames that cost a client nothing and the server a turn or an answer (the
+# control-frame floods of CVE-2019-9512, -9515, -9518; SETTINGS and empty DATA are counted
+# where they are handled).
+_CONTROL: Final = (
+    h2.events.PingReceived,
+    h2.events.PingAckReceived,
+    h2.events.SettingsAcknowledged,
+    h2.events.PriorityUpdated,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +104,13 @@ class Http2Options:
     # within `reset_window` seconds, and the connection gets GOAWAY(ENHANCE_YOUR_CALM).
     max_resets: int = 200
     reset_window: float = 10.0
+    # The control-frame flood defence (CVE-2019-9512, -9515, -9518): more PING, SETTINGS,
+    # PRIORITY and empty DATA frames than this within `reset_window` seconds, and the
+    # connection gets GOAWAY(ENHANCE_YOUR_CALM). A browser sends a handful a connection.
+    max_control_frames: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_streams", "max_resets"):
+        for name in ("max_concurrent_streams", "max_resets", "max_control_frames"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value!r}")
@@ -110,6 +128,25 @@ class Http2Options:
     def factory(self) -> Http2Factory:
         """What `ProxyServer.http2` takes: makes the protocol of an h2 connection."""
         return partial(Http2Connection, options=self)
+
+
+class _Budget:
+    """Events of one kind from a client, counted in windows of `window` seconds (a window
+    starts at the first event after the last one ended): `spend` says whether more than
+    `limit` came within the current one. Pure: the caller passes the time."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window  # seconds
+        self.count = 0
+        self.since = -math.inf  # when the current window began
+
+    def spend(self, now: float, events: int = 1) -> bool:
+        if now - self.since > self.window:
+            self.since = now
+            self.count = 0
+        self.count += events
+        return self.count > self.limit
 
 
 def request_head(headers: Iterable[tuple[bytes, bytes]], *, body: bool) -> bytes:
@@ -426,8 +463,8 @@ class Http2Connection(asyncio.Protocol):
         self._write_paused = False
         self._closed = False
         self._going_away = False  # shutting down: no new stream; GOAWAY once idle
-        self._resets = 0  # streams reset by the client since `_resets_since`
-        self._resets_since = 0.0
+        self._resets = _Budget(self._options.max_resets, self._options.reset_window)
+        self._control = _Budget(self._options.max_control_frames, self._options.reset_window)
         self._idle_since = self._clock()
         self._served = False  # a stream was opened: idle_timeout from then on
         self._flush_pending = False  # `_write_out` is scheduled
@@ -477,9 +514,18 @@ class Http2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True  # the socket's buffer is full: streams hold their bytes
+        # ... and the client is not read until it drains: h2 answers PING and SETTINGS
+        # whatever the socket's state, so a client that sends them and reads nothing would
+        # have them pile up here one for one (CVE-2019-9512, -9515), as nginx and Envoy stop.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
         for stream in list(self._streams.values()):
             stream.send()
         self.flush()
@@ -496,6 +542,7 @@ class Http2Connection(asyncio.Protocol):
         # A stream reset in the same read as its request never starts (CVE-2023-44487:
         # opened and reset at once, it must cost the backends nothing).
         reset = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
+        control = 0  # frames of the control-frame floods (CVE-2019-9512, -9515, -9518)
         for event in events:
             if isinstance(event, h2.events.DataReceived):
                 self._data(event)
@@ -510,12 +557,18 @@ class Http2Connection(asyncio.Protocol):
             elif isinstance(event, h2.events.WindowUpdated):
                 self._window_opened(event.stream_id)
             elif isinstance(event, h2.events.RemoteSettingsChanged):
+                control += 1
                 if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                     self._window_opened(0)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._going_away = True  # the client's GOAWAY: finish what is open
+            elif isinstance(event, _CONTROL):
+                control += 1
             if self._closed:
                 return
+        if control and self._control.spend(self._clock(), control):
+            self._flood()
+            return
         self.flush()
         if self._going_away and not self._streams:
             self._close()
@@ -550,6 +603,12 @@ class Http2Connection(asyncio.Protocol):
 
     def _data(self, event: h2.events.DataReceived) -> None:
         window = event.flow_controlled_length or 0
+        # An empty DATA frame that does not end its stream is a no-op that still costs a
+        # turn (CVE-2019-9518): a control frame.
+        empty = not event.data and event.stream_ended is None
+        if empty and self._control.spend(self._clock()):
+            self._flood()
+            return
         stream = self._streams.get(event.stream_id)
         if stream is None:
             self.acknowledge(event.stream_id, window)
@@ -566,12 +625,7 @@ class Http2Connection(asyncio.Protocol):
     def _count_reset(self) -> None:
         """One more stream reset by the client or refused: past `max_resets` within
         `reset_window`, GOAWAY(ENHANCE_YOUR_CALM)."""
-        now = self._clock()
-        if now - self._resets_since > self._options.reset_window:
-            self._resets_since = now
-            self._resets = 0
-        self._resets += 1
-        if self._resets > self._options.max_resets:
+        if self._resets.spend(self._clock()):
             self._calm()
 
     def _window_opened(self, stream_id: int) -> None:
@@ -593,6 +647,20 @@ class Http2Connection(asyncio.Protocol):
             options.reset_window,
         )
         self.server.metrics.rejected("http2_rapid_reset")
+        self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _flood(self) -> None:
+        """Too many control frames: GOAWAY(ENHANCE_YOUR_CALM) and close (CVE-2019-9512,
+        -9515, -9518)."""
+        options = self._options
+        logger.warning(
+            "http2: client %s sent more than %d control frames within %.0fs:"
+            " GOAWAY ENHANCE_YOUR_CALM",
+            self.client,
+            options.max_control_frames,
+            options.reset_window,
+        )
+        self.server.metrics.rejected("http2_control_flood")
         self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _fail(self, exc: h2.exceptions.ProtocolError) -> None:

@@ -121,6 +121,7 @@ class RawClient:
         self.answers: dict[int, Answer] = {}
         self.ack = True  # acknowledge DATA as it is read (else the windows stay shut)
         self.terminated: h2.events.ConnectionTerminated | None = None
+        self.pings = 0  # PING acknowledgements read
         self.closed = False
         self.flush()
 
@@ -185,6 +186,8 @@ class RawClient:
             self.answers[event.stream_id].reset = event.error_code
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.terminated = event
+        elif isinstance(event, h2.events.PingAckReceived):
+            self.pings += 1
 
     async def answer(self, stream_id: int, within: float = 10.0) -> Answer:
         answer = self.answers[stream_id]
@@ -434,6 +437,7 @@ def test_a_stream_becomes_an_http11_head() -> None:
     [
         ("max_concurrent_streams", 0),
         ("max_resets", 0),
+        ("max_control_frames", 0),
         ("initial_window_size", 0),
         ("initial_window_size", 2**31),
         ("connection_window", 1000),
@@ -526,4 +530,71 @@ async def test_a_client_that_stops_reading_the_socket_holds_no_whole_body(
         client.writer.transport.abort()  # a close would wait to send TLS's close_notify
         # The socket's buffers and a window's worth a stream at most, not the body.
         assert grown < 64 << 20, f"the balancer grew by {grown >> 20} MiB"
+        assert await _exit(lb) == 0
+
+
+async def test_a_ping_flood_from_a_client_that_reads_nothing_is_bounded_and_cut(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        client = await RawClient.open(_port(lb.url), authority)
+        assert (await client.answer(client.request("/"))).status == 200
+        before = _rss(lb.popen.pid)
+        # 1,000,000 PINGs (CVE-2019-9512), 17 bytes each, written as raw frames, and not a
+        # byte read meanwhile: each asks the balancer for a 17-byte acknowledgement (17 MB,
+        # more than the kernel's socket buffers take).
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"pingpong"
+        grown, sent = 0, 0
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(5):  # a balancer that stops reading stops the writes
+                for _ in range(1000):
+                    client.writer.write(ping * 1000)
+                    await client.writer.drain()
+                    sent += 1000
+                    grown = max(grown, _rss(lb.popen.pid) - before)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while loop.time() < deadline:  # what the balancer holds, watched for 3 s
+            grown = max(grown, _rss(lb.popen.pid) - before)
+            await asyncio.sleep(0.05)
+        print(f"sent {sent} PINGs unread: the balancer grew {grown / 2**20:.1f} MiB")
+        code = await client.goaway(within=10)
+        print(f"{client.pings} acknowledged before the GOAWAY")
+        assert code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert client.pings <= 5000  # the limit (1,000 in 10 s), plus one read's worth
+        assert grown < 8 << 20, f"the balancer grew by {grown >> 20} MiB"
+        log = _stopped(lb)
+    assert "Traceback" not in log
+
+
+async def test_a_client_whose_answers_pile_up_is_not_read_until_they_drain(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    with balancer([a.url], *_tls(leaf), admin=False) as (lb, _):
+        # Windows wide open and a large body asked, not a byte of it read: the balancer's
+        # write buffer goes over its high-water mark.
+        client = await RawClient.open(_port(lb.url), authority, window=2**31 - 1)
+        client.h2.increment_flow_control_window(2**31 - 1 - 65535)
+        client.request("/stream/400000000")
+
+        async def stopped_reading() -> bool:  # the client's own buffer full: it reads no more
+            return not cast(asyncio.Transport, client.writer.transport).is_reading()
+
+        await async_wait_for(stopped_reading, 5, "the client's buffer to fill")
+        # Then 40 MB of frames of an unknown type (h2 reads and ignores them: no answer, no
+        # limit counts them), as fast as the balancer takes them.
+        frame = b"\x00\x40\x00\x20\x00\x00\x00\x00\x00" + b"u" * 16384
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                while sent < 40_000_000:
+                    client.writer.write(frame * 16)
+                    await client.writer.drain()
+                    sent += len(frame) * 16
+        client.writer.transport.abort()
+        print(f"{sent / 1e6:.1f} MB of the client's taken in 3 s")
+        # Stopped once the kernel's buffers are full, not read on (its answers would pile up).
+        assert sent < 20_000_000
         assert await _exit(lb) == 0
