@@ -74,6 +74,9 @@ _SEND_HIGH: Final = 65536  # bytes of response a stream holds for the client's w
 _SEND_LOW: Final = 16384  # ... then its backend is read again once they are down to this
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _DEFAULT_WINDOW: Final = 65535  # RFC 9113 section 6.9.2
+# A header list is decoded up to this many times SETTINGS_MAX_HEADER_LIST_SIZE (431 past
+# that, from the rebuilt head); past it, HPACK gives up and the connection is lost.
+_HEADER_LIST_DECODED: Final = 4
 # The events of frames that cost a client nothing and the server a turn or an answer (the
 # control-frame floods of CVE-2019-9512, -9515, -9518; SETTINGS and empty DATA are counted
 # where they are handled).
@@ -488,10 +491,14 @@ class Http2Connection(asyncio.Protocol):
             SettingCodes.MAX_HEADER_LIST_SIZE: header_list,
             SettingCodes.INITIAL_WINDOW_SIZE: options.initial_window_size,
         }
-        # Our SETTINGS as the connection's first frame; h2 enforces the header list size
-        # (as it decodes: an oversized list is GOAWAY, HPACK's state is lost).
+        # Our SETTINGS as the connection's first frame. HPACK's decoder gives up past its
+        # own bound mid-block, its state then lost (GOAWAY): that bound is set well above
+        # the advertised one, so a list a little over it is decoded whole, the connection's
+        # state intact, and that stream alone answered 431 by `_proxy`'s check of the
+        # rebuilt head, as over HTTP/1.1. The bound still stops an HPACK bomb (a small block
+        # expanding to a huge list, CVE-2016-6581).
         h2c.local_settings = h2.settings.Settings(client=False, initial_values=settings)
-        h2c.decoder.max_header_list_size = header_list
+        h2c.decoder.max_header_list_size = header_list * _HEADER_LIST_DECODED
         h2c.initiate_connection()
         # Past the stream limit, h2 would end the whole connection; RFC 9113 section 5.1.2
         # wants that stream refused alone (as nginx does). Once the SETTINGS frame is

@@ -321,9 +321,17 @@ async def test_a_stream_past_the_limit_is_refused_and_bad_headers_end_the_connec
         assert (await client.answer(client.request("/"))).status == 200
         assert client.terminated is None
         client.close()
-        # A header list over the limit (32 KiB, as HTTP/1.1's): HPACK cannot go on.
+        # A header list over the limit (32 KiB, as HTTP/1.1's) but decoded whole (HPACK's
+        # state intact): that stream alone is answered 431, as over HTTP/1.1.
         client = await RawClient.open(port, authority)
-        client.request("/", headers=[(b"x-big", b"x" * 40_000)])
+        big = await client.answer(client.request("/", headers=[(b"x-big", b"x" * 40_000)]))
+        assert big.status == 431
+        assert (await client.answer(client.request("/"))).status == 200
+        assert client.terminated is None
+        client.close()
+        # Past what the balancer decodes at all (4 x the limit): HPACK cannot go on.
+        client = await RawClient.open(port, authority)
+        client.request("/", headers=[(b"x-big", b"x" * 140_000)])
         assert await client.goaway() == ErrorCodes.ENHANCE_YOUR_CALM
         assert not any(seen.header("x-big") for seen in a.seen)
         # A connection-specific field and an upper-case name: malformed (RFC 9113 8.2).
