@@ -121,6 +121,28 @@ async def test_nested_change_is_saved(store: RecordingStore) -> None:
         assert (await client.get("/read")).json() == {"items": ["a", "b"]}
 
 
+async def test_sessions_holding_the_same_texts_do_not_share_changes(
+    store: RecordingStore,
+) -> None:
+    # Loads remember decoded texts (issue 16): only immutable values may be shared, so a
+    # list changed in place in one session, or a value replaced, never shows in another.
+    app = make_app(store)
+    async with client_for(app) as one, client_for(app) as two:
+        for client in (one, two):
+            await client.post("/append", params={"item": "a"})
+            await client.post("/set", params={"x": "1"})
+        for _ in range(2):  # the second load of each is served from what the first decoded
+            assert (await one.get("/read")).json() == {"items": ["a"], "x": "1"}
+            assert (await two.get("/read")).json() == {"items": ["a"], "x": "1"}
+        await one.post("/append", params={"item": "b"})
+        await one.post("/set", params={"x": "2"})
+        assert (await one.get("/read")).json() == {"items": ["a", "b"], "x": "2"}
+        assert (await two.get("/read")).json() == {"items": ["a"], "x": "1"}
+        store.calls.clear()
+        await two.get("/read")
+        assert "save" not in store.calls  # an unchanged session is still not written
+
+
 async def test_only_changed_keys_are_written(store_factory: StoreFactory) -> None:
     inner = store_factory()
     app = make_app(inner)
