@@ -128,6 +128,32 @@ class Unchanged:
     ttl: float | None
 
 
+class _Expiry:
+    """A call's deadline on its connection, armed as one loop timer (`RedisStore._command`).
+
+    When it fires it aborts the connection's socket: the read (or a blocked write) waiting
+    on it fails at once, redis-py closes the connection, and `fired` tells that failure
+    from a server's own disconnect. The caller then raises TimeoutError, and the connection
+    connects again before its next use: the late reply never reaches another command. No
+    task is cancelled, so a cancel of the caller is never taken for the deadline's, nor
+    the deadline's for the caller's."""
+
+    __slots__ = ("connection", "fired")
+
+    def __init__(self, connection: redis.asyncio.Connection) -> None:
+        self.connection = connection
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        # redis-py has no synchronous close that leaves its own read to fail and clean up;
+        # its stream writer is where the socket is. abort(), not close(): close() waits to
+        # flush what is buffered, to a server that may not be reading.
+        writer = self.connection._writer
+        if writer is not None:
+            writer.transport.abort()
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -202,9 +228,10 @@ class RedisStore:
         # still get theirs.
         self._idle: list[redis.asyncio.Connection] = []
         self._idle_max = 0
-        # What every session command goes through: `_command` on one server (or a
-        # Sentinel's primary), the client's own routing on a cluster.
-        self._run: Callable[..., Awaitable[Any]] = self._execute
+        # What every session command goes through, given the call's deadline (loop time):
+        # `_command` on one server (or a Sentinel's primary), the client's own routing on
+        # a cluster (bounded by `_call`'s asyncio.timeout there).
+        self._run: Callable[..., Awaitable[Any]] = self._routed
         self._pack: Callable[[tuple[str | int, ...]], Any] | None = None
         if isinstance(client, redis.asyncio.RedisCluster):
             self._node_for = client.get_node_from_key
@@ -254,9 +281,13 @@ class RedisStore:
             ack_timeout_ms=ack_timeout_ms,
         )
 
-    async def _command(self, *args: str | int) -> Any:
+    def _routed(self, deadline: float, *args: str | int) -> Awaitable[Any]:
+        return self._execute(*args)
+
+    async def _command(self, deadline: float, *args: str | int) -> Any:
         """One command on one server, written and read straight on a connection of the
-        client's pool, which this store keeps between commands instead of giving it back.
+        client's pool, which this store keeps between commands instead of giving it back;
+        raises TimeoutError once the loop's clock reaches ``deadline``.
 
         `execute_command` costs ~20 us of CPU more a command (issue 16: the pool's lock and
         its health check of every connection it hands out, metrics hooks, the retry
@@ -265,21 +296,42 @@ class RedisStore:
         reply (and on a cancel), so a kept connection is clean or closed, and a closed one
         connects again before its next send (to the primary a Sentinel names now); a command
         that finds its connection closed under it (a restart, a failover) is sent once
-        more, as the client's one retry did."""
+        more, as the client's one retry did.
+
+        The deadline: on a connected connection (every command but a store's first ones),
+        one loop timer (`_Expiry`) aborts the socket at ``deadline`` and is cancelled when
+        the reply is in; an asyncio.timeout costs ~28,000 instructions a call more
+        (issue 16). What may wait on a connect (a new or closed connection, the pool's
+        own) runs under asyncio.timeout_at(deadline), as rare as connects are."""
         pool = self._pool
         assert pool is not None  # `_run` is `_command` only on one server
-        connection = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
+        if self._idle:
+            connection = self._idle.pop()
+        else:
+            async with asyncio.timeout_at(deadline):
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         packed = self._pack(args) if self._pack is not None else connection.pack_command(*args)
         try:
-            try:
-                if not connection.is_connected:
-                    await connection.connect()
-                await connection.send_packed_command(packed, check_health=False)
-                return await connection.read_response()
-            except _RETRIED:
-                # connect(), not the send's own reconnect: a Sentinel's connection asks
-                # the sentinels where the primary is now only in connect().
-                await connection.connect()
+            if connection.is_connected:
+                expiry = _Expiry(connection)
+                timer = asyncio.get_running_loop().call_at(deadline, expiry.fire)
+                try:
+                    await connection.send_packed_command(packed, check_health=False)
+                    return await connection.read_response()
+                except _RETRIED:
+                    if expiry.fired:
+                        raise TimeoutError from None
+                    # Closed under it (a restart, a failover): connect again, below.
+                finally:
+                    timer.cancel()
+                    if expiry.fired and connection.is_connected:
+                        # The reply came in the very loop cycle the timer fired in: it
+                        # was read, but the socket is aborted under redis-py's feet.
+                        await connection.disconnect(nowait=True)
+            # connect(), not the send's own reconnect: a Sentinel's connection asks the
+            # sentinels where the primary is now only in connect().
+            async with asyncio.timeout_at(deadline):
+                await connection.connect()  # type: ignore[no-untyped-call]  # redis-py
                 await connection.send_packed_command(packed, check_health=False)
                 return await connection.read_response()
         finally:
@@ -292,14 +344,16 @@ class RedisStore:
         # EVALSHA through `_command` (one server) or execute_command (a cluster): redis-py's
         # Script objects and evalsha() add layers that cost ~20% of a session read's CPU
         # (docs/architecture.md, "Measured facts").
+        # One deadline for both sends: a NOSCRIPT reply does not buy the call more time.
+        deadline = asyncio.get_running_loop().time() + self.timeout
         sha = self._shas[script]
         try:
-            return await self._run("EVALSHA", sha, 1, key, *args)
+            return await self._run(deadline, "EVALSHA", sha, 1, key, *args)
         except redis.exceptions.NoScriptError:
             # First use on this server, or it restarted, or a replica was promoted (the
             # script cache is not replicated): EVAL runs the script and caches it on the
             # node that owns the key, where SCRIPT LOAD would go to every cluster primary.
-            return await self._run("EVAL", script, 1, key, *args)
+            return await self._run(deadline, "EVAL", script, 1, key, *args)
 
     def _write(self, script: str, key: str, *args: str | int) -> Awaitable[Any]:
         """Run a writing script; with ``min_replicas_ack``, only return once replicas have it.
@@ -307,7 +361,7 @@ class RedisStore:
         A plain function that hands back the coroutine: with the option off, a write costs
         exactly what it did before the option existed, not one coroutine frame more."""
         if not self.min_replicas_ack:
-            return self._call(self._script(script, key, *args))
+            return self._bounded(self._script(script, key, *args))
         return self._call(self._acknowledged(script, key, *args))
 
     async def _acknowledged(self, script: str, key: str, *args: str | int) -> Any:
@@ -404,10 +458,24 @@ class RedisStore:
     def key(self, session_id: str) -> str:
         return f"{self.prefix}{{{session_id}}}"
 
+    def _bounded(self, operation: Awaitable[T]) -> Awaitable[T]:
+        """`_call` for an operation that runs through `_run`: on one server `_command`
+        bounds it by its own deadline (and its TimeoutError becomes `StoreUnavailable`
+        in `call`), so it needs no asyncio.timeout around it; on a cluster it does."""
+        if self._pool is None:
+            return self._call(operation)
+        return call(
+            operation,
+            unavailable=StoreUnavailable,
+            refused=SessionStoreError,
+            client_timeout=self.timeout,
+        )
+
     async def _call(self, operation: Awaitable[T]) -> T:
         # The one seam where redis-py's errors become ours (redis_plumbing.call), and
         # where each call's deadline is: one timer, where socket timeouts cost a wait_for
         # on every send. A cancel is not lost: asyncio.timeout tells its own from others.
+        # (The session commands on one server have a cheaper deadline: `_bounded`.)
         try:
             async with asyncio.timeout(self.timeout):
                 return await call(
@@ -430,7 +498,7 @@ class RedisStore:
     ) -> SessionRecord | Unchanged | None:
         """Load the session, or say `Unchanged` if its version is still ``version``."""
         known = "" if version is None else str(version)
-        reply = await self._call(self._script(_LOAD, self.key(session_id), known))
+        reply = await self._bounded(self._script(_LOAD, self.key(session_id), known))
         if reply is None:
             return None
         pttl = int(reply[0])
@@ -464,7 +532,8 @@ class RedisStore:
         return int(reply) if reply else None
 
     async def touch(self, session_id: str, ttl: float) -> None:
-        await self._call(self._run("PEXPIRE", self.key(session_id), _ms(ttl)))
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        await self._bounded(self._run(deadline, "PEXPIRE", self.key(session_id), _ms(ttl)))
 
     async def destroy(self, session_id: str, *, ttl: float) -> None:
         await self._write(_DESTROY, self.key(session_id), _ms(ttl))

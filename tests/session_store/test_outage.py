@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import httpx
 import pytest
@@ -11,7 +12,7 @@ import redis.asyncio
 
 from redis_plumbing import RedisServer
 from session_store import Changes, HybridStore, RedisStore, StoreUnavailable
-from tests.helpers import async_wait_for
+from tests.helpers import async_wait_for, async_wait_until
 from tests.session_store.app import make_app
 
 pytestmark = pytest.mark.anyio
@@ -251,7 +252,7 @@ async def test_a_stalled_redis_is_bounded_by_the_stores_deadline_not_socket_time
     own_redis: RedisServer,
 ) -> None:
     # Issue 16: redis-py's socket_timeout puts a wait_for on every send (~9 us of CPU a
-    # request); the store bounds each call with one asyncio.timeout instead.
+    # request); the store bounds each call with one deadline timer of its own instead.
     store = RedisStore.from_url(own_redis.url, timeout=0.3)
     admin = RedisStore.from_url(own_redis.url)
     try:
@@ -265,6 +266,73 @@ async def test_a_stalled_redis_is_bounded_by_the_stores_deadline_not_socket_time
         assert time.monotonic() - started < 1.0  # the deadline, not the pause
         await admin.client.execute_command("CLIENT", "UNPAUSE")
         assert await store.load("x") is None  # the connection cut off was not pooled
+    finally:
+        await store.aclose()
+        await admin.aclose()
+
+
+async def _two_sessions(store: RedisStore) -> None:
+    """Sessions "a" and "b", each with a field of its own: a reply read for the wrong call
+    shows."""
+    for name in ("a", "b"):
+        saved = await store.save(name, Changes({name: name}), created=1.0, ttl=60, create=True)
+        assert saved is not None
+
+
+async def test_a_call_past_its_deadline_fails_and_its_connection_is_not_reused(
+    own_redis: RedisServer,
+) -> None:
+    # (A WRITE pause holds every script, and lets the admin's UNPAUSE through.)
+    # Issue 16: each call's deadline is one loop timer that aborts the connection (an
+    # asyncio.timeout cost ~28,000 instructions a call). Without it the load below waits out
+    # the whole pause and succeeds; a connection kept after its reply was late would give
+    # the next load "a"'s reply, sent when the pause ends.
+    store = RedisStore.from_url(own_redis.url, timeout=0.3)
+    admin = RedisStore.from_url(own_redis.url)
+    try:
+        await _two_sessions(store)
+        for operation in ("load", "save"):
+            await admin.client.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+            started = time.monotonic()
+            pending: Awaitable[object] = (
+                store.load("a")
+                if operation == "load"
+                else store.save("a", Changes({"x": "1"}), created=1.0, ttl=60, create=False)
+            )
+            with pytest.raises(StoreUnavailable, match=r"within 0\.3 s"):
+                await pending
+            assert time.monotonic() - started < 0.3 + 0.4, operation  # the deadline, not the pause
+            await admin.client.execute_command("CLIENT", "UNPAUSE")
+            record = await store.load("b")
+            assert record is not None, operation
+            assert dict(record.fields) == {"b": "b"}, operation  # its own reply
+    finally:
+        await store.aclose()
+        await admin.aclose()
+
+
+async def test_a_cancel_during_a_call_is_raised_and_the_connection_discarded(
+    own_redis: RedisServer,
+) -> None:
+    # The deadline cancels no task: a caller's cancel must come out as CancelledError (not
+    # a StoreUnavailable, not swallowed), and the connection it left mid-reply not be kept.
+    store = RedisStore.from_url(own_redis.url, timeout=5.0)
+    admin = RedisStore.from_url(own_redis.url)
+    try:
+        await _two_sessions(store)
+        assert store._idle  # the connection the next call takes: its read is in flight
+        await admin.client.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        started = time.monotonic()
+        task = asyncio.create_task(store.load("a"))
+        await async_wait_until(lambda: not store._idle, within=2.0, what="the load's send")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 1.0  # the cancel, not the pause nor the deadline
+        await admin.client.execute_command("CLIENT", "UNPAUSE")
+        record = await store.load("b")
+        assert record is not None
+        assert dict(record.fields) == {"b": "b"}  # its own reply, not the cancelled load's
     finally:
         await store.aclose()
         await admin.aclose()
