@@ -341,7 +341,6 @@ class SessionMiddleware:
         if session_id is not None:
             at_least = self._version_of(scope, session_id) if self._versions is not None else 0
             session.loaded = False
-            session.loader = lambda: self._load(session, session_id, at_least)
             autoload = self.autoload if isinstance(self.autoload, bool) else self.autoload(scope)
             if autoload:
                 try:
@@ -349,6 +348,8 @@ class SessionMiddleware:
                 except StoreUnavailable as exc:
                     if not await self._on_unavailable(exc, session, scope, send):
                         return
+            else:  # a closure only where `load_session` will need it
+                session.loader = lambda: self._load(session, session_id, at_least)
 
         if scope["type"] == "websocket":
             # No Set-Cookie once the handshake is over: a change to a session the client
@@ -534,7 +535,8 @@ class SessionMiddleware:
         now = self.clock()
         if not session.accessed and session.id is not None:
             # Loaded but never looked at by the app: nothing can have changed.
-            await self._touch_if_due(session, now)
+            if self._touch_due(session):
+                await self._touch(session, now)
             return None
         encoded = _encode_all(session)
         unchanged = session.id is not None and encoded == session.baseline
@@ -583,8 +585,8 @@ class SessionMiddleware:
                 # rather than bring a logged-out session back.
                 return self._expired
             session.saved_version = version
-        else:
-            await self._touch_if_due(session, now)
+        elif self._touch_due(session):
+            await self._touch(session, now)
         if (changes or session.modified) and cookie_value is not None:
             # As Starlette: a changed session's cookie is sent again, and with it a fresh
             # Max-Age. The value the client sent is reused: same id, no new signature.
@@ -620,10 +622,14 @@ class SessionMiddleware:
         session.baseline = {key: _encode(key, value) for key, value in dict.items(session)}
         session.modified = False
 
-    async def _touch_if_due(self, session: Session, now: float) -> None:
+    def _touch_due(self, session: Session) -> bool:
+        """Whether an unchanged session's idle expiry is due to be renewed: checked before
+        a coroutine is made for `_touch` (most requests are not due; issue 16)."""
+        return session.ttl is None or self.idle_timeout - session.ttl >= self.touch_interval
+
+    async def _touch(self, session: Session, now: float) -> None:
         assert session.id is not None
-        if session.ttl is None or self.idle_timeout - session.ttl >= self.touch_interval:
-            await self.store.touch(session.id, self._ttl(session.created, now))
+        await self.store.touch(session.id, self._ttl(session.created, now))
 
     async def _create(self, encoded: dict[str, str], created: float, now: float) -> str:
         for _ in range(3):
