@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 import hiredis
 import redis.asyncio
 import redis.exceptions
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+from redis.asyncio.connection import DefaultParser
 from redis.exceptions import AskError, MovedError
 
 from redis_plumbing import RedisClient, call, parse_redis_url, redis_client
@@ -119,6 +121,11 @@ _IDLE_MAX = 64  # pooled connections a store keeps between commands, at most
 # connection too, and the next send on it connects again (`_command`).
 _RETRIED = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
+_LEAN_CONNECTIONS = (
+    redis.asyncio.Connection,
+    redis.asyncio.SSLConnection,
+    redis.asyncio.UnixDomainSocketConnection,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,42 @@ class _Expiry:
         writer = self.connection._writer
         if writer is not None:
             writer.transport.abort()
+
+
+async def _exchange(connection: redis.asyncio.Connection, packed: bytes) -> Any:
+    """Write ``packed`` (one command) and read its reply, on a connected plain connection
+    whose parser is redis-py's hiredis one speaking RESP2 (`RedisStore.__init__` checks).
+
+    What redis-py's send_packed_command and read_response do for such a connection, without
+    their layers (three coroutine frames, the peer's name formatted for every read, the
+    timeout and health-check bookkeeping a store without socket timeouts does not use):
+    ~10,000 instructions a command (issue 16). Kept, as redis-py does: any failure but an
+    error reply closes the connection (its reply stream is no longer known), a socket error
+    is raised as redis-py's ConnectionError, an error reply as its exception."""
+    parser: Any = connection._parser
+    try:
+        writer = connection._writer
+        assert writer is not None  # connected: `_command` checks
+        writer.write(packed)
+        if writer.transport.get_write_buffer_size():
+            await writer.drain()  # a large write to a slow server: wait, as redis-py does
+        reader = parser._reader  # hiredis.Reader: NOT_ENOUGH_DATA while a reply is incomplete
+        reply = reader.gets()
+        while reply is NOT_ENOUGH_DATA:
+            await parser.read_from_socket()  # EOF: ConnectionError
+            reply = reader.gets()
+    except OSError as exc:
+        await connection.disconnect(nowait=True)
+        raise redis.exceptions.ConnectionError(f"redis connection lost: {exc}") from exc
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    if isinstance(reply, redis.exceptions.ResponseError):
+        raise reply  # an error reply (NOSCRIPT, ...): the connection is fine
+    if isinstance(reply, redis.exceptions.ConnectionError):
+        await connection.disconnect(nowait=True)  # LOADING and the like, as redis-py
+        raise reply
+    return reply
 
 
 def _text(value: bytes | str) -> str:
@@ -233,6 +276,7 @@ class RedisStore:
         # a cluster (bounded by `_call`'s asyncio.timeout there).
         self._run: Callable[..., Awaitable[Any]] = self._routed
         self._pack: Callable[[tuple[str | int, ...]], Any] | None = None
+        self._lean = False  # `_exchange` instead of redis-py's send and read
         if isinstance(client, redis.asyncio.RedisCluster):
             self._node_for = client.get_node_from_key
         else:
@@ -248,6 +292,13 @@ class RedisStore:
                 # encoding each argument in Python (~4 us a command); it encodes text as
                 # UTF-8, strictly, which is what redis-py does unless told otherwise.
                 self._pack = hiredis.pack_command  # type: ignore[assignment]  # its stub: 1-tuples
+                # Not a Sentinel's connection (its read turns READONLY from a demoted
+                # primary into a reconnect), nor RESP3 (push frames), nor another parser.
+                self._lean = (
+                    self._pool.connection_class in _LEAN_CONNECTIONS
+                    and options.get("parser_class", DefaultParser) is _AsyncHiredisParser
+                    and options.get("protocol") in (None, 2, "2")
+                )
         self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
 
     @classmethod
@@ -310,12 +361,14 @@ class RedisStore:
         else:
             async with asyncio.timeout_at(deadline):
                 connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        packed = self._pack(args) if self._pack is not None else connection.pack_command(*args)
+        packed: Any = self._pack(args) if self._pack is not None else connection.pack_command(*args)
         try:
             if connection.is_connected:
                 expiry = _Expiry(connection)
                 timer = asyncio.get_running_loop().call_at(deadline, expiry.fire)
                 try:
+                    if self._lean:
+                        return await _exchange(connection, packed)
                     await connection.send_packed_command(packed, check_health=False)
                     return await connection.read_response()
                 except _RETRIED:
