@@ -79,7 +79,8 @@ class Session(dict[str, Any]):
     def __init__(
         self, data: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **kwargs: Any
     ) -> None:
-        super().__init__(data, **kwargs)
+        if data or kwargs:  # the middleware's sessions start empty: no call to dict's
+            super().__init__(data, **kwargs)
         # Mutable: one of each per session.
         self.baseline: dict[str, str] = {}  # key -> JSON text as loaded
         # key -> the value decoded from that text: an immutable one still the same object
