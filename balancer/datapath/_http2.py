@@ -668,6 +668,10 @@ class Http2Connection(asyncio.Protocol):
             options.reset_window,
         )
         self.server.metrics.rejected("http2_control_flood")
+        # What h2 answered to the flood is not sent: one read can hold a few thousand
+        # PINGs (asyncio's TLS transport hands over all it has decrypted, up to 256 KiB).
+        # Whole frames only, and the connection ends with the GOAWAY: nothing else lost.
+        self._h2.data_to_send()
         self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _fail(self, exc: h2.exceptions.ProtocolError) -> None:
