@@ -322,7 +322,11 @@ class _Stream(asyncio.Transport):
         except httptools.HttpParserError as exc:  # not from our own writer: a bug, said so
             logger.error("http2: stream %d: unreadable response: %s", self.id, exc)
             self.abort()
-        # One write to the socket for what this piece made (HEADERS, DATA, END_STREAM).
+        # What this piece made goes out as one: its body, then END_STREAM on the last DATA
+        # frame when the response ended in it (not an empty frame of its own), in one write
+        # to the socket.
+        if not self._gone:
+            self.send()
         self.connection.flush()
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -384,13 +388,11 @@ class _Stream(asyncio.Transport):
         if self._end_sent:
             return
         self._out.append(body)
-        self._out_bytes += len(body)
-        self.send()
+        self._out_bytes += len(body)  # sent by `write`, once the piece is parsed
 
     def on_message_complete(self) -> None:
         if self._final and not self._ended:
             self._ended = True
-            self.send()
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -417,7 +419,13 @@ class _Stream(asyncio.Transport):
                     out.popleft()
                     self._out_at = 0
             self._out_bytes -= size
-            connection.send_data(self.id, piece)
+            # The body's last piece carries END_STREAM: one frame less a response.
+            end = self._ended and not out
+            if end:
+                self._end_sent = True
+            connection.send_data(self.id, piece, end=end)
+            if end and not self.client_done:
+                connection.reset(self.id, ErrorCodes.NO_ERROR)  # as below
         if self._ended and not out and not self._end_sent and connection.writable():
             self._end_sent = True
             connection.end_stream(self.id)
@@ -454,9 +462,11 @@ class Http2Connection(asyncio.Protocol):
         self._clock: Callable[[], float] = server.clock
         # Inbound fields are validated (RFC 9113 section 8.2); outbound ones are ours, made
         # valid by `_Stream` (lower-case, no hop-by-hop, httptools-read): not checked again.
+        # Inbound normalizing is only joining the cookie fields, which `request_head` does.
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
+            normalize_inbound_headers=False,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
@@ -719,9 +729,9 @@ class Http2Connection(asyncio.Protocol):
             logger.info("http2: stream %d: headers not sent: %s", stream_id, exc)
             self.reset(stream_id, ErrorCodes.INTERNAL_ERROR)
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # the stream is gone meanwhile
-            self._h2.send_data(stream_id, data)
+            self._h2.send_data(stream_id, data, end_stream=end)
 
     def end_stream(self, stream_id: int) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):

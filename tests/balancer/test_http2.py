@@ -91,6 +91,7 @@ class Answer:
     body: bytearray = field(default_factory=bytearray)
     ended: bool = False
     reset: ErrorCodes | int | None = None
+    data_frames: int = 0
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -175,6 +176,7 @@ class RawClient:
             assert event.stream_id is not None
             assert event.data is not None
             self.answers[event.stream_id].body += event.data
+            self.answers[event.stream_id].data_frames += 1
             if self.ack:
                 length = event.flow_controlled_length or 0
                 self.h2.acknowledge_received_data(length, event.stream_id)
@@ -318,7 +320,9 @@ async def test_a_stream_past_the_limit_is_refused_and_bad_headers_end_the_connec
         answers = [await client.answer(stream_id) for stream_id in streams]
         assert [answer.status for answer in answers[:128]] == [200] * 128
         assert answers[128].reset == ErrorCodes.REFUSED_STREAM
-        assert (await client.answer(client.request("/"))).status == 200
+        one = await client.answer(client.request("/"))
+        assert (one.status, bytes(one.body)) == (200, b"hello from a")
+        assert one.data_frames == 1  # END_STREAM on the body's one DATA frame, not a second
         assert client.terminated is None
         client.close()
         # A header list over the limit (32 KiB, as HTTP/1.1's) but decoded whole (HPACK's
