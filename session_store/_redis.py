@@ -316,7 +316,7 @@ class RedisStore:
         raises `RedisURLError` for a URL it cannot read."""
         _check_acks(min_replicas_ack, ack_timeout_ms, timeout)
         # No socket_timeout: redis-py wraps every send in a wait_for for it (~9 us of CPU a
-        # request, issue 16); `_call` bounds each call by one asyncio.timeout instead.
+        # request, issue 16); each call has one deadline instead (`_command`, `_call`).
         # The sentinels keep theirs: a dead one must not eat the whole deadline.
         options: dict[str, Any] = {}
         target = parse_redis_url(url)
