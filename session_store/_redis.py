@@ -39,13 +39,21 @@ from typing import Any, TypeVar
 import hiredis
 import redis.asyncio
 import redis.exceptions
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio.connection import DefaultParser
 from redis.exceptions import AskError, MovedError
 
 from redis_plumbing import RedisClient, call, parse_redis_url, redis_client
 
 from ._exceptions import SessionStoreError, StoreUnavailable, WriteNotAcknowledged
+
+try:
+    # redis-py's private hiredis parser, which `_exchange` reads from directly: where a
+    # redis-py release moves or renames it, the store uses redis-py's own send and read.
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+
+    _LEAN_PARSER: type | None = _AsyncHiredisParser
+except ImportError:  # pragma: no cover - depends on the redis-py release
+    _LEAN_PARSER = None
 from ._store import Changes, SessionRecord
 
 __all__ = ["RedisStore", "Unchanged"]
@@ -295,8 +303,9 @@ class RedisStore:
                 # Not a Sentinel's connection (its read turns READONLY from a demoted
                 # primary into a reconnect), nor RESP3 (push frames), nor another parser.
                 self._lean = (
-                    self._pool.connection_class in _LEAN_CONNECTIONS
-                    and options.get("parser_class", DefaultParser) is _AsyncHiredisParser
+                    _LEAN_PARSER is not None
+                    and self._pool.connection_class in _LEAN_CONNECTIONS
+                    and options.get("parser_class", DefaultParser) is _LEAN_PARSER
                     and options.get("protocol") in (None, 2, "2")
                 )
         self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
