@@ -88,6 +88,18 @@ _CONTROL: Final = (
 )
 
 
+def _no_debug(*args: object, **kwargs: object) -> None:
+    pass
+
+
+# hpack logs every field it encodes or decodes at DEBUG, its value included (cookies,
+# authorization): ~27 `Logger.debug` calls a request that do nothing unless DEBUG is on,
+# and would put secrets in the log if it were. Its two loggers get a `debug` that does
+# nothing at all (one instance attribute each; hpack's other levels are untouched).
+for _name in ("hpack.hpack", "hpack.table"):
+    setattr(logging.getLogger(_name), "debug", _no_debug)  # noqa: B010 - mypy: method-assign
+
+
 @dataclass(frozen=True, slots=True)
 class Http2Options:
     """HTTP/2's own limits (the header list's is HTTP/1.1's: `ProxyOptions.max_header_bytes`,
