@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -442,6 +443,17 @@ def test_a_stream_becomes_an_http11_head() -> None:
     )
     bare = request_head([(b":method", b"GET"), (b":path", b"/")], body=False)
     assert bare == b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n"  # no Host: 400, as HTTP/1.1
+
+
+def test_hpack_writes_no_debug_lines(caplog: pytest.LogCaptureFixture) -> None:
+    # hpack logged each field (its value too) at DEBUG: ~27 calls a request, and a cookie
+    # in the log wherever DEBUG was on. `_http2` (imported above) silences them.
+    import hpack  # noqa: PLC0415 - h2's HPACK library, no use elsewhere here
+
+    caplog.set_level(logging.DEBUG)
+    fields = [(b":status", b"200"), (b"set-cookie", b"sid=secret")]
+    assert hpack.Decoder().decode(hpack.Encoder().encode(fields), raw=True) == fields
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("hpack")] == []
 
 
 @pytest.mark.parametrize(
