@@ -88,16 +88,11 @@ _CONTROL: Final = (
 )
 
 
-def _no_debug(*args: object, **kwargs: object) -> None:
-    pass
-
-
 # hpack logs every field it encodes or decodes at DEBUG, its value included (cookies,
-# authorization): ~27 `Logger.debug` calls a request that do nothing unless DEBUG is on,
-# and would put secrets in the log if it were. Its two loggers get a `debug` that does
-# nothing at all (one instance attribute each; hpack's other levels are untouched).
-for _name in ("hpack.hpack", "hpack.table"):
-    setattr(logging.getLogger(_name), "debug", _no_debug)  # noqa: B010 - mypy: method-assign
+# authorization): secrets in the log of anyone who turns DEBUG on for the root logger. Its
+# logger stops at INFO (a deployment that wants hpack's lines sets the level back itself),
+# which also makes its ~27 `Logger.debug` calls a request return at the level check.
+logging.getLogger("hpack").setLevel(logging.INFO)
 
 
 @dataclass(frozen=True, slots=True)

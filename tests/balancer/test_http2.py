@@ -447,7 +447,7 @@ def test_a_stream_becomes_an_http11_head() -> None:
 
 def test_hpack_writes_no_debug_lines(caplog: pytest.LogCaptureFixture) -> None:
     # hpack logged each field (its value too) at DEBUG: ~27 calls a request, and a cookie
-    # in the log wherever DEBUG was on. `_http2` (imported above) silences them.
+    # in the log wherever DEBUG was on. `_http2` (imported above) stops its logger at INFO.
     import hpack  # noqa: PLC0415 - h2's HPACK library, no use elsewhere here
 
     caplog.set_level(logging.DEBUG)
