@@ -50,26 +50,13 @@ import httptools
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from ._http import chunk
+from ._http import HOP_BY_HOP, chunk
 from ._proxy import Http2Factory, ProxyServer, _ClientConnection
 
 __all__ = ["Http2Connection", "Http2Options"]
 
 logger = logging.getLogger("balancer")
 
-# Response fields that mean something for one HTTP/1.1 connection only (RFC 9113 section
-# 8.2.2: an HTTP/2 message must not carry them).
-_HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 _SEND_HIGH: Final = 65536  # bytes of response a stream holds for the client's window, at most
 _SEND_LOW: Final = 16384  # ... then its backend is read again once they are down to this
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -374,7 +361,8 @@ class _Stream(asyncio.Transport):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name not in _HOP_BY_HOP and not name.startswith(b"proxy-"):
+        # RFC 9113 section 8.2.2: an HTTP/2 message must not carry HTTP/1.1's hop-by-hop fields.
+        if name not in HOP_BY_HOP and not name.startswith(b"proxy-"):
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
