@@ -276,7 +276,11 @@ class _ClientConnection(asyncio.Protocol):
         self._metrics = server.metrics
         self._clock = server.clock
         self._budget = server.budget
-        self._parser = httptools.HttpRequestParser(self)
+        # The parser holds bound methods of this protocol, a reference cycle: it is broken
+        # (None) when the connection ends, so the connection, its transport and under TLS
+        # its OpenSSL state are freed then, not by a later collection (docs/architecture.md,
+        # "Measured facts").
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self._peer = "unknown"
         self._trusted = False
@@ -334,6 +338,7 @@ class _ClientConnection(asyncio.Protocol):
             # Here, not in how the listener is made, so any listener gets it; an HTTP/1.1
             # connection pays a test a connection, nothing a request.
             protocol = http2(self._server, self._peer)
+            self._parser = None  # this object is done with: nothing to keep alive
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             return
@@ -352,6 +357,7 @@ class _ClientConnection(asyncio.Protocol):
                 self._refuse_proxy("proxy_untrusted")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._parser = None
         self._server.connection_lost(self)
         self._deadline = math.inf
         conn = self._upstream
@@ -425,8 +431,11 @@ class _ClientConnection(asyncio.Protocol):
             self._http11_hint = eol > 9 and data.startswith(b" HTTP/1.1", eol - 9)
         else:
             self._begun = 2
+        parser = self._parser
+        if parser is None:
+            return  # the connection ended: what the loop still delivers goes nowhere
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_requested(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
@@ -469,6 +478,7 @@ class _ClientConnection(asyncio.Protocol):
         assert req is not None
         req.headers_done = True
         parser = self._parser
+        assert parser is not None  # called by it
         if self._begun != 1 or not self._http11_hint:
             req.http10 = check_version(parser.get_http_version())
         finish_head(req, parser.get_method(), self._local_host)

@@ -182,7 +182,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
-        self._parser = httptools.HttpResponseParser(self)
+        # Holds bound methods of this object, a reference cycle broken (None) when the
+        # connection ends, as `_proxy._ClientConnection` does with its parser.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.handler: ResponseHandler | None = None
         self.requests = 0  # exchanges started on this connection
@@ -287,6 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._pool.made(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._parser = None
         self._pool.discard(self)
         handler = self.handler
         if handler is None:
@@ -355,8 +358,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(f"response head over {_MAX_HEAD} bytes")
                 return
             self._raw = raw
+        parser = self._parser
+        if parser is None:
+            return  # the connection ended
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(handler, data[exc.args[0] :])
             return
@@ -376,6 +382,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # called by it
         status = parser.get_status_code()
         raw = self._raw
         start = self._head_start
