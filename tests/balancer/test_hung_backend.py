@@ -65,6 +65,7 @@ class Answer:
     status: int  # 0: no response (the client's own timeout, a connection error)
     instance: str  # the demo_app instance that answered, "" for none
     repinned: bool  # the response set a new affinity cookie
+    error: str = ""  # with status 0: the client's exception, for the failure message
 
 
 @contextlib.contextmanager
@@ -89,16 +90,17 @@ async def client_loop(index: int, url: str, end: float, answers: list[Answer]) -
             started = time.monotonic()
             if started >= end:
                 return
-            status, instance, repinned = 0, "", False
+            status, instance, repinned, error = 0, "", False, ""
             try:
                 response = await client.post("/api/counter")
                 status = response.status_code
                 repinned = AFFINITY in response.headers.get("set-cookie", "")
                 if status == 200:
                     instance = response.json()["instance"]
-            except httpx.HTTPError:
-                pass
-            answers.append(Answer(index, started, time.monotonic(), status, instance, repinned))
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            ended = time.monotonic()
+            answers.append(Answer(index, started, ended, status, instance, repinned, error))
             # The load's schedule (the clients), not a wait for a condition.
             await asyncio.sleep(max(0.0, started + PERIOD - time.monotonic()))
 
