@@ -12,10 +12,10 @@ same backlog, SO_REUSEPORT for `--workers N` and IPV6_V6ONLY), and for each one:
    (MSG_PEEK) and `datapath._proxy_protocol.read_header` says how long the header is; bytes
    it needs more after are all header, so they are taken, and only the header's last ones
    once it is complete. Within `header_timeout` seconds, else closed;
-3. `loop.connect_accepted_socket` with the listener's SSL context and the protocol that
-   `ProxyServer.proxied` makes: the data path's own connection (HTTP/1.1, or what ALPN
-   chooses), told the header's client, reading no header of its own. The handshake gets
-   `header_timeout` seconds too, as on any TLS listener.
+3. `loop.connect_accepted_socket` with the protocol that `ProxyServer.tls_protocol` makes
+   with the listener's SSL context: the data path's TLS, then its own connection
+   (HTTP/1.1, or what ALPN chooses), told the header's client, reading no header of its
+   own. The handshake gets `header_timeout` seconds too, as on any TLS listener.
 
 A refused connection (1, a bad header, or the timeout in 2) is closed unanswered, counted
 as the plain listener counts it (`proxy_untrusted`, `proxy_<reason>`,
@@ -245,16 +245,15 @@ class ProxiedTlsListener:
         finally:
             self._header_done(task)
         try:
+            # The handshake is the data path's (`ProxyServer.tls_protocol`), within the
+            # same `header_timeout`; a failed one is the client's affair, as on any TLS
+            # listener.
             await asyncio.get_running_loop().connect_accepted_socket(
-                partial(self._proxy.proxied, header.client),
-                sock,
-                ssl=self._tls,
-                ssl_handshake_timeout=self._timeout,
+                partial(self._proxy.tls_protocol, self._tls, header.client, True), sock
             )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            # asyncio has closed it; a failed handshake is the client's affair, as on any
-            # TLS listener.
-            logger.debug("TLS handshake failed with %s (via %s): %r", header.client, peer, exc)
+        except OSError as exc:
+            sock.close()
+            logger.debug("connection from %s (via %s) lost: %r", header.client, peer, exc)
 
     def _refuse(self, sock: socket.socket, peer: str, reason: str) -> None:
         """Close `sock` unanswered: its PROXY header is not believed."""

@@ -175,11 +175,14 @@ def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
     return (b"%x\r\n" % len(data), data, b"\r\n")
 
 
-def error_response(status: int, *, keep_alive: bool, retry_after: int = 0) -> bytes:
+def error_response(
+    status: int, *, keep_alive: bool, retry_after: int = 0, reason: str = ""
+) -> bytes:
     """A complete plain-text response for an error the balancer answers itself, with
-    `Retry-After: retry_after` (seconds) when that is not 0."""
+    `Retry-After: retry_after` (seconds) when that is not 0; `reason`, if any, is a second
+    line of the body."""
     phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}\n".encode("ascii")
+    body = f"{status} {phrase}\n{reason}{chr(10) if reason else ''}".encode("ascii")
     head = [
         f"HTTP/1.1 {status} {phrase}",
         "Content-Type: text/plain; charset=utf-8",

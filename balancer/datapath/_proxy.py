@@ -61,6 +61,7 @@ from ._pool import Pool
 from ._proxy_protocol import BadProxyHeader, read_header
 from ._retry import CUT, FAILOVER, IDEMPOTENT, STALE_RETRY, RetryBudget, after_failure
 from ._router import Decision
+from ._tls_transport import TlsTransport
 from ._upstream import UpstreamConnection, UpstreamPool
 
 __all__ = ["ClientSession", "Http2Factory", "ProxyOptions", "ProxyServer", "tune_gc"]
@@ -222,6 +223,11 @@ _ERRORS: Final = {
     for status in (400, 408, 414, 417, 431, 501, 502, 503, 504, 505)
     for keep_alive in (True, False)
 }
+
+# The answer to plain HTTP sent to a TLS listener (`_tls_transport`), as nginx gives one.
+_PLAIN_HTTP_TO_TLS: Final = error_response(
+    400, keep_alive=False, reason="This port speaks HTTPS: the request came as plain HTTP."
+)
 
 
 class _Request(RequestHead):
@@ -1346,29 +1352,21 @@ class ProxyServer:
         must end within `header_timeout`, and the backends are told X-Forwarded-Proto https.
         """
         loop = asyncio.get_running_loop()
-        # The handshake's own deadline: the connection's deadlines start once it is done.
-        handshake = None if tls is None else self.options.header_timeout
         if tls is not None and self.options.proxy_protocol:
-            # The header comes before the handshake, which asyncio's ssl= starts first.
+            # The header comes before the handshake: a listener of its own reads it.
             raise ValueError(
                 "proxy_protocol with tls: the header is read before the handshake by a "
                 "listener of its own (control._proxied_tls), given to `adopt`"
             )
+        factory: Callable[[], asyncio.Protocol] = self._protocol
         if tls is not None:
             self.proto = b"https"
+            factory = partial(self.tls_protocol, tls, None)
         if sock is not None:
-            self._server = await loop.create_server(
-                self._protocol, sock=sock, backlog=2048, ssl=tls, ssl_handshake_timeout=handshake
-            )
+            self._server = await loop.create_server(factory, sock=sock, backlog=2048)
         else:
             self._server = await loop.create_server(
-                self._protocol,
-                host,
-                port,
-                reuse_port=reuse_port,
-                backlog=2048,
-                ssl=tls,
-                ssl_handshake_timeout=handshake,
+                factory, host, port, reuse_port=reuse_port, backlog=2048
             )
         self._timer = loop.call_later(self._tick, self._check_deadlines)
 
@@ -1380,6 +1378,16 @@ class ProxyServer:
             self.proto = b"https"
         self._server = listener
         self._timer = asyncio.get_running_loop().call_later(self._tick, self._check_deadlines)
+
+    def tls_protocol(
+        self, context: ssl.SSLContext, client: str | None, proxied: bool = False
+    ) -> asyncio.Protocol:
+        """The protocol of a TLS client connection (`_tls_transport`, the data path's TLS):
+        its handshake with `context` must end within `header_timeout`, then the connection
+        is served as any (HTTP/1.1, or what ALPN chooses). `proxied`: its PROXY header was
+        read already, naming `client`, as `proxied`."""
+        app = self.proxied(client) if proxied else _ClientConnection(self)
+        return TlsTransport(context, app, self.options.header_timeout, _LINGER, _PLAIN_HTTP_TO_TLS)
 
     def proxied(self, client: str | None) -> asyncio.Protocol:
         """A client connection's protocol whose PROXY header was read already, naming

@@ -393,3 +393,15 @@ async def test_a_handshake_that_never_comes_is_closed_after_the_header_timeout(
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert asyncio.get_running_loop().time() - started < 3
         writer.close()
+
+
+async def test_plain_http_to_the_tls_listener_gets_a_400_that_says_so(
+    authority: Authority, backend: HttpBackend
+) -> None:
+    a = authority.issue("a", "a.test")
+    with balancer([backend.url], *_tls_flags(a), admin=False) as (lb, _):
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{_port(lb.url)}/")
+        assert response.status_code == 400
+        assert "This port speaks HTTPS" in response.text
+        assert response.headers["connection"] == "close"

@@ -1,0 +1,307 @@
+"""The TLS layer of a client connection, run by the data path itself: `TlsTransport` is the
+protocol of the TCP connection and the transport its application protocol (the data path's
+`_ClientConnection`, or the HTTP/2 one ALPN chose) sees, with an `ssl.SSLObject` on two
+memory BIOs in between, as asyncio's `sslproto` is built.
+
+Why not asyncio's ``create_server(ssl=...)``: under uvloop that layer costs ~45 us of CPU
+more a new connection than this one does (a bare server answering each request, interleaved
+runs on one core: 374 vs 329 us a handshake, nginx 299; docs/architecture.md, "Measured
+facts"), and new handshakes are where the balancer was furthest from nginx. It is also
+simpler than asyncio's, which serves client and server sides, unwrapping, STARTTLS and an
+app that pauses a read mid-record; here:
+
+- the handshake must end within `handshake_timeout` seconds, else the TCP connection is
+  aborted; a failed one sends OpenSSL's alert and closes. Neither reaches the application,
+  whose `connection_made` comes once the handshake is done (as with asyncio's). A client
+  that sends plain HTTP instead (its first byte a capital letter, a TLS one's is 22) is
+  answered `plain_answer` in clear, then closed;
+- what one TCP read decrypts is given to the application as one `data_received`; a
+  close_notify from the client is its `eof_received`, as is a TCP EOF without one (HTTP
+  frames its own messages, so a truncation is seen there);
+- writes are encrypted at once into the TCP transport, whose buffer is the only one:
+  its flow control (`pause_writing`, `get_write_buffer_size`) is the application's;
+- `close` sends close_notify and half-closes the TCP connection once its buffer is
+  written, then reads and discards until the client closes, `linger` seconds at most: its
+  close_notify is not waited for (RFC 8446 section 6.1 allows it; nginx does the same).
+  `can_write_eof` is False, as on asyncio's TLS transports;
+- when the connection ends the application is dropped, so that neither object keeps the
+  other (and its OpenSSL state) alive for the garbage collector.
+
+Only the server side: ``https://`` backends are asyncio's (`_upstream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Any, Final, cast
+
+__all__ = ["TlsTransport"]
+
+# The most plaintext asked of OpenSSL at once: a read returns at most one TLS record, whose
+# plaintext is at most 16 KiB (RFC 8446 section 5.1), and the bytes are shrunk to what came.
+_READ_SIZE: Final = 16384
+
+
+class TlsTransport(asyncio.Protocol):
+    """A server-side TLS connection for `app`, with `context`'s settings (certificates, ALPN,
+    SNI callback). Give it to ``create_server`` or ``connect_accepted_socket`` as the
+    protocol (``ssl=None``); `app` gets this object as its transport once the handshake is
+    done. The handshake must end within `handshake_timeout` seconds; a closed connection
+    lingers `linger` seconds at most (see the module docstring)."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        app: asyncio.Protocol,
+        handshake_timeout: float,
+        linger: float,
+        plain_answer: bytes = b"",
+    ) -> None:
+        self._context = context
+        self._app: asyncio.Protocol | None = app
+        self._handshake_timeout = handshake_timeout
+        self._linger = linger
+        self._plain_answer = plain_answer
+        self._started = False  # a byte came
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._tcp: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._established = False  # the handshake is done: `app` is connected
+        self._closing = False  # close() or abort() was called, or the handshake failed
+        self._eof = False  # the application was told of the client's end
+
+    def __repr__(self) -> str:
+        state = "established" if self._established else "handshake"
+        return f"<TlsTransport [{state}{', closing' if self._closing else ''}]>"
+
+    # -- asyncio.Protocol, for the TCP transport --------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._tcp = tcp = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._handshake_timeout, tcp.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # after close(): nothing more is read
+        if not self._started:
+            self._started = True
+            # A TLS connection begins with a handshake record (22); an HTTP request with
+            # its method's first letter: a client that forgot https:// gets an answer it
+            # can read, as from nginx, not a TLS alert.
+            if self._plain_answer and data[0] != 22 and 65 <= data[0] <= 90:
+                if self._tcp is not None:
+                    self._tcp.write(self._plain_answer)
+                self._closing = True
+                self._linger_close()
+                return
+        self._incoming.write(data)
+        if not self._established and not self._handshake():
+            return
+        self._read()
+
+    def eof_received(self) -> bool | None:
+        if not self._established or self._closing:
+            return None  # the TCP transport closes itself
+        return self._end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._tcp = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        app = self._app
+        self._app = None
+        if app is not None and self._established:
+            app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._app is not None and self._established:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._app is not None and self._established:
+            self._app.resume_writing()
+
+    # -- the TLS work -------------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        """Go on with the handshake; True once it is done and `app` is connected."""
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except (ssl.SSLError, ssl.CertificateError):
+            # The client's affair (no common protocol, a bad record...): OpenSSL's alert,
+            # then the end, as any TLS server does; the application never knew of it.
+            self._flush()
+            self._closing = True
+            if self._tcp is not None:
+                self._tcp.close()
+            return False
+        self._flush()  # the server's last flight (and TLS 1.3's session tickets)
+        self._established = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._app is not None:
+            # Not a subclass of asyncio.Transport (a protocol already), as uvloop's are not.
+            self._app.connection_made(cast(asyncio.Transport, self))
+        return not self._closing
+
+    def _read(self) -> None:
+        """Decrypt what the client sent and give it to the application in one piece."""
+        read = self._tls.read
+        incoming = self._incoming
+        chunks: list[bytes] = []
+        ended = False
+        try:
+            # Read while records are left (OpenSSL reads no further ahead than the record
+            # it decrypts): ending on SSLWantReadError instead would cost an exception
+            # object with its message (~1-2 us) a request.
+            while incoming.pending:
+                chunk = read(_READ_SIZE)
+                if not chunk:
+                    ended = True
+                    break
+                chunks.append(chunk)  # a whole record: OpenSSL holds none of it back
+        except ssl.SSLWantReadError:
+            pass  # a record's rest is still to come
+        except ssl.SSLZeroReturnError:
+            ended = True  # close_notify
+        except ssl.SSLError:
+            self.abort()  # a record that does not decrypt: nothing after it can be trusted
+            return
+        if self._outgoing.pending:
+            self._flush()  # what reading made OpenSSL answer (a TLS 1.3 KeyUpdate)
+        app = self._app
+        if chunks and app is not None and not self._closing:
+            app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if ended and not self._closing and not self._end():
+            self.close()
+
+    def _end(self) -> bool | None:
+        """Tell the application the client is done sending (once); its answer, as
+        `eof_received`'s: True keeps the connection open for what it still writes."""
+        if self._eof:
+            return True
+        self._eof = True
+        app = self._app
+        return None if app is None else app.eof_received()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self._tcp is not None:
+            self._tcp.write(self._outgoing.read())
+
+    # -- asyncio.Transport, for the application -------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return  # as asyncio's: writing after close() sends nothing
+        try:
+            self._tls.write(data)
+        except ssl.SSLError:
+            self.abort()
+            return
+        self._flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        # One TLS record for what is written together, not one each.
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("a TLS transport cannot half-close")
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        tcp = self._tcp
+        if tcp is None:
+            return
+        if not self._established:
+            tcp.close()
+            return
+        # Queues close_notify; it raises SSLWantReadError, as the client's is not read.
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()
+        self._flush()
+        if self._eof:
+            tcp.close()  # the client is done sending: nothing can reset our answer
+        else:
+            self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close as the data path does without TLS: closing a socket with unread input
+        makes the kernel send a reset, which can destroy the answer in flight (an HTTP/2
+        GOAWAY to a client still sending, say). So half-close, and read and discard until
+        the client closes too, for `linger` seconds at most."""
+        tcp = self._tcp
+        if tcp is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()  # the handshake's, for a plain HTTP client
+        if not tcp.can_write_eof():
+            tcp.close()
+            return
+        tcp.write_eof()
+        tcp.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(self._linger, tcp.abort)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._tcp is not None:
+            self._tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._tcp is None or self._tcp.is_closing()
+
+    def pause_reading(self) -> None:
+        if self._tcp is not None and not self._closing:
+            self._tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._tcp is not None and not self._closing:
+            self._tcp.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tcp is not None and not self._closing and self._tcp.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._tcp is not None:
+            self._tcp.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self._tcp is None else self._tcp.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 0) if self._tcp is None else self._tcp.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._app = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return self._app
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._tls
+        if name == "sslcontext":
+            return self._context
+        if name == "peercert":
+            return self._tls.getpeercert() if self._established else default
+        if name == "cipher":
+            return self._tls.cipher() if self._established else default
+        if name == "compression":
+            return self._tls.compression()
+        return default if self._tcp is None else self._tcp.get_extra_info(name, default)

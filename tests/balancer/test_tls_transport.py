@@ -1,0 +1,227 @@
+"""The data path's own TLS layer (`balancer.datapath._tls_transport.TlsTransport`), in the
+process, on uvloop (the balancer's loop) and asyncio's, against blocking TLS clients on
+127.0.0.1 in a thread: what it gives its application and what a client sees.
+
+The application here answers each line with its upper-case copy, and ``quit`` with ``bye``
+and a close. Clients use `suppress_ragged_eofs=False`, so that an end without close_notify
+raises instead of reading as an end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from balancer.control._tls import ALPN, CertificatePair, server_context
+from balancer.datapath._tls_transport import TlsTransport
+from tests.balancer.certs import Authority
+from tests.helpers import async_wait_until
+
+pytestmark = pytest.mark.anyio
+
+_LINGER = 10.0  # seconds: longer than any test waits, so that lingering ends by the client
+
+
+@pytest.fixture(params=[True, False], ids=["uvloop", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    return ("asyncio", {"use_uvloop": request.param})
+
+
+class _Lines(asyncio.Protocol):
+    """The application: upper-cases each line; ``quit`` is answered ``bye``, then closed;
+    ``big`` is answered with `BIG` bytes at once. Records what the transport told it."""
+
+    BIG = 8 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.paused = 0
+        self.resumed = 0
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, _, self.buffer = self.buffer.partition(b"\n")
+            if line == b"quit":
+                self.transport.write(b"bye\n")
+                self.transport.close()
+                return
+            if line == b"big":
+                self.transport.write(b"x" * self.BIG)
+            else:
+                self.transport.write(line.upper() + b"\n")
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+@dataclass
+class _Server:
+    port: int
+    client: ssl.SSLContext
+    apps: list[_Lines] = field(default_factory=list)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[_Server]:
+    authority = Authority.create(tmp_path / "tls")
+    leaf = authority.issue("server", "localhost")
+    context = server_context(CertificatePair(leaf.cert, leaf.key), ALPN)
+    client = ssl.create_default_context(cafile=str(authority.cert))
+    apps: list[_Lines] = []
+
+    def protocol() -> TlsTransport:
+        apps.append(_Lines())
+        return TlsTransport(context, apps[-1], 0.5, _LINGER, b"HTTP/1.1 400 plain\r\n\r\n")
+
+    listener = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield _Server(port, client, apps)
+    finally:
+        listener.close()
+        for app in apps:
+            if app.transport is not None:
+                app.transport.abort()
+
+
+@contextlib.contextmanager
+def _connect(server: _Server) -> Iterator[ssl.SSLSocket]:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with server.client.wrap_socket(
+        sock, server_hostname="localhost", suppress_ragged_eofs=False
+    ) as tls:
+        yield tls
+
+
+def _read_to_end(tls: ssl.SSLSocket) -> bytes:
+    """Everything until close_notify (SSLEOFError if the server ended without one)."""
+    received = b""
+    while chunk := tls.recv(65536):
+        received += chunk
+    return received
+
+
+def _read_exactly(tls: ssl.SSLSocket, size: int) -> bytes:
+    received = b""
+    while len(received) < size:
+        chunk = tls.recv(size - len(received))
+        assert chunk, f"the end after {len(received)} of {size} bytes"
+        received += chunk
+    return received
+
+
+def _lines_in_pieces(server: _Server) -> bytes:
+    with _connect(server) as tls:
+        for byte in b"one\n":  # a TLS record, and with TCP_NODELAY a segment, a byte
+            tls.sendall(bytes([byte]))
+        tls.sendall(b"two\nthree\nquit\n")  # several lines in one record
+        return _read_to_end(tls)
+
+
+async def test_lines_sent_in_pieces_and_together_are_answered_then_closed_with_close_notify(
+    server: _Server,
+) -> None:
+    answer = await asyncio.to_thread(_lines_in_pieces, server)
+    # Ends with close_notify: without it the client's read raises SSLEOFError.
+    assert answer == b"ONE\nTWO\nTHREE\nbye\n"
+    await async_wait_until(lambda: server.apps[0].lost, 10, "the connection's end")
+
+
+def _quit_and_keep_sending(server: _Server) -> tuple[bytes, int]:
+    with _connect(server) as tls:
+        tls.sendall(b"quit\n")
+        sent = 0
+        # Sent after the server closed: unread input makes a closing socket send a reset,
+        # which would destroy "bye" before the client reads it; a lingering one reads it.
+        for _ in range(64):
+            tls.sendall(b"z" * 16384)
+            sent += 16384
+        return _read_to_end(tls), sent
+
+
+async def test_a_client_still_sending_when_the_server_closes_reads_its_last_answer(
+    server: _Server,
+) -> None:
+    answer, sent = await asyncio.to_thread(_quit_and_keep_sending, server)
+    assert (answer, sent) == (b"bye\n", 64 * 16384)
+    # The client closed its socket: the lingering server side ends at once, not at _LINGER.
+    await async_wait_until(lambda: server.apps[0].lost, 5, "the end after the client's")
+
+
+def _big(server: _Server) -> int:
+    with _connect(server) as tls:
+        tls.sendall(b"big\n")
+        return len(_read_exactly(tls, _Lines.BIG))
+
+
+async def test_a_large_answer_pauses_the_application_until_the_client_reads_it(
+    server: _Server,
+) -> None:
+    assert await asyncio.to_thread(_big, server) == _Lines.BIG
+    app = server.apps[0]
+    await async_wait_until(lambda: app.resumed == 1, 10, "resume_writing")
+    assert app.paused == 1
+
+
+def _silent(server: _Server) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        try:
+            return sock.recv(100)
+        except ConnectionResetError:
+            return b"reset"
+
+
+def _send_plain(server: _Server, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(100):
+                received += chunk
+        return received
+
+
+async def test_a_handshake_not_made_in_time_is_aborted_unseen_by_the_application(
+    server: _Server,
+) -> None:
+    # Ended by the 0.5 s handshake timeout: the client's read returns within its own 10 s.
+    assert await asyncio.to_thread(_silent, server) in (b"", b"reset")
+    assert server.apps[0].transport is None
+
+
+async def test_a_failed_handshake_gets_an_alert_and_never_reaches_the_application(
+    server: _Server,
+) -> None:
+    # A TLS record of type 22 (handshake) that is no ClientHello.
+    answer = await asyncio.to_thread(_send_plain, server, b"\x16\x03\x01\x00\x04\x02\x00\x00\x00")
+    assert answer[:1] == b"\x15"  # a TLS alert record, then the end
+    assert server.apps[0].transport is None
+
+
+async def test_plain_http_gets_the_plain_answer_and_never_reaches_the_application(
+    server: _Server,
+) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+    answer = await asyncio.to_thread(_send_plain, server, request)
+    assert answer == b"HTTP/1.1 400 plain\r\n\r\n"
+    assert server.apps[0].transport is None
