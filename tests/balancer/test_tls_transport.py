@@ -4,7 +4,8 @@ process, on uvloop (the balancer's loop) and asyncio's, against blocking TLS cli
 
 The application here answers each line with its upper-case copy, and ``quit`` with ``bye``
 and a close. Clients use `suppress_ragged_eofs=False`, so that an end without close_notify
-raises instead of reading as an end."""
+raises instead of reading as an end. Last, the data path itself on this layer: a WebSocket
+through `ProxyServer` with TLS."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import websockets.asyncio.client
+import websockets.asyncio.server
 
+from balancer import ProxyOptions, ProxyServer
 from balancer.control._tls import ALPN, CertificatePair, server_context
 from balancer.datapath._tls_transport import TlsTransport
+from tests.balancer.backends import ListRouter, RecordingMetrics
 from tests.balancer.certs import Authority
 from tests.helpers import async_wait_until
 
@@ -225,3 +230,30 @@ async def test_plain_http_gets_the_plain_answer_and_never_reaches_the_applicatio
     answer = await asyncio.to_thread(_send_plain, server, request)
     assert answer == b"HTTP/1.1 400 plain\r\n\r\n"
     assert server.apps[0].transport is None
+
+
+async def test_a_websocket_over_tls_is_piped_both_ways_through_the_proxy(tmp_path: Path) -> None:
+    """The data path on this layer: an upgrade's raw bytes, both ways, large ones too."""
+    authority = Authority.create(tmp_path / "tls")
+    leaf = authority.issue("proxy", "localhost")
+    context = server_context(CertificatePair(leaf.cert, leaf.key), ALPN)
+    client = ssl.create_default_context(cafile=str(authority.cert))
+
+    async def echo(ws: websockets.asyncio.server.ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with websockets.asyncio.server.serve(echo, "127.0.0.1", 0) as ws_server:
+        port = next(iter(ws_server.sockets)).getsockname()[1]
+        metrics = RecordingMetrics()
+        proxy = ProxyServer(ListRouter([f"http://127.0.0.1:{port}"]), metrics, ProxyOptions())
+        await proxy.start("127.0.0.1", 0, tls=context)
+        try:
+            uri = f"wss://localhost:{proxy.port}/ws"
+            async with websockets.asyncio.client.connect(uri, ssl=client) as ws:
+                for text in ("one", "two", "x" * 200000):
+                    await ws.send(text)
+                    assert await ws.recv() == text
+            assert metrics.done[-1][1] == 101
+        finally:
+            await proxy.shutdown()
