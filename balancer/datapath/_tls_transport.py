@@ -3,12 +3,11 @@ protocol of the TCP connection and the transport its application protocol (the d
 `_ClientConnection`, or the HTTP/2 one ALPN chose) sees, with an `ssl.SSLObject` on two
 memory BIOs in between, as asyncio's `sslproto` is built.
 
-Why not asyncio's ``create_server(ssl=...)``: under uvloop that layer costs ~45 us of CPU
-more a new connection than this one does (a bare server answering each request, interleaved
-runs on one core: 374 vs 329 us a handshake, nginx 299; docs/architecture.md, "Measured
-facts"), and new handshakes are where the balancer was furthest from nginx. It is also
-simpler than asyncio's, which serves client and server sides, unwrapping, STARTTLS and an
-app that pauses a read mid-record; here:
+Why not asyncio's ``create_server(ssl=...)``: under uvloop that layer costs ~40-45 us of CPU
+more a new connection than this one does, and new handshakes are where the balancer is
+furthest from nginx (docs/architecture.md, "Measured facts"). It is also simpler than
+asyncio's, which serves client and server sides, unwrapping, STARTTLS and an app that pauses
+a read mid-record; here:
 
 - the handshake must end within `handshake_timeout` seconds, else the TCP connection is
   aborted; a failed one sends OpenSSL's alert and closes. Neither reaches the application,
