@@ -1387,7 +1387,14 @@ class ProxyServer:
         is served as any (HTTP/1.1, or what ALPN chooses). `proxied`: its PROXY header was
         read already, naming `client`, as `proxied`."""
         app = self.proxied(client) if proxied else _ClientConnection(self)
-        return TlsTransport(context, app, self.options.header_timeout, _LINGER, _PLAIN_HTTP_TO_TLS)
+        return TlsTransport(
+            context,
+            app,
+            self.options.header_timeout,
+            _LINGER,
+            plain_answer=_PLAIN_HTTP_TO_TLS,
+            refused=self.metrics.rejected,
+        )
 
     def proxied(self, client: str | None) -> asyncio.Protocol:
         """A client connection's protocol whose PROXY header was read already, naming

@@ -10,10 +10,11 @@ asyncio's, which serves client and server sides, unwrapping, STARTTLS and an app
 a read mid-record; here:
 
 - the handshake must end within `handshake_timeout` seconds, else the TCP connection is
-  aborted; a failed one sends OpenSSL's alert and closes. Neither reaches the application,
+  aborted; a failed one sends OpenSSL's alert and closes. Each is told to `refused`
+  (``tls_handshake_timeout``, ``tls_handshake_failed``). Neither reaches the application,
   whose `connection_made` comes once the handshake is done (as with asyncio's). A client
   that sends plain HTTP instead (its first byte a capital letter, a TLS one's is 22) is
-  answered `plain_answer` in clear, then closed;
+  answered `plain_answer` in clear, then closed (``tls_plain_http``);
 - what one TCP read decrypts is given to the application as one `data_received`; a
   close_notify from the client is its `eof_received`, as is a TCP EOF without one (HTTP
   frames its own messages, so a truncation is seen there);
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 __all__ = ["TlsTransport"]
@@ -55,13 +57,16 @@ class TlsTransport(asyncio.Protocol):
         app: asyncio.Protocol,
         handshake_timeout: float,
         linger: float,
+        *,
         plain_answer: bytes = b"",
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         self._context = context
         self._app: asyncio.Protocol | None = app
         self._handshake_timeout = handshake_timeout
         self._linger = linger
         self._plain_answer = plain_answer
+        self._refused = refused
         self._started = False  # a byte came
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -80,9 +85,9 @@ class TlsTransport(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._tcp = tcp = cast(asyncio.Transport, transport)
+        self._tcp = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake_timeout, tcp.abort)
+        self._timer = loop.call_later(self._handshake_timeout, self._handshake_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -93,6 +98,7 @@ class TlsTransport(asyncio.Protocol):
             # its method's first letter: a client that forgot https:// gets an answer it
             # can read, as from nginx, not a TLS alert.
             if self._plain_answer and data[0] != 22 and 65 <= data[0] <= 90:
+                self._refuse("tls_plain_http")
                 if self._tcp is not None:
                     self._tcp.write(self._plain_answer)
                 self._closing = True
@@ -136,9 +142,11 @@ class TlsTransport(asyncio.Protocol):
         except ssl.SSLWantReadError:
             self._flush()
             return False
-        except (ssl.SSLError, ssl.CertificateError):
-            # The client's affair (no common protocol, a bad record...): OpenSSL's alert,
-            # then the end, as any TLS server does; the application never knew of it.
+        except ssl.SSLError:
+            # The client's affair (no common protocol, a bad record, our certificate
+            # refused...): OpenSSL's alert, then the end, as any TLS server does; the
+            # application never knew of it.
+            self._refuse("tls_handshake_failed")
             self._flush()
             self._closing = True
             if self._tcp is not None:
@@ -153,6 +161,15 @@ class TlsTransport(asyncio.Protocol):
             # Not a subclass of asyncio.Transport (a protocol already), as uvloop's are not.
             self._app.connection_made(cast(asyncio.Transport, self))
         return not self._closing
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self._refuse("tls_handshake_timeout")
+        self.abort()
+
+    def _refuse(self, reason: str) -> None:
+        if self._refused is not None:
+            self._refused(reason)
 
     def _read(self) -> None:
         """Decrypt what the client sent and give it to the application in one piece."""

@@ -83,6 +83,7 @@ class _Server:
     port: int
     client: ssl.SSLContext
     apps: list[_Lines] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # what `refused` was told
 
 
 @pytest.fixture
@@ -92,15 +93,19 @@ async def server(tmp_path: Path) -> AsyncIterator[_Server]:
     context = server_context(CertificatePair(leaf.cert, leaf.key), ALPN)
     client = ssl.create_default_context(cafile=str(authority.cert))
     apps: list[_Lines] = []
+    refused: list[str] = []
 
     def protocol() -> TlsTransport:
         apps.append(_Lines())
-        return TlsTransport(context, apps[-1], 0.5, _LINGER, b"HTTP/1.1 400 plain\r\n\r\n")
+        plain = b"HTTP/1.1 400 plain\r\n\r\n"
+        return TlsTransport(
+            context, apps[-1], 0.5, _LINGER, plain_answer=plain, refused=refused.append
+        )
 
     listener = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        yield _Server(port, client, apps)
+        yield _Server(port, client, apps, refused)
     finally:
         listener.close()
         for app in apps:
@@ -149,6 +154,7 @@ async def test_lines_sent_in_pieces_and_together_are_answered_then_closed_with_c
     answer = await asyncio.to_thread(_lines_in_pieces, server)
     # Ends with close_notify: without it the client's read raises SSLEOFError.
     assert answer == b"ONE\nTWO\nTHREE\nbye\n"
+    assert server.refused == []
     await async_wait_until(lambda: server.apps[0].lost, 10, "the connection's end")
 
 
@@ -212,6 +218,7 @@ async def test_a_handshake_not_made_in_time_is_aborted_unseen_by_the_application
     # Ended by the 0.5 s handshake timeout: the client's read returns within its own 10 s.
     assert await asyncio.to_thread(_silent, server) in (b"", b"reset")
     assert server.apps[0].transport is None
+    assert server.refused == ["tls_handshake_timeout"]
 
 
 async def test_a_failed_handshake_gets_an_alert_and_never_reaches_the_application(
@@ -221,6 +228,7 @@ async def test_a_failed_handshake_gets_an_alert_and_never_reaches_the_applicatio
     answer = await asyncio.to_thread(_send_plain, server, b"\x16\x03\x01\x00\x04\x02\x00\x00\x00")
     assert answer[:1] == b"\x15"  # a TLS alert record, then the end
     assert server.apps[0].transport is None
+    assert server.refused == ["tls_handshake_failed"]
 
 
 async def test_plain_http_gets_the_plain_answer_and_never_reaches_the_application(
@@ -230,6 +238,7 @@ async def test_plain_http_gets_the_plain_answer_and_never_reaches_the_applicatio
     answer = await asyncio.to_thread(_send_plain, server, request)
     assert answer == b"HTTP/1.1 400 plain\r\n\r\n"
     assert server.apps[0].transport is None
+    assert server.refused == ["tls_plain_http"]
 
 
 async def test_a_websocket_over_tls_is_piped_both_ways_through_the_proxy(tmp_path: Path) -> None:
