@@ -249,7 +249,8 @@ class ProxiedTlsListener:
             # same `header_timeout`; a failed one is the client's affair, as on any TLS
             # listener.
             await asyncio.get_running_loop().connect_accepted_socket(
-                partial(self._proxy.tls_protocol, self._tls, header.client, True), sock
+                partial(self._proxy.tls_protocol, self._tls, header.client, proxied=True),
+                sock,
             )
         except OSError as exc:
             sock.close()

@@ -1361,7 +1361,7 @@ class ProxyServer:
         factory: Callable[[], asyncio.Protocol] = self._protocol
         if tls is not None:
             self.proto = b"https"
-            factory = partial(self.tls_protocol, tls, None)
+            factory = partial(self.tls_protocol, tls)
         if sock is not None:
             self._server = await loop.create_server(factory, sock=sock, backlog=2048)
         else:
@@ -1380,7 +1380,7 @@ class ProxyServer:
         self._timer = asyncio.get_running_loop().call_later(self._tick, self._check_deadlines)
 
     def tls_protocol(
-        self, context: ssl.SSLContext, client: str | None, proxied: bool = False
+        self, context: ssl.SSLContext, client: str | None = None, *, proxied: bool = False
     ) -> asyncio.Protocol:
         """The protocol of a TLS client connection (`_tls_transport`, the data path's TLS):
         its handshake with `context` must end within `header_timeout`, then the connection
