@@ -182,7 +182,8 @@ def error_response(
     `Retry-After: retry_after` (seconds) when that is not 0; `reason`, if any, is a second
     line of the body."""
     phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}\n{reason}{chr(10) if reason else ''}".encode("ascii")
+    lines = f"{status} {phrase}\n" + (f"{reason}\n" if reason else "")
+    body = lines.encode("ascii")
     head = [
         f"HTTP/1.1 {status} {phrase}",
         "Content-Type: text/plain; charset=utf-8",

@@ -148,9 +148,7 @@ class TlsTransport(asyncio.Protocol):
             # application never knew of it.
             self._refuse("tls_handshake_failed")
             self._flush()
-            self._closing = True
-            if self._tcp is not None:
-                self._tcp.close()
+            self.close()  # not established: the TCP connection's close, nothing else
             return False
         self._flush()  # the server's last flight (and TLS 1.3's session tickets)
         self._established = True
