@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -54,14 +55,26 @@ def find_server_binary() -> str:
     )
 
 
+# The ports `free_port` handed out last, newest at the end: a released port can come back
+# from the very next bind, and two calls in a row (a listener and its admin address, say)
+# must not get the same one (it happened: tests/balancer/test_cluster.py, CI).
+_GIVEN: deque[int] = deque(maxlen=64)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` (an IPv4 or IPv6 address) a moment ago: bound to port 0,
-    then released. Nothing listens there now, so a connect to it is refused; another process
-    may take it before the caller binds it, and then that bind fails."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    then released; never one of the last 64 this process was given. Nothing listens there
+    now, so a connect to it is refused; another process may take it before the caller binds
+    it, and then that bind fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _GIVEN:
+            break
+    _GIVEN.append(port)
+    return port
 
 
 class RedisServer:
