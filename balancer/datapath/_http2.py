@@ -51,7 +51,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from ._http import HOP_BY_HOP, chunk
-from ._proxy import Http2Factory, ProxyServer, _ClientConnection
+from ._proxy import _LINGER, Http2Factory, ProxyServer, _ClientConnection
 
 __all__ = ["Http2Connection", "Http2Options"]
 
@@ -476,6 +476,7 @@ class Http2Connection(asyncio.Protocol):
         self._idle_since = self._clock()
         self._served = False  # a stream was opened: idle_timeout from then on
         self._flush_pending = False  # `_write_out` is scheduled
+        self._linger_until = math.inf  # closed: when the half-closed connection is closed
 
     def __repr__(self) -> str:
         return f"<Http2Connection [client: {self.client}, streams: {len(self._streams)}]>"
@@ -699,8 +700,18 @@ class Http2Connection(asyncio.Protocol):
         self._streams.clear()
         for stream in streams:
             stream.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            # The client may still be sending (frames in flight, a flood): a close with
+            # unread input makes the kernel reset the connection, which can destroy the
+            # GOAWAY. So half-close, then close when the client does (`eof_received`) or
+            # `_LINGER` seconds later (`check_deadline`), as `_ClientConnection` lingers.
+            transport.write_eof()
+            self._linger_until = self._clock() + _LINGER
+        else:
+            transport.close()
 
     # -- for the streams ------------------------------------------------------------------
 
@@ -769,6 +780,10 @@ class Http2Connection(asyncio.Protocol):
     # -- the server's timer and shutdown (`ClientSession`) --------------------------------
 
     def check_deadline(self, now: float) -> None:
+        if self._closed:
+            if now >= self._linger_until and self.transport is not None:
+                self.transport.close()
+            return
         for stream in list(self._streams.values()):
             stream.request.check_deadline(now)
         options = self.server.options

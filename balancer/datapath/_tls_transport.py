@@ -14,16 +14,26 @@ a read mid-record; here:
   (``tls_handshake_timeout``, ``tls_handshake_failed``). Neither reaches the application,
   whose `connection_made` comes once the handshake is done (as with asyncio's). A client
   that sends plain HTTP instead (its first byte a capital letter, a TLS one's is 22) is
-  answered `plain_answer` in clear, then closed (``tls_plain_http``);
+  answered `plain_answer` in clear, then closed after `linger` seconds at most (read
+  and dropped until the client closes: see below) (``tls_plain_http``);
 - what one TCP read decrypts is given to the application as one `data_received`; a
   close_notify from the client is its `eof_received`, as is a TCP EOF without one (HTTP
   frames its own messages, so a truncation is seen there);
 - writes are encrypted at once into the TCP transport, whose buffer is the only one:
-  its flow control (`pause_writing`, `get_write_buffer_size`) is the application's;
-- `close` sends close_notify and half-closes the TCP connection once its buffer is
-  written, then reads and discards until the client closes, `linger` seconds at most: its
-  close_notify is not waited for (RFC 8446 section 6.1 allows it; nginx does the same).
-  `can_write_eof` is False, as on asyncio's TLS transports;
+  its flow control (`pause_writing`, `get_write_buffer_size`) is the application's. What
+  OpenSSL writes on its own after the handshake (TLS 1.3's session tickets, the answer to
+  a KeyUpdate) goes out with the application's next write, or with the close: the client
+  needs tickets only for a later connection, and RFC 8446 section 4.6.3 wants the KeyUpdate
+  only before our next data; so a new connection's answer and its tickets are one TCP
+  segment, not two;
+- the application chooses how the connection ends, as over TCP: `close` sends close_notify
+  and closes the TCP connection (after a complete exchange: nginx does the same), and
+  `write_eof` sends close_notify and half-closes it (to linger: the client may still be
+  sending, and closing a socket with unread input makes the kernel send a reset, which can
+  destroy the answer in flight). After `write_eof` what the client sends is dropped
+  unread (RFC 8446 section 6.1 allows a half-closed TLS connection, but nothing here reads
+  after its own end), and its TCP end is the application's `eof_received`. The client's
+  close_notify is never waited for (RFC 8446 allows it; nginx does not wait either);
 - when the connection ends the application is dropped, so that neither object keeps the
   other (and its OpenSSL state) alive for the garbage collector.
 
@@ -48,8 +58,9 @@ class TlsTransport(asyncio.Protocol):
     """A server-side TLS connection for `app`, with `context`'s settings (certificates, ALPN,
     SNI callback). Give it to ``create_server`` or ``connect_accepted_socket`` as the
     protocol (``ssl=None``); `app` gets this object as its transport once the handshake is
-    done. The handshake must end within `handshake_timeout` seconds; a closed connection
-    lingers `linger` seconds at most (see the module docstring)."""
+    done. The handshake must end within `handshake_timeout` seconds; a client that spoke
+    plain HTTP is closed `linger` seconds after its answer at most (see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -75,11 +86,16 @@ class TlsTransport(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._established = False  # the handshake is done: `app` is connected
         self._closing = False  # close() or abort() was called, or the handshake failed
+        self._shut = False  # write_eof() was called: close_notify sent, reads dropped
         self._eof = False  # the application was told of the client's end
 
     def __repr__(self) -> str:
         state = "established" if self._established else "handshake"
-        return f"<TlsTransport [{state}{', closing' if self._closing else ''}]>"
+        if self._closing:
+            state += ", closing"
+        elif self._shut:
+            state += ", shut"
+        return f"<TlsTransport [{state}]>"
 
     # -- asyncio.Protocol, for the TCP transport --------------------------------------------
 
@@ -90,8 +106,8 @@ class TlsTransport(asyncio.Protocol):
         self._timer = loop.call_later(self._handshake_timeout, self._handshake_timed_out)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
-            return  # after close(): nothing more is read
+        if self._closing or self._shut:
+            return  # after close() or write_eof(): dropped
         if not self._started:
             self._started = True
             # A TLS connection begins with a handshake record (22); an HTTP request with
@@ -150,7 +166,10 @@ class TlsTransport(asyncio.Protocol):
             self._flush()
             self.close()  # not established: the TCP connection's close, nothing else
             return False
-        self._flush()  # the server's last flight (and TLS 1.3's session tickets)
+        if self._tls.version() != "TLSv1.3":
+            # TLS 1.2's last flight holds the server's Finished, which the client waits
+            # for; TLS 1.3's is only session tickets, sent with the first answer.
+            self._flush()
         self._established = True
         if self._timer is not None:
             self._timer.cancel()
@@ -192,8 +211,6 @@ class TlsTransport(asyncio.Protocol):
         except ssl.SSLError:
             self.abort()  # a record that does not decrypt: nothing after it can be trusted
             return
-        if self._outgoing.pending:
-            self._flush()  # what reading made OpenSSL answer (a TLS 1.3 KeyUpdate)
         app = self._app
         if chunks and app is not None and not self._closing:
             app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -230,48 +247,56 @@ class TlsTransport(asyncio.Protocol):
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
-        return False
+        return True
 
     def write_eof(self) -> None:
-        raise NotImplementedError("a TLS transport cannot half-close")
+        """close_notify, then the TCP half-close; what the client still sends is dropped,
+        its TCP end is `eof_received` (see the module docstring). The application closes
+        the transport when it has waited long enough."""
+        if self._closing or self._shut:
+            return
+        self._shut = True
+        tcp = self._tcp
+        if tcp is None:
+            return
+        self._close_notify()
+        tcp.write_eof()
 
     def close(self) -> None:
+        """close_notify (unless `write_eof` sent it), then the TCP connection's close once
+        its buffer is written."""
         if self._closing:
             return
         self._closing = True
         tcp = self._tcp
         if tcp is None:
             return
-        if not self._established:
-            tcp.close()
-            return
-        # Queues close_notify. Not contextlib.suppress: compiled, that is three calls into
-        # interpreted code a connection.
-        try:  # noqa: SIM105
-            self._tls.unwrap()
-        except ssl.SSLError:
-            pass  # SSLWantReadError: the client's close_notify, which is not waited for
+        if not self._shut:
+            self._close_notify()
+        tcp.close()
+
+    def _close_notify(self) -> None:
+        """Write what is still held (session tickets) and close_notify, if the handshake
+        is done; a failed one's alert was written already."""
+        if self._established:
+            # Not contextlib.suppress: compiled, that is three calls into interpreted code
+            # a connection.
+            try:  # noqa: SIM105
+                self._tls.unwrap()
+            except ssl.SSLError:
+                pass  # SSLWantReadError: the client's close_notify, which is not waited for
         self._flush()
-        if self._eof:
-            tcp.close()  # the client is done sending: nothing can reset our answer
-        else:
-            self._linger_close()
 
     def _linger_close(self) -> None:
-        """Close as the data path does without TLS: closing a socket with unread input
-        makes the kernel send a reset, which can destroy the answer in flight (an HTTP/2
-        GOAWAY to a client still sending, say). So half-close, and read and discard until
-        the client closes too, for `linger` seconds at most."""
+        """After the answer to plain HTTP, which no application wrote: half-close, and
+        drop what the client still sends until it closes, for `linger` seconds at most (a
+        close with unread input would reset the connection, and could destroy the answer)."""
         tcp = self._tcp
         if tcp is None:
             return
         if self._timer is not None:
-            self._timer.cancel()  # the handshake's, for a plain HTTP client
-        if not tcp.can_write_eof():
-            tcp.close()
-            return
+            self._timer.cancel()  # the handshake's
         tcp.write_eof()
-        tcp.resume_reading()
         self._timer = asyncio.get_running_loop().call_later(self._linger, tcp.abort)
 
     def abort(self) -> None:

@@ -2,10 +2,11 @@
 process, on uvloop (the balancer's loop) and asyncio's, against blocking TLS clients on
 127.0.0.1 in a thread: what it gives its application and what a client sees.
 
-The application here answers each line with its upper-case copy, and ``quit`` with ``bye``
-and a close. Clients use `suppress_ragged_eofs=False`, so that an end without close_notify
-raises instead of reading as an end. Last, the data path itself on this layer: a WebSocket
-through `ProxyServer` with TLS."""
+The application here answers each line with its upper-case copy, ``quit`` with ``bye`` and
+a close, ``close`` with a close alone, ``linger`` with ``bye`` and a half-close
+(`write_eof`). Clients use `suppress_ragged_eofs=False`, so that an end without
+close_notify raises instead of reading as an end. Last, the data path itself on this
+layer: a WebSocket through `ProxyServer` with TLS."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from balancer.control._tls import ALPN, CertificatePair, server_context
 from balancer.datapath._tls_transport import TlsTransport
 from tests.balancer.backends import ListRouter, RecordingMetrics
 from tests.balancer.certs import Authority
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_until, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +41,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]
 
 class _Lines(asyncio.Protocol):
     """The application: upper-cases each line; ``quit`` is answered ``bye``, then closed;
+    ``close`` is closed unanswered;
+    ``linger`` is answered ``bye``, then half-closed (and closed when the client ends);
     ``big`` is answered with `BIG` bytes at once. Records what the transport told it."""
 
     BIG = 32 * 1024 * 1024  # more than any kernel's socket buffers take at once
@@ -49,19 +52,33 @@ class _Lines(asyncio.Protocol):
         self.buffer = b""
         self.paused = 0
         self.resumed = 0
+        self.ended = False
         self.lost = False
+        self.shut = False  # write_eof() was called
+        self.late = 0  # data_received calls after write_eof()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
+        if self.shut:
+            self.late += 1
+            return
         self.buffer += data
         while b"\n" in self.buffer:
             line, _, self.buffer = self.buffer.partition(b"\n")
             if line == b"quit":
                 self.transport.write(b"bye\n")
                 self.transport.close()
+                return
+            if line == b"close":
+                self.transport.close()  # nothing written: the tickets go with close_notify
+                return
+            if line == b"linger":
+                self.transport.write(b"bye\n")
+                self.transport.write_eof()
+                self.shut = True
                 return
             if line == b"big":
                 self.transport.write(b"x" * self.BIG)
@@ -73,6 +90,10 @@ class _Lines(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.resumed += 1
+
+    def eof_received(self) -> bool | None:
+        self.ended = True
+        return None  # closed: the client is done, and so are we
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -161,25 +182,69 @@ async def test_lines_sent_in_pieces_and_together_are_answered_then_closed_with_c
     await async_wait_until(lambda: server.apps[0].lost, 10, "the connection's end")
 
 
-def _quit_and_keep_sending(server: _Server) -> tuple[bytes, int]:
+def _quit_and_hold(server: _Server) -> bytes:
     with _connect(server) as tls:
         tls.sendall(b"quit\n")
+        answer = _read_to_end(tls)  # then close_notify
+        # The client still holds its socket open: the server side is gone all the same
+        # (it does not linger, as nginx does not after a complete exchange).
+        wait_for(lambda: server.apps[0].lost, 5, "the end without the client's")
+        return answer
+
+
+async def test_a_close_after_the_answer_ends_the_connection_without_waiting_for_the_client(
+    server: _Server,
+) -> None:
+    assert await asyncio.to_thread(_quit_and_hold, server) == b"bye\n"
+    assert not server.apps[0].ended
+
+
+def _linger_and_keep_sending(server: _Server) -> tuple[bytes, int]:
+    with _connect(server) as tls:
+        tls.sendall(b"linger\n")
         sent = 0
-        # Sent after the server closed: unread input makes a closing socket send a reset,
-        # which would destroy "bye" before the client reads it; a lingering one reads it.
+        # Sent after the server's end: unread input makes a closing socket send a reset,
+        # which would destroy "bye" before the client reads it; a lingering one drops it.
         for _ in range(64):
             tls.sendall(b"z" * 16384)
             sent += 16384
         return _read_to_end(tls), sent
 
 
-async def test_a_client_still_sending_when_the_server_closes_reads_its_last_answer(
+async def test_a_client_still_sending_when_the_server_half_closes_reads_its_last_answer(
     server: _Server,
 ) -> None:
-    answer, sent = await asyncio.to_thread(_quit_and_keep_sending, server)
+    answer, sent = await asyncio.to_thread(_linger_and_keep_sending, server)
     assert (answer, sent) == (b"bye\n", 64 * 16384)
-    # The client closed its socket: the lingering server side ends at once, not at _LINGER.
-    await async_wait_until(lambda: server.apps[0].lost, 5, "the end after the client's")
+    # What the client sent after the server's end never reached the application; its
+    # close did, and the lingering server side ended then, not at _LINGER.
+    app = server.apps[0]
+    await async_wait_until(lambda: app.lost, 5, "the end after the client's")
+    assert app.ended
+    assert app.late == 0
+
+
+def _resumes(server: _Server, line: bytes) -> tuple[bytes, bool]:
+    """(the answer to `line`, whether a second connection resumed the first's session)."""
+    with _connect(server) as tls:
+        tls.sendall(line)
+        answer = _read_to_end(tls)
+        session = tls.session
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    with server.client.wrap_socket(sock, server_hostname="localhost", session=session) as tls:
+        tls.sendall(b"quit\n")
+        _read_to_end(tls)
+        return answer, bool(tls.session_reused)
+
+
+@pytest.mark.parametrize("line", [b"quit\n", b"close\n"], ids=["answer", "close"])
+async def test_session_tickets_held_for_the_answer_reach_the_client(
+    server: _Server, line: bytes
+) -> None:
+    # TLS 1.3's tickets wait for the application's first write, or its close.
+    answer, resumed = await asyncio.to_thread(_resumes, server, line)
+    assert answer == (b"bye\n" if line == b"quit\n" else b"")
+    assert resumed
 
 
 def _big(server: _Server) -> int:
