@@ -363,7 +363,7 @@ class Balancer:
         try:
             if self.tls is not None and self.settings.proxy_protocol:
                 # The PROXY header comes in clear before the handshake: a listener of its own.
-                listener = ProxiedTlsListener(self.proxy, self.tls.context)
+                listener = ProxiedTlsListener(self.proxy, self.tls)
                 await listener.start(listen.host, listen.port, reuse_port=reuse_port)
                 self.proxy.adopt(listener, tls=True)
             else:
@@ -371,7 +371,7 @@ class Balancer:
                     listen.host,
                     listen.port,
                     reuse_port=reuse_port,
-                    tls=None if self.tls is None else self.tls.context,
+                    tls=self.tls,
                 )
         except OSError as exc:
             raise _listen_error("--listen", listen.host, listen.port, exc) from exc

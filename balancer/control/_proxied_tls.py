@@ -37,7 +37,7 @@ import ssl
 from functools import partial
 from typing import Final
 
-from ..datapath._proxy import ProxyServer
+from ..datapath._proxy import ListenerTls, ProxyServer
 from ..datapath._proxy_protocol import V2_MAX, BadProxyHeader, ProxyHeader, read_header
 
 __all__ = ["BACKLOG", "MAX_PENDING_HEADERS", "ProxiedTlsListener", "listening_sockets"]
@@ -136,7 +136,7 @@ class ProxiedTlsListener:
     def __init__(
         self,
         proxy: ProxyServer,
-        tls: ssl.SSLContext,
+        tls: ssl.SSLContext | ListenerTls,
         *,
         max_pending: int = MAX_PENDING_HEADERS,
     ) -> None:

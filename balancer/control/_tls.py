@@ -1,14 +1,17 @@
 """TLS: the listener's certificates, chosen by SNI and reloaded by swapping, and the client
 context that verifies ``https://`` backends.
 
-The listener's `ssl.SSLContext` is built once (`TlsListener.context`) and handed to
-``loop.create_server``; it never changes. Its `sni_callback` switches each new handshake to
-the context of the certificate that matches the name the client asked for, from the
-current `Certificates`. A reload builds a whole new `Certificates` from the same files
-and, only if every pair loads, swaps it in: handshakes from then on get the new ones,
-established connections keep the session they have (uvicorn's `create_ssl_context`, one
-context validated at startup; nginx and HAProxy reload the same way). A bad file changes
-nothing and the error says which file and why.
+The data path reads the listener's `ssl.SSLContext` (`TlsListener.context`) for each new
+connection. With one certificate it is that certificate's context; with several, a front
+context built once, whose `sni_callback` switches each new handshake to the context of the
+certificate that matches the name the client asked for, from the current `Certificates`
+(a callback into Python and a switch of OpenSSL's certificate state a handshake: not paid
+when there is nothing to choose). A reload builds a whole new
+`Certificates` from the same files and, only if every pair loads, swaps it in (and, with
+one certificate, its context): handshakes from then on get the new ones, established
+connections keep the session they have (uvicorn's `create_ssl_context`, one context
+validated at startup; nginx and HAProxy reload the same way). A bad file changes nothing
+and the error says which file and why.
 
 Every context has the same settings: TLS 1.2 and 1.3 only, Mozilla's "intermediate"
 cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's defaults, all of them AEAD), no
@@ -155,17 +158,20 @@ class Certificates:
 
 
 class TlsListener:
-    """The listener's TLS: `context` for ``create_server(ssl=...)``, `reload()` to read the
-    files again. ALPN offers h2 and http/1.1, or http/1.1 only without `http2`. Raises
-    TlsError at construction for a pair that does not load."""
+    """The listener's TLS: `context`, the one a new connection's handshake gets now (the
+    data path's `ListenerTls`), and `reload()` to read the files again. ALPN offers h2 and
+    http/1.1, or http/1.1 only without `http2`. Raises TlsError at construction for a pair
+    that does not load."""
 
     def __init__(self, pairs: Sequence[CertificatePair], *, http2: bool = True) -> None:
         alpn = ALPN_H2 if http2 else ALPN
         self.certificates = Certificates(pairs, alpn)
-        # The front context: settings as every other; its certificate is only what a
-        # handshake would get if the callback did not switch it (it always does).
-        self.context = server_context(self.certificates.pairs[0], alpn)
-        self.context.sni_callback = self._sni
+        self.context = self.certificates.contexts[0]
+        if len(pairs) > 1:
+            # The front context: settings as every other; its certificate is only what a
+            # handshake would get if the callback did not switch it (it always does).
+            self.context = server_context(self.certificates.pairs[0], alpn)
+            self.context.sni_callback = self._sni
         self.reloads = 0
 
     def _sni(
@@ -179,6 +185,8 @@ class TlsListener:
         TlsError (and serves what it served) if any pair does not load."""
         certificates = Certificates(self.certificates.pairs, self.certificates.alpn)
         self.certificates = certificates
+        if self.context.sni_callback is None:
+            self.context = certificates.contexts[0]  # one certificate: nothing to choose
         self.reloads += 1
         return certificates
 

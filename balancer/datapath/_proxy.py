@@ -64,7 +64,7 @@ from ._router import Decision
 from ._tls_transport import TlsTransport
 from ._upstream import UpstreamConnection, UpstreamPool
 
-__all__ = ["ClientSession", "Http2Factory", "ProxyOptions", "ProxyServer", "tune_gc"]
+__all__ = ["ClientSession", "Http2Factory", "ListenerTls", "ProxyOptions", "ProxyServer", "tune_gc"]
 
 logger = logging.getLogger("balancer")
 access_logger = logging.getLogger("balancer.access")
@@ -119,6 +119,15 @@ class ClientSession(Protocol):
 # Makes the protocol that serves a connection whose TLS handshake chose HTTP/2 (ALPN h2),
 # given the server and the client's address: `_http2.Http2Options.factory`.
 Http2Factory = Callable[["ProxyServer", str], asyncio.Protocol]
+
+
+class ListenerTls(Protocol):
+    """A TLS listener's context as the data path reads it: once for each new connection,
+    so that one swapped in (a certificate reload: control._tls.TlsListener) serves the next
+    handshake."""
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
 
 
 class ProxyMetrics(Protocol):
@@ -1344,12 +1353,13 @@ class ProxyServer:
         *,
         sock: socket.socket | None = None,
         reuse_port: bool = False,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | ListenerTls | None = None,
     ) -> None:
         """Listen on `host:port` (or on `sock`, already bound); returns once listening.
 
-        With `tls`, clients speak TLS (control._tls builds the context): the handshake
-        must end within `header_timeout`, and the backends are told X-Forwarded-Proto https.
+        With `tls` (a context, or what gives one for each connection: control._tls builds
+        them), clients speak TLS: the handshake must end within `header_timeout`, and the
+        backends are told X-Forwarded-Proto https.
         """
         loop = asyncio.get_running_loop()
         if tls is not None and self.options.proxy_protocol:
@@ -1380,15 +1390,19 @@ class ProxyServer:
         self._timer = asyncio.get_running_loop().call_later(self._tick, self._check_deadlines)
 
     def tls_protocol(
-        self, context: ssl.SSLContext, client: str | None = None, *, proxied: bool = False
+        self,
+        tls: ssl.SSLContext | ListenerTls,
+        client: str | None = None,
+        *,
+        proxied: bool = False,
     ) -> asyncio.Protocol:
         """The protocol of a TLS client connection (`_tls_transport`, the data path's TLS):
-        its handshake with `context` must end within `header_timeout`, then the connection
-        is served as any (HTTP/1.1, or what ALPN chooses). `proxied`: its PROXY header was
-        read already, naming `client`, as `proxied`."""
+        its handshake with `tls` (its context now) must end within `header_timeout`, then
+        the connection is served as any (HTTP/1.1, or what ALPN chooses). `proxied`: its
+        PROXY header was read already, naming `client`, as `proxied`."""
         app = self.proxied(client) if proxied else _ClientConnection(self)
         return TlsTransport(
-            context,
+            tls if isinstance(tls, ssl.SSLContext) else tls.context,
             app,
             self.options.header_timeout,
             _LINGER,

@@ -3,7 +3,8 @@ certificates made in the test by a private CA (`certs`): requests are proxied ov
 X-Forwarded-Proto https, SNI picks the certificate, TLS 1.1 is refused, the affinity cookie
 is Secure with the attributes asked for, a reload with a bad file changes nothing, a reload
 with a new certificate serves it to new connections while an old keep-alive one goes on,
-and a bad file at startup is one line naming the flag and the file."""
+and a bad file at startup is one line naming the flag and the file. In the process: one
+certificate is served without an SNI callback, several are chosen by name, across reloads."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import sys
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 
+from balancer.control._tls import CertificatePair, TlsListener
 from tests.balancer.backends import HttpBackend
 from tests.balancer.certs import Authority, Leaf
 from tests.helpers import async_wait_for, free_port
@@ -405,3 +408,63 @@ async def test_plain_http_to_the_tls_listener_gets_a_400_that_says_so(
         assert response.status_code == 400
         assert "This port speaks HTTPS" in response.text
         assert response.headers["connection"] == "close"
+
+
+def _handshake_names(context: ssl.SSLContext, authority: Authority, sni: str) -> set[str]:
+    """The DNS names of the certificate a handshake with `context` serves to a client
+    asking for `sni` (both ends in memory, a real handshake)."""
+    client = ssl.create_default_context(cafile=str(authority.cert))
+    client.check_hostname = False
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    ours = client.wrap_bio(bios[0], bios[1], server_hostname=sni)
+    theirs = context.wrap_bio(bios[2], bios[3], server_side=True)
+    done = [False, False]
+    for _ in range(10):  # TLS 1.3: two flights each way at most
+        for i, end in enumerate((ours, theirs)):
+            if not done[i]:
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+        bios[2].write(bios[1].read())
+        bios[0].write(bios[3].read())
+        if all(done):
+            break
+    assert all(done), "the handshake did not end"
+    cert = ours.getpeercert()
+    assert cert is not None
+    names = cast("tuple[tuple[str, str], ...]", cert["subjectAltName"])
+    return {value for kind, value in names if kind == "DNS"}
+
+
+def test_one_certificate_is_served_without_a_choice_and_a_reload_swaps_it(
+    authority: Authority,
+) -> None:
+    leaf = authority.issue("a", "a.test")
+    tls = TlsListener([CertificatePair(leaf.cert, leaf.key)])
+    # Nothing to choose: no SNI callback into Python a handshake.
+    assert tls.context.sni_callback is None
+    assert _handshake_names(tls.context, authority, "a.test") == {"a.test"}
+    renewed = authority.issue("renewed", "renewed.test")
+    leaf.cert.write_bytes(renewed.cert.read_bytes())
+    leaf.key.write_bytes(renewed.key.read_bytes())
+    tls.reload()
+    assert tls.context.sni_callback is None
+    assert _handshake_names(tls.context, authority, "a.test") == {"renewed.test"}
+
+
+def test_several_certificates_are_chosen_by_name_before_and_after_a_reload(
+    authority: Authority,
+) -> None:
+    a, b = authority.issue("a", "a.test"), authority.issue("b", "b.test")
+    tls = TlsListener([CertificatePair(a.cert, a.key), CertificatePair(b.cert, b.key)])
+    front = tls.context
+    assert _handshake_names(front, authority, "b.test") == {"b.test"}
+    assert _handshake_names(front, authority, "other.test") == {"a.test"}  # the default
+    renewed = authority.issue("renewed", "b.test", "renewed.test")
+    b.cert.write_bytes(renewed.cert.read_bytes())
+    b.key.write_bytes(renewed.key.read_bytes())
+    tls.reload()
+    assert tls.context is front  # the callback reads the new certificates
+    assert _handshake_names(front, authority, "b.test") == {"b.test", "renewed.test"}
