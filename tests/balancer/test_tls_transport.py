@@ -309,6 +309,62 @@ async def test_plain_http_gets_the_plain_answer_and_never_reaches_the_applicatio
     assert server.refused == ["tls_plain_http"]
 
 
+async def _exchange(
+    tls: TlsTransport,
+    client: ssl.SSLObject,
+    bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO],
+    sock: socket.socket,
+) -> None:
+    """Move the client's bytes to `tls` (as its TCP reads) and the server's from `sock`
+    (the other end of its TCP transport) to the client."""
+    incoming, outgoing = bios
+    if outgoing.pending:
+        tls.data_received(outgoing.read())
+    loop = asyncio.get_running_loop()
+    incoming.write(await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5))
+
+
+async def test_a_record_split_across_reads_reaches_the_application_whole(
+    tmp_path: Path,
+) -> None:
+    authority = Authority.create(tmp_path / "tls")
+    leaf = authority.issue("server", "localhost")
+    app = _Lines()
+    tls = TlsTransport(server_context(CertificatePair(leaf.cert, leaf.key), ALPN), app, 5, 5)
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(lambda: tls, ours)
+    try:
+        bios = (ssl.MemoryBIO(), ssl.MemoryBIO())
+        client = ssl.create_default_context(cafile=str(authority.cert)).wrap_bio(
+            *bios, server_hostname="localhost"
+        )
+        for _ in range(5):
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await _exchange(tls, client, bios, theirs)
+        line = b"x" * 16000 + b"\n"
+        client.write(line)
+        record = bios[1].read()  # one record: its plaintext is longer than its last bytes
+        # Its TCP reads, given as the loop would: most of it, then the last 20 bytes.
+        tls.data_received(record[:-20])
+        tls.data_received(record[-20:])
+        assert app.buffer == b""  # the whole line came, and was answered
+        answer = b""
+        while len(answer) < len(line):
+            await _exchange(tls, client, bios, theirs)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while True:
+                    answer += client.read(65536)
+        assert answer == line.upper()
+    finally:
+        tls.abort()
+        theirs.close()
+
+
 async def test_a_websocket_over_tls_is_piped_both_ways_through_the_proxy(tmp_path: Path) -> None:
     """The data path on this layer: an upgrade's raw bytes, both ways, large ones too."""
     authority = Authority.create(tmp_path / "tls")
