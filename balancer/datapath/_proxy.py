@@ -299,7 +299,7 @@ class _ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._peer = "unknown"
         self._trusted = False
-        self._local_host = b"localhost"
+        self._local_host = b""  # the address the client reached: `_reached`, when needed
         self._peer_b = b"unknown"  # the peer's address, as bytes
         self._for_node = b""  # `for=...;proto=http` of Forwarded
         self._block_host: bytes | None = None  # the Host that `_block` was built for
@@ -357,10 +357,6 @@ class _ClientConnection(asyncio.Protocol):
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             return
-        local = transport.get_extra_info("sockname")
-        if isinstance(local, tuple) and len(local) >= 2:
-            host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
-            self._local_host = f"{host}:{local[1]}".encode("ascii")
         self._set_peer(self._peer)
         self._server.connection_made(self)
         self._set_deadline(_DEADLINE_HEADER, self._options.header_timeout)
@@ -496,6 +492,8 @@ class _ClientConnection(asyncio.Protocol):
         assert parser is not None  # called by it
         if self._begun != 1 or not self._http11_hint:
             req.http10 = check_version(parser.get_http_version())
+        if req.host is None and req.http10 and not self._local_host:
+            self._local_host = self._reached()  # the only request that needs it
         finish_head(req, parser.get_method(), self._local_host)
         req.keep_alive = parser.should_keep_alive()
         # llhttp sees an upgrade only in a request with an Upgrade field (CONNECT is
@@ -1218,6 +1216,16 @@ class _ClientConnection(asyncio.Protocol):
             self._set_deadline(_DEADLINE_LINGER, _LINGER)
         else:
             transport.close()
+
+    def _reached(self) -> bytes:
+        """The address the client reached, `host:port`, for an HTTP/1.0 request without
+        Host: asked of the socket then (a system call), not for every connection."""
+        transport = self.transport
+        local = None if transport is None else transport.get_extra_info("sockname")
+        if not isinstance(local, tuple) or len(local) < 2:
+            return b"localhost"
+        host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
+        return f"{host}:{local[1]}".encode("ascii")
 
     def _close(self) -> None:
         self._stopped = True

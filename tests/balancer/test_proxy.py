@@ -122,7 +122,8 @@ async def test_http_10() -> None:
         response = await client.request(b"GET /hello HTTP/1.0\r\n\r\n")
         assert response.text == "hello from a"
         assert await client.closed()
-        assert backend.seen[-1].header("host") is not None  # HTTP/1.1 upstream needs a Host
+        # An HTTP/1.1 upstream needs a Host: the address the client reached.
+        assert backend.seen[-1].header("host") == f"127.0.0.1:{server.port}"
         keep = await Client.open(server.port)
         for _ in range(2):
             response = await keep.request(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
