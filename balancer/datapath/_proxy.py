@@ -61,7 +61,7 @@ from ._pool import Pool
 from ._proxy_protocol import BadProxyHeader, read_header
 from ._retry import CUT, FAILOVER, IDEMPOTENT, STALE_RETRY, RetryBudget, after_failure
 from ._router import Decision
-from ._tls_transport import TlsTransport
+from ._tls_transport import Handshakes, TlsTransport
 from ._upstream import UpstreamConnection, UpstreamPool
 
 __all__ = ["ClientSession", "Http2Factory", "ListenerTls", "ProxyOptions", "ProxyServer", "tune_gc"]
@@ -1322,6 +1322,8 @@ class ProxyServer:
         opts = self.options
         shortest = min(opts.header_timeout, opts.idle_timeout, opts.response_timeout)
         self._tick = min(0.5, max(0.005, shortest / 4))  # seconds between deadline checks
+        # The TLS handshakes in progress, ended past header_timeout by those checks.
+        self._handshakes = Handshakes(opts.header_timeout, clock)
 
     def __repr__(self) -> str:
         return (
@@ -1412,7 +1414,7 @@ class ProxyServer:
         return TlsTransport(
             tls if isinstance(tls, ssl.SSLContext) else tls.context,
             app,
-            self.options.header_timeout,
+            self._handshakes,
             _LINGER,
             plain_answer=_PLAIN_HTTP_TO_TLS,
             refused=self.metrics.rejected,
@@ -1554,6 +1556,7 @@ class ProxyServer:
             self._unpark()
         for client in list(self._connections):
             client.check_deadline(now)
+        self._handshakes.expire(now)
         loop = asyncio.get_running_loop()
         tick = min(self._tick, _QUEUE_TICK) if self._parked else self._tick
         self._timer = loop.call_later(tick, self._check_deadlines)

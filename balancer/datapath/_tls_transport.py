@@ -9,9 +9,11 @@ furthest from nginx (docs/architecture.md, "Measured facts"). It is also simpler
 asyncio's, which serves client and server sides, unwrapping, STARTTLS and an app that pauses
 a read mid-record; here:
 
-- the handshake must end within `handshake_timeout` seconds, else the TCP connection is
-  aborted; a failed one sends OpenSSL's alert and closes. Each is told to `refused`
-  (``tls_handshake_timeout``, ``tls_handshake_failed``). Neither reaches the application,
+- the handshake must end within its `Handshakes`' timeout, else the TCP connection is
+  aborted (at the owner's next `Handshakes.expire`: a periodic check of all of them, not a
+  loop timer each, which costs uvloop ~2 us to start and cancel); a failed one sends
+  OpenSSL's alert and closes. Each is told to `refused` (``tls_handshake_timeout``,
+  ``tls_handshake_failed``). Neither reaches the application,
   whose `connection_made` comes once the handshake is done (as with asyncio's). A client
   that sends plain HTTP instead (its first byte a capital letter, a TLS one's is 22) is
   answered `plain_answer` in clear, then closed after `linger` seconds at most (read
@@ -44,10 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
-__all__ = ["TlsTransport"]
+__all__ = ["Handshakes", "TlsTransport"]
 
 
 class _Records(Protocol):
@@ -65,19 +68,57 @@ class _Records(Protocol):
 _READ_SIZE: Final = 16384
 
 
+class _Deadline:
+    """When a connection's handshake must be done by; `transport` None once it is (or the
+    connection is gone), so that a finished connection is not kept alive by the queue."""
+
+    def __init__(self, at: float, transport: TlsTransport) -> None:
+        self.at = at
+        self.transport: TlsTransport | None = transport
+
+
+class Handshakes:
+    """The handshakes in progress of a listener's connections, each to end within `timeout`
+    seconds of its TCP connection: the owner calls `expire(now)` now and then (the data
+    path: at each tick of its deadline checks), which aborts those past their time.
+
+    One timeout for all keeps the deadlines in the order they were set: a queue, whose
+    expired head is all there is to look at."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float]) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self._queue: deque[_Deadline] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def watch(self, transport: TlsTransport) -> _Deadline:
+        deadline = _Deadline(self._clock() + self.timeout, transport)
+        self._queue.append(deadline)
+        return deadline
+
+    def expire(self, now: float) -> None:
+        """End the handshakes still in progress whose time has passed."""
+        queue = self._queue
+        while queue and queue[0].at <= now:
+            transport = queue.popleft().transport
+            if transport is not None:
+                transport.handshake_expired()
+
+
 class TlsTransport(asyncio.Protocol):
     """A server-side TLS connection for `app`, with `context`'s settings (certificates, ALPN,
     SNI callback). Give it to ``create_server`` or ``connect_accepted_socket`` as the
     protocol (``ssl=None``); `app` gets this object as its transport once the handshake is
-    done. The handshake must end within `handshake_timeout` seconds; a client that spoke
-    plain HTTP is closed `linger` seconds after its answer at most (see the module
-    docstring)."""
+    done. The handshake must end within `handshakes`' timeout; a client that spoke plain
+    HTTP is closed `linger` seconds after its answer at most (see the module docstring)."""
 
     def __init__(
         self,
         context: ssl.SSLContext,
         app: asyncio.Protocol,
-        handshake_timeout: float,
+        handshakes: Handshakes,
         linger: float,
         *,
         plain_answer: bytes = b"",
@@ -85,7 +126,8 @@ class TlsTransport(asyncio.Protocol):
     ) -> None:
         self._context = context
         self._app: asyncio.Protocol | None = app
-        self._handshake_timeout = handshake_timeout
+        self._handshakes = handshakes
+        self._deadline: _Deadline | None = None  # the handshake's, until it ends
         self._linger = linger
         self._plain_answer = plain_answer
         self._refused = refused
@@ -98,7 +140,7 @@ class TlsTransport(asyncio.Protocol):
         # request's ~20, measured; and each handshake step). The public object otherwise.
         self._records: _Records = getattr(self._tls, "_sslobj", self._tls)
         self._tcp: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # after a plain HTTP answer: the end
         self._established = False  # the handshake is done: `app` is connected
         self._closing = False  # close() or abort() was called, or the handshake failed
         self._shut = False  # write_eof() was called: close_notify sent, reads dropped
@@ -117,8 +159,7 @@ class TlsTransport(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._tcp = cast(asyncio.Transport, transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake_timeout, self._handshake_timed_out)
+        self._deadline = self._handshakes.watch(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._shut:
@@ -148,6 +189,7 @@ class TlsTransport(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._tcp = None
+        self._unwatch()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -186,18 +228,25 @@ class TlsTransport(asyncio.Protocol):
             # for; TLS 1.3's is only session tickets, sent with the first answer.
             self._flush()
         self._established = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._unwatch()
         if self._app is not None:
             # Not a subclass of asyncio.Transport (a protocol already), as uvloop's are not.
             self._app.connection_made(cast(asyncio.Transport, self))
         return not self._closing
 
-    def _handshake_timed_out(self) -> None:
-        self._timer = None
-        self._refuse("tls_handshake_timeout")
-        self.abort()
+    def handshake_expired(self) -> None:
+        """The handshake's time is up (`Handshakes.expire`): if it is still in progress,
+        the connection is aborted."""
+        self._deadline = None
+        if not self._established and not self._closing:
+            self._refuse("tls_handshake_timeout")
+            self.abort()
+
+    def _unwatch(self) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            deadline.transport = None
+            self._deadline = None
 
     def _refuse(self, reason: str) -> None:
         if self._refused is not None:
@@ -309,8 +358,7 @@ class TlsTransport(asyncio.Protocol):
         tcp = self._tcp
         if tcp is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()  # the handshake's
+        self._unwatch()
         tcp.write_eof()
         self._timer = asyncio.get_running_loop().call_later(self._linger, tcp.abort)
 

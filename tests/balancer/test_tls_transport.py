@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import websockets.asyncio.server
 
 from balancer import ProxyOptions, ProxyServer
 from balancer.control._tls import ALPN, CertificatePair, server_context
-from balancer.datapath._tls_transport import TlsTransport
+from balancer.datapath._tls_transport import Handshakes, TlsTransport
 from tests.balancer.backends import ListRouter, RecordingMetrics
 from tests.balancer.certs import Authority
 from tests.helpers import async_wait_until, wait_for
@@ -103,6 +104,7 @@ class _Lines(asyncio.Protocol):
 class _Server:
     port: int
     client: ssl.SSLContext
+    handshakes: Handshakes
     apps: list[_Lines] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # what `refused` was told
 
@@ -115,19 +117,27 @@ async def server(tmp_path: Path) -> AsyncIterator[_Server]:
     client = ssl.create_default_context(cafile=str(authority.cert))
     apps: list[_Lines] = []
     refused: list[str] = []
+    handshakes = Handshakes(0.5, time.monotonic)
 
     def protocol() -> TlsTransport:
         apps.append(_Lines())
         plain = b"HTTP/1.1 400 plain\r\n\r\n"
         return TlsTransport(
-            context, apps[-1], 0.5, _LINGER, plain_answer=plain, refused=refused.append
+            context, apps[-1], handshakes, _LINGER, plain_answer=plain, refused=refused.append
         )
 
+    async def tick() -> None:  # as the data path's periodic deadline checks
+        while True:
+            handshakes.expire(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    ticking = asyncio.create_task(tick())
     listener = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        yield _Server(port, client, apps, refused)
+        yield _Server(port, client, handshakes, apps, refused)
     finally:
+        ticking.cancel()
         listener.close()
         for app in apps:
             if app.transport is not None:
@@ -289,6 +299,19 @@ async def test_a_handshake_not_made_in_time_is_aborted_unseen_by_the_application
     assert server.refused == ["tls_handshake_timeout"]
 
 
+def _after_the_handshake_deadline(server: _Server) -> bytes:
+    with _connect(server) as tls:
+        # The deadline checks have passed this connection's deadline (its handshake done).
+        wait_for(lambda: len(server.handshakes) == 0, 5, "the handshake's deadline")
+        tls.sendall(b"late\nquit\n")
+        return _read_to_end(tls)
+
+
+async def test_a_done_handshake_is_not_ended_at_its_deadline(server: _Server) -> None:
+    assert await asyncio.to_thread(_after_the_handshake_deadline, server) == b"LATE\nbye\n"
+    assert server.refused == []
+
+
 async def test_a_failed_handshake_gets_an_alert_and_never_reaches_the_application(
     server: _Server,
 ) -> None:
@@ -330,7 +353,8 @@ async def test_a_record_split_across_reads_reaches_the_application_whole(
     authority = Authority.create(tmp_path / "tls")
     leaf = authority.issue("server", "localhost")
     app = _Lines()
-    tls = TlsTransport(server_context(CertificatePair(leaf.cert, leaf.key), ALPN), app, 5, 5)
+    context = server_context(CertificatePair(leaf.cert, leaf.key), ALPN)
+    tls = TlsTransport(context, app, Handshakes(5, time.monotonic), 5)
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     loop = asyncio.get_running_loop()
