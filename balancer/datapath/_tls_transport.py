@@ -291,8 +291,9 @@ class TlsTransport(asyncio.Protocol):
         return None if app is None else app.eof_received()
 
     def _flush(self) -> None:
-        if self._outgoing.pending and self._tcp is not None:
-            self._tcp.write(self._outgoing.read())
+        data = self._outgoing.read()  # one call, not `pending` first: b"" when empty
+        if data and self._tcp is not None:
+            self._tcp.write(data)
 
     # -- asyncio.Transport, for the application -------------------------------------------
 
