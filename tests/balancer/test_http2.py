@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -427,6 +428,43 @@ async def test_a_connection_that_sends_no_request_is_closed_after_the_header_tim
         waited = asyncio.get_running_loop().time() - started
         # As an HTTP/1.1 connection's first request must begin within --header-timeout.
         assert waited < 3, f"closed after {waited:.1f} s"
+
+
+def _preface_then_hold(port: int, authority: Authority) -> ssl.SSLSocket:
+    """An HTTP/2 connection that sends its preface and no stream, reads until the server's
+    end (GOAWAY, then close_notify), and is returned open: nothing here closes it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = _context(authority, "h2").wrap_socket(sock, server_hostname="a.test")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    tls.sendall(client.data_to_send())
+    while tls.recv(65536):
+        pass
+    return tls
+
+
+async def test_after_goaway_a_client_that_never_closes_is_closed_when_the_linger_ends(
+    authority: Authority, leaf: Leaf, backends: tuple[HttpBackend, HttpBackend]
+) -> None:
+    a, _ = backends
+    timeout = ["--header-timeout", "0.5"]
+    with balancer([a.url], *_tls(leaf), *timeout) as (lb, admin):
+        assert admin is not None
+
+        async def open_now(count: int) -> bool:
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(admin + "/metrics")).text
+            return f"\nbalancer_connections_active {count}.0\n" in metrics
+
+        # The server's GOAWAY at the header timeout, then its half-close: it lingers for
+        # what the client still sends. This client neither sends nor closes: the server
+        # closes all the same, 2 s later (and a deadline check's tick), not never.
+        held = await asyncio.to_thread(_preface_then_hold, _port(lb.url), authority)
+        try:
+            assert await open_now(1), "the lingering connection is counted"
+            await async_wait_for(lambda: open_now(0), 5, "the end of the lingering connection")
+        finally:
+            held.close()
 
 
 def test_a_stream_becomes_an_http11_head() -> None:
