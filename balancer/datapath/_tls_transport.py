@@ -298,8 +298,8 @@ class TlsTransport(asyncio.Protocol):
     # -- asyncio.Transport, for the application -------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or not data:
-            return  # as asyncio's: writing after close() sends nothing
+        if self._closing or self._shut or not data:
+            return  # as asyncio's: writing after close() (or write_eof()) sends nothing
         try:
             self._records.write(data)
         except ssl.SSLError:
