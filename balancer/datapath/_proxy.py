@@ -1219,7 +1219,7 @@ class _ClientConnection(asyncio.Protocol):
 
     def _reached(self) -> bytes:
         """The address the client reached, `host:port`, for an HTTP/1.0 request without
-        Host: asked of the socket then (a system call), not for every connection."""
+        Host: formatted then, not for every connection."""
         transport = self.transport
         local = None if transport is None else transport.get_extra_info("sockname")
         if not isinstance(local, tuple) or len(local) < 2:
