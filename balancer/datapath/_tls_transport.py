@@ -55,8 +55,7 @@ __all__ = ["Handshakes", "TlsTransport"]
 
 class _Records(Protocol):
     """What a connection calls for each handshake step, read and write: `ssl.SSLObject`'s
-    methods of these names, which are one-line Python wrappers of its C object's (whose
-    `shutdown` is `SSLObject.unwrap`)."""
+    methods of these names, which are one-line Python wrappers of its C object's."""
 
     def do_handshake(self) -> None: ...
     def read(self, size: int) -> bytes: ...
@@ -345,16 +344,10 @@ class TlsTransport(asyncio.Protocol):
         """Write what is still held (session tickets) and close_notify, if the handshake
         is done; a failed one's alert was written already."""
         if self._established:
-            records = self._records
             # Not contextlib.suppress: compiled, that is three calls into interpreted code
             # a connection.
-            try:
-                if records is self._tls:
-                    self._tls.unwrap()
-                else:
-                    # The C object's, directly: the exception below does not pass through
-                    # an interpreted frame (a frame object and a traceback entry).
-                    cast(Any, records).shutdown()
+            try:  # noqa: SIM105
+                self._tls.unwrap()
             except ssl.SSLError:
                 pass  # SSLWantReadError: the client's close_notify, which is not waited for
         self._flush()
